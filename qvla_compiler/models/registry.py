@@ -1,0 +1,77 @@
+"""Named size presets of the reference policies and `build_policy(name, seed)`.
+
+tiny: < 5M parameters, for unit tests. small: tens of millions, for fidelity experiments on CPU. full: the real
+dimensions (architectures.md sections 2 and 4), with the vocabulary cut to 32000 rows (pi0.5 has 257152, Qwen3
+151680) because the embedding is never quantized and would only cost memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qvla_compiler.errors import ModelNotFoundError
+from qvla_compiler.models.common import FlowPolicy, VisionConfig
+from qvla_compiler.models.groot import GrootConfig, GrootPolicy
+from qvla_compiler.models.pi05 import Pi05Config, Pi05Policy
+
+_VISION_TINY = VisionConfig(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp=128)
+_VISION_SMALL = VisionConfig(image_size=112, patch_size=16, width=256, layers=4, heads=4, mlp=1024)
+_SIGLIP_SO400M = VisionConfig(image_size=224, patch_size=14, width=1152, layers=27, heads=16, mlp=4304)
+
+PRESETS: dict[str, Pi05Config | GrootConfig] = {
+    "pi05-tiny": Pi05Config(
+        vision=_VISION_TINY, vocab_size=256, max_tokens=16, width=128, layers=2, heads=8, head_dim=16, mlp=256,
+        expert_width=64, expert_mlp=128, horizon=10, action_dim=7, state_dim=8,
+    ),
+    "pi05-small": Pi05Config(
+        vision=_VISION_SMALL, vocab_size=1024, max_tokens=48, width=512, layers=6, heads=8, head_dim=64, mlp=2048,
+        expert_width=256, expert_mlp=1024, horizon=50, action_dim=32, state_dim=32,
+    ),
+    "pi05-full": Pi05Config(
+        vision=_SIGLIP_SO400M, vocab_size=32000, max_tokens=200, width=2048, layers=18, heads=8, head_dim=256,
+        mlp=16384, expert_width=1024, expert_mlp=4096, horizon=50, action_dim=32, state_dim=32,
+    ),
+    "groot-tiny": GrootConfig(
+        vision=_VISION_TINY, vocab_size=256, max_tokens=16, width=128, layers=2, heads=4, kv_heads=2, head_dim=32,
+        mlp=384, dit_layers=4, dit_heads=4, dit_head_dim=24, dit_ff=384, output_dim=64, state_hidden=64,
+        decoder_hidden=64, horizon=8, action_dim=7, state_dim=8, num_future_tokens=4,
+    ),
+    "groot-small": GrootConfig(
+        vision=_VISION_SMALL, vocab_size=1024, max_tokens=48, width=512, layers=6, heads=8, kv_heads=4, head_dim=64,
+        mlp=1536, dit_layers=6, dit_heads=8, dit_head_dim=48, dit_ff=1536, output_dim=256, state_hidden=256,
+        decoder_hidden=256, horizon=16, action_dim=32, state_dim=64, num_future_tokens=32,
+    ),
+    "groot-full": GrootConfig(
+        vision=_SIGLIP_SO400M, vocab_size=32000, max_tokens=200, width=2048, layers=12, heads=16, kv_heads=8,
+        head_dim=128, mlp=6144, dit_layers=16, dit_heads=32, dit_head_dim=48, dit_ff=6144, output_dim=1024,
+        state_hidden=1024, decoder_hidden=1024, horizon=16, action_dim=32, state_dim=64, num_future_tokens=32,
+    ),
+}
+
+MODEL_NAMES: tuple[str, ...] = tuple(PRESETS)
+
+_POLICY_CLASSES = {Pi05Config: Pi05Policy, GrootConfig: GrootPolicy}
+
+
+def get_config(name: str) -> Pi05Config | GrootConfig:
+    """The frozen config of preset `name`; raises ModelNotFoundError listing the valid names."""
+    if name not in PRESETS:
+        raise ModelNotFoundError(
+            f"unknown model {name!r}; valid names are: {', '.join(MODEL_NAMES)}. "
+            "Pass one of these, or add a preset to PRESETS in qvla_compiler/models/registry.py."
+        )
+    return PRESETS[name]
+
+
+def build_policy(name: str, seed: int = 0) -> FlowPolicy:
+    """A randomly initialised fp32 policy in eval mode; the same (name, seed) always gives the same weights.
+
+    Example::
+
+        policy = build_policy("pi05-tiny", seed=0)
+        obs = policy.example_inputs(batch=2)
+        actions = policy.sample_actions(**obs, noise=policy.example_noise(batch=2))
+    """
+    config = get_config(name)
+    torch.manual_seed(seed)
+    return _POLICY_CLASSES[type(config)](config)
