@@ -1,0 +1,20 @@
+"""qvla_compiler: VLA policies → low-bit integer programs (QuantVLA as a compiler).
+
+Example::
+
+    import qvla_compiler
+    from qvla_compiler.models import build_policy
+
+    policy = build_policy("pi05-tiny")
+    qp = qvla_compiler.quantize(policy, policy.example_inputs(), recipe="w8a8")
+    print(qp.report.summary())
+    qp.save("pi05-tiny-w8a8.pt2")
+    loaded = qvla_compiler.load("pi05-tiny-w8a8.pt2")
+"""
+from qvla_compiler import kernels  # noqa: F401 — registers the qvla:: ops before any program is loaded
+from qvla_compiler.api import LoadedProgram, QuantizedProgram, load, quantize
+from qvla_compiler.errors import QvlaError
+from qvla_compiler.recipes import LAYOUTS, RECIPES, QuantRecipe
+
+__all__ = ["LAYOUTS", "RECIPES", "LoadedProgram", "QuantRecipe", "QuantizedProgram", "QvlaError", "load", "quantize"]
+__version__ = "0.1.0"

@@ -1,0 +1,155 @@
+"""The user-facing verbs: quantize a policy (or module), save the program, load it anywhere."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from qvla_compiler.errors import ArtifactError, CalibrationError
+from qvla_compiler.export import OBS_KEYS, capture_module, capture_policy
+from qvla_compiler.pipeline import run_pipeline
+from qvla_compiler.program import Program, with_noise
+from qvla_compiler.recipes import QuantRecipe, resolve_recipe
+from qvla_compiler.report import Report, sqnr_db
+
+FORMAT_VERSION = 1
+_EXTRA = ("qvla/meta.json", "qvla/report.json", "qvla/plan.json")
+
+
+@dataclasses.dataclass
+class QuantizedProgram:
+    """A quantized policy: run it (`.module()`), inspect it (`.report`, `.plan`), ship it (`.save`)."""
+
+    program: Program
+    recipe: QuantRecipe
+    report: Report
+    plan: list[dict]
+    example_args: tuple = ()  # what save() traces the whole program with
+
+    def module(self) -> nn.Module:
+        """Policy: forward(images, tokens, token_mask, state, noise) -> actions. Module: the forward graph."""
+        return self.program.as_module()
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a self-describing `.pt2` (torch.export.save; integer weights, scales and plan inside)."""
+        path = Path(path)
+        mod, args = self.module(), self.example_args
+        shapes = tuple({0: Dim("batch", min=1, max=1024)} for _ in args) if self.program.is_policy else None
+        with torch.no_grad():
+            ep = torch.export.export(mod, args, dynamic_shapes=shapes, strict=False)
+        meta = {"format": FORMAT_VERSION, "kind": "policy" if self.program.is_policy else "module",
+                "inputs": list(OBS_KEYS) + ["noise"] if self.program.is_policy else None,
+                "recipe": dataclasses.asdict(self.recipe)}
+        extra = {"qvla/meta.json": json.dumps(meta, default=str), "qvla/report.json": self.report.to_json(),
+                 "qvla/plan.json": json.dumps(self.plan)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write next to the target and rename: an interrupted save never leaves a truncated artifact behind.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".pt2.tmp")
+        os.close(fd)
+        try:
+            torch.export.save(ep, tmp, extra_files=extra)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+
+@dataclasses.dataclass
+class LoadedProgram:
+    exported_program: torch.export.ExportedProgram
+    report: Report
+    plan: list[dict]
+    meta: dict
+
+    def module(self) -> nn.Module:
+        return self.exported_program.module()
+
+
+def quantize(module: nn.Module, example_inputs: Any, calib: Iterable | Any = None,
+             recipe: str | QuantRecipe = "quantvla-w8a8", *, layout: str | None = None, calib_steps: int = 8,
+             seed: int = 0, progress: bool = True, model_name: str | None = None,
+             dump_dir: str | None = None) -> QuantizedProgram:
+    """Quantize a VLA policy (anything with embed_prefix / denoise_step / schedule) or a plain module.
+
+    Example::
+
+        policy = qvla_compiler.models.build_policy("pi05-tiny")
+        qp = qvla_compiler.quantize(policy, policy.example_inputs(), policy.calibration_batches(8), "w8a8")
+        actions = qp.module()(*obs_and_noise)
+        qp.save("pi05-w8a8.pt2")
+
+    Policy: `example_inputs` is an observation dict (images, tokens, token_mask, state) and `calib` an iterable
+    of such dicts (default: the policy's own calibration_batches(calib_steps, seed)) or a forward_loop(run)
+    callable. Module: `example_inputs` is a tuple of arguments and `calib` an iterable of such tuples.
+    """
+    recipe = resolve_recipe(recipe, layout)
+    module = module.eval()
+    if hasattr(module, "embed_prefix"):
+        return _quantize_policy(module, example_inputs, calib, recipe, calib_steps, seed, progress, model_name,
+                                dump_dir)
+    return _quantize_module(module, tuple(example_inputs), calib, recipe, progress, model_name, dump_dir)
+
+
+def _quantize_policy(policy, obs, calib, recipe, calib_steps, seed, progress, model_name, dump_dir):
+    noise = policy.example_noise(next(iter(obs.values())).shape[0], seed=seed)
+    program = Program(capture_policy(policy, obs, noise), policy.schedule)
+    if calib is None:
+        calib = policy.calibration_batches(calib_steps, seed=seed)
+    if not callable(calib):
+        calib = with_noise(calib, tuple(noise.shape[1:]), seed)
+    rows, float_bytes = run_pipeline(program, recipe, calib, calib_total=calib_steps, progress=progress,
+                                     dump_dir=dump_dir)
+    with torch.no_grad():
+        ref = policy.sample_actions(*(obs[k] for k in OBS_KEYS), noise=noise)
+    out = program.run((obs, noise))
+    name = model_name or type(policy).__name__
+    return _finish(program, recipe, rows, float_bytes, name, ref, out, (*(obs[k] for k in OBS_KEYS), noise))
+
+
+def _quantize_module(module, args, calib, recipe, progress, model_name, dump_dir):
+    if calib is None:
+        raise CalibrationError("a plain module needs calibration data: pass calib=[args_tuple, ...]")
+    program = Program(capture_module(module, args))
+    rows, float_bytes = run_pipeline(program, recipe, calib, progress=progress, dump_dir=dump_dir)
+    with torch.no_grad():
+        ref = module(*args)
+    return _finish(program, recipe, rows, float_bytes, model_name or type(module).__name__, ref, program.run(args), args)
+
+
+def _finish(program, recipe, rows, float_bytes, name, ref, out, example_args) -> QuantizedProgram:
+    integer = [r for r in rows if r.bits != "float"]
+    after = float_bytes - sum(r.bytes_bf16 for r in integer) + sum(r.bytes_quant for r in integer)
+    rel = float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-12))
+    report = Report(name, recipe.name, recipe.layout, tuple(rows), float_bytes, after, round(rel, 6),
+                    round(sqnr_db(ref, out), 2))
+    plan = [{"graph": r.graph, "module_path": r.module_path, "region": r.region, "role": r.role, "bits": r.bits}
+            for r in rows]
+    return QuantizedProgram(program, recipe, report, plan, tuple(example_args))
+
+
+def load(path: str | os.PathLike) -> LoadedProgram:
+    """Load a program written by QuantizedProgram.save. Needs only `import qvla_compiler` (which registers
+    the qvla:: ops); reads tensors and JSON, never arbitrary pickled objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"no program at {path}; write one with `qvla quantize --out {path}`")
+    extra = dict.fromkeys(_EXTRA, "")
+    try:
+        ep = torch.export.load(path, extra_files=extra)
+    except Exception as exc:  # noqa: BLE001
+        raise ArtifactError(f"{path} is not a readable .pt2 program ({type(exc).__name__}: {exc})") from exc
+    if not extra["qvla/meta.json"]:
+        raise ArtifactError(f"{path} is a torch.export program but not a qvla_compiler one (no qvla/meta.json)")
+    meta = json.loads(extra["qvla/meta.json"])
+    if meta.get("format") != FORMAT_VERSION:
+        raise ArtifactError(f"{path} has program format {meta.get('format')}; this qvla_compiler reads "
+                            f"{FORMAT_VERSION}. Re-run `qvla quantize` with this version.")
+    return LoadedProgram(ep, Report.from_json(extra["qvla/report.json"]), json.loads(extra["qvla/plan.json"]), meta)

@@ -1,0 +1,3 @@
+"""Importing this package registers every `qvla::` op (CPU integer implementations, and the Triton CUDA
+kernels when Triton and a GPU are available)."""
+from qvla_compiler.kernels import ops  # noqa: F401 — registers qvla::quantize_act / int8_linear / int4_linear

@@ -1,0 +1,87 @@
+"""Lower quantized linears to `qvla::` ops.
+
+Before: y = aten.linear(x, W, b) with LinearInfo.spec set and QuantTensors in node.meta["qvla_tensors"].
+After:  xq, xs = qvla::quantize_act(x, a_bits, static_scale)     — one per (x, a_bits, static scale), shared
+        y = qvla::int8_linear(xq, xs, Wq, Ws, b, dtype)           — W8
+        y = qvla::int4_linear(xq, xs, Wp, Ws, b, group, dtype)    — W4 (packed, per-group scales)
+        and the float weight W is deleted from the module (the saved program carries only the integer form).
+Invariant: compute ops keep their order; check_schedule verifies it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from qvla_compiler.meta import QuantSpec
+from qvla_compiler.passes import _graph as g
+
+qvla = torch.ops.qvla
+
+
+@dataclasses.dataclass(frozen=True)
+class Lowering:
+    """What a quantized linear of one weight width becomes: the op, and its arguments after (xq, xs, Wq, Ws, b)."""
+
+    op: Callable
+    extra_args: Callable[[QuantSpec], tuple]
+
+
+# Patterns are data: aten.linear with W{bits} → this op.
+LOWERINGS: dict[int, Lowering] = {
+    8: Lowering(qvla.int8_linear.default, lambda spec: ()),
+    4: Lowering(qvla.int4_linear.default, lambda spec: (spec.group_size,)),
+}
+
+
+def lower_linears(gm: fx.GraphModule) -> fx.GraphModule:
+    shared: dict[tuple, tuple[fx.Node, fx.Node]] = {}
+    dead_weights = []
+    for node in g.linear_nodes(gm):
+        tensors = node.meta.get("qvla_tensors")
+        if tensors is None:
+            continue
+        spec = node.meta["qvla"].spec
+        x, w, bias = node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else None
+        key = (x, spec.a_bits, tensors.act_scale)
+        with gm.graph.inserting_before(node):
+            if key not in shared:
+                shared[key] = _quantize_act(gm, x, spec.a_bits, tensors.act_scale)
+            xq, xs = shared[key]
+            rule = LOWERINGS[spec.w_bits]
+            args = (xq, xs, gm.graph.get_attr(tensors.weight), gm.graph.get_attr(tensors.weight_scale), bias,
+                    *rule.extra_args(spec), node.meta["val"].dtype)
+            new = gm.graph.call_function(rule.op, args)
+        new.meta.update({k: v for k, v in node.meta.items()})
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        dead_weights.append(w)
+    for w in dead_weights:
+        if not w.users:
+            gm.graph.erase_node(w)
+            _delete_attr(gm, w.target)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _quantize_act(gm: fx.GraphModule, x: fx.Node, bits: int, static: str | None) -> tuple[fx.Node, fx.Node]:
+    # Placed right after x so every consumer, wherever it sits in the graph, sees it defined.
+    with gm.graph.inserting_after(x):
+        scale = gm.graph.get_attr(static) if static else None
+    with gm.graph.inserting_after(scale if scale is not None else x):
+        q = gm.graph.call_function(qvla.quantize_act.default, (x, bits, scale))
+    with gm.graph.inserting_after(q):
+        xq = gm.graph.call_function(operator.getitem, (q, 0))
+    with gm.graph.inserting_after(xq):
+        xs = gm.graph.call_function(operator.getitem, (q, 1))
+    return xq, xs
+
+
+def _delete_attr(gm: fx.GraphModule, target: str) -> None:
+    owner_path, _, name = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    delattr(owner, name)

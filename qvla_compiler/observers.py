@@ -1,0 +1,52 @@
+"""Activation observers: identity modules that record what calibration needs about a linear's input."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qvla_compiler.errors import CalibrationError
+
+_SAMPLE_TOKENS = 256  # tokens kept from the first batch, for per-linear SQNR in the report
+_TOKEN_STATS = 4096  # per-token absmax values kept (a strided subsample) for percentiles
+
+
+class ActObserver(nn.Module):
+    """Records per-channel absmax, tensor absmax, a subsample of per-token absmax and a small input sample."""
+
+    def __init__(self, consumers: str):
+        super().__init__()
+        self.consumers = consumers  # module paths of the linears reading this activation, for error messages
+        self.calls = 0
+        self.channel_absmax: torch.Tensor | None = None
+        self.token_absmax: list[torch.Tensor] = []
+        self.sample: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        if flat.numel() == 0:
+            return x
+        if not torch.isfinite(flat).all():
+            raise CalibrationError(
+                f"calibration produced NaN/Inf at the input of {self.consumers}; check the calibration data "
+                "(normalisation, padding) and that the float model itself is finite on it")
+        absmax = flat.abs().amax(0)
+        self.channel_absmax = absmax if self.channel_absmax is None else torch.maximum(self.channel_absmax, absmax)
+        per_token = flat.abs().amax(1)
+        self.token_absmax.append(per_token[:: max(1, per_token.numel() // _TOKEN_STATS)])
+        if self.sample is None:
+            self.sample = flat[:_SAMPLE_TOKENS].clone()
+        self.calls += 1
+        return x
+
+    def tensor_scale(self, qmax: int, percentile: float = 100.0) -> torch.Tensor:
+        """A static per-tensor scale: the `percentile` of per-token absmax over calibration, / qmax."""
+        self.require_data()
+        values = torch.cat(self.token_absmax)
+        top = values.max() if percentile >= 100 else torch.quantile(values, percentile / 100)
+        return (top / qmax).clamp_min(1e-8).reshape(1)
+
+    def require_data(self) -> None:
+        if self.calls == 0:
+            raise CalibrationError(
+                f"no calibration batch reached the input of {self.consumers}; the calibration data never "
+                "exercised this path (empty iterable, or inputs that skip it)")

@@ -1,0 +1,55 @@
+"""Assign every linear a region by dataflow: vision tower, language backbone, or action head.
+
+Before: linears annotated by classify_linears; `gm.meta["qvla_inputs"]` names what each graph input is.
+After:  LinearInfo.region is set on every linear; the graph is unchanged.
+Rule:   a linear whose input depends on the noisy actions or the timestep is in the action head; attention K/V
+        projections join the region of the query they serve (cross-attention K/V read the backbone's features
+        but belong to the head's attention); a linear that depends on the images and on nothing else observed
+        (no text, no state) is in the vision tower; everything else is backbone. User overrides by module-path
+        prefix win.
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from qvla_compiler.export import INPUTS_KEY
+from qvla_compiler.meta import Region, Role, update
+from qvla_compiler.passes import _graph as g
+from qvla_compiler.passes.classify_linears import _override
+
+_ACTION_INPUTS = frozenset({"action", "time"})
+_OBSERVED_INPUTS = frozenset({"text", "state"})
+
+
+def assign_regions(gm: fx.GraphModule, region_overrides: tuple = ()) -> fx.GraphModule:
+    """Set LinearInfo.region on every linear of `gm`; see the module docstring."""
+    roles = gm.meta.get(INPUTS_KEY, ())
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    kinds = {p: roles[i] if i < len(roles) else "input" for i, p in enumerate(placeholders)}
+    linears = g.linear_nodes(gm)
+    for node in linears:
+        sources = {kinds[a] for a in g.ancestors(node.args[0]) if a.op == "placeholder"}
+        update(node, region=_region(sources))
+    _kv_follow_query(linears)
+    for node in linears:
+        forced = _override(node.meta["qvla"].module_path, region_overrides)
+        if forced is not None:
+            update(node, region=Region(forced))
+    return gm
+
+
+def _region(sources: set[str]) -> Region:
+    if sources & _ACTION_INPUTS:
+        return Region.ACTION_HEAD
+    if "image" in sources and not sources & _OBSERVED_INPUTS:
+        return Region.VISION
+    return Region.BACKBONE
+
+
+def _kv_follow_query(linears: list[fx.Node]) -> None:
+    query_region = {n.meta["qvla"].block: n.meta["qvla"].region for n in linears
+                    if n.meta["qvla"].role in (Role.ATTN_Q, Role.ATTN_QKV)}
+    for node in linears:
+        info = node.meta["qvla"]
+        if info.role in (Role.ATTN_K, Role.ATTN_V) and info.block in query_region:
+            update(node, region=query_region[info.block])

@@ -1,0 +1,137 @@
+"""Classify every linear by graph structure: attention q/k/v/o (or fused qkv), MLP, or other.
+
+Before: aten.linear nodes with no qvla annotation.
+After:  every aten.linear carries LinearInfo(role, block, heads, head_dim, mlp_part); the graph is unchanged.
+How:    attention cores are found first, in both forms: fused SDPA, and matmul → scale/mask → softmax → matmul.
+        Walking back from a core's q/k/v operands (through RoPE, q/k-norm, GQA repeats, KV concatenation, splits)
+        reaches the projections; walking forward from its output through reshapes reaches o_proj. An MLP block is
+        a down projection whose input is a pointwise function of up projections only, and whose output is added
+        back onto the residual stream the up projections read. Everything else is `other`.
+Invariant: module names are never read, except through the recipe's explicit role overrides.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch.fx as fx
+
+from qvla_compiler.meta import LinearInfo, Role, annotate, update
+from qvla_compiler.passes import _graph as g
+
+_ELEMENTWISE = g.ACTIVATION_OPS | g.LAYOUT_OPS
+_MASKING = _ELEMENTWISE | {g.aten.masked_fill.Scalar, g.aten.masked_fill.Tensor, g.aten.where.self}
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCore:
+    q: fx.Node  # operand nodes as the core sees them
+    k: fx.Node
+    v: fx.Node
+    out: fx.Node
+
+
+def find_attention_cores(gm: fx.GraphModule) -> list[AttentionCore]:
+    """Every attention in graph order, in either form."""
+    cores = []
+    for node in gm.graph.nodes:
+        if g.is_sdpa(node):
+            out = next((u for u in node.users if u.target is g.operator.getitem and u.args[1] == 0), node)
+            cores.append(AttentionCore(*node.args[:3], out=out))
+        elif node.op == "call_function" and node.target in g.SOFTMAX_OPS:
+            core = _explicit_core(node)
+            if core is not None:
+                cores.append(core)
+    return cores
+
+
+def _explicit_core(softmax: fx.Node) -> AttentionCore | None:
+    scores = g.walk([softmax.args[0]], g.inputs_of, _is_matmul, _passable(_MASKING))[0]
+    pv = g.walk(softmax.users, lambda n: n.users, _is_matmul, _passable(g.LAYOUT_OPS))[0]
+    if len(scores) != 1 or len(pv) != 1:
+        return None
+    (qk,), (pv,) = scores, pv
+    return AttentionCore(q=qk.args[0], k=qk.args[1], v=pv.args[1], out=pv)
+
+
+def classify_linears(gm: fx.GraphModule, role_overrides: tuple = ()) -> fx.GraphModule:
+    """Annotate every aten.linear in `gm` with its structural role; see the module docstring."""
+    prefix = gm.meta.get("qvla_param_prefix", "")
+    for node in g.linear_nodes(gm):
+        out_f, in_f = node.args[1].meta["val"].shape
+        annotate(node, LinearInfo(module_path=_module_path(node, prefix), in_features=in_f, out_features=out_f))
+    for block, core in enumerate(find_attention_cores(gm)):
+        _annotate_attention(core, block)
+    blocks = 0
+    for node in g.linear_nodes(gm):
+        if node.meta["qvla"].role is Role.OTHER and _annotate_mlp(node, blocks):
+            blocks += 1
+    for node in g.linear_nodes(gm):
+        forced = _override(node.meta["qvla"].module_path, role_overrides)
+        if forced is not None:
+            update(node, role=Role(forced))
+    return gm
+
+
+def _annotate_attention(core: AttentionCore, block: int) -> None:
+    head_dim = core.q.meta["val"].shape[-1]
+    found = {r: g.producers(operand, _passable_back)[0] for r, operand in
+             ((Role.ATTN_Q, core.q), (Role.ATTN_K, core.k), (Role.ATTN_V, core.v))}
+    fused = found[Role.ATTN_Q] & found[Role.ATTN_K] & found[Role.ATTN_V]
+    for role, linears in found.items():
+        for lin in linears:
+            final = Role.ATTN_QKV if lin in fused else role
+            update(lin, role=final, block=block, head_dim=head_dim, heads=lin.meta["qvla"].out_features // head_dim)
+    for lin in g.consumers(core.out, _passable(g.LAYOUT_OPS)):
+        update(lin, role=Role.ATTN_O, block=block, head_dim=head_dim, heads=lin.meta["qvla"].in_features // head_dim)
+
+
+def _annotate_mlp(down: fx.Node, block: int) -> bool:
+    ups, blocked = g.producers(down.args[0], _passable(_ELEMENTWISE))
+    if not ups or any(not g.is_constant(b) for b in blocked):
+        return False
+    if any(u.meta["qvla"].role is not Role.OTHER for u in ups) or len({u.args[0] for u in ups}) != 1:
+        return False
+    if not _adds_back_to_residual(down, next(iter(ups)).args[0]):
+        return False
+    for up in ups:
+        update(up, role=Role.MLP, block=block, mlp_part="up")
+    update(down, role=Role.MLP, block=block, mlp_part="down")
+    return True
+
+
+def _adds_back_to_residual(down: fx.Node, block_input: fx.Node) -> bool:
+    """Does the down projection's output reach an add whose other operand the block's input was computed from?"""
+    upstream = g.ancestors(block_input)
+    adds = g.walk(down.users, lambda n: n.users, lambda n: n.target in g.ADD_OPS,
+                  _passable(g.LAYOUT_OPS | {g.aten.mul.Tensor}))[0]
+    for add in adds:
+        others = [a for a in add.args if isinstance(a, fx.Node) and down not in g.ancestors(a)]
+        if any(o in upstream for o in others):
+            return True
+    return False
+
+
+def _passable(ops: frozenset):
+    return g.op_in(ops)
+
+
+def _passable_back(node: fx.Node) -> bool:
+    """Walking back from a q/k/v operand: anything but another attention core or a graph input."""
+    if node.op != "call_function":
+        return False
+    return not (g.is_sdpa(node) or node.target in g.SOFTMAX_OPS or node.target in g.MATMUL_OPS)
+
+
+def _is_matmul(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in g.MATMUL_OPS
+
+
+def _module_path(node: fx.Node, prefix: str) -> str:
+    target = node.args[1].target if node.args[1].op == "get_attr" else node.args[1].name
+    path = target.removesuffix(".weight")
+    return path[len(prefix):] if prefix and path.startswith(prefix) else path
+
+
+def _override(path: str, overrides: tuple) -> str | None:
+    hits = [(p, v) for p, v in overrides if path == p or path.startswith(p + ".")]
+    return max(hits, key=lambda h: len(h[0]))[1] if hits else None

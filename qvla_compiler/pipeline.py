@@ -1,0 +1,60 @@
+"""The compiler, phase by phase: analyse → observe and calibrate → quantize → lower → check.
+
+Set `QVLA_DUMP=<dir>` (or pass dump_dir) to write every graph's code after each phase as `<phase>-<graph>.py`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from qvla_compiler.calibrate import calibrate
+from qvla_compiler.lowering import lower_linears
+from qvla_compiler.passes import (apply_layout, assign_regions, check_schedule, classify_linears, insert_observers,
+                                  quantize_linears, record_schedule, remove_observers)
+from qvla_compiler.program import Program
+from qvla_compiler.recipes import QuantRecipe
+from qvla_compiler.report import LinearReport, graph_param_bytes, linear_reports
+
+
+def run_pipeline(program: Program, recipe: QuantRecipe, calib, *, calib_total: int | None = None,
+                 progress: bool = True, dump_dir: str | None = None) -> tuple[list[LinearReport], int]:
+    """Quantize `program`'s graphs in place; returns the per-linear report rows and the float bf16 bytes."""
+    graphs, dump = program.graphs, _dumper(dump_dir or os.environ.get("QVLA_DUMP"))
+    dump("0-captured", graphs)
+
+    # Phase 1: analyse — decide what every linear is and whether it becomes integer (annotations only).
+    for gm in graphs.values():
+        record_schedule(gm)
+        classify_linears(gm, recipe.role_overrides)
+        assign_regions(gm, recipe.region_overrides)
+        apply_layout(gm, recipe)
+    dump("1-analysed", graphs)
+
+    # Phase 2: observe and calibrate — identity observers on integer linears' inputs, then run the data.
+    for gm in graphs.values():
+        insert_observers(gm)
+    calibrate(program, calib, total=calib_total, progress=progress)
+    dump("2-observed", graphs)
+
+    # Phase 3: quantize — integer weights and scales as buffers; measure each linear's SQNR on its sample.
+    for gm in graphs.values():
+        quantize_linears(gm)
+    rows = [row for name, gm in graphs.items() for row in linear_reports(name, gm)]
+    float_bytes = sum(graph_param_bytes(gm) for gm in graphs.values())
+
+    # Phase 4: lower — observers out, qvla:: ops in; the operator schedule must be the original one.
+    for gm in graphs.values():
+        remove_observers(gm)
+        lower_linears(gm)
+        check_schedule(gm)
+    dump("4-lowered", graphs)
+    return rows, float_bytes
+
+
+def _dumper(directory: str | None):
+    def dump(phase: str, graphs) -> None:
+        if directory:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            for name, gm in graphs.items():
+                Path(directory, f"{phase}-{name}.py").write_text(gm.code)
+    return dump

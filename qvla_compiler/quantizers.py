@@ -1,0 +1,61 @@
+"""Weight quantizers (symmetric, per output channel or per group) and their dequantizers. Pure tensor functions."""
+from __future__ import annotations
+
+import torch
+
+from qvla_compiler.kernels.ops import pack_int4, qmax_for, unpack_int4
+
+_MSE_RATIOS = torch.linspace(0.5, 1.0, 21)  # clipping ratios tried per row (or group) by the MSE search
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N, K] -> [N, G, group] with zero padding of the last group."""
+    n, k = w.shape
+    gs = k if group_size <= 0 or group_size >= k else group_size
+    pad = (-k) % gs
+    return torch.nn.functional.pad(w, (0, pad)).reshape(n, -1, gs)
+
+
+def _scales(wg: torch.Tensor, qmax: int, clip: str) -> torch.Tensor:
+    absmax = wg.abs().amax(-1).clamp_min(1e-8)  # [N, G]
+    if clip == "absmax":
+        return absmax / qmax
+    best_err, best = None, None
+    for ratio in _MSE_RATIOS:
+        s = absmax * ratio / qmax
+        deq = torch.clamp(torch.round(wg / s[..., None]), -qmax, qmax) * s[..., None]
+        err = (deq - wg).pow(2).sum(-1)
+        take = err < best_err if best_err is not None else torch.ones_like(err, dtype=torch.bool)
+        best_err = err if best_err is None else torch.where(take, err, best_err)
+        best = s if best is None else torch.where(take, s, best)
+    return best
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int = -1, clip: str = "absmax"):
+    """W [N, K] -> (integer weight, fp32 scales). bits 8: int8 [N, K], scales [N] (per channel, group ignored).
+    bits 4: packed int8 [N, ceil(K/2)], scales [N, G] per group of `group_size` (-1: one group per row)."""
+    w = w.detach().float()
+    qmax = qmax_for(bits)
+    wg = _grouped(w, -1 if bits == 8 else group_size)
+    scale = _scales(wg, qmax, clip)
+    q = torch.clamp(torch.round(wg / scale[..., None]), -qmax, qmax).to(torch.int8)
+    q = q.reshape(w.shape[0], -1)[:, : w.shape[1]]
+    if bits == 8:
+        return q.contiguous(), scale[:, 0].contiguous()
+    return pack_int4(q), scale.contiguous()
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, bits: int, k: int, group_size: int = -1) -> torch.Tensor:
+    """Inverse of quantize_weight, in fp32."""
+    if bits == 8:
+        return q.float() * scale[:, None]
+    w = unpack_int4(q, k).float()
+    return (_grouped(w, group_size) * scale[..., None]).reshape(w.shape[0], -1)[:, :k]
+
+
+def fake_quant_act(x: torch.Tensor, bits: int, static_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize-dequantize activations exactly as qvla::quantize_act does, in fp32."""
+    from qvla_compiler.kernels.ops import quantize_act_ref
+
+    q, s = quantize_act_ref(x, bits, static_scale)
+    return q.float() * s

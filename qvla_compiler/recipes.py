@@ -1,0 +1,84 @@
+"""Recipes: what to quantize (a layout) and how (bits, granularity, activation mode). Frozen data, presets in dicts."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+from qvla_compiler.errors import RecipeError
+from qvla_compiler.meta import QuantSpec, Region, Role
+
+_ATTN = frozenset({Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.ATTN_O, Role.ATTN_QKV})
+_BLOCK = _ATTN | {Role.MLP}
+
+# A layout is the set of (region, role) pairs that become integer; everything else stays float.
+LAYOUTS: Mapping[str, frozenset[tuple[Region, Role]]] = {
+    # QuantVLA: every language-backbone linear and the action head's MLPs; action-head attention, the vision
+    # tower and the small conditioning/projection linears stay float (the paper's 180 / 116 layers).
+    "quantvla": frozenset({(Region.BACKBONE, r) for r in _BLOCK} | {(Region.ACTION_HEAD, Role.MLP)}),
+    # Conservative: only MLPs (backbone and action head); every attention projection float.
+    "strict": frozenset({(Region.BACKBONE, Role.MLP), (Region.ACTION_HEAD, Role.MLP)}),
+    # The naive baseline: every linear in the graph, whatever it is.
+    "all": frozenset({(region, role) for region in Region for role in Role}),
+    "none": frozenset(),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantRecipe:
+    """One quantization recipe. `region_overrides` / `role_overrides` map module-path prefixes to a forced
+    region or role (the only place module names are used); `skip` lists module-path prefixes kept float."""
+
+    name: str
+    layout: str = "quantvla"
+    w_bits: int = 8
+    a_bits: int = 8
+    group_size: int = 128
+    act_mode: str = "dynamic"
+    weight_clip: str = "absmax"
+    region_overrides: tuple[tuple[str, Region], ...] = ()
+    role_overrides: tuple[tuple[str, Role], ...] = ()
+    skip: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        _require(self.layout in LAYOUTS, f"unknown layout {self.layout!r}; choose one of {sorted(LAYOUTS)}")
+        _require(self.w_bits in (4, 8), f"w_bits must be 4 or 8, got {self.w_bits}")
+        _require(self.a_bits in (4, 8), f"a_bits must be 4 or 8, got {self.a_bits}")
+        _require(self.group_size == -1 or self.group_size >= 2 and self.group_size % 2 == 0,
+                 f"group_size must be -1 (per channel) or an even number >= 2, got {self.group_size}")
+        _require(self.act_mode in ("dynamic", "static"), f"act_mode must be 'dynamic' or 'static', got {self.act_mode!r}")
+        _require(self.weight_clip in ("absmax", "mse"), f"weight_clip must be 'absmax' or 'mse', got {self.weight_clip!r}")
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.w_bits, self.a_bits, self.group_size, self.act_mode, self.weight_clip)
+
+    def integer_pairs(self) -> frozenset[tuple[Region, Role]]:
+        return LAYOUTS[self.layout]
+
+    def with_(self, **changes) -> "QuantRecipe":
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise RecipeError(f"invalid recipe: {message}")
+
+
+RECIPES: Mapping[str, QuantRecipe] = {
+    "w8a8": QuantRecipe("w8a8", w_bits=8, a_bits=8),
+    "w4a8": QuantRecipe("w4a8", w_bits=4, a_bits=8, group_size=128),
+    "w4a4": QuantRecipe("w4a4", w_bits=4, a_bits=4, group_size=128),
+    "w8a8-static": QuantRecipe("w8a8-static", w_bits=8, a_bits=8, act_mode="static"),
+    "w4a8-mse": QuantRecipe("w4a8-mse", w_bits=4, a_bits=8, weight_clip="mse"),
+}
+RECIPES = {**RECIPES, **{f"quantvla-{k}": dataclasses.replace(v, name=f"quantvla-{k}") for k, v in RECIPES.items()
+                         if k in ("w8a8", "w4a8", "w4a4")}}
+
+
+def resolve_recipe(recipe: str | QuantRecipe, layout: str | None = None) -> QuantRecipe:
+    """A recipe object or preset name, with the layout optionally replaced."""
+    if isinstance(recipe, str):
+        if recipe not in RECIPES:
+            raise RecipeError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)} or pass a QuantRecipe")
+        recipe = RECIPES[recipe]
+    return recipe.with_(layout=layout)

@@ -1,0 +1,166 @@
+"""What quantization did, in numbers: per-linear bits, bytes and SQNR; totals; action fidelity."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import torch
+import torch.fx as fx
+
+from qvla_compiler.kernels.ops import quantize_act
+from qvla_compiler.passes import _graph as g
+from qvla_compiler.passes.insert_observers import observer_of
+from qvla_compiler.passes.quantize_linears import _fetch
+
+BF16 = 2
+
+
+def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
+    """20·log10(‖ref‖ / ‖ref − test‖); +inf when identical."""
+    ref, test = ref.double(), test.double()
+    noise = (ref - test).norm()
+    return math.inf if noise == 0 else float(20 * torch.log10(ref.norm() / noise))
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearReport:
+    graph: str
+    module_path: str
+    region: str
+    role: str
+    bits: str
+    params: int
+    bytes_bf16: int
+    bytes_quant: int
+    sqnr_db: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    model: str
+    recipe: str
+    layout: str
+    linears: tuple[LinearReport, ...]
+    policy_bytes_bf16: int
+    policy_bytes_quant: int
+    action_rel_l2: float | None = None
+    action_sqnr_db: float | None = None
+
+    @property
+    def int_linears(self) -> int:
+        return sum(r.bits != "float" for r in self.linears)
+
+    @property
+    def float_linears(self) -> int:
+        return sum(r.bits == "float" for r in self.linears)
+
+    @property
+    def bytes_bf16(self) -> int:
+        """bf16 bytes of the components that were quantized."""
+        return sum(r.bytes_bf16 for r in self.linears if r.bits != "float")
+
+    @property
+    def bytes_quant(self) -> int:
+        return sum(r.bytes_quant for r in self.linears if r.bits != "float")
+
+    @property
+    def memory_saving(self) -> float:
+        return 1 - self.bytes_quant / self.bytes_bf16 if self.bytes_bf16 else 0.0
+
+    @property
+    def policy_memory_saving(self) -> float:
+        return 1 - self.policy_bytes_quant / self.policy_bytes_bf16 if self.policy_bytes_bf16 else 0.0
+
+    def by_region(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for r in self.linears:
+            row = out.setdefault(r.region, {"int": 0, "float": 0})
+            row["float" if r.bits == "float" else "int"] += 1
+        return out
+
+    def summary(self) -> dict:
+        return {"model": self.model, "recipe": self.recipe, "layout": self.layout,
+                "int_linears": self.int_linears, "float_linears": self.float_linears,
+                "bytes_bf16": self.bytes_bf16, "bytes_quant": self.bytes_quant,
+                "memory_saving": round(self.memory_saving, 4),
+                "policy_bytes_bf16": self.policy_bytes_bf16, "policy_bytes_quant": self.policy_bytes_quant,
+                "policy_memory_saving": round(self.policy_memory_saving, 4),
+                "action_rel_l2": self.action_rel_l2, "action_sqnr_db": self.action_sqnr_db,
+                "regions": self.by_region()}
+
+    def to_json(self) -> str:
+        return json.dumps({**self.summary(), "linears": [dataclasses.asdict(r) for r in self.linears]},
+                          default=_json_default)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Report":
+        data = json.loads(text)
+        linears = tuple(LinearReport(**r) for r in data["linears"])
+        keys = ("model", "recipe", "layout", "policy_bytes_bf16", "policy_bytes_quant", "action_rel_l2",
+                "action_sqnr_db")
+        return cls(linears=linears, **{k: data[k] for k in keys})
+
+
+def _json_default(value):
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    raise TypeError(type(value))
+
+
+def quant_bytes(info, k: int, n: int, has_bias: bool) -> int:
+    """Bytes of one linear's integer form: weights, fp32 scales, bf16 bias."""
+    spec = info.spec
+    if spec.w_bits == 8:
+        weight, scales = n * k, 4 * n
+    else:
+        gs = k if spec.group_size <= 0 else spec.group_size
+        weight, scales = n * ((k + 1) // 2), 4 * n * math.ceil(k / gs)
+    return weight + scales + (BF16 * n if has_bias else 0)
+
+
+def linear_reports(name: str, gm: fx.GraphModule) -> list[LinearReport]:
+    """Per-linear rows for one graph; call while observers (with their input samples) are still in place."""
+    rows = []
+    for node in g.linear_nodes(gm):
+        info = node.meta["qvla"]
+        bias = node.args[2] if len(node.args) > 2 else None
+        params = info.in_features * info.out_features + (info.out_features if bias is not None else 0)
+        quant, sqnr = BF16 * params, None
+        if info.is_quantized:
+            quant = quant_bytes(info, info.in_features, info.out_features, bias is not None)
+            sqnr = _linear_sqnr(gm, node)
+        rows.append(LinearReport(name, info.module_path, info.region.value, info.role.value, info.bits_label,
+                                 params, BF16 * params, quant, sqnr))
+    return rows
+
+
+def _linear_sqnr(gm: fx.GraphModule, node: fx.Node) -> float | None:
+    """Output SQNR of the integer linear vs float on the observer's calibration sample."""
+    obs, tensors = observer_of(node, gm), node.meta.get("qvla_tensors")
+    if obs is None or obs.sample is None or tensors is None:
+        return None
+    spec = node.meta["qvla"].spec
+    x = obs.sample
+    w = _fetch(gm, node.args[1])
+    b = _fetch(gm, node.args[2]) if len(node.args) > 2 and node.args[2] is not None else None
+    ref = torch.nn.functional.linear(x, w.float(), None if b is None else b.float())
+    static = getattr(gm, tensors.act_scale) if tensors.act_scale else None
+    xq, xs = quantize_act(x, spec.a_bits, static)
+    wq, ws = getattr(gm, tensors.weight), getattr(gm, tensors.weight_scale)
+    from qvla_compiler.lowering.lower_linears import LOWERINGS
+
+    rule = LOWERINGS[spec.w_bits]
+    out = rule.op(xq, xs, wq, ws, b, *rule.extra_args(spec), torch.float32)
+    return round(sqnr_db(ref, out), 2)
+
+
+def graph_param_bytes(gm: fx.GraphModule) -> int:
+    """bf16 bytes of every floating tensor the graph reads (parameters and float buffers)."""
+    total = 0
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            t = _fetch(gm, node)
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                total += BF16 * t.numel()
+    return total
