@@ -1,0 +1,47 @@
+"""Model registry: names, seeding, error on unknown names, and the FlowSchedule / tiny-size contracts."""
+
+import pytest
+import torch
+
+from qvla_compiler.errors import ModelNotFoundError, QvlaError
+from qvla_compiler.models import MODEL_NAMES, FlowSchedule, GrootPolicy, Pi05Policy, build_policy, get_config
+
+
+def test_model_names():
+    assert MODEL_NAMES == ("pi05-tiny", "pi05-small", "pi05-full", "groot-tiny", "groot-small", "groot-full")
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ModelNotFoundError) as info:
+        build_policy("pi0-huge")
+    message = str(info.value)
+    assert "pi0-huge" in message and all(name in message for name in MODEL_NAMES)
+    assert isinstance(info.value, QvlaError) and isinstance(info.value, KeyError)
+
+
+@pytest.mark.parametrize("name, cls", [("pi05-tiny", Pi05Policy), ("groot-tiny", GrootPolicy)])
+def test_tiny_presets_are_small_fp32_eval(name, cls):
+    policy = build_policy(name, seed=3)
+    assert isinstance(policy, cls) and policy.config is get_config(name) and not policy.training
+    params = list(policy.parameters())
+    assert sum(p.numel() for p in params) <= 5_000_000  # pi05-tiny 0.55M, groot-tiny 1.15M
+    assert all(p.dtype == torch.float32 for p in params)
+    for attr in ("action_dim", "horizon", "max_tokens", "image_size", "state_dim"):
+        assert isinstance(getattr(policy.config, attr), int)
+
+
+def test_same_seed_same_weights():
+    a, b, c = build_policy("groot-tiny", seed=7), build_policy("groot-tiny", seed=7), build_policy("groot-tiny", seed=8)
+    for (name, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    assert not torch.equal(a.mlp1.weight, c.mlp1.weight)
+
+
+def test_flow_schedule_validates():
+    assert FlowSchedule.uniform(0.0, 1.0, 2) == FlowSchedule(timesteps=(0.0, 0.5), dt=0.5)
+    with pytest.raises(QvlaError):
+        FlowSchedule(timesteps=(), dt=0.1)
+    with pytest.raises(QvlaError):
+        FlowSchedule(timesteps=(1.0,), dt=0.0)
+    with pytest.raises(QvlaError):
+        FlowSchedule.uniform(1.0, 0.0, 0)
