@@ -1,0 +1,256 @@
+import numpy as np
+import pytest
+import torch
+
+from qvla_compiler.errors import QvlaError
+from qvla_compiler.eval.tabletop import (
+    ACTION_DIM, FAMILIES, IMAGE_SIZE, MAX_STEPS, STATE_DIM, TOUCH_TOL, ZONE_TOL, TabletopEnv,
+    episode_noise, make_episode, run_episode, run_episodes,
+)
+
+
+def _rollout(env, actions):
+    out = [env.reset()]
+    for a in actions:
+        obs, done, info = env.step(a)
+        out.append(obs)
+        if done:
+            break
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_seed_same_episode(family):
+    acts = np.random.default_rng(0).uniform(-1, 1, (15, ACTION_DIM))
+    a = _rollout(TabletopEnv(family, 11), acts)
+    b = _rollout(make_episode(family, 11), acts)
+    assert len(a) == len(b)
+    for oa, ob in zip(a, b):
+        assert oa["instruction"] == ob["instruction"]
+        np.testing.assert_array_equal(oa["image"], ob["image"])
+        np.testing.assert_array_equal(oa["state"], ob["state"])
+    # reset returns the same initial observation again
+    env = TabletopEnv(family, 11)
+    first = env.reset()
+    env.step(np.ones(ACTION_DIM))
+    again = env.reset()
+    np.testing.assert_array_equal(first["image"], again["image"])
+    # different seeds differ
+    other = TabletopEnv(family, 12).reset()
+    assert not np.array_equal(first["image"], other["image"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_observation_format(family):
+    obs = TabletopEnv(family, 0).reset()
+    assert obs["image"].dtype == np.uint8 and obs["image"].shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert obs["state"].dtype == np.float32 and obs["state"].shape == (STATE_DIM,)
+    assert isinstance(obs["instruction"], str) and obs["instruction"]
+    small = TabletopEnv(family, 0, image_size=32).reset()
+    assert small["image"].shape == (32, 32, 3)
+
+
+def test_reach_success_and_failure():
+    env = TabletopEnv("reach", 3)
+    env.reset()
+    s = env.get_state()
+    target = s.objects[s.targets[0]].pos
+    s.agent = target + np.array([TOUCH_TOL * 0.9, 0.0])
+    env.set_state(s)
+    assert env.check_success()
+    s.agent = target + np.array([TOUCH_TOL * 1.2, 0.0])
+    env.set_state(s)
+    assert not env.check_success()
+    # standing on a distractor is not success
+    other = next(i for i in range(len(s.objects)) if i != s.targets[0])
+    s.agent = s.objects[other].pos.copy()
+    env.set_state(s)
+    assert not env.check_success()
+    # stepping onto the target ends the episode with success
+    s.agent = target + np.array([0.07, 0.0])
+    env.set_state(s)
+    assert not env.done
+    _, done, info = env.step(np.array([-0.6, 0.0]))
+    assert done and info["success"]
+
+
+def test_push_success_and_contact():
+    env = TabletopEnv("push", 4)
+    env.reset()
+    s = env.get_state()
+    zone = s.zones[s.goal_zone].pos
+    block = s.targets[0]
+    s.objects[block].pos = zone + np.array([ZONE_TOL * 0.9, -ZONE_TOL * 0.5])
+    env.set_state(s)
+    assert env.check_success()
+    s.objects[block].pos = zone + np.array([ZONE_TOL * 1.3, 0.0])
+    env.set_state(s)
+    assert not env.check_success()
+    # the wrong block in the goal zone, the right block in the other zone: failure
+    other_block, other_zone = 1 - block, 1 - s.goal_zone
+    s.objects[other_block].pos = zone.copy()
+    s.objects[block].pos = s.zones[other_zone].pos.copy()
+    env.set_state(s)
+    assert not env.check_success()
+    # kinematic contact: moving right into the block pushes it right; moving away leaves it
+    env.reset()
+    s = env.get_state()
+    s.objects[block].pos = np.array([0.5, 0.5])
+    s.objects[other_block].pos = np.array([0.2, 0.2])
+    s.agent = np.array([0.5 - 0.08 - 0.01, 0.5])
+    env.set_state(s)
+    env.step(np.array([1.0, 0.0]))
+    after = env.get_state()
+    assert after.objects[block].pos[0] > 0.5 + 0.03
+    assert abs(after.objects[block].pos[1] - 0.5) < 1e-9
+    env.step(np.array([-1.0, 0.0]))
+    np.testing.assert_allclose(env.get_state().objects[block].pos, after.objects[block].pos)
+
+
+def test_sequence_order_matters():
+    env = TabletopEnv("sequence", 5)
+    env.reset()
+    s = env.get_state()
+    first, second = (s.objects[i].pos.copy() for i in s.targets)
+    # on the second target before the first: no progress, no success
+    s.agent = second.copy()
+    env.set_state(s)
+    _, done, info = env.step(np.zeros(ACTION_DIM))
+    assert not done and not info["success"] and info["stage"] == 0
+    # touch the first, then the second
+    s = env.get_state()
+    s.agent = first.copy()
+    env.set_state(s)
+    _, done, info = env.step(np.zeros(ACTION_DIM))
+    assert info["stage"] == 1 and not done
+    assert env.proprio()[4] == pytest.approx(0.5)
+    s = env.get_state()
+    s.agent = second.copy()
+    env.set_state(s)
+    _, done, info = env.step(np.zeros(ACTION_DIM))
+    assert done and info["success"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_episode_times_out(family):
+    env = TabletopEnv(family, 0)
+    env.reset()
+    s = env.get_state()
+    s.agent = np.array([0.0, 0.0]) if family != "push" else s.agent
+    env.set_state(s)
+    done, t = False, 0
+    while not done:
+        _, done, info = env.step(np.zeros(ACTION_DIM))
+        t += 1
+    assert t == MAX_STEPS[family] and not info["success"]
+    with pytest.raises(QvlaError):
+        env.step(np.zeros(ACTION_DIM))
+
+
+def test_nonfinite_action_does_not_crash():
+    env = TabletopEnv("reach", 0)
+    env.reset()
+    _, _, info = env.step(np.array([np.nan, np.inf]))
+    assert info["nonfinite_action"]
+    with pytest.raises(QvlaError):
+        TabletopEnv("stack", 0)
+
+
+def _noise_policy(horizon):
+    calls = []
+
+    def fn(batch):
+        B = batch["images"].shape[0]
+        assert batch["images"].dtype == torch.float32 and batch["images"].shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE)
+        assert float(batch["images"].max()) <= 1.0
+        assert batch["tokens"].dtype == torch.int64 and batch["token_mask"].dtype == torch.bool
+        assert batch["state"].shape == (B, STATE_DIM)
+        assert batch["noise"].shape == (B, horizon, ACTION_DIM)
+        calls.append(B)
+        return batch["noise"].clamp(-1, 1)
+
+    return fn, calls
+
+
+def test_batched_runner_matches_single_and_is_reproducible():
+    fams = ["reach", "push", "sequence"] * 3
+    seeds = list(range(9))
+    fn, calls = _noise_policy(6)
+    a = run_episodes(fams, seeds, fn, n_exec=3, noise_seed=7, horizon=6, record_frames=True)
+    assert len(calls) < sum(r.policy_calls for r in a)   # calls were batched
+    b = run_episodes(fams, seeds, _noise_policy(6)[0], n_exec=3, noise_seed=7, horizon=6,
+                     max_batch=4, fixed_batch=True, record_frames=True)
+    c = [run_episode(TabletopEnv(f, s), _noise_policy(6)[0], 3, noise_seed=7, horizon=6, record_frames=True)
+         for f, s in zip(fams, seeds)]
+    d = run_episodes(fams, seeds, _noise_policy(6)[0], n_exec=3, noise_seed=8, horizon=6, record_frames=True)
+
+    def key(results):
+        return [(r.family, r.seed, r.success, r.steps, r.policy_calls, r.frames[-1].tobytes()) for r in results]
+
+    assert key(a) == key(b) == key(c)
+    assert key(a) != key(d)
+
+
+def test_episode_noise_deterministic():
+    x = episode_noise(1, "push", 3, 2, 8)
+    assert x.shape == (8, ACTION_DIM) and x.dtype == torch.float32
+    assert torch.equal(x, episode_noise(1, "push", 3, 2, 8))
+    assert not torch.equal(x, episode_noise(1, "push", 3, 3, 8))
+    assert not torch.equal(x, episode_noise(2, "push", 3, 2, 8))
+
+
+def test_runner_rejects_bad_policy_output():
+    with pytest.raises(QvlaError):
+        run_episodes("reach", [0], lambda b: torch.zeros(1, 2, ACTION_DIM), n_exec=4)
+
+
+def test_record_frames():
+    r = run_episodes("reach", [0], lambda b: torch.zeros(b["images"].shape[0], 4, ACTION_DIM), n_exec=4,
+                     record_frames=True)[0]
+    assert len(r.frames) == r.steps + 1 == MAX_STEPS["reach"] + 1
+
+
+def test_side_by_side_gif(tmp_path):
+    from PIL import Image
+
+    from qvla_compiler.eval.video import write_side_by_side_gif
+
+    pol = lambda b: torch.zeros(b["images"].shape[0], 4, ACTION_DIM)  # noqa: E731
+    a = run_episodes("reach", [1], pol, n_exec=4, record_frames=True)[0]
+    b = TabletopEnv("reach", 1)
+    frames_b = [b.reset()["image"]] + [b.step(np.array([1.0, 0.0]))[0]["image"] for _ in range(5)]
+    path = write_side_by_side_gif(str(tmp_path / "cmp.gif"), a.frames, frames_b, caption=a.instruction,
+                                  success_a=a.success, success_b=False)
+    with Image.open(path) as im:  # Pillow merges identical consecutive frames, keeping the timing
+        total = 0
+        for k in range(im.n_frames):
+            im.seek(k)
+            total += im.info["duration"]
+        assert 1 < im.n_frames <= max(len(a.frames), len(frames_b))
+        assert abs(total - 125 * max(len(a.frames), len(frames_b))) <= 10 * im.n_frames  # centisecond rounding
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_render_matches_full_frame_render(family):
+    env = TabletopEnv(family, 2, image_size=32)
+    env.reset()
+    rng = np.random.default_rng(1)
+    for _ in range(25):
+        obs, done, _ = env.step(rng.uniform(-1, 1, ACTION_DIM))
+        np.testing.assert_array_equal(obs["image"], env.render_reference())
+        if done:
+            env.reset()
+
+
+def test_wider_policy_dims_are_padded():
+    from qvla_compiler.eval.tokenizer import Tokenizer
+
+    def fn(batch):
+        assert batch["state"].shape[1] == 12 and torch.all(batch["state"][:, STATE_DIM:] == 0)
+        assert batch["tokens"].shape[1] == 20
+        assert batch["noise"].shape[1:] == (5, 7)
+        return batch["noise"]
+
+    r = run_episodes("push", [0, 1], fn, 5, noise_seed=0, horizon=5, action_dim=7, state_dim=12,
+                     tokenizer=Tokenizer(max_len=20))
+    assert len(r) == 2
