@@ -1,0 +1,66 @@
+"""SmoothQuant scales and folding: formula, exactness of the folded pairs, error cases."""
+
+import pytest
+import torch
+
+from qvla_compiler.errors import CalibrationError, ShapeError
+from qvla_compiler.smoothquant import (
+    activation_absmax,
+    fold_into_consumer,
+    fold_into_norm,
+    fold_into_producer,
+    smoothquant_scales,
+)
+
+
+def test_scales_follow_the_formula_over_fused_consumers():
+    x = torch.randn(4, 10, 8, dtype=torch.float64)
+    wq, wk = torch.randn(6, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    s = smoothquant_scales(activation_absmax(x), [wq, wk], alpha=0.7)
+    w_max = torch.maximum(wq.abs().amax(0), wk.abs().amax(0))
+    torch.testing.assert_close(s, x.abs().amax((0, 1)) ** 0.7 / w_max ** 0.3)
+    assert torch.equal(smoothquant_scales(activation_absmax(x), wq), smoothquant_scales(activation_absmax(x), [wq]))
+
+
+def test_clamps_dead_channels():
+    act = torch.tensor([0.0, 2.0, 3.0])
+    w = torch.tensor([[1.0, 0.0, 2.0]])
+    s = smoothquant_scales(act, w)
+    assert (s >= 1e-5).all() and torch.isfinite(s).all()
+
+
+def test_norm_to_linears_fold_is_exact():
+    ln = torch.nn.LayerNorm(16, dtype=torch.float64)
+    torch.nn.init.normal_(ln.weight)
+    torch.nn.init.normal_(ln.bias)
+    x = torch.randn(32, 16, dtype=torch.float64)
+    x[:, 3] *= 40  # an outlier channel feeding the norm output
+    ws = [torch.randn(8, 16, dtype=torch.float64) for _ in range(3)]  # q, k, v
+    h = ln(x)
+    s = smoothquant_scales(activation_absmax(h), ws, alpha=0.5)
+    g, b = fold_into_norm(ln.weight, ln.bias, s)
+    h_s = torch.nn.functional.layer_norm(x, (16,), g, b)
+    torch.testing.assert_close(h_s, h / s)
+    for w in ws:
+        torch.testing.assert_close(h_s @ fold_into_consumer(w, s).T, h @ w.T, rtol=1e-9, atol=1e-9)
+    assert activation_absmax(h_s).max() / activation_absmax(h_s).min() < activation_absmax(h).max() / \
+        activation_absmax(h).min()
+
+
+def test_producer_consumer_fold_through_swiglu_is_exact():
+    x = torch.randn(10, 12, dtype=torch.float64)
+    gate, up, down = (torch.randn(20, 12, dtype=torch.float64), torch.randn(20, 12, dtype=torch.float64),
+                      torch.randn(12, 20, dtype=torch.float64))
+    b_up = torch.randn(20, dtype=torch.float64)
+    h = torch.nn.functional.silu(x @ gate.T) * (x @ up.T + b_up)
+    s = smoothquant_scales(activation_absmax(h), down, alpha=0.5)
+    up_s, b_up_s = fold_into_producer(up, b_up, s)
+    h_s = torch.nn.functional.silu(x @ gate.T) * (x @ up_s.T + b_up_s)
+    torch.testing.assert_close(h_s @ fold_into_consumer(down, s).T, h @ down.T, rtol=1e-9, atol=1e-9)
+
+
+def test_errors():
+    with pytest.raises(ShapeError):
+        smoothquant_scales(torch.ones(8), torch.ones(4, 7))
+    with pytest.raises(CalibrationError):
+        smoothquant_scales(torch.tensor([1.0, float("nan")]), torch.ones(3, 2))
