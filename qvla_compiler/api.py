@@ -51,7 +51,7 @@ class QuantizedProgram:
                  "qvla/plan.json": json.dumps(self.plan)}
         path.parent.mkdir(parents=True, exist_ok=True)
         # Write next to the target and rename: an interrupted save never leaves a truncated artifact behind.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".pt2.tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.pt2")
         os.close(fd)
         try:
             torch.export.save(ep, tmp, extra_files=extra)

@@ -1,13 +1,12 @@
 """Capture a policy with torch.export: the prefix and the denoise step become separate FX graphs.
 
-Export is non-strict, under `no_grad`, with a dynamic batch dimension, and keeps `aten.linear` (empty decomposition
-table), so every nn.Linear is one node the passes can classify. Each graph records what its flat inputs are
+Export is non-strict, under `no_grad`, with a dynamic batch dimension, and keeps `aten.linear` (the export IR under
+no_grad), so every nn.Linear is one node the passes can classify. Each graph records what its flat inputs are
 (`graph.meta["qvla_inputs"]`: image / text / state / prefix / action / time / input), which is what region
 assignment reads. A model that will not export raises ExportError naming the module that was running.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Sequence
 
 import torch
@@ -68,12 +67,12 @@ def export_graph(module: nn.Module, args: tuple, dynamic_shapes, *, roles: tuple
                  prefix: str) -> fx.GraphModule:
     """torch.export → flat GraphModule with parameters as attributes; names parameters without `prefix`."""
     module = module.eval()
-    with torch.no_grad(), _module_trail(module) as running:
+    with torch.no_grad():
         try:
+            # Under no_grad the export IR is flat and already keeps aten.linear; no decomposition run is needed.
             ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
-            ep = ep.run_decompositions(decomp_table={})
         except Exception as exc:  # noqa: BLE001 — re-raised as a named error with the module path
-            where = running[-1] if running else "<top level>"
+            where = _failing_module(module, exc)
             op = _failing_op(exc)
             raise ExportError(
                 f"torch.export could not capture {what}: {op} failed inside module '{where}'.\n"
@@ -81,9 +80,24 @@ def export_graph(module: nn.Module, args: tuple, dynamic_shapes, *, roles: tuple
                 "  fix: make that module traceable (no data-dependent Python control flow, no .item(), fixed "
                 "token length); `torch.export.draft_export` gives a detailed report."
             ) from exc
-    gm = ep.module()
+    gm = _drop_unused_attributes(ep.module())
     gm.meta[INPUTS_KEY] = roles
     gm.meta["qvla_param_prefix"] = prefix
+    return gm
+
+
+def _drop_unused_attributes(gm: fx.GraphModule) -> fx.GraphModule:
+    """ep.module() keeps every parameter of the policy; keep only what this graph reads (the denoise graph
+    need not carry the vision tower), so saved programs and byte counts hold each tensor once."""
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name not in used:
+            owner, _, attr = name.rpartition(".")
+            delattr(gm.get_submodule(owner) if owner else gm, attr)
+    gm.recompile()
     return gm
 
 
@@ -91,28 +105,16 @@ def _batch_dim():
     return Dim("batch", min=1, max=1024)
 
 
-@contextlib.contextmanager
-def _module_trail(root: nn.Module):
-    """Track which submodule is running, so an export failure can name it (non-strict export runs the code)."""
-    stack: list[str] = []  # modules entered and not yet left; after an exception, the innermost is last
-    names = {m: n for n, m in root.named_modules()}
-    handles = []
-
-    def pre(mod, _args):
-        stack.append(names.get(mod, type(mod).__name__) or type(mod).__name__)
-
-    def post(mod, _args, _out):
-        if stack:
-            stack.pop()
-
-    for mod in names:
-        handles.append(mod.register_forward_pre_hook(pre))
-        handles.append(mod.register_forward_hook(post))
-    try:
-        yield stack
-    finally:
-        for h in handles:
-            h.remove()
+def _failing_module(root: nn.Module, exc: BaseException) -> str:
+    """Innermost module whose forward was running when `exc` was raised (read from the traceback's frames)."""
+    names = {id(m): n for n, m in root.named_modules()}
+    where, tb = "<top level>", exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            where = names[id(owner)] or type(owner).__name__
+        tb = tb.tb_next
+    return where
 
 
 def _failing_op(exc: Exception) -> str:

@@ -13,7 +13,7 @@ from qvla_compiler.passes import (apply_layout, assign_regions, check_schedule, 
                                   quantize_linears, record_schedule, remove_observers)
 from qvla_compiler.program import Program
 from qvla_compiler.recipes import QuantRecipe
-from qvla_compiler.report import LinearReport, graph_param_bytes, linear_reports
+from qvla_compiler.report import LinearReport, linear_reports, param_bytes
 
 
 def run_pipeline(program: Program, recipe: QuantRecipe, calib, *, calib_total: int | None = None,
@@ -40,7 +40,7 @@ def run_pipeline(program: Program, recipe: QuantRecipe, calib, *, calib_total: i
     for gm in graphs.values():
         quantize_linears(gm)
     rows = [row for name, gm in graphs.items() for row in linear_reports(name, gm)]
-    float_bytes = sum(graph_param_bytes(gm) for gm in graphs.values())
+    float_bytes = param_bytes(graphs.values())
 
     # Phase 4: lower — observers out, qvla:: ops in; the operator schedule must be the original one.
     for gm in graphs.values():

@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 
 from qvla_compiler.kernels.ops import quantize_act
+from qvla_compiler.lowering.lower_linears import LOWERINGS
 from qvla_compiler.passes import _graph as g
 from qvla_compiler.passes.insert_observers import observer_of
 from qvla_compiler.passes.quantize_linears import _fetch
@@ -137,30 +138,33 @@ def linear_reports(name: str, gm: fx.GraphModule) -> list[LinearReport]:
 
 def _linear_sqnr(gm: fx.GraphModule, node: fx.Node) -> float | None:
     """Output SQNR of the integer linear vs float on the observer's calibration sample."""
-    obs, tensors = observer_of(node, gm), node.meta.get("qvla_tensors")
-    if obs is None or obs.sample is None or tensors is None:
+    obs = observer_of(node, gm)
+    if obs is None or obs.sample is None or node.meta.get("qvla_tensors") is None:
         return None
-    spec = node.meta["qvla"].spec
     x = obs.sample
     w = _fetch(gm, node.args[1])
     b = _fetch(gm, node.args[2]) if len(node.args) > 2 and node.args[2] is not None else None
-    ref = torch.nn.functional.linear(x, w.float(), None if b is None else b.float())
+    with torch.no_grad():
+        return round(sqnr_db(torch.nn.functional.linear(x, w.float(), None if b is None else b.float()),
+                             _integer_output(gm, node, x, b)), 2)
+
+
+def _integer_output(gm: fx.GraphModule, node: fx.Node, x: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    spec, tensors = node.meta["qvla"].spec, node.meta["qvla_tensors"]
     static = getattr(gm, tensors.act_scale) if tensors.act_scale else None
     xq, xs = quantize_act(x, spec.a_bits, static)
     wq, ws = getattr(gm, tensors.weight), getattr(gm, tensors.weight_scale)
-    from qvla_compiler.lowering.lower_linears import LOWERINGS
-
     rule = LOWERINGS[spec.w_bits]
-    out = rule.op(xq, xs, wq, ws, b, *rule.extra_args(spec), torch.float32)
-    return round(sqnr_db(ref, out), 2)
+    return rule.op(xq, xs, wq, ws, b, *rule.extra_args(spec), torch.float32)
 
 
-def graph_param_bytes(gm: fx.GraphModule) -> int:
-    """bf16 bytes of every floating tensor the graph reads (parameters and float buffers)."""
-    total = 0
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            t = _fetch(gm, node)
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                total += BF16 * t.numel()
-    return total
+def param_bytes(graphs) -> int:
+    """bf16 bytes of every floating tensor the graphs read, each tensor counted once across graphs."""
+    seen: dict[int, int] = {}
+    for gm in graphs:
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                t = _fetch(gm, node)
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    seen[t.untyped_storage().data_ptr()] = BF16 * t.numel()
+    return sum(seen.values())

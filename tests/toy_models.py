@@ -72,7 +72,8 @@ class ToyPolicyNet(nn.Module):
     def __init__(self, width=32, **block_kw):
         super().__init__()
         self.embed_in, self.embed_out = nn.Linear(8, width), nn.Linear(width, width)
-        self.blocks = nn.ModuleList([Block(width, sdpa=False, **block_kw), Block(width, sdpa=True, qk_norm=True, **block_kw)])
+        self.blocks = nn.ModuleList([Block(width, **{"sdpa": False, **block_kw}),
+                                     Block(width, **{**block_kw, "sdpa": True, "qk_norm": True})])
         self.head = nn.Linear(width, 5)
 
     def forward(self, x):

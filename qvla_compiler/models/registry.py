@@ -17,6 +17,9 @@ from qvla_compiler.models.pi05 import Pi05Config, Pi05Policy
 _VISION_TINY = VisionConfig(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp=128)
 _VISION_SMALL = VisionConfig(image_size=112, patch_size=16, width=256, layers=4, heads=4, mlp=1024)
 _SIGLIP_SO400M = VisionConfig(image_size=224, patch_size=14, width=1152, layers=27, heads=16, mlp=4304)
+# tabletop: sized to the closed-loop suite (qvla_compiler/eval: 32x32 images, 16 tokens, state 8, actions 2) and to
+# train on 2 CPU cores in <= 30 minutes (benchmarks/train_tabletop.py); trained weights in qvla_compiler/eval/checkpoints
+_VISION_TABLETOP = VisionConfig(image_size=32, patch_size=8, width=96, layers=2, heads=4, mlp=192)
 
 PRESETS: dict[str, Pi05Config | GrootConfig] = {
     "pi05-tiny": Pi05Config(
@@ -46,6 +49,15 @@ PRESETS: dict[str, Pi05Config | GrootConfig] = {
         head_dim=128, mlp=6144, dit_layers=16, dit_heads=32, dit_head_dim=48, dit_ff=6144, output_dim=1024,
         state_hidden=1024, decoder_hidden=1024, horizon=16, action_dim=32, state_dim=64, num_future_tokens=32,
     ),
+    "pi05-tabletop": Pi05Config(
+        vision=_VISION_TABLETOP, vocab_size=256, max_tokens=16, width=128, layers=2, heads=4, head_dim=32, mlp=256,
+        expert_width=96, expert_mlp=192, horizon=8, action_dim=2, state_dim=8,
+    ),
+    "groot-tabletop": GrootConfig(
+        vision=_VISION_TABLETOP, vocab_size=256, max_tokens=16, width=128, layers=2, heads=4, kv_heads=2, head_dim=32,
+        mlp=384, dit_layers=4, dit_heads=4, dit_head_dim=24, dit_ff=192, output_dim=64, state_hidden=64,
+        decoder_hidden=64, horizon=8, action_dim=2, state_dim=8, num_future_tokens=4,
+    ),
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(PRESETS)
@@ -63,8 +75,11 @@ def get_config(name: str) -> Pi05Config | GrootConfig:
     return PRESETS[name]
 
 
-def build_policy(name: str, seed: int = 0) -> FlowPolicy:
+def build_policy(name: str, seed: int = 0, pretrained: bool = True) -> FlowPolicy:
     """A randomly initialised fp32 policy in eval mode; the same (name, seed) always gives the same weights.
+
+    Presets with a trained checkpoint (`pi05-tabletop`, `groot-tabletop`: qvla_compiler/eval/checkpoints/<name>.safetensors)
+    load it, upcast to fp32, when the file exists and `pretrained` is True (then `seed` does not matter).
 
     Example::
 
@@ -74,4 +89,9 @@ def build_policy(name: str, seed: int = 0) -> FlowPolicy:
     """
     config = get_config(name)
     torch.manual_seed(seed)
-    return _POLICY_CLASSES[type(config)](config)
+    policy = _POLICY_CLASSES[type(config)](config)
+    if pretrained:
+        from qvla_compiler.models.checkpoints import load_checkpoint_if_present
+
+        load_checkpoint_if_present(policy, name)
+    return policy

@@ -1,0 +1,171 @@
+"""`qvla`: quantize policies, inspect saved programs, evaluate in closed loop. Every command takes --json."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+
+from rich.console import Console
+from rich.table import Table
+
+from qvla_compiler.errors import QvlaError
+
+DEFAULT_MODEL = "pi05-small"
+DEFAULT_RECIPE = "w8a8"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        return args.func(args)
+    except QvlaError as exc:
+        if getattr(args, "json", False):
+            print(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
+        else:
+            Console(stderr=True).print(f"[bold red]{type(exc).__name__}[/]: {exc}")
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    from qvla_compiler.recipes import LAYOUTS, RECIPES
+
+    p = argparse.ArgumentParser(prog="qvla", description="QuantVLA as a compiler: VLA policies → integer programs.")
+    sub = p.add_subparsers(dest="command")
+    p.set_defaults(func=lambda a: (p.print_help(), 0)[1])
+
+    q = sub.add_parser("quantize", help="capture, calibrate, quantize and save a policy")
+    q.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name (default {DEFAULT_MODEL}); see `qvla models`")
+    q.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"one of {', '.join(RECIPES)}")
+    q.add_argument("--layout", choices=sorted(LAYOUTS), help="override the recipe's layout")
+    q.add_argument("--calib-steps", type=int, default=8, help="calibration batches (default 8)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", help="where to write the .pt2 (default <model>-<recipe>.pt2)")
+    q.add_argument("--no-save", action="store_true", help="skip writing the program")
+    q.add_argument("--dump-dir", help="write every graph's code after each phase here")
+    q.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    q.set_defaults(func=cmd_quantize)
+
+    i = sub.add_parser("inspect", help="show what a saved program's linears became")
+    i.add_argument("program")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    e = sub.add_parser("eval", help="closed-loop success of float vs quantized on identical episodes")
+    e.add_argument("--suite", default="tabletop", choices=["tabletop"])
+    e.add_argument("--model", default="pi05-tabletop")
+    e.add_argument("--recipe", default=DEFAULT_RECIPE)
+    e.add_argument("--layout", choices=sorted(LAYOUTS))
+    e.add_argument("--episodes", type=int, default=200)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--save-video", help="write a side-by-side GIF here")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    for name, fn, what in (("models", cmd_models, "list model names"), ("recipes", cmd_recipes, "list recipes")):
+        s = sub.add_parser(name, help=what)
+        s.add_argument("--json", action="store_true")
+        s.set_defaults(func=fn)
+    return p
+
+
+def cmd_quantize(args) -> int:
+    import qvla_compiler
+    from qvla_compiler.models import build_policy
+
+    console = Console(stderr=True)
+    started = time.perf_counter()
+    with console.status(f"building {args.model}", spinner="dots"):
+        policy = build_policy(args.model, seed=args.seed)
+    console.log(f"built {args.model}; capturing, calibrating ({args.calib_steps} batches) and lowering")
+    qp = qvla_compiler.quantize(policy, policy.example_inputs(), recipe=args.recipe, layout=args.layout,
+                                calib_steps=args.calib_steps, seed=args.seed, progress=not args.json,
+                                model_name=args.model, dump_dir=args.dump_dir)
+    out = None
+    if not args.no_save:
+        out = args.out or f"{args.model}-{qp.recipe.name}.pt2"
+        with console.status(f"saving {out}", spinner="dots"):
+            qp.save(out)
+    summary = {**qp.report.summary(), "out": out, "seconds": round(time.perf_counter() - started, 1)}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_summary(summary)
+    return 0
+
+
+def _print_summary(s: dict) -> None:
+    console = Console()
+    table = Table(title=f"{s['model']} · {s['recipe']} · layout {s['layout']}")
+    for col in ("region", "integer linears", "float linears"):
+        table.add_column(col)
+    for region, row in s["regions"].items():
+        table.add_row(region, str(row["int"]), str(row["float"]))
+    console.print(table)
+    mib = 1 / 2**20
+    console.print(f"quantized components: {s['bytes_bf16'] * mib:.2f} MiB bf16 → {s['bytes_quant'] * mib:.2f} MiB "
+                  f"({s['memory_saving']:.1%} saved)")
+    console.print(f"whole policy:         {s['policy_bytes_bf16'] * mib:.2f} MiB bf16 → "
+                  f"{s['policy_bytes_quant'] * mib:.2f} MiB ({s['policy_memory_saving']:.1%} saved)")
+    console.print(f"action fidelity vs float (same noise): rel L2 {s['action_rel_l2']:.4f}, "
+                  f"SQNR {s['action_sqnr_db']:.1f} dB")
+    if s.get("out"):
+        console.print(f"wrote {s['out']} in {s['seconds']} s")
+
+
+def cmd_inspect(args) -> int:
+    import qvla_compiler
+
+    program = qvla_compiler.load(args.program)
+    report = program.report
+    if args.json:
+        print(report.to_json())
+        return 0
+    table = Table(title=f"{args.program}: {report.model} · {report.recipe} · layout {report.layout}")
+    for col in ("graph", "module path", "region", "role", "bits", "params", "KiB bf16", "KiB now", "SQNR dB"):
+        table.add_column(col, justify="right" if col in ("params", "KiB bf16", "KiB now", "SQNR dB") else "left")
+    for r in report.linears:
+        sq = "" if r.sqnr_db is None else f"{r.sqnr_db:.1f}"
+        table.add_row(r.graph, r.module_path, r.region, r.role, r.bits, f"{r.params:,}", f"{r.bytes_bf16 / 1024:.1f}",
+                      f"{r.bytes_quant / 1024:.1f}", sq)
+    Console().print(table)
+    _print_summary({**report.summary(), "out": None})
+    return 0
+
+
+def cmd_eval(args) -> int:
+    try:
+        from qvla_compiler.eval.evaluate import evaluate
+    except ImportError as exc:
+        raise QvlaError(f"closed-loop evaluation is not available in this build ({exc})") from exc
+    result = evaluate(args.model, args.recipe, layout=args.layout, episodes=args.episodes, seed=args.seed,
+                      progress=not args.json, save_video=args.save_video)
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from qvla_compiler.models import MODEL_NAMES
+
+    print(json.dumps(list(MODEL_NAMES)) if args.json else "\n".join(MODEL_NAMES))
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    import dataclasses
+
+    from qvla_compiler.recipes import RECIPES
+
+    if args.json:
+        print(json.dumps({k: dataclasses.asdict(v) for k, v in RECIPES.items()}, default=str))
+    else:
+        for name, r in RECIPES.items():
+            print(f"{name:16s} W{r.w_bits}A{r.a_bits} layout={r.layout} act={r.act_mode} clip={r.weight_clip}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="qvla_compiler",
+    version="0.1.0",
+    description="QuantVLA as a compiler: VLA policies → low-bit integer programs (torch.export, FX passes, qvla:: ops)",
+    python_requires=">=3.10",
+    # Only the qvla_compiler package and its subpackages: never top-level `passes` / `kernels` / `lowering`.
+    packages=find_packages(include=["qvla_compiler", "qvla_compiler.*"]),
+    package_data={"qvla_compiler": ["eval/checkpoints/*.safetensors", "eval/checkpoints/*.md"]},
+    install_requires=["torch>=2.13,<2.14", "numpy", "safetensors", "tqdm", "rich", "scipy", "pillow"],
+    extras_require={
+        "dev": ["pytest", "hypothesis", "pytest-timeout"],
+        "gpu": ["triton>=3.9"],
+        "plots": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["qvla = qvla_compiler.cli:main"]},
+)

@@ -1,0 +1,91 @@
+"""Structural classification and dataflow regions agree with what the module names say, on every policy."""
+import pytest
+import torch
+
+from qvla_compiler.export import capture_module, capture_policy
+from qvla_compiler.meta import Region, Role
+from qvla_compiler.models import build_policy
+from qvla_compiler.passes import _graph as g
+from qvla_compiler.passes import assign_regions, classify_linears
+from toy_models import TOY_ROLES, ToyPolicyNet
+
+# Ground truth from names (the passes themselves never read names).
+_ROLE_BY_NAME = {"q_proj": Role.ATTN_Q, "to_q": Role.ATTN_Q, "k_proj": Role.ATTN_K, "to_k": Role.ATTN_K,
+                 "v_proj": Role.ATTN_V, "to_v": Role.ATTN_V, "o_proj": Role.ATTN_O, "out_proj": Role.ATTN_O,
+                 "to_out.0": Role.ATTN_O, "gate_proj": Role.MLP, "up_proj": Role.MLP, "down_proj": Role.MLP,
+                 "fc1": Role.MLP, "fc2": Role.MLP, "ff.net.0.proj": Role.MLP, "ff.net.2": Role.MLP}
+_VISION = ("vision.", "multi_modal_projector", "mlp1")
+_HEAD = ("action_", "time_mlp_", "action_head.")
+
+
+def role_from_name(path: str) -> Role:
+    return next((r for suffix, r in _ROLE_BY_NAME.items() if ("." + path).endswith("." + suffix)), Role.OTHER)
+
+
+def region_from_name(path: str) -> Region:
+    if path.startswith(_VISION):
+        return Region.VISION
+    return Region.ACTION_HEAD if path.startswith(_HEAD) else Region.BACKBONE
+
+
+def _captured(name):
+    policy = build_policy(name)
+    obs = policy.example_inputs()
+    return capture_policy(policy, obs, policy.example_noise(2))
+
+
+@pytest.mark.parametrize("name", ["pi05-tiny", "groot-tiny",
+                                  pytest.param("pi05-small", marks=pytest.mark.slow),
+                                  pytest.param("groot-small", marks=pytest.mark.slow)])
+def test_structure_agrees_with_names_on_reference_policies(name):
+    graphs = _captured(name)
+    checked = 0
+    for gm in graphs.values():
+        classify_linears(gm)
+        assign_regions(gm)
+        for node in g.linear_nodes(gm):
+            info = node.meta["qvla"]
+            assert info.role is role_from_name(info.module_path), info
+            assert info.region is region_from_name(info.module_path), info
+            checked += 1
+    assert checked == sum(isinstance(m, torch.nn.Linear) for m in build_policy(name).modules())
+
+
+@pytest.mark.parametrize("kw", [{}, {"fused": True}, {"qk_norm": True}])
+def test_toy_attention_forms(kw):
+    gm = capture_module(ToyPolicyNet(**kw).eval(), (torch.randn(2, 6, 8),))["forward"]
+    classify_linears(gm)
+    infos = [n.meta["qvla"] for n in g.linear_nodes(gm)]
+    assert [i.role.value for i in infos] == [TOY_ROLES[i.module_path.split(".")[-1]] for i in infos]
+    q = next(i for i in infos if i.role in (Role.ATTN_Q, Role.ATTN_QKV))
+    assert q.head_dim == 8 and q.block == 0
+    assert {i.block for i in infos if i.role is Role.MLP} == {0, 1}
+
+
+def test_mlp_without_residual_is_other():
+    """linear → silu → linear feeding nothing residual (a timestep MLP) is not an MLP block."""
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 4))
+    gm = capture_module(mlp.eval(), (torch.randn(2, 4),))["forward"]
+    classify_linears(gm)
+    assert {n.meta["qvla"].role for n in g.linear_nodes(gm)} == {Role.OTHER}
+
+
+def test_role_and_region_overrides_by_module_path():
+    gm = capture_module(ToyPolicyNet().eval(), (torch.randn(2, 6, 8),))["forward"]
+    classify_linears(gm, role_overrides=(("embed_in", "mlp"),))
+    assign_regions(gm, region_overrides=(("blocks.1", "action_head"),))
+    by_path = {n.meta["qvla"].module_path: n.meta["qvla"] for n in g.linear_nodes(gm)}
+    assert by_path["embed_in"].role is Role.MLP and by_path["embed_out"].role is Role.OTHER
+    assert by_path["blocks.1.q_proj"].region is Region.ACTION_HEAD
+    assert by_path["blocks.0.q_proj"].region is Region.BACKBONE
+
+
+def test_cross_attention_kv_follow_their_query():
+    """GR00T's even DiT blocks project backbone features into K/V: structurally backbone, but head attention."""
+    graphs = _captured("groot-tiny")
+    gm = graphs["denoise"]
+    classify_linears(gm)
+    assign_regions(gm)
+    kv = [n.meta["qvla"] for n in g.linear_nodes(gm) if n.meta["qvla"].module_path.endswith(
+        ("transformer_blocks.0.attn1.to_k", "transformer_blocks.0.attn1.to_v"))]
+    assert len(kv) == 2 and all(i.region is Region.ACTION_HEAD for i in kv)
