@@ -97,8 +97,13 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _console() -> Console:
+    # Piped output (a file, a CI log) gets a wide page instead of rich's 80-column default, so paths stay whole.
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
 def _print_summary(s: dict) -> None:
-    console = Console()
+    console = _console()
     table = Table(title=f"{s['model']} · {s['recipe']} · layout {s['layout']}")
     for col in ("region", "integer linears", "float linears"):
         table.add_column(col)
@@ -131,7 +136,7 @@ def cmd_inspect(args) -> int:
         sq = "" if r.sqnr_db is None else f"{r.sqnr_db:.1f}"
         table.add_row(r.graph, r.module_path, r.region, r.role, r.bits, f"{r.params:,}", f"{r.bytes_bf16 / 1024:.1f}",
                       f"{r.bytes_quant / 1024:.1f}", sq)
-    Console().print(table)
+    _console().print(table)
     _print_summary({**report.summary(), "out": None})
     return 0
 

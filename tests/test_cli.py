@@ -1,0 +1,49 @@
+"""The `qvla` command: --json output of quantize and inspect, and named errors with exit code 2."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+QVLA = [sys.executable, "-m", "qvla_compiler.cli"]
+
+
+def _run(*args, timeout=600):
+    return subprocess.run([*QVLA, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def program(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "pi05.pt2"
+    result = _run("quantize", "--model", "pi05-tiny", "--recipe", "w4a8", "--calib-steps", "2", "--out", str(out),
+                  "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out, json.loads(result.stdout)
+
+
+def test_quantize_json_has_the_documented_keys(program):
+    out, summary = program
+    for key in ("model", "recipe", "layout", "int_linears", "float_linears", "bytes_bf16", "bytes_quant",
+                "memory_saving", "action_rel_l2", "action_sqnr_db"):
+        assert key in summary
+    assert summary["model"] == "pi05-tiny" and summary["recipe"] == "w4a8" and summary["layout"] == "quantvla"
+    assert summary["int_linears"] == 20 and 0.5 < summary["memory_saving"] < 0.8
+    assert out.is_file()
+
+
+def test_inspect_reads_what_quantize_wrote(program):
+    out, summary = program
+    result = _run("inspect", str(out), "--json")
+    data = json.loads(result.stdout)
+    assert data["int_linears"] == summary["int_linears"]
+    assert len(data["linears"]) == summary["int_linears"] + summary["float_linears"]
+    table = _run("inspect", str(out))
+    assert "language_model.layers.0.self_attn.q_proj" in table.stdout and "W4A8" in table.stdout
+
+
+def test_errors_are_named_and_exit_2(tmp_path):
+    result = _run("quantize", "--model", "pi07-huge", "--json")
+    assert result.returncode == 2
+    assert json.loads(result.stdout)["error"] == "ModelNotFoundError"
+    result = _run("inspect", str(tmp_path / "nothing.pt2"))
+    assert result.returncode == 2 and "ArtifactError" in result.stderr
