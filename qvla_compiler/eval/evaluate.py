@@ -135,13 +135,14 @@ def _write_video(path, fn_fp, fn_q, res_fp, res_q, kw, noise_seed, video_episode
 def evaluate(model_name: str, recipe: str = "w8a8", layout: str | None = None, episodes: int = 200, seed: int = 0,
              families: Sequence[str] | None = None, calib_steps: int = 8, progress: bool = True,
              save_video: str | None = None, *, noise_seed: int = EVAL_NOISE_SEED, n_exec: int = N_EXEC,
-             video_episodes: int = 3, calib_batch: int = 8, policy=None) -> dict:
+             video_episodes: int = 3, calib_batch: int = 8, policy=None, float_cache: dict | None = None) -> dict:
     """Closed-loop success of `model_name` in float and quantized with `recipe` (and `layout`), paired.
 
     `episodes` is per family: episode seeds `seed .. seed+episodes-1` of each family in `families` (default all
     three). Recipe "none" / "float" / "fp32" skips quantization (the quantized policy IS the float policy: a sanity
     check, p_value 1 and divergence 0). `save_video=path.gif` writes float (left) and quantized (right) side by side
     for `video_episodes` episodes (disagreements first). `policy` overrides the policy built from `model_name`.
+    `float_cache` (a dict the caller keeps) reuses the float rollouts across calls on the same model and episodes.
 
     Returns a dict with success_fp, success_q (overall rates), ci_fp, ci_q (95% Wilson), p_value (exact McNemar),
     episodes (total), episodes_per_family, action_divergence (mean L2 between the float and quantized first action
@@ -205,8 +206,14 @@ def evaluate(model_name: str, recipe: str = "w8a8", layout: str | None = None, e
     run_kw = {k: kw[k] for k in ("horizon", "action_dim", "state_dim", "tokenizer", "image_size")}
     t_run = time.time()
     try:
-        res_fp = run_episodes(fam_list, seed_list, _Progress(fn_fp, bar), n_exec, noise_seed,
-                              max_batch=_POLICY_BATCH, **run_kw)
+        key = (model_name, tuple(families), seed, episodes, noise_seed, n_exec)
+        if float_cache is not None and key in float_cache:
+            res_fp = float_cache[key]
+        else:
+            res_fp = run_episodes(fam_list, seed_list, _Progress(fn_fp, bar), n_exec, noise_seed,
+                                  max_batch=_POLICY_BATCH, **run_kw)
+            if float_cache is not None:
+                float_cache[key] = res_fp
         res_q = res_fp if is_float else run_episodes(fam_list, seed_list, _Progress(fn_q, bar), n_exec,
                                                      noise_seed, max_batch=_POLICY_BATCH, **run_kw)
     finally:

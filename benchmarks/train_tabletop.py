@@ -1,0 +1,172 @@
+"""Train a tabletop preset (pi05-tabletop / groot-tabletop) by flow matching on expert action chunks.
+
+One command per model, seeded and reproducible (fixed step count, fixed data, fixed thread count)::
+
+    python benchmarks/train_tabletop.py --model pi05-tabletop --seed 0 \
+        --out qvla_compiler/eval/checkpoints/pi05-tabletop.safetensors
+    python benchmarks/train_tabletop.py --model groot-tabletop --seed 0 \
+        --out qvla_compiler/eval/checkpoints/groot-tabletop.safetensors
+
+Demonstrations come from `collect_demonstrations` with episode seeds starting at 100000 (evaluation uses seeds
+0..N-1, so they are disjoint). Flow-matching conventions, as each policy's `schedule` / `denoise_step` integrate:
+
+  pi05  (t = 1 noise -> t = 0 data, Euler dt = -1/10): x_t = t * noise + (1 - t) * a,  v* = noise - a
+  groot (t = 0 noise -> t = 1 data, Euler dt = +1/4):  x_t = (1 - t) * noise + t * a,  v* = a - noise
+
+t ~ Beta(1.5, 1) mapped so that noisier times are more frequent (as pi0 / GR00T do). The observation prefix is run once
+per sample and shared by `--k-noise` (t, noise) draws, which is cheap extra supervision for the action head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from qvla_compiler.eval.dataset import collect_demonstrations  # noqa: E402
+from qvla_compiler.eval.tabletop import FAMILIES, run_episodes, runner_kwargs, sample_actions_policy  # noqa: E402
+from qvla_compiler.eval.tokenizer import Tokenizer  # noqa: E402
+from qvla_compiler.models.checkpoints import save_checkpoint  # noqa: E402
+from qvla_compiler.models.groot import GrootPolicy  # noqa: E402
+from qvla_compiler.models.registry import build_policy, get_config  # noqa: E402
+
+DEMO_SEED = 100_000
+N_EXEC = 4
+
+
+def flow_targets(policy, actions: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """(x_t, t, target velocity) for a batch of clean chunks, in the policy's own time convention."""
+    b = actions.shape[0]
+    noise = torch.randn(actions.shape, generator=gen)
+    u = _beta(b, gen)
+    u = 0.999 * u + 0.001  # in (0.001, 1]: close to 1 = mostly noise
+    if isinstance(policy, GrootPolicy):
+        t = (1.0 - u).clamp(0.0, 0.999)  # 0 = noise
+        tt = t[:, None, None]
+        return (1 - tt) * noise + tt * actions, t, actions - noise
+    t = u  # pi05: 1 = noise
+    tt = t[:, None, None]
+    return tt * noise + (1 - tt) * actions, t, noise - actions
+
+
+def _beta(n: int, gen: torch.Generator, a: float = 1.5) -> torch.Tensor:
+    # Beta(a, 1) by inversion: F(x) = x^a, so x = U^(1/a); uses the seeded generator
+    return torch.rand(n, generator=gen).pow(1.0 / a)
+
+
+def repeat_prefix(prefix: tuple, k: int) -> tuple:
+    return tuple(p.repeat_interleave(k, dim=0) for p in prefix)
+
+
+def quick_eval(policy, episodes: int, seed: int = 0) -> dict:
+    kw = runner_kwargs(policy.config)
+    fn = sample_actions_policy(policy)
+    out = {}
+    for fam in FAMILIES:
+        res = run_episodes(fam, range(seed, seed + episodes), fn, N_EXEC, noise_seed=0, **kw)
+        out[fam] = sum(r.success for r in res) / len(res)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="pi05-tabletop or groot-tabletop (pi05 / groot accepted)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--episodes", type=int, default=800, help="expert episodes per family")
+    ap.add_argument("--steps", type=int, default=5000, help="length of the learning-rate schedule")
+    ap.add_argument("--stop-at", type=int, default=None, help="stop (and save) after this many steps (<= --steps)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--k-noise", type=int, default=4, help="(t, noise) draws per observation")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-episodes", type=int, default=20, help="held-out episodes per family at the end (0: none)")
+    ap.add_argument("--log-every", type=int, default=100)
+    ap.add_argument("--save-every", type=int, default=500, help="also write the checkpoint every N steps (0: only at the end)")
+    args = ap.parse_args(argv)
+    name = args.model if args.model.endswith("-tabletop") else f"{args.model}-tabletop"
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    cfg = get_config(name)
+    t0 = time.time()
+    data = collect_demonstrations(args.episodes, DEMO_SEED + 10_000 * args.seed, cfg.horizon,
+                                  image_size=cfg.image_size, image_dtype=torch.uint8, action_dim=cfg.action_dim,
+                                  state_dim=cfg.state_dim, tokenizer=Tokenizer(max_len=cfg.max_tokens))
+    n = data["images"].shape[0]
+    print(f"[data] {data['n_episodes_kept']} episodes, {n} samples in {time.time() - t0:.0f}s", flush=True)
+
+    policy = build_policy(name, seed=args.seed, pretrained=False)
+    policy.train()
+    decay = [p for p in policy.parameters() if p.ndim >= 2]
+    no_decay = [p for p in policy.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+
+    def lr_at(step: int) -> float:
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    gen = torch.Generator().manual_seed(args.seed)
+    perm, pos = torch.randperm(n, generator=gen), 0
+    t_train, ema = time.time(), None
+    stop = args.steps if args.stop_at is None else min(args.stop_at, args.steps)
+    for step in range(stop):
+        if pos + args.batch > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos:pos + args.batch]
+        pos += args.batch
+        images = data["images"][idx].float().div_(255.0)
+        prefix = policy.embed_prefix(images, data["tokens"][idx], data["token_mask"][idx], data["state"][idx])
+        actions = data["action_chunks"][idx].repeat_interleave(args.k_noise, dim=0)
+        x_t, t, target = flow_targets(policy, actions, gen)
+        v = policy.denoise_step(repeat_prefix(prefix, args.k_noise), x_t, t)
+        loss = torch.nn.functional.mse_loss(v, target)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if args.save_every and step and step % args.save_every == 0:
+            policy.eval()
+            save_checkpoint(policy, args.out, {"model": name, "seed": str(args.seed), "partial_step": str(step)})
+            policy.train()
+        if step % args.log_every == 0 or step == stop - 1:
+            el = time.time() - t_train
+            print(f"[train] step {step} loss {loss.item():.4f} ema {ema:.4f} lr {lr_at(step):.2e} "
+                  f"{el:.0f}s ({el / (step + 1):.3f}s/step)", flush=True)
+    train_s = time.time() - t0
+    policy.eval()
+    meta = {"model": name, "seed": str(args.seed), "steps": str(stop), "schedule_steps": str(args.steps), "episodes_per_family": str(args.episodes),
+            "demo_seed": str(DEMO_SEED + 10_000 * args.seed), "batch": str(args.batch), "k_noise": str(args.k_noise),
+            "lr": str(args.lr), "threads": str(args.threads), "train_seconds": f"{train_s:.0f}",
+            "final_loss_ema": f"{ema:.5f}", "command": " ".join(sys.argv)}
+    path = save_checkpoint(policy, args.out, meta)
+    print(f"[save] {path} ({path.stat().st_size / 1e6:.2f} MB) after {train_s:.0f}s", flush=True)
+    if args.eval_episodes:
+        # reload the fp16 file so the check measures exactly what was saved
+        from qvla_compiler.models.checkpoints import load_checkpoint
+        load_checkpoint(policy, path)
+        t1 = time.time()
+        rates = quick_eval(policy, args.eval_episodes)
+        print(f"[eval] {args.eval_episodes} held-out episodes/family: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in rates.items())
+              + f", mean {sum(rates.values()) / len(rates):.3f} ({time.time() - t1:.0f}s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

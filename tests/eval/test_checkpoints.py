@@ -1,0 +1,56 @@
+"""Trained tabletop checkpoints: load by name (skipped visibly when the file is absent), fp16 round trip, size."""
+
+import pytest
+import torch
+
+from qvla_compiler.errors import QvlaError
+from qvla_compiler.models import build_policy, get_config
+from qvla_compiler.models.checkpoints import (
+    CHECKPOINT_DIR, TRAINED_PRESETS, checkpoint_path, has_checkpoint, load_checkpoint, save_checkpoint,
+)
+
+
+@pytest.mark.parametrize("name", TRAINED_PRESETS)
+def test_checkpoint_loads_by_name(name):
+    if not has_checkpoint(name):
+        pytest.skip(f"no trained checkpoint at {checkpoint_path(name)}; train it with benchmarks/train_tabletop.py")
+    policy = build_policy(name)
+    assert policy.checkpoint_metadata["model"] == name
+    assert not policy.training
+    assert all(p.dtype == torch.float32 for p in policy.parameters())
+    random = build_policy(name, pretrained=False)
+    assert not torch.equal(next(policy.parameters()), next(random.parameters()))
+    cfg = get_config(name)
+    obs = policy.example_inputs(batch=2)
+    actions = policy.sample_actions(**obs, noise=policy.example_noise(batch=2))
+    assert actions.shape == (2, cfg.horizon, cfg.action_dim) and torch.isfinite(actions).all()
+
+
+def test_checkpoints_fit_the_size_budget():
+    files = list(CHECKPOINT_DIR.glob("*.safetensors"))
+    assert sum(f.stat().st_size for f in files) <= 25_000_000
+
+
+def test_presets_fit_the_suite():
+    from qvla_compiler.eval import ACTION_DIM, MAX_TOKENS, STATE_DIM
+    for name in TRAINED_PRESETS:
+        cfg = get_config(name)
+        assert cfg.action_dim == ACTION_DIM and cfg.state_dim == STATE_DIM and cfg.max_tokens == MAX_TOKENS
+        assert cfg.image_size in (32, 64) and cfg.horizon >= 4
+
+
+def test_fp16_round_trip(tmp_path):
+    policy = build_policy("pi05-tabletop", seed=3, pretrained=False)
+    path = save_checkpoint(policy, tmp_path / "p.safetensors", {"model": "pi05-tabletop", "seed": 3})
+    other = build_policy("pi05-tabletop", seed=4, pretrained=False)
+    meta = load_checkpoint(other, path)
+    assert meta["model"] == "pi05-tabletop" and meta["seed"] == "3"
+    for (k, a), b in zip(policy.state_dict().items(), other.state_dict().values()):
+        assert b.dtype == a.dtype, k
+        assert torch.equal(a.half().float() if a.is_floating_point() else a, b), k
+
+
+def test_mismatched_checkpoint_is_rejected(tmp_path):
+    path = save_checkpoint(build_policy("pi05-tiny", pretrained=False), tmp_path / "t.safetensors")
+    with pytest.raises(QvlaError, match="train_tabletop"):
+        load_checkpoint(build_policy("pi05-tabletop", pretrained=False), path)
