@@ -60,6 +60,7 @@ class LinearInfo:
     region: Region | None = None
     spec: QuantSpec | None = None  # None = stays float
     out_scale: tuple[float, ...] | None = None  # per-output-channel factor folded into the dequant scale (ATM/OHB)
+    rotation: str | None = None  # transforms on its input, e.g. "smoothquant", "hadamard", "smoothquant+duquant"
 
     @property
     def is_quantized(self) -> bool:
