@@ -23,6 +23,10 @@ LAYOUTS: Mapping[str, frozenset[tuple[Region, Role]]] = {
 }
 
 
+ROTATIONS = ("none", "hadamard", "duquant")
+SMOOTHINGS = ("none", "smoothquant")
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantRecipe:
     """One quantization recipe. `region_overrides` / `role_overrides` map module-path prefixes to a forced
@@ -38,6 +42,10 @@ class QuantRecipe:
     region_overrides: tuple[tuple[str, Region], ...] = ()
     role_overrides: tuple[tuple[str, Role], ...] = ()
     skip: tuple[str, ...] = ()
+    rotation: str = "none"  # "none" | "hadamard" | "duquant": per quantized input, exact in float (passes/rotate_*)
+    smooth: str = "none"  # "none" | "smoothquant": scales folded into the preceding norm where exact
+    smooth_alpha: float = 0.5  # migration strength of SmoothQuant and of DuQuant's own smoothing
+    rotation_block: int = 128  # DuQuant block size (the largest divisor of the width that is <= this)
 
     def __post_init__(self):
         _require(self.layout in LAYOUTS, f"unknown layout {self.layout!r}; choose one of {sorted(LAYOUTS)}")
@@ -47,6 +55,10 @@ class QuantRecipe:
                  f"group_size must be -1 (per channel) or an even number >= 2, got {self.group_size}")
         _require(self.act_mode in ("dynamic", "static"), f"act_mode must be 'dynamic' or 'static', got {self.act_mode!r}")
         _require(self.weight_clip in ("absmax", "mse"), f"weight_clip must be 'absmax' or 'mse', got {self.weight_clip!r}")
+        _require(self.rotation in ROTATIONS, f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
+        _require(self.smooth in SMOOTHINGS, f"smooth must be one of {SMOOTHINGS}, got {self.smooth!r}")
+        _require(0.0 <= self.smooth_alpha <= 1.0, f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
+        _require(self.rotation_block >= 2, f"rotation_block must be >= 2, got {self.rotation_block}")
 
     @property
     def spec(self) -> QuantSpec:
@@ -73,6 +85,9 @@ RECIPES: Mapping[str, QuantRecipe] = {
 }
 RECIPES = {**RECIPES, **{f"quantvla-{k}": dataclasses.replace(v, name=f"quantvla-{k}") for k, v in RECIPES.items()
                          if k in ("w8a8", "w4a8", "w4a4")}}
+# QuantVLA proper: the selective layout with DuQuant (smoothing + block rotation + zigzag + rotation, §9) per input.
+RECIPES["quantvla-w4a8"] = QuantRecipe("quantvla-w4a8", w_bits=4, a_bits=8, rotation="duquant", smooth_alpha=0.6)
+RECIPES["quantvla-w4a4"] = QuantRecipe("quantvla-w4a4", w_bits=4, a_bits=4, rotation="duquant", smooth_alpha=0.6)
 
 
 def resolve_recipe(recipe: str | QuantRecipe, layout: str | None = None) -> QuantRecipe:
