@@ -46,6 +46,13 @@ class QuantRecipe:
     smooth: str = "none"  # "none" | "smoothquant": scales folded into the preceding norm where exact
     smooth_alpha: float = 0.5  # migration strength of SmoothQuant and of DuQuant's own smoothing
     rotation_block: int = 128  # DuQuant block size (the largest divisor of the width that is <= this)
+    atm: bool = False  # Attention Temperature Matching: per action-head attention head α folded into q_proj
+    ohb: bool = False  # Output Head Balancing: per action-head attention layer β folded into o_proj
+    atm_style: str = "auto"  # "pi05" clip [0.8, 1.25], |α-1| <= 0.05; "groot" [0.7, 1.4], < 0.02; "auto": by policy
+    atm_clip: tuple[float, float] | None = None  # overrides the style's clip range
+    atm_neutral: float | None = None  # overrides the style's neutral band
+    ohb_log_clip: float = 0.3  # |log β| <= this
+    ohb_neutral: float = 0.03  # β = 1 when |log β| < this
 
     def __post_init__(self):
         _require(self.layout in LAYOUTS, f"unknown layout {self.layout!r}; choose one of {sorted(LAYOUTS)}")
@@ -59,6 +66,13 @@ class QuantRecipe:
         _require(self.smooth in SMOOTHINGS, f"smooth must be one of {SMOOTHINGS}, got {self.smooth!r}")
         _require(0.0 <= self.smooth_alpha <= 1.0, f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
         _require(self.rotation_block >= 2, f"rotation_block must be >= 2, got {self.rotation_block}")
+        _require(self.atm_style in ("auto", "pi05", "groot"), f"atm_style must be auto/pi05/groot, got {self.atm_style!r}")
+        _require(self.atm_clip is None or len(self.atm_clip) == 2 and 0 < self.atm_clip[0] <= 1 <= self.atm_clip[1],
+                 f"atm_clip must be (lo, hi) with 0 < lo <= 1 <= hi, got {self.atm_clip}")
+        _require(self.atm_neutral is None or 0 <= self.atm_neutral < 1, f"atm_neutral must be in [0, 1), got {self.atm_neutral}")
+        _require(0 <= self.ohb_log_clip <= 2, f"ohb_log_clip must be in [0, 2], got {self.ohb_log_clip}")
+        _require(0 <= self.ohb_neutral <= self.ohb_log_clip or self.ohb_log_clip == 0,
+                 f"ohb_neutral must be in [0, ohb_log_clip], got {self.ohb_neutral}")
 
     @property
     def spec(self) -> QuantSpec:
@@ -86,8 +100,10 @@ RECIPES: Mapping[str, QuantRecipe] = {
 RECIPES = {**RECIPES, **{f"quantvla-{k}": dataclasses.replace(v, name=f"quantvla-{k}") for k, v in RECIPES.items()
                          if k in ("w8a8", "w4a8", "w4a4")}}
 # QuantVLA proper: the selective layout with DuQuant (smoothing + block rotation + zigzag + rotation, §9) per input.
-RECIPES["quantvla-w4a8"] = QuantRecipe("quantvla-w4a8", w_bits=4, a_bits=8, rotation="duquant", smooth_alpha=0.6)
-RECIPES["quantvla-w4a4"] = QuantRecipe("quantvla-w4a4", w_bits=4, a_bits=4, rotation="duquant", smooth_alpha=0.6)
+RECIPES["quantvla-w4a8"] = QuantRecipe("quantvla-w4a8", w_bits=4, a_bits=8, rotation="duquant", smooth_alpha=0.6,
+                                       atm=True, ohb=True)
+RECIPES["quantvla-w4a4"] = QuantRecipe("quantvla-w4a4", w_bits=4, a_bits=4, rotation="duquant", smooth_alpha=0.6,
+                                       atm=True, ohb=True)
 
 
 def resolve_recipe(recipe: str | QuantRecipe, layout: str | None = None) -> QuantRecipe:
