@@ -11,6 +11,7 @@ from qvla_compiler.calibrate import calibrate
 from qvla_compiler.lowering import lower_linears
 from qvla_compiler.passes import (apply_layout, assign_regions, check_schedule, classify_linears, insert_observers,
                                   quantize_linears, record_schedule, remove_observers)
+from qvla_compiler.passes.rotate_and_smooth import needs_rotation, replayable, rotate_and_smooth
 from qvla_compiler.program import Program
 from qvla_compiler.recipes import QuantRecipe
 from qvla_compiler.report import LinearReport, linear_reports, param_bytes
@@ -31,10 +32,19 @@ def run_pipeline(program: Program, recipe: QuantRecipe, calib, *, calib_total: i
     dump("1-analysed", graphs)
 
     # Phase 2: observe and calibrate — identity observers on integer linears' inputs, then run the data.
+    calib = replayable(calib, recipe)
     for gm in graphs.values():
         insert_observers(gm)
     calibrate(program, calib, total=calib_total, progress=progress)
     dump("2-observed", graphs)
+
+    # Phase 2b: rotate and smooth — exact float rewrites fitted on the observers (an online qvla:: op or a folded
+    # norm gain on each input, the inverse folded into the weights), then re-observe the transformed inputs.
+    if needs_rotation(recipe):
+        for gm in graphs.values():
+            rotate_and_smooth(gm, recipe)
+        calibrate(program, calib, total=calib_total, progress=progress)
+        dump("2b-rotated", graphs)
 
     # Phase 3: quantize — integer weights and scales as buffers; measure each linear's SQNR on its sample.
     for gm in graphs.values():

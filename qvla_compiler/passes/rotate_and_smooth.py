@@ -1,0 +1,61 @@
+"""Decide and apply the recipe's smoothing and rotation on every observed integer-linear input.
+
+Before: calibrated observers on integer linears' inputs (phase 2).
+After:  decisions first: every linear of a group gets LinearInfo.rotation, e.g. "smoothquant+duquant", or None —
+        SmoothQuant only where find_norm_fold finds a constant gain to fold 1/s into, Hadamard only for supported
+        widths, DuQuant everywhere. Then the rewrites run in order (smooth_linears, then the rotation pass from
+        ROTATION_PASSES) and the observers are reset: the caller re-calibrates so activation scales and the report's
+        per-linear samples describe the transformed inputs.
+Invariant: the float program computes the same function (every rewrite is exact in real arithmetic).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch.fx as fx
+
+from qvla_compiler.hadamard import supported_width
+from qvla_compiler.meta import update
+from qvla_compiler.passes.rotate_common import observed_groups, reset_observers
+from qvla_compiler.passes.rotate_duquant import rotate_duquant
+from qvla_compiler.passes.rotate_hadamard import rotate_hadamard
+from qvla_compiler.passes.smooth_linears import find_norm_fold, smooth_linears
+from qvla_compiler.recipes import QuantRecipe
+
+# rotation name → (can this input width take it?, the pass applying it)
+ROTATION_PASSES: dict[str, tuple[Callable[[int], bool], Callable[[fx.GraphModule, QuantRecipe], Any]]] = {
+    "hadamard": (supported_width, lambda gm, r: rotate_hadamard(gm)),
+    "duquant": (lambda width: True, lambda gm, r: rotate_duquant(gm, r.rotation_block, r.smooth_alpha)),
+}
+
+
+def needs_rotation(recipe: QuantRecipe) -> bool:
+    return recipe.rotation != "none" or recipe.smooth != "none"
+
+
+def rotate_and_smooth(gm: fx.GraphModule, recipe: QuantRecipe) -> fx.GraphModule:
+    """Annotate, smooth, rotate; leaves the observers empty for a second calibration."""
+    if not needs_rotation(recipe):
+        return gm
+    for obs_node, _, linears in observed_groups(gm):
+        parts = []
+        if recipe.smooth == "smoothquant" and find_norm_fold(obs_node.args[0]) is not None:
+            parts.append("smoothquant")
+        if recipe.rotation in ROTATION_PASSES and ROTATION_PASSES[recipe.rotation][0](
+                linears[0].meta["qvla"].in_features):
+            parts.append(recipe.rotation)
+        for lin in linears:
+            update(lin, rotation="+".join(parts) or None)
+    if recipe.smooth == "smoothquant":
+        smooth_linears(gm, recipe.smooth_alpha)
+    if recipe.rotation in ROTATION_PASSES:
+        ROTATION_PASSES[recipe.rotation][1](gm, recipe)
+    reset_observers(gm)
+    return gm
+
+
+def replayable(calib, recipe: QuantRecipe):
+    """Calibration data that can run twice (once to fit the transforms, once to observe their outputs)."""
+    if not needs_rotation(recipe) or callable(calib) or isinstance(calib, (list, tuple)):
+        return calib
+    return list(calib)

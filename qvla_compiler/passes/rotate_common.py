@@ -1,0 +1,74 @@
+"""Helpers shared by the rotation and smoothing passes: observed input groups, online ops, weight replacement.
+
+A group is one observer node and the integer linears reading it (q/k/v share one, gate/up share one). An online
+transform goes between the observed value and its observer (x → op(x) → obs → linears), so only the group's
+linears see it and a re-calibration observes the transformed activation. Weights are never changed in place (the
+captured graph shares its tensors with the float policy): a transformed weight becomes a new buffer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from qvla_compiler.observers import ActObserver
+from qvla_compiler.passes.insert_observers import OBSERVER_PREFIX
+from qvla_compiler.passes.quantize_linears import _fetch
+
+
+def observed_groups(gm: fx.GraphModule) -> list[tuple[fx.Node, ActObserver, list[fx.Node]]]:
+    """(observer node, observer module, linears reading it) in graph order."""
+    groups = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and str(node.target).startswith(OBSERVER_PREFIX):
+            groups.append((node, gm.get_submodule(node.target), list(node.users)))
+    return groups
+
+
+def group_rotation(linears: list[fx.Node]) -> str:
+    """The rotation annotation of a group (its linears share one input, hence one decision)."""
+    return linears[0].meta["qvla"].rotation or ""
+
+
+def add_tensor(gm: fx.GraphModule, name: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
+    """Register `value` as a buffer with a fresh name and return a get_attr node placed before `before`."""
+    base, i = "qvla_rot_" + name.replace(".", "_"), 0
+    while hasattr(gm, f"{base}_{i}"):
+        i += 1
+    gm.register_buffer(f"{base}_{i}", value.detach().contiguous())
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(f"{base}_{i}")
+    node.meta["val"] = value
+    return node
+
+
+def insert_online(gm: fx.GraphModule, obs: fx.Node, op, tensors: dict[str, torch.Tensor | None], *scalars) -> fx.Node:
+    """x → op(x, *tensors, *scalars) → obs: the group's online transform, one node."""
+    x = obs.args[0]
+    args = [x] + [None if t is None else add_tensor(gm, k, t, obs) for k, t in tensors.items()] + list(scalars)
+    with gm.graph.inserting_before(obs):
+        node = gm.graph.call_function(op, tuple(args))
+    node.meta["val"] = x.meta.get("val")
+    obs.replace_input_with(x, node)
+    return node
+
+
+def weight_of(gm: fx.GraphModule, linear: fx.Node) -> torch.Tensor:
+    return _fetch(gm, linear.args[1])
+
+
+def replace_weight(gm: fx.GraphModule, linear: fx.Node, weight: torch.Tensor) -> None:
+    """Point `linear` at a new buffer holding `weight`; drop the old attribute when nothing reads it any more."""
+    old = linear.args[1]
+    new = add_tensor(gm, linear.meta["qvla"].module_path + ".weight", weight.to(old.meta["val"].dtype), linear)
+    linear.replace_input_with(old, new)
+    if not old.users:
+        gm.graph.erase_node(old)
+        if not any(n.op == "get_attr" and n.target == old.target for n in gm.graph.nodes):
+            owner, _, attr = old.target.rpartition(".")
+            delattr(gm.get_submodule(owner) if owner else gm, attr)
+
+
+def reset_observers(gm: fx.GraphModule) -> None:
+    """Forget every observer's statistics, so a second calibration sees the transformed activations."""
+    for _, obs, _ in observed_groups(gm):
+        obs.calls, obs.channel_absmax, obs.token_absmax, obs.sample = 0, None, [], None

@@ -1,0 +1,94 @@
+"""SmoothQuant (quantvla.md §11): migrate activation outliers into the weights, folded into the preceding norm.
+
+Before: norm → [type_as] → x → obs → {linears}, the norm's output scaled by a constant gain (RMSNorm `· w` or
+        Gemma's `· (1 + w)`, or LayerNorm's affine weight/bias), for groups annotated "smoothquant".
+After:  the gain reads a new buffer γ/s (Gemma: (1 + w)/s − 1; LayerNorm: weight/s, bias/s) and every linear of the
+        group reads W·diag(s): s_j = max|X_j|^α / max|W_:j|^(1−α). No op is added: where the input is not such a
+        gain (AdaLN/adaRMS modulation, LayerNorm without affine, o_proj/down_proj inputs), rotate_and_smooth never
+        annotates the group, since an online multiply would change the operator schedule.
+Invariant: exact in real arithmetic; the observer's sample and channel maxima are divided by s as well.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch.fx as fx
+
+from qvla_compiler.passes import _graph as g
+from qvla_compiler.passes.rotate_common import add_tensor, group_rotation, observed_groups, replace_weight, weight_of
+from qvla_compiler.passes.quantize_linears import _fetch
+from qvla_compiler.smoothquant import smoothquant_scales
+
+_CASTS = frozenset({g.aten.type_as.default, g.aten.to.dtype, g.aten._to_copy.default})
+
+
+@dataclasses.dataclass(frozen=True)
+class NormFold:
+    """Where 1/s goes: the gain get_attr, the node reading it, an optional bias, and Gemma's 1 + w form."""
+
+    gain: fx.Node
+    reader: fx.Node
+    bias: fx.Node | None = None
+    unit_offset: bool = False
+
+
+def find_norm_fold(x: fx.Node) -> NormFold | None:
+    """The constant per-channel gain that `x` (an observed linear input) is directly scaled by, or None."""
+    node = x
+    while _is(node, _CASTS) and len(node.users) == 1:
+        node = node.args[0]
+    if len(node.users) != 1 and node is not x or len(x.users) != 1:
+        return None  # someone else reads the normed value: dividing it by s would change them
+    width = x.meta["val"].shape[-1]
+    if _is(node, {g.aten.layer_norm.default}) and _attr(node.args[2], width):
+        bias = node.args[3] if len(node.args) > 3 and _attr(node.args[3], width) else None
+        return NormFold(node.args[2], node, bias)
+    if not _is(node, {g.aten.mul.Tensor}):
+        return None
+    for gain in node.args:
+        fold = _gain(gain, node, width)
+        if fold is not None:
+            return fold
+    return None
+
+
+def _gain(node, reader: fx.Node, width: int) -> NormFold | None:
+    offset = False
+    if _is(node, {g.aten.add.Tensor}) and node.args[1] == 1.0 and len(node.users) == 1:
+        node, reader, offset = node.args[0], node, True
+    while _is(node, _CASTS) and len(node.users) == 1:
+        node, reader = node.args[0], node
+    return NormFold(node, reader, None, offset) if _attr(node, width) else None
+
+
+def _is(node, targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _attr(node, width: int) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr" and tuple(node.meta["val"].shape) == (width,)
+
+
+def smooth_linears(gm: fx.GraphModule, alpha: float = 0.5) -> fx.GraphModule:
+    """Fold SmoothQuant scales into the norm and the weights of every group annotated "smoothquant"."""
+    for obs_node, obs, linears in observed_groups(gm):
+        if "smoothquant" not in group_rotation(linears).split("+"):
+            continue
+        fold = find_norm_fold(obs_node.args[0])
+        weights = [weight_of(gm, lin).double() for lin in linears]
+        s = smoothquant_scales(obs.channel_absmax.double(), weights, alpha)
+        gain = _fetch(gm, fold.gain).double()
+        # y = (x/s)(W·diag(s))ᵀ = xWᵀ: the norm emits x/s, each consumer's column j is scaled by s_j
+        new_gain = (1 + gain) / s - 1 if fold.unit_offset else gain / s
+        fold.reader.replace_input_with(fold.gain, add_tensor(gm, "smooth_gain", new_gain.float(), fold.reader))
+        if fold.bias is not None:
+            bias = add_tensor(gm, "smooth_bias", (_fetch(gm, fold.bias).double() / s).float(), fold.reader)
+            fold.reader.replace_input_with(fold.bias, bias)
+        for lin, w in zip(linears, weights):
+            replace_weight(gm, lin, w * s)
+        obs.sample = None if obs.sample is None else (obs.sample / s).float()
+        obs.channel_absmax = (obs.channel_absmax / s).float()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
