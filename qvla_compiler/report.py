@@ -47,6 +47,7 @@ class Report:
     policy_bytes_quant: int
     action_rel_l2: float | None = None
     action_sqnr_db: float | None = None
+    attention_scales: dict | None = None  # ATM α / OHB β per graph and attention block, with their statistics
 
     @property
     def int_linears(self) -> int:
@@ -91,8 +92,8 @@ class Report:
                 "regions": self.by_region()}
 
     def to_json(self) -> str:
-        return json.dumps({**self.summary(), "linears": [dataclasses.asdict(r) for r in self.linears]},
-                          default=_json_default)
+        return json.dumps({**self.summary(), "linears": [dataclasses.asdict(r) for r in self.linears],
+                           "attention_scales": self.attention_scales}, default=_json_default)
 
     @classmethod
     def from_json(cls, text: str) -> "Report":
@@ -100,7 +101,7 @@ class Report:
         linears = tuple(LinearReport(**r) for r in data["linears"])
         keys = ("model", "recipe", "layout", "policy_bytes_bf16", "policy_bytes_quant", "action_rel_l2",
                 "action_sqnr_db")
-        return cls(linears=linears, **{k: data[k] for k in keys})
+        return cls(linears=linears, attention_scales=data.get("attention_scales"), **{k: data[k] for k in keys})
 
 
 def _json_default(value):
