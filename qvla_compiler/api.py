@@ -76,7 +76,7 @@ class LoadedProgram:
 def quantize(module: nn.Module, example_inputs: Any, calib: Iterable | Any = None,
              recipe: str | QuantRecipe = "quantvla-w8a8", *, layout: str | None = None, calib_steps: int = 8,
              seed: int = 0, progress: bool = True, model_name: str | None = None,
-             dump_dir: str | None = None) -> QuantizedProgram:
+             dump_dir: str | None = None, plan=None) -> QuantizedProgram:
     """Quantize a VLA policy (anything with embed_prefix / denoise_step / schedule) or a plain module.
 
     Example::
@@ -89,16 +89,23 @@ def quantize(module: nn.Module, example_inputs: Any, calib: Iterable | Any = Non
     Policy: `example_inputs` is an observation dict (images, tokens, token_mask, state) and `calib` an iterable
     of such dicts (default: the policy's own calibration_batches(calib_steps, seed)) or a forward_loop(run)
     callable. Module: `example_inputs` is a tuple of arguments and `calib` an iterable of such tuples.
+    `plan` (a QuantPlan or a plan folder, see qvla_compiler.plan) skips calibration: its decisions, integer
+    weights and scales are used as they are, and its recipe replaces `recipe`.
     """
+    if plan is not None:
+        from qvla_compiler.plan import as_plan
+
+        plan = as_plan(plan)
+        recipe = plan.recipe_object()
     recipe = resolve_recipe(recipe, layout)
     module = module.eval()
     if hasattr(module, "embed_prefix"):
         return _quantize_policy(module, example_inputs, calib, recipe, calib_steps, seed, progress, model_name,
-                                dump_dir)
-    return _quantize_module(module, tuple(example_inputs), calib, recipe, progress, model_name, dump_dir)
+                                dump_dir, plan)
+    return _quantize_module(module, tuple(example_inputs), calib, recipe, progress, model_name, dump_dir, plan)
 
 
-def _quantize_policy(policy, obs, calib, recipe, calib_steps, seed, progress, model_name, dump_dir):
+def _quantize_policy(policy, obs, calib, recipe, calib_steps, seed, progress, model_name, dump_dir, plan=None):
     noise = policy.example_noise(next(iter(obs.values())).shape[0], seed=seed)
     program = Program(capture_policy(policy, obs, noise), policy.schedule)
     if calib is None:
@@ -106,7 +113,7 @@ def _quantize_policy(policy, obs, calib, recipe, calib_steps, seed, progress, mo
     if not callable(calib):
         calib = with_noise(calib, tuple(noise.shape[1:]), seed)
     rows, float_bytes = run_pipeline(program, recipe, calib, calib_total=calib_steps, progress=progress,
-                                     dump_dir=dump_dir)
+                                     dump_dir=dump_dir, plan=plan)
     with torch.no_grad():
         ref = policy.sample_actions(*(obs[k] for k in OBS_KEYS), noise=noise)
     out = program.run((obs, noise))
@@ -114,11 +121,11 @@ def _quantize_policy(policy, obs, calib, recipe, calib_steps, seed, progress, mo
     return _finish(program, recipe, rows, float_bytes, name, ref, out, (*(obs[k] for k in OBS_KEYS), noise))
 
 
-def _quantize_module(module, args, calib, recipe, progress, model_name, dump_dir):
-    if calib is None:
+def _quantize_module(module, args, calib, recipe, progress, model_name, dump_dir, plan=None):
+    if calib is None and plan is None:
         raise CalibrationError("a plain module needs calibration data: pass calib=[args_tuple, ...]")
     program = Program(capture_module(module, args))
-    rows, float_bytes = run_pipeline(program, recipe, calib, progress=progress, dump_dir=dump_dir)
+    rows, float_bytes = run_pipeline(program, recipe, calib, progress=progress, dump_dir=dump_dir, plan=plan)
     with torch.no_grad():
         ref = module(*args)
     return _finish(program, recipe, rows, float_bytes, model_name or type(module).__name__, ref, program.run(args), args)

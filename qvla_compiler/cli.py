@@ -46,8 +46,19 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="where to write the .pt2 (default <model>-<recipe>.pt2)")
     q.add_argument("--no-save", action="store_true", help="skip writing the program")
     q.add_argument("--dump-dir", help="write every graph's code after each phase here")
+    q.add_argument("--plan", help="a plan folder from `qvla calibrate`: skip calibration, use its decisions")
     q.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     q.set_defaults(func=cmd_quantize)
+
+    c = sub.add_parser("calibrate", help="calibrate once and save the QuantPlan (safetensors + JSON) to a folder")
+    c.add_argument("--model", default=DEFAULT_MODEL)
+    c.add_argument("--recipe", default=DEFAULT_RECIPE)
+    c.add_argument("--layout", choices=sorted(LAYOUTS))
+    c.add_argument("--calib-steps", type=int, default=8)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", required=True, help="plan folder to write (plan.json, tensors.safetensors)")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_calibrate)
 
     i = sub.add_parser("inspect", help="show what a saved program's linears became")
     i.add_argument("program")
@@ -83,7 +94,7 @@ def cmd_quantize(args) -> int:
     console.log(f"built {args.model}; capturing, calibrating ({args.calib_steps} batches) and lowering")
     qp = qvla_compiler.quantize(policy, policy.example_inputs(), recipe=args.recipe, layout=args.layout,
                                 calib_steps=args.calib_steps, seed=args.seed, progress=not args.json,
-                                model_name=args.model, dump_dir=args.dump_dir)
+                                model_name=args.model, dump_dir=args.dump_dir, plan=getattr(args, "plan", None))
     out = None
     if not args.no_save:
         out = args.out or f"{args.model}-{qp.recipe.name}.pt2"
@@ -94,6 +105,25 @@ def cmd_quantize(args) -> int:
         print(json.dumps(summary))
     else:
         _print_summary(summary)
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    import qvla_compiler
+    from qvla_compiler.models import build_policy
+    from qvla_compiler.plan import QuantPlan
+
+    policy = build_policy(args.model, seed=args.seed)
+    qp = qvla_compiler.quantize(policy, policy.example_inputs(), recipe=args.recipe, layout=args.layout,
+                                calib_steps=args.calib_steps, seed=args.seed, progress=not args.json,
+                                model_name=args.model)
+    plan = QuantPlan.from_program(qp, policy)
+    out = str(plan.save(args.out))
+    summary = {"out": out, "model": args.model, "recipe": qp.recipe.name, "modules": len(plan.modules),
+               "quantized": len(plan.quantized), "action_sqnr_db": qp.report.action_sqnr_db}
+    print(json.dumps(summary) if args.json else f"wrote plan {out}: {summary['quantized']} of "
+          f"{summary['modules']} linears integer ({qp.recipe.name}); reuse it with `qvla quantize --plan {out}` "
+          f"or torch.compile(..., backend=\"qvla\", options={{\"plan\": {out!r}}})")
     return 0
 
 

@@ -4,6 +4,7 @@ Set `QVLA_DUMP=<dir>` (or pass dump_dir) to write every graph's code after each 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -18,8 +19,11 @@ from qvla_compiler.report import LinearReport, linear_reports, param_bytes
 
 
 def run_pipeline(program: Program, recipe: QuantRecipe, calib, *, calib_total: int | None = None,
-                 progress: bool = True, dump_dir: str | None = None) -> tuple[list[LinearReport], int]:
-    """Quantize `program`'s graphs in place; returns the per-linear report rows and the float bf16 bytes."""
+                 progress: bool = True, dump_dir: str | None = None, plan=None) -> tuple[list[LinearReport], int]:
+    """Quantize `program`'s graphs in place; returns the per-linear report rows and the float bf16 bytes.
+    With a QuantPlan (`plan`), its decisions and integer tensors replace layout, calibration and quantization."""
+    if plan is not None:
+        return run_planned(program, recipe, plan, dump_dir=dump_dir)
     graphs, dump = program.graphs, _dumper(dump_dir or os.environ.get("QVLA_DUMP"))
     dump("0-captured", graphs)
 
@@ -68,3 +72,32 @@ def _dumper(directory: str | None):
             for name, gm in graphs.items():
                 Path(directory, f"{phase}-{name}.py").write_text(gm.code)
     return dump
+
+
+def run_planned(program: Program, recipe: QuantRecipe, plan, *, dump_dir: str | None = None):
+    """run_pipeline with a saved QuantPlan: the same phases, minus observe/calibrate (calibrated once, elsewhere)."""
+    from qvla_compiler.passes.apply_plan import apply_plan
+    from qvla_compiler.passes.load_plan_tensors import load_plan_tensors
+
+    graphs, dump = program.graphs, _dumper(dump_dir or os.environ.get("QVLA_DUMP"))
+    dump("0-captured", graphs)
+    # Phase 1: analyse, then take every decision from the plan instead of the layout.
+    for name, gm in graphs.items():
+        record_schedule(gm)
+        classify_linears(gm, recipe.role_overrides)
+        assign_regions(gm, recipe.region_overrides)
+        apply_plan(gm, plan, name)
+    dump("1-analysed", graphs)
+    # Phase 3: the plan's integer weights and scales; per-linear SQNR is the one measured at calibration.
+    for name, gm in graphs.items():
+        load_plan_tensors(gm, plan, name)
+    rows = [dataclasses.replace(r, sqnr_db=plan.modules[r.module_path].extra.get("sqnr_db") if r.bits != "float"
+                                else r.sqnr_db)
+            for name, gm in graphs.items() for r in linear_reports(name, gm)]
+    float_bytes = param_bytes(graphs.values())
+    # Phase 4: lower and check, exactly as without a plan.
+    for gm in graphs.values():
+        lower_linears(gm)
+        check_schedule(gm)
+    dump("4-lowered", graphs)
+    return rows, float_bytes

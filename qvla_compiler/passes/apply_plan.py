@@ -1,0 +1,33 @@
+"""Apply a saved QuantPlan's decisions instead of the recipe's layout (the plan replaces apply_layout).
+
+Before: linears classified (role, region) by classify_linears / assign_regions.
+After:  every linear's region, role, spec and out_scale are the plan's entry for its module path; the graph is
+        unchanged. A linear the plan does not know, a plan entry no graph uses, or a weight of another shape or
+        value than the plan was calibrated on raises PlanError naming them.
+Why:    calibration decided once; recompiling must not re-derive (and possibly change) any decision.
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from qvla_compiler.meta import Region, Role, update
+from qvla_compiler.passes import _graph as g
+from qvla_compiler.passes.quantize_linears import _fetch
+from qvla_compiler.plan import PlanError, QuantPlan, check_fingerprint
+
+
+def apply_plan(gm: fx.GraphModule, plan: QuantPlan, graph: str) -> fx.GraphModule:
+    """Set every linear's decisions in `gm` (graph `graph` of the program) from `plan`; see the module docstring."""
+    linears = g.linear_nodes(gm)
+    unknown = [n.meta["qvla"].module_path for n in linears if n.meta["qvla"].module_path not in plan.modules]
+    if unknown:
+        raise PlanError(f"graph {graph!r} has {len(unknown)} of {len(linears)} linear(s) the plan does not cover: "
+                        f"{', '.join(unknown[:8])}{' …' if len(unknown) > 8 else ''}. The plan was made for another "
+                        f"model ({plan.model}); re-run `qvla calibrate` for this one")
+    for node in linears:
+        entry = plan.modules[node.meta["qvla"].module_path]
+        check_fingerprint(entry, _fetch(gm, node.args[1]), f"graph {graph!r}")
+        out_scale = entry.extra.get("out_scale")
+        update(node, region=Region(entry.region), role=Role(entry.role), spec=entry.spec,
+               out_scale=tuple(out_scale) if out_scale is not None else None)
+    return gm
