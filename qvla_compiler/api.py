@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from qvla_compiler import atm_ohb
 from qvla_compiler.errors import ArtifactError, CalibrationError
 from qvla_compiler.export import OBS_KEYS, capture_module, capture_policy
 from qvla_compiler.pipeline import run_pipeline
@@ -112,13 +113,20 @@ def _quantize_policy(policy, obs, calib, recipe, calib_steps, seed, progress, mo
         calib = policy.calibration_batches(calib_steps, seed=seed)
     if not callable(calib):
         calib = with_noise(calib, tuple(noise.shape[1:]), seed)
+    if recipe.atm or recipe.ohb:  # ATM/OHB teacher: the float graphs on the very inputs and noise the student sees
+        calib = atm_ohb.collect_batches(calib)
+        teacher = atm_ohb.observe_teacher(program, recipe, calib)
     rows, float_bytes = run_pipeline(program, recipe, calib, calib_total=calib_steps, progress=progress,
                                      dump_dir=dump_dir, plan=plan)
+    scales = None
+    if recipe.atm or recipe.ohb:  # student statistics from the lowered graphs; α/β folded, no op added
+        scales = atm_ohb.match_attention_scales(program, recipe, calib, teacher, atm_ohb.resolve_style(recipe, policy))
     with torch.no_grad():
         ref = policy.sample_actions(*(obs[k] for k in OBS_KEYS), noise=noise)
     out = program.run((obs, noise))
     name = model_name or type(policy).__name__
-    return _finish(program, recipe, rows, float_bytes, name, ref, out, (*(obs[k] for k in OBS_KEYS), noise))
+    return _finish(program, recipe, rows, float_bytes, name, ref, out, (*(obs[k] for k in OBS_KEYS), noise),
+                   attention_scales=scales)
 
 
 def _quantize_module(module, args, calib, recipe, progress, model_name, dump_dir, plan=None):
@@ -131,12 +139,13 @@ def _quantize_module(module, args, calib, recipe, progress, model_name, dump_dir
     return _finish(program, recipe, rows, float_bytes, model_name or type(module).__name__, ref, program.run(args), args)
 
 
-def _finish(program, recipe, rows, float_bytes, name, ref, out, example_args) -> QuantizedProgram:
+def _finish(program, recipe, rows, float_bytes, name, ref, out, example_args,
+            attention_scales=None) -> QuantizedProgram:
     integer = [r for r in rows if r.bits != "float"]
     after = float_bytes - sum(r.bytes_bf16 for r in integer) + sum(r.bytes_quant for r in integer)
     rel = float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-12))
     report = Report(name, recipe.name, recipe.layout, tuple(rows), float_bytes, after, round(rel, 6),
-                    round(sqnr_db(ref, out), 2))
+                    round(sqnr_db(ref, out), 2), attention_scales)
     plan = [{"graph": r.graph, "module_path": r.module_path, "region": r.region, "role": r.role, "bits": r.bits}
             for r in rows]
     return QuantizedProgram(program, recipe, report, plan, tuple(example_args))
