@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from qvla_compiler.recipes import LAYOUTS, RECIPES
+    from qvla_compiler.recipes import LAYOUTS, RECIPES, ROTATIONS, SMOOTHINGS
 
     p = argparse.ArgumentParser(prog="qvla", description="QuantVLA as a compiler: VLA policies → integer programs.")
     sub = p.add_subparsers(dest="command")
@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name (default {DEFAULT_MODEL}); see `qvla models`")
     q.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"one of {', '.join(RECIPES)}")
     q.add_argument("--layout", choices=sorted(LAYOUTS), help="override the recipe's layout")
+    q.add_argument("--rotation", choices=ROTATIONS, help="override the recipe's rotation of integer-linear inputs")
+    q.add_argument("--smooth", choices=SMOOTHINGS, help="override the recipe's smoothing (SmoothQuant, folded)")
+    q.add_argument("--outliers", action="store_true", help="inject function-preserving activation outliers first")
     q.add_argument("--calib-steps", type=int, default=8, help="calibration batches (default 8)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", help="where to write the .pt2 (default <model>-<recipe>.pt2)")
@@ -92,7 +95,11 @@ def cmd_quantize(args) -> int:
     with console.status(f"building {args.model}", spinner="dots"):
         policy = build_policy(args.model, seed=args.seed)
     console.log(f"built {args.model}; capturing, calibrating ({args.calib_steps} batches) and lowering")
-    qp = qvla_compiler.quantize(policy, policy.example_inputs(), recipe=args.recipe, layout=args.layout,
+    if args.outliers:
+        from qvla_compiler.models.outliers import inject_outliers
+
+        inject_outliers(policy)
+    qp = qvla_compiler.quantize(policy, policy.example_inputs(), recipe=_rotated_recipe(args), layout=args.layout,
                                 calib_steps=args.calib_steps, seed=args.seed, progress=not args.json,
                                 model_name=args.model, dump_dir=args.dump_dir, plan=getattr(args, "plan", None))
     out = None
@@ -106,6 +113,17 @@ def cmd_quantize(args) -> int:
     else:
         _print_summary(summary)
     return 0
+
+
+def _rotated_recipe(args):
+    """The named recipe with --rotation / --smooth applied; the name says what was overridden."""
+    from qvla_compiler.recipes import resolve_recipe
+
+    recipe = resolve_recipe(args.recipe)
+    if not (args.rotation or args.smooth):
+        return recipe
+    name = recipe.name + "".join(f"+{v}" for v in (args.smooth, args.rotation) if v)
+    return recipe.with_(rotation=args.rotation, smooth=args.smooth, name=name)
 
 
 def cmd_calibrate(args) -> int:
