@@ -44,6 +44,8 @@ def add_tensor(gm: fx.GraphModule, name: str, value: torch.Tensor, before: fx.No
 def insert_online(gm: fx.GraphModule, obs: fx.Node, op, tensors: dict[str, torch.Tensor | None], *scalars) -> fx.Node:
     """x → op(x, *tensors, *scalars) → obs: the group's online transform, one node."""
     x = obs.args[0]
+    dtype = x.meta["val"].dtype  # matrices in the activation's dtype: exact pairs in float64 graphs too
+    tensors = {k: t.to(dtype) if t is not None and t.is_floating_point() else t for k, t in tensors.items()}
     args = [x] + [None if t is None else add_tensor(gm, k, t, obs) for k, t in tensors.items()] + list(scalars)
     with gm.graph.inserting_before(obs):
         node = gm.graph.call_function(op, tuple(args))

@@ -31,7 +31,7 @@ def rotate_duquant(gm: fx.GraphModule, block: int = 128, alpha: float | None = 0
         rot1 = t.rot1
         if t.smooth is not None:  # (x/Λ)·R₁ = x·(diag(1/Λ)·R₁): scale the rows of every block
             rot1 = rot1 / t.smooth.reshape(rot1.shape[0], rot1.shape[1], 1)
-        insert_online(gm, obs_node, BLOCK_ROTATE, {"rot": rot1.float(), "perm": t.perm, "rot2": t.rot2.float()})
+        insert_online(gm, obs_node, BLOCK_ROTATE, {"rot": rot1, "perm": t.perm, "rot2": t.rot2})
         for lin, w in zip(linears, weights):
             # W' = ((W·Λ)R₁)PR₂, x' = ((x/Λ)R₁)PR₂  ⇒  x'W'ᵀ = x Λ⁻¹ (R₁PR₂)(R₁PR₂)ᵀ Λ Wᵀ = xWᵀ
             replace_weight(gm, lin, t.apply_to_weight(w))

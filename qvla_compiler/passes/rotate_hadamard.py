@@ -28,7 +28,7 @@ def rotate_hadamard(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         n = linears[0].meta["qvla"].in_features
         m, _ = hadamard_factors(n)
-        had_m = hadamard_base(m).float() if m > 1 else None
+        had_m = hadamard_base(m) if m > 1 else None
         insert_online(gm, obs_node, HADAMARD, {"had_m": had_m}, 1.0 / math.sqrt(n), 1)
         for lin in linears:
             # W' = W·Hᵀ, x' = x·Hᵀ  ⇒  x'W'ᵀ = x·HᵀH·Wᵀ = xWᵀ

@@ -80,10 +80,9 @@ def smooth_linears(gm: fx.GraphModule, alpha: float = 0.5) -> fx.GraphModule:
         gain = _fetch(gm, fold.gain).double()
         # y = (x/s)(W·diag(s))ᵀ = xWᵀ: the norm emits x/s, each consumer's column j is scaled by s_j
         new_gain = (1 + gain) / s - 1 if fold.unit_offset else gain / s
-        fold.reader.replace_input_with(fold.gain, add_tensor(gm, "smooth_gain", new_gain.float(), fold.reader))
+        _replace_constant(gm, fold.reader, fold.gain, new_gain)
         if fold.bias is not None:
-            bias = add_tensor(gm, "smooth_bias", (_fetch(gm, fold.bias).double() / s).float(), fold.reader)
-            fold.reader.replace_input_with(fold.bias, bias)
+            _replace_constant(gm, fold.reader, fold.bias, _fetch(gm, fold.bias).double() / s)
         for lin, w in zip(linears, weights):
             replace_weight(gm, lin, w * s)
         obs.sample = None if obs.sample is None else (obs.sample / s).float()
@@ -92,3 +91,7 @@ def smooth_linears(gm: fx.GraphModule, alpha: float = 0.5) -> fx.GraphModule:
     gm.recompile()
     return gm
 
+
+
+def _replace_constant(gm: fx.GraphModule, reader: fx.Node, old: fx.Node, value) -> None:
+    reader.replace_input_with(old, add_tensor(gm, "smooth_" + old.target, value.to(old.meta["val"].dtype), reader))
