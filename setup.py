@@ -14,5 +14,9 @@ setup(
         "gpu": ["triton>=3.9"],
         "plots": ["matplotlib"],
     },
-    entry_points={"console_scripts": ["qvla = qvla_compiler.cli:main"]},
+    entry_points={
+        "console_scripts": ["qvla = qvla_compiler.cli:main"],
+        # torch.compile(model, backend="qvla", options={"plan": ...}) works right after pip install
+        "torch_dynamo_backends": ["qvla = qvla_compiler.backend:qvla_backend"],
+    },
 )

@@ -18,3 +18,12 @@ from qvla_compiler.recipes import LAYOUTS, RECIPES, QuantRecipe
 
 __all__ = ["LAYOUTS", "RECIPES", "LoadedProgram", "QuantRecipe", "QuantizedProgram", "QvlaError", "load", "quantize"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `qvla_compiler.backend(plan=...)`: importing torch._dynamo costs seconds, so only when it is asked for.
+    if name == "backend":
+        import importlib
+
+        return importlib.import_module("qvla_compiler.backend")
+    raise AttributeError(f"module 'qvla_compiler' has no attribute {name!r}")

@@ -1,0 +1,93 @@
+"""torch.compile(backend="qvla"): the plan applied to Dynamo graphs matches the AOT program on both policies."""
+import warnings
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+
+import qvla_compiler
+from conftest import policy_args, quantized_policy
+from qvla_compiler.models.sampling import euler_sample
+from qvla_compiler.plan import PlanError, QuantPlan
+
+OBS = ("images", "tokens", "token_mask", "state")
+
+
+def _sample(policy, prefix_fn, denoise_fn, args):
+    with torch.no_grad():
+        return euler_sample(prefix_fn, denoise_fn, dict(zip(OBS, args[:4])), args[4], policy.schedule)
+
+
+def test_backend_is_registered_by_import_and_by_entry_point():
+    import qvla_compiler.backend as be
+
+    assert "qvla" in torch._dynamo.list_backends()
+    assert torch._dynamo.lookup_backend("qvla") is be.qvla_backend
+    eps = entry_points(group="torch_dynamo_backends")
+    assert "qvla" in eps.names and eps["qvla"].value == "qvla_compiler.backend:qvla_backend"
+    assert isinstance(qvla_compiler.backend(plan=QuantPlan("m", {}, {})), be.QvlaBackend)
+
+
+@pytest.mark.parametrize("name,recipe", [("pi05-tiny", "w8a8"), ("groot-tiny", "w4a8")])
+def test_rewritten_dynamo_graphs_are_bit_identical_to_the_aot_program(name, recipe):
+    """Without Inductor, the rewritten torch-IR graphs compute exactly what the exported program computes."""
+    policy, qp = quantized_policy(name, recipe)
+    plan = QuantPlan.from_program(qp, policy)
+    be = qvla_compiler.backend(plan=plan, inductor=False)
+    denoise = torch.compile(policy.denoise_step, backend=be, fullgraph=True)
+    prefix = torch.compile(policy.embed_prefix, backend=be)
+    args = policy_args(policy)
+    assert torch.equal(_sample(policy, prefix, denoise, args), qp.module()(*args))
+    assert sum(len(m.quantized) for m in be.graphs) == qp.report.int_linears
+    assert all(not m.unmatched for m in be.graphs), be.summary()
+    ops = [str(n.target) for gm in be.graph_modules for n in gm.graph.nodes if n.op == "call_function"]
+    lowered = "qvla.int8_linear.default" if recipe == "w8a8" else "qvla.int4_linear.default"
+    assert ops.count(lowered) == qp.report.int_linears
+
+
+@pytest.mark.parametrize("name,recipe", [("pi05-tiny", "w8a8"), ("groot-tiny", "w4a8")])
+def test_inductor_compiled_policy_matches_the_aot_program(tmp_path, name, recipe):
+    policy, qp = quantized_policy(name, recipe)
+    QuantPlan.from_program(qp, policy).save(tmp_path / "plan")
+    opts = {"plan": str(tmp_path / "plan")}
+    torch._dynamo.reset()
+    denoise = torch.compile(policy.denoise_step, backend="qvla", options=opts, fullgraph=True)
+    prefix = torch.compile(policy.embed_prefix, backend="qvla", options=opts)
+    args = policy_args(policy)
+    out, ref = _sample(policy, prefix, denoise, args), qp.module()(*args)
+    # Inductor fuses the float ops differently (fp32 reassociation); the integer linears are the same ops.
+    rel = float((out - ref).norm() / ref.norm())
+    assert rel < 1e-4, rel
+
+
+def test_plan_that_does_not_fit_is_named():
+    policy, qp = quantized_policy("pi05-tiny", "w8a8")
+    other, qp_other = quantized_policy("groot-tiny", "w4a8")
+    prefix = policy_args(policy)[:4]
+    # same module paths and shapes, other weights: the fingerprint says so
+    be = qvla_compiler.backend(plan=QuantPlan.from_program(qp_other, other), inductor=False)
+    with pytest.raises(Exception, match="differ from the ones the plan was calibrated on"), torch.no_grad():
+        torch.compile(policy.embed_prefix, backend=be)(*prefix)
+    # no module path in common: how many matched, and what both sides' names look like
+    plan = QuantPlan.from_program(qp, policy)
+    plan.modules = {"enc_" + k.replace(".", "_"): v for k, v in plan.modules.items()}
+    with pytest.raises(Exception, match="does not fit this model") as info, torch.no_grad():
+        torch.compile(policy.embed_prefix, backend=qvla_compiler.backend(plan=plan, inductor=False))(*prefix)
+    assert "0 integer from the plan" in str(info.value) and "27 not in the plan" in str(info.value)
+    with pytest.raises(Exception, match="needs a plan"), torch.no_grad():
+        torch.compile(policy.embed_prefix, backend="qvla")(*prefix)
+
+
+def test_partial_plan_warns_with_the_unmatched_linears():
+    policy, qp = quantized_policy("pi05-tiny", "w8a8")
+    plan = QuantPlan.from_program(qp, policy)
+    dropped = plan.quantized[0].module_path
+    del plan.modules[dropped]
+    be = qvla_compiler.backend(plan=plan, inductor=False)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        torch.compile(policy.embed_prefix, backend=be)(*policy_args(policy)[:4])
+    assert any(dropped in str(w.message) and "1 not in the plan" in str(w.message) for w in caught)
+    strict = qvla_compiler.backend(plan=plan, inductor=False, strict=True)
+    with pytest.raises(Exception, match=dropped.replace(".", r"\.")), torch.no_grad():
+        torch.compile(policy.embed_prefix, backend=strict)(*policy_args(policy)[:4])
