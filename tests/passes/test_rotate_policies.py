@@ -1,0 +1,74 @@
+"""Every rotation/smoothing recipe leaves the float policies' actions unchanged (fp32, rel 1e-5), with and without
+injected outliers: the passes run on the would-be-integer linears (layout quantvla), quantization is skipped."""
+import pytest
+import torch
+
+from qvla_compiler.calibrate import calibrate
+from qvla_compiler.export import OBS_KEYS, capture_policy
+from qvla_compiler.models import build_policy
+from qvla_compiler.models.outliers import inject_outliers
+from qvla_compiler.passes import (apply_layout, assign_regions, classify_linears, insert_observers, record_schedule,
+                                  remove_observers)
+from qvla_compiler.passes.check_schedule import check_schedule
+from qvla_compiler.passes.rotate_and_smooth import rotate_and_smooth
+from qvla_compiler.program import Program, with_noise
+from qvla_compiler.recipes import QuantRecipe
+
+CONFIGS = [("none", "smoothquant"), ("hadamard", "none"), ("duquant", "none"), ("duquant", "smoothquant")]
+
+
+def rotated_float_program(policy, recipe: QuantRecipe, calib_steps: int = 1):
+    """Phases 1, 2, 2b of the pipeline, then the observers out: a float program with every rotation in place."""
+    obs, noise = policy.example_inputs(), policy.example_noise()
+    program = Program(capture_policy(policy, obs, noise), policy.schedule)
+    for gm in program.graphs.values():
+        record_schedule(gm)
+        classify_linears(gm)
+        assign_regions(gm)
+        apply_layout(gm, recipe)
+        insert_observers(gm)
+    calib = list(with_noise(policy.calibration_batches(calib_steps), tuple(noise.shape[1:]), 0))
+    calibrate(program, calib, progress=False)
+    for gm in program.graphs.values():
+        rotate_and_smooth(gm, recipe)
+    calibrate(program, calib, progress=False)
+    for gm in program.graphs.values():
+        remove_observers(gm)
+        check_schedule(gm)
+    return program, obs, noise
+
+
+def _check(name, rotation, smooth, outliers):
+    policy = build_policy(name)
+    if outliers:
+        inject_outliers(policy)
+    recipe = QuantRecipe("t", rotation=rotation, smooth=smooth)
+    program, obs, noise = rotated_float_program(policy, recipe)
+    ref = policy.sample_actions(*(obs[k] for k in OBS_KEYS), noise=noise)
+    out = program.run((obs, noise))
+    rel = float((out - ref).norm() / ref.norm())
+    assert rel < 1e-5, f"{name} {rotation}/{smooth}: actions moved by {rel:.2e} relative"
+    tags = [n.meta["qvla"].rotation for gm in program.graphs.values() for n in gm.graph.nodes
+            if n.meta.get("qvla") is not None and n.meta["qvla"].is_quantized]
+    if rotation != "none":
+        assert sum(rotation in (t or "") for t in tags) >= len(tags) * 0.9  # nearly every integer input rotated
+    if smooth != "none":
+        assert any("smoothquant" in (t or "") for t in tags)
+    ops = [str(n.target) for gm in program.graphs.values() for n in gm.graph.nodes if n.op == "call_function"]
+    online = {"hadamard": "qvla.hadamard.default", "duquant": "qvla.block_rotate.default"}.get(rotation)
+    if online:
+        assert online in ops
+
+
+@pytest.mark.parametrize("outliers", [False, True], ids=["plain", "outliers"])
+@pytest.mark.parametrize("rotation,smooth", CONFIGS)
+@pytest.mark.parametrize("name", ["pi05-tiny", "groot-tiny"])
+def test_rotations_preserve_float_actions(name, rotation, smooth, outliers):
+    _check(name, rotation, smooth, outliers)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rotation,smooth", [("hadamard", "none"), ("duquant", "smoothquant")])
+@pytest.mark.parametrize("name", ["pi05-small", "groot-small"])
+def test_rotations_preserve_float_actions_small(name, rotation, smooth):
+    _check(name, rotation, smooth, outliers=True)
