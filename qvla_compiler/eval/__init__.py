@@ -1,8 +1,10 @@
 """Closed-loop evaluation: a miniature language-conditioned tabletop suite."""
 
 from qvla_compiler.eval.tabletop import (
-    ACTION_DIM, FAMILIES, IMAGE_SIZE, MAX_STEPS, STATE_DIM, EpisodeResult, TabletopEnv,
-    episode_noise, make_episode, obs_to_batch, run_episode, run_episodes, runner_kwargs,
+    ACTION_DIM, FAMILIES, IMAGE_SIZE, MAX_STEPS, STATE_DIM, TabletopEnv, make_episode,
+)
+from qvla_compiler.eval.runner import (
+    EpisodeResult, episode_noise, obs_to_batch, run_episode, run_episodes, runner_kwargs,
     sample_actions_policy,
 )
 from qvla_compiler.eval.tokenizer import MAX_TOKENS, VOCAB, VOCAB_SIZE, Tokenizer, default_tokenizer

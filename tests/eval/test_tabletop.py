@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from qvla_compiler.errors import QvlaError
+from qvla_compiler.eval.runner import episode_noise, run_episode, run_episodes
 from qvla_compiler.eval.tabletop import (
     ACTION_DIM, FAMILIES, IMAGE_SIZE, MAX_STEPS, STATE_DIM, TOUCH_TOL, ZONE_TOL, TabletopEnv,
-    episode_noise, make_episode, run_episode, run_episodes,
+    make_episode,
 )
 
 

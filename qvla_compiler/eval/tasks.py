@@ -1,0 +1,189 @@
+"""Task families of the tabletop suite: constants, episode state and seeded generation.
+
+The environment that steps and renders these states is
+:class:`qvla_compiler.eval.tabletop.TabletopEnv`; the public constants and
+state classes are re-exported from :mod:`qvla_compiler.eval.tabletop`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from qvla_compiler.errors import QvlaError
+
+__all__ = [
+    "FAMILIES", "MAX_STEPS", "IMAGE_SIZE", "STATE_DIM", "ACTION_DIM", "MAX_STEP",
+    "AGENT_RADIUS", "OBJECT_RADIUS", "BLOCK_RADIUS", "TOUCH_TOL", "ZONE_HALF", "ZONE_TOL",
+    "COLOURS", "SHAPES", "TEMPLATES", "TableObject", "Zone", "TabletopState",
+]
+
+
+# ----------------------------------------------------------------------------- constants
+
+FAMILIES: tuple[str, ...] = ("reach", "push", "sequence")
+MAX_STEPS: dict[str, int] = {"reach": 30, "push": 70, "sequence": 50}
+
+IMAGE_SIZE = 64
+STATE_DIM = 8
+ACTION_DIM = 2
+
+MAX_STEP = 0.05          # table units per step at |action component| = 1
+AGENT_RADIUS = 0.03      # collision radius of the end effector
+OBJECT_RADIUS = 0.065    # drawn size of reach / sequence objects
+BLOCK_RADIUS = 0.05      # collision radius of push blocks (drawn as squares)
+TOUCH_TOL = 0.05         # reach / touch: agent centre within this of the object centre
+ZONE_HALF = 0.1          # zones are squares of half side ZONE_HALF
+ZONE_TOL = 0.06          # push success: block centre within this (L-inf) of the zone centre
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (45, 85, 225),
+    "yellow": (235, 205, 35),
+    "purple": (150, 60, 200),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "reach": ("reach the {c1} {s1}", "go to the {c1} {s1}", "move to the {c1} {s1}"),
+    "push": ("push the {c1} block into the {c2} zone", "push the {c1} block to the {c2} zone"),
+    "sequence": ("touch the {c1} {s1} then the {c2} {s2}",
+                 "touch the {c1} {s1} and then the {c2} {s2}"),
+}
+
+_FAMILY_INDEX = {f: i for i, f in enumerate(FAMILIES)}
+
+
+def _check_family(family: str) -> None:
+    if family not in MAX_STEPS:
+        raise QvlaError(f"unknown task family {family!r}; use one of {list(FAMILIES)}")
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise QvlaError(f"episode seed must be a non-negative int, got {seed!r}")
+    return int(seed)
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@dataclass
+class TableObject:
+    colour: str
+    shape: str
+    pos: np.ndarray            # float64 [2]
+    movable: bool = False      # push blocks are movable (kinematic contact)
+
+
+@dataclass
+class Zone:
+    colour: str
+    pos: np.ndarray            # float64 [2], centre
+    half: float = ZONE_HALF
+
+
+@dataclass
+class TabletopState:
+    """Everything that defines an episode at one moment (what the expert reads)."""
+
+    family: str
+    agent: np.ndarray                      # float64 [2]
+    velocity: np.ndarray                   # float64 [2], last displacement / MAX_STEP
+    objects: list[TableObject]
+    zones: list[Zone]
+    targets: list[int]                     # indices into objects, in order
+    goal_zone: int | None                  # index into zones (push)
+    instruction: str
+    stage: int = 0                         # targets touched so far (sequence)
+    t: int = 0
+    max_steps: int = 0
+    meta: dict = field(default_factory=dict)
+
+    def copy(self) -> "TabletopState":
+        return copy.deepcopy(self)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def _sample_points(rng: np.random.Generator, n: int, lo: float, hi: float, min_sep: float,
+                   avoid: Sequence[np.ndarray] = (), avoid_sep: float = 0.0) -> list[np.ndarray]:
+    pts: list[np.ndarray] = []
+    for _ in range(10000):
+        if len(pts) == n:
+            return pts
+        p = rng.uniform(lo, hi, size=2)
+        if all(np.linalg.norm(p - q) >= min_sep for q in pts) and \
+                all(np.linalg.norm(p - q) >= avoid_sep for q in avoid):
+            pts.append(p)
+    raise QvlaError("could not place objects without overlap; this is a bug in the generator")
+
+
+def _grounding_distractors(rng: np.random.Generator, target: tuple[str, str],
+                           n: int, taken: set) -> list[tuple[str, str]]:
+    """Distractors that share the colour or the shape of the target where possible."""
+    colours, shapes = list(COLOURS), list(SHAPES)
+    c, s = target
+    same_colour = [(c, s2) for s2 in shapes if (c, s2) not in taken]
+    same_shape = [(c2, s) for c2 in colours if (c2, s) not in taken]
+    out: list[tuple[str, str]] = []
+    for pool in (same_colour, same_shape):
+        if pool and len(out) < n:
+            pick = pool[rng.integers(len(pool))]
+            out.append(pick)
+            taken.add(pick)
+    rest = [(c2, s2) for c2 in colours for s2 in shapes if (c2, s2) not in taken]
+    while len(out) < n:
+        pick = rest.pop(int(rng.integers(len(rest))))
+        out.append(pick)
+        taken.add(pick)
+    return out
+
+
+def _generate(family: str, seed: int) -> TabletopState:
+    rng = np.random.default_rng([seed, _FAMILY_INDEX[family], 7919])
+    colours, shapes = list(COLOURS), list(SHAPES)
+    template = TEMPLATES[family][int(rng.integers(len(TEMPLATES[family])))]
+    if family in ("reach", "sequence"):
+        n_obj = 4
+        first = (colours[rng.integers(len(colours))], shapes[rng.integers(len(shapes))])
+        taken = {first}
+        combos = [first] + _grounding_distractors(rng, first, n_obj - 1, taken)
+        order = rng.permutation(n_obj)
+        combos = [combos[i] for i in order]
+        pos = _sample_points(rng, n_obj, 0.12, 0.88, min_sep=0.2)
+        agent = _sample_points(rng, 1, 0.08, 0.92, min_sep=0.0, avoid=pos, avoid_sep=0.15)[0]
+        objects = [TableObject(c, s, p) for (c, s), p in zip(combos, pos)]
+        t0 = int(np.where(order == 0)[0][0])
+        if family == "reach":
+            targets = [t0]
+            instr = template.format(c1=combos[t0][0], s1=combos[t0][1])
+        else:
+            others = [i for i in range(n_obj) if i != t0]
+            t1 = others[int(rng.integers(len(others)))]
+            if rng.random() < 0.5:
+                t0, t1 = t1, t0
+            targets = [t0, t1]
+            instr = template.format(c1=combos[t0][0], s1=combos[t0][1],
+                                    c2=combos[t1][0], s2=combos[t1][1])
+        return TabletopState(family, agent, np.zeros(2), objects, [], targets, None, instr,
+                             max_steps=MAX_STEPS[family])
+    # push: two blocks, two zones
+    block_colours = [colours[i] for i in rng.choice(len(colours), size=2, replace=False)]
+    zone_colours = [colours[i] for i in rng.choice(len(colours), size=2, replace=False)]
+    zones_pos = _sample_points(rng, 2, 0.15, 0.85, min_sep=2 * ZONE_HALF + 0.1)
+    blocks_pos = _sample_points(rng, 2, 0.25, 0.75, min_sep=0.2, avoid=zones_pos,
+                                avoid_sep=ZONE_HALF * math.sqrt(2) + BLOCK_RADIUS + 0.05)
+    agent = _sample_points(rng, 1, 0.08, 0.92, min_sep=0.0, avoid=blocks_pos, avoid_sep=0.15)[0]
+    objects = [TableObject(c, "square", p, movable=True) for c, p in zip(block_colours, blocks_pos)]
+    zones = [Zone(c, p) for c, p in zip(zone_colours, zones_pos)]
+    tb, tz = int(rng.integers(2)), int(rng.integers(2))
+    instr = template.format(c1=block_colours[tb], c2=zone_colours[tz])
+    return TabletopState(family, agent, np.zeros(2), objects, zones, [tb], tz, instr,
+                         max_steps=MAX_STEPS[family])

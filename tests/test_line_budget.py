@@ -1,0 +1,34 @@
+"""Style budget: every module under qvla_compiler/ stays under 400 lines, the package under 14,000."""
+
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "qvla_compiler"
+MAX_FILE_LINES = 400
+MAX_TOTAL_LINES = 14_000
+
+
+def _line_counts() -> dict[str, int]:
+    counts = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        with open(path, "rb") as f:
+            counts[str(path.relative_to(PACKAGE.parent))] = sum(1 for _ in f)
+    return counts
+
+
+def test_package_is_found():
+    assert PACKAGE.is_dir() and (PACKAGE / "__init__.py").is_file()
+    assert len(_line_counts()) > 10
+
+
+def test_no_module_over_file_budget():
+    over = {p: n for p, n in _line_counts().items() if n > MAX_FILE_LINES}
+    report = "\n".join(f"  {p}: {n} lines" for p, n in sorted(over.items(), key=lambda kv: -kv[1]))
+    assert not over, f"{len(over)} file(s) over {MAX_FILE_LINES} lines; split them:\n{report}"
+
+
+def test_package_under_total_budget():
+    counts = _line_counts()
+    total = sum(counts.values())
+    biggest = ", ".join(f"{p} ({n})" for p, n in sorted(counts.items(), key=lambda kv: -kv[1])[:5])
+    assert total <= MAX_TOTAL_LINES, \
+        f"qvla_compiler/ has {total} lines in {len(counts)} .py files, over {MAX_TOTAL_LINES}; largest: {biggest}"
