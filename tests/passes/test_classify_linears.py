@@ -1,4 +1,6 @@
 """Structural classification and dataflow regions agree with what the module names say, on every policy."""
+import os
+
 import pytest
 import torch
 
@@ -89,3 +91,25 @@ def test_cross_attention_kv_follow_their_query():
     kv = [n.meta["qvla"] for n in g.linear_nodes(gm) if n.meta["qvla"].module_path.endswith(
         ("transformer_blocks.0.attn1.to_k", "transformer_blocks.0.attn1.to_v"))]
     assert len(kv) == 2 and all(i.region is Region.ACTION_HEAD for i in kv)
+
+
+@pytest.mark.skipif(os.environ.get("QVLA_FULL") != "1", reason="full presets: ~3 min each on the meta device; "
+                    "set QVLA_FULL=1 to run")
+@pytest.mark.parametrize("name", ["pi05-full", "groot-full"])
+def test_structure_agrees_with_names_on_full_presets(name):
+    """Full dimensions, traced on the meta device (no 15 GB of weights needed: export only needs shapes)."""
+    from qvla_compiler.models import GrootPolicy, Pi05Policy, get_config
+
+    with torch.device("meta"):
+        policy = (Pi05Policy if name.startswith("pi05") else GrootPolicy)(get_config(name)).eval()
+        obs, noise = policy.example_inputs(2), policy.example_noise(2)
+    graphs = capture_policy(policy, obs, noise)
+    checked = 0
+    for gm in graphs.values():
+        classify_linears(gm)
+        assign_regions(gm)
+        for node in g.linear_nodes(gm):
+            info = node.meta["qvla"]
+            assert (info.role, info.region) == (role_from_name(info.module_path), region_from_name(info.module_path))
+            checked += 1
+    assert checked == sum(isinstance(m, torch.nn.Linear) for m in policy.modules())
