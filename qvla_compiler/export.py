@@ -46,7 +46,7 @@ def capture_policy(policy: nn.Module, obs: dict[str, torch.Tensor], noise: torch
     with torch.no_grad():
         prefix_out = policy.embed_prefix(*args)
     batch = _batch_dim()
-    t = torch.full((noise.shape[0],), float(policy.schedule.timesteps[0]))
+    t = torch.full((noise.shape[0],), float(policy.schedule.timesteps[0]), device=noise.device)
     prefix = export_graph(PrefixStep(policy), args, tuple({0: batch} for _ in args),
                           roles=tuple(_OBS_ROLES[k] for k in OBS_KEYS), what="embed_prefix", prefix="policy.")
     denoise_shapes = (tuple({0: batch} for _ in prefix_out), {0: batch}, {0: batch})
