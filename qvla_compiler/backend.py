@@ -65,6 +65,7 @@ class QvlaBackend:
 
     def __init__(self, plan: QuantPlan | str, *, strict: bool = False, inductor: bool = True):
         self.plan, self.strict, self.inductor = as_plan(plan), strict, inductor
+        self.plan.require_replayable()
         self.graphs: list[GraphMatch] = []
         self.graph_modules: list[fx.GraphModule] = []
 

@@ -66,7 +66,15 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="show what a saved program's linears became")
     i.add_argument("program")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--html", help="also write one self-contained HTML page (graph, SQNR, α/β, memory) here")
+    i.add_argument("--dot", help="also write the linear graph as Graphviz DOT source here")
     i.set_defaults(func=cmd_inspect)
+
+    d = sub.add_parser("diff", help="what changed between two saved programs")
+    d.add_argument("a")
+    d.add_argument("b")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=lambda a: __import__("qvla_compiler.inspect_cli").inspect_cli.run_diff(a, _console()))
 
     e = sub.add_parser("eval", help="closed-loop success of float vs quantized on identical episodes")
     e.add_argument("--suite", default="tabletop", choices=["tabletop"])
@@ -170,23 +178,9 @@ def _print_summary(s: dict) -> None:
 
 
 def cmd_inspect(args) -> int:
-    import qvla_compiler
+    from qvla_compiler.inspect_cli import run_inspect
 
-    program = qvla_compiler.load(args.program)
-    report = program.report
-    if args.json:
-        print(report.to_json())
-        return 0
-    table = Table(title=f"{args.program}: {report.model} · {report.recipe} · layout {report.layout}")
-    for col in ("graph", "module path", "region", "role", "bits", "params", "KiB bf16", "KiB now", "SQNR dB"):
-        table.add_column(col, justify="right" if col in ("params", "KiB bf16", "KiB now", "SQNR dB") else "left")
-    for r in report.linears:
-        sq = "" if r.sqnr_db is None else f"{r.sqnr_db:.1f}"
-        table.add_row(r.graph, r.module_path, r.region, r.role, r.bits, f"{r.params:,}", f"{r.bytes_bf16 / 1024:.1f}",
-                      f"{r.bytes_quant / 1024:.1f}", sq)
-    _console().print(table)
-    _print_summary({**report.summary(), "out": None})
-    return 0
+    return run_inspect(args, _console(), _print_summary)
 
 
 def cmd_eval(args) -> int:

@@ -79,6 +79,7 @@ def run_planned(program: Program, recipe: QuantRecipe, plan, *, dump_dir: str | 
     from qvla_compiler.passes.apply_plan import apply_plan
     from qvla_compiler.passes.load_plan_tensors import load_plan_tensors
 
+    plan.require_replayable()
     graphs, dump = program.graphs, _dumper(dump_dir or os.environ.get("QVLA_DUMP"))
     dump("0-captured", graphs)
     # Phase 1: analyse, then take every decision from the plan instead of the layout.

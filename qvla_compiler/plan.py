@@ -99,6 +99,16 @@ class QuantPlan:
                   for k, v in self.recipe.items() if k in known}
         return QuantRecipe(**fields)
 
+    def require_replayable(self) -> None:
+        """Plans carry linears' integer form only: rotations, smoothing and ATM/OHB change other tensors and ops
+        (online rotations, norm gains, folded α/β), which a plan cannot replay yet."""
+        r = self.recipe
+        used = [k for k, off in (("rotation", "none"), ("smooth", "none")) if r.get(k, off) != off]
+        used += [k for k in ("atm", "ohb") if r.get(k)]
+        if used:
+            raise PlanError(f"this plan was calibrated with {', '.join(used)}, which a QuantPlan cannot replay yet "
+                            "(only layout, integer weights and scales); quantize with the recipe directly")
+
     # ---------------------------------------------------------------------------------------------- building
     @classmethod
     def from_program(cls, qp, model: torch.nn.Module | None = None) -> "QuantPlan":

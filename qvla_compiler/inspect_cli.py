@@ -1,0 +1,71 @@
+"""`qvla inspect` and `qvla diff`: tables on the terminal, --json / --html / --dot files (see inspect_report)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from qvla_compiler.inspect_report import diff_data, fmt_scale, inspect_data, render_dot
+
+_NUMERIC = ("params", "KiB bf16", "KiB now", "SQNR dB")
+
+
+def run_inspect(args, console, print_summary) -> int:
+    data = inspect_data(args.program)
+    written = []
+    if getattr(args, "html", None):
+        from qvla_compiler.inspect_html import render_html
+
+        Path(args.html).write_text(render_html(data), encoding="utf-8")
+        written.append(args.html)
+    if getattr(args, "dot", None):
+        Path(args.dot).write_text(render_dot(data), encoding="utf-8")
+        written.append(args.dot)
+    if args.json:
+        print(json.dumps(data, default=str))
+        return 0
+    s = data["summary"]
+    table = Table(title=f"{args.program}: {s['model']} · {s['recipe']} · layout {s['layout']}")
+    for col in ("graph", "module path", "region", "role", "bits", "rotation", "α/β", "params", "KiB bf16", "KiB now",
+                "SQNR dB"):
+        table.add_column(col, justify="right" if col in _NUMERIC else "left")
+    for r in data["linears"]:
+        sq = "" if r["sqnr_db"] is None else str(r["sqnr_db"])
+        table.add_row(r["graph"], r["module_path"], r["region"], r["role"], r["bits"], r["rotation"] or "",
+                      fmt_scale(r["alpha"], r["beta"]), f"{r['params']:,}", f"{r['bytes_bf16'] / 1024:.1f}",
+                      f"{r['bytes_quant'] / 1024:.1f}", sq)
+    console.print(table)
+    print_summary({**s, "out": None})
+    for path in written:
+        console.print(f"wrote {path}")
+    return 0
+
+
+def run_diff(args, console) -> int:
+    diff = diff_data(inspect_data(args.a), inspect_data(args.b))
+    if args.json:
+        print(json.dumps(diff, default=str))
+        return 0
+    if diff["identical"]:
+        console.print(f"{args.a} and {args.b}: same recipe, same decisions, same numbers")
+        return 0
+    totals = Table(title=f"{args.a} → {args.b}")
+    for col in ("", "A", "B"):
+        totals.add_column(col)
+    for key, (a, b) in {**{f"recipe.{k}": v for k, v in diff["recipe"].items()}, **diff["summary"]}.items():
+        totals.add_row(key, str(a), str(b))
+    console.print(totals)
+    if diff["linears"]:
+        table = Table(title=f"{len(diff['linears'])} linears changed")
+        for col in ("graph", "module path", "field", "A", "B"):
+            table.add_column(col)
+        for row in diff["linears"]:
+            for i, (field, (a, b)) in enumerate(row["changes"].items()):
+                table.add_row(row["graph"] if i == 0 else "", row["module_path"] if i == 0 else "", field, str(a),
+                              str(b))
+        console.print(table)
+    for side in ("only_in_a", "only_in_b"):
+        if diff[side]:
+            console.print(f"{side.replace('_', ' ')}: {', '.join(diff[side])}")
+    return 0

@@ -1,0 +1,199 @@
+"""What `qvla inspect` and `qvla diff` show: one data dict per saved program, rendered as a table, JSON, DOT or HTML.
+
+`inspect_data(path)` reads a `.pt2` written by QuantizedProgram.save and returns plain JSON data:
+
+    summary       the report's totals (bytes, saving, action fidelity) and the recipe
+    linears       one row per linear: graph, module path, region, role, bits, rotation (the online qvla:: op on its
+                  input, if any), α (per head) / β (ATM/OHB, when present), bytes, output SQNR vs float
+    graph         nodes = linears (coloured by role and bits, clustered per layer), edges = dataflow between them
+                  through non-linear ops (each linear keeps its _MAX_PARENTS most recent linear producers)
+    attention     the ATM/OHB record (α per head, β per block), when present
+
+The exported program unrolls the Euler loop, so every denoise linear appears once per step; the graph shows it once.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_MAX_PARENTS = 3
+_LINEAR_OPS = {"aten.linear.default": 1, "qvla.int8_linear.default": 2, "qvla.int4_linear.default": 2}
+_ROTATION_OPS = ("qvla.hadamard", "qvla.block_rotate")
+_PASS_THROUGH = ("qvla.quantize_act", "<built-in function getitem>")
+
+
+def inspect_data(path: str | Path) -> dict[str, Any]:
+    """Everything `qvla inspect` shows about one saved program, as JSON-ready data."""
+    from qvla_compiler.api import load
+
+    loaded = load(path)
+    report = json.loads(loaded.report.to_json())
+    ep = loaded.exported_program
+    rows = {(r["graph"], r["module_path"]): dict(r) for r in report["linears"]}
+    nodes, edges, rotation = _linear_graph(ep, rows)
+    scales = _attention_scales(report.get("attention_scales"))
+    for key, row in rows.items():
+        row["rotation"] = rotation.get(key)
+        row["alpha"], row["beta"] = scales.get(key, (None, None))
+        row["cluster"] = _cluster(*key)
+    linears = list(rows.values())
+    summary = {k: v for k, v in report.items() if k not in ("linears", "attention_scales")}
+    return {"program": str(path), "meta": loaded.meta, "summary": summary, "linears": linears,
+            "graph": {"nodes": nodes, "edges": edges}, "attention": report.get("attention_scales"),
+            "int_linears": summary["int_linears"], "float_linears": summary["float_linears"]}
+
+
+# ------------------------------------------------------------------------------------------------------ graph
+def _linear_graph(ep: torch.export.ExportedProgram, rows: dict) -> tuple[list, list, dict]:
+    sig = ep.graph_signature
+    state = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    by_state = _rows_by_state_name(rows)
+    key_of: dict[torch.fx.Node, tuple] = {}
+    rotation: dict[tuple, str] = {}
+    for node in ep.graph.nodes:
+        pos = _LINEAR_OPS.get(str(node.target)) if node.op == "call_function" else None
+        if pos is None or not isinstance(node.args[pos], torch.fx.Node):
+            continue
+        key = by_state.get(state.get(node.args[pos].name, ""))
+        if key is not None:
+            key_of[node] = key
+            rot = _online_rotation(node.args[0])
+            if rot:
+                rotation[key] = rot
+    nearest: dict[torch.fx.Node, list[tuple[int, tuple]]] = {}
+    order = {n: i for i, n in enumerate(ep.graph.nodes)}
+    edges: dict[tuple, None] = {}
+    for node in ep.graph.nodes:
+        parents: dict[tuple, int] = {}
+        for inp in node.all_input_nodes:
+            for idx, key in ([(order[inp], key_of[inp])] if inp in key_of else nearest.get(inp, [])):
+                parents[key] = max(parents.get(key, -1), idx)
+        latest = sorted(((i, k) for k, i in parents.items()), reverse=True)[:_MAX_PARENTS]
+        if node in key_of:
+            for _, src in latest:
+                if src != key_of[node]:
+                    edges[(src, key_of[node])] = None
+        else:
+            nearest[node] = latest
+    nodes = [{"id": _node_id(k), "graph": k[0], "module_path": k[1], "role": r["role"], "bits": r["bits"],
+              "region": r["region"], "cluster": _cluster(*k), "sqnr_db": r.get("sqnr_db")} for k, r in rows.items()]
+    return nodes, [{"source": _node_id(a), "target": _node_id(b)} for a, b in edges], rotation
+
+
+def _rows_by_state_name(rows: dict) -> dict[str, tuple]:
+    """Saved-program tensor names → (graph, module path): integer weights (`<graph>.qvla_<path_>_wq`) or float
+    weights (`<graph>.policy.<path>.weight`; a plain module has no graph prefix)."""
+    out = {}
+    for graph, path in rows:
+        flat = "qvla_" + path.replace(".", "_") + "_wq"
+        for name in (f"{graph}.{flat}", flat, f"{graph}.policy.{path}.weight", f"{graph}.{path}.weight",
+                     f"{path}.weight"):
+            out.setdefault(name, (graph, path))
+    return out
+
+
+def _online_rotation(x: torch.fx.Node) -> str | None:
+    """The qvla:: rotation op feeding a linear's input (through quantize_act / getitem), if any."""
+    for _ in range(4):
+        target = str(x.target)
+        if target.startswith(_ROTATION_OPS):
+            return target.split(".")[1]
+        if not target.startswith(_PASS_THROUGH) or not x.args or not isinstance(x.args[0], torch.fx.Node):
+            return None
+        x = x.args[0]
+    return None
+
+
+def _cluster(graph: str, path: str) -> str:
+    """`language_model.layers.3.mlp.up` → `prefix:language_model.layers.3`; modules outside layers by first name."""
+    m = re.match(r"(.*?\.\d+)(\.|$)", path)
+    return f"{graph}:{m.group(1) if m else path.split('.')[0]}"
+
+
+def _node_id(key: tuple) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", f"{key[0]}__{key[1]}")
+
+
+def _attention_scales(record: dict | None) -> dict[tuple, tuple]:
+    """(graph, module path) → (α per head for q projections, β for o projections) from the ATM/OHB record."""
+    out: dict[tuple, tuple] = {}
+    for graph, sites in ((record or {}).get("graphs") or {}).items():
+        for site in sites:
+            for path in site.get("q_proj", []):
+                out[(graph, path)] = (site.get("alpha"), out.get((graph, path), (None, None))[1])
+            for path in site.get("o_proj", []):
+                out[(graph, path)] = (out.get((graph, path), (None, None))[0], site.get("beta"))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ DOT
+_ROLE_COLOURS = {"attn_q": "#4e79a7", "attn_k": "#76b7b2", "attn_v": "#59a14f", "attn_o": "#edc948",
+                 "attn_qkv": "#86bcb6", "mlp": "#f28e2b", "other": "#bab0ac"}
+_BITS_COLOURS = {"float": "#9e9e9e", "W8A8": "#1f5fbf", "W4A8": "#c2185b", "W4A4": "#6a1b9a", "W8A4": "#00897b"}
+
+
+def render_dot(data: dict) -> str:
+    """Graphviz source: one cluster per layer, nodes filled by role, outlined by bits (dashed = float)."""
+    lines = ["digraph qvla {", '  rankdir=LR; node [shape=box, style="rounded,filled", fontname="Helvetica"];',
+             f'  label="{_esc(data["program"])}: {data["summary"]["recipe"]} · layout {data["summary"]["layout"]}";']
+    clusters: dict[str, list] = {}
+    for n in data["graph"]["nodes"]:
+        clusters.setdefault(n["cluster"], []).append(n)
+    for i, (name, nodes) in enumerate(clusters.items()):
+        lines.append(f'  subgraph cluster_{i} {{ label="{_esc(name)}"; style=rounded; color="#cccccc";')
+        for n in nodes:
+            q = n["bits"] != "float"
+            sq = "" if n["sqnr_db"] is None else f'\\n{n["sqnr_db"]} dB'
+            style = '"rounded,filled"' if q else '"rounded,filled,dashed"'
+            lines.append(f'    {n["id"]} [label="{_esc(n["module_path"].split(".")[-1])}\\n{n["bits"]}{sq}", '
+                         f'fillcolor="{_ROLE_COLOURS.get(n["role"], "#ffffff")}", '
+                         f'color="{_BITS_COLOURS.get(n["bits"], "#000000")}", penwidth={2.5 if q else 1}, '
+                         f'style={style}, tooltip="{_esc(n["module_path"])} ({n["role"]}, {n["region"]})"];')
+        lines.append("  }")
+    lines += [f'  {e["source"]} -> {e["target"]};' for e in data["graph"]["edges"]]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _esc(text: str) -> str:
+    return str(text).replace("\\", "\\\\").replace('"', '\\"')
+
+
+# ------------------------------------------------------------------------------------------------------ diff
+_ROW_FIELDS = ("region", "role", "bits", "rotation", "bytes_quant", "sqnr_db", "alpha", "beta")
+_SUMMARY_FIELDS = ("model", "recipe", "layout", "int_linears", "float_linears", "bytes_bf16", "bytes_quant",
+                   "memory_saving", "policy_bytes_quant", "policy_memory_saving", "action_rel_l2", "action_sqnr_db")
+
+
+def diff_data(a: dict, b: dict) -> dict:
+    """What changed from program `a` to program `b`: totals, the recipe, and every linear that differs."""
+    rows_a = {(r["graph"], r["module_path"]): r for r in a["linears"]}
+    rows_b = {(r["graph"], r["module_path"]): r for r in b["linears"]}
+    changed = []
+    for key in [k for k in rows_a if k in rows_b]:
+        fields = {f: [rows_a[key].get(f), rows_b[key].get(f)] for f in _ROW_FIELDS
+                  if rows_a[key].get(f) != rows_b[key].get(f)}
+        if fields:
+            changed.append({"graph": key[0], "module_path": key[1], "changes": fields})
+    summary = {f: [a["summary"].get(f), b["summary"].get(f)] for f in _SUMMARY_FIELDS
+               if a["summary"].get(f) != b["summary"].get(f)}
+    ra, rb = a["meta"].get("recipe", {}), b["meta"].get("recipe", {})
+    recipe = {k: [ra.get(k), rb.get(k)] for k in sorted(set(ra) | set(rb)) if ra.get(k) != rb.get(k)}
+    return {"a": a["program"], "b": b["program"], "summary": summary, "recipe": recipe, "linears": changed,
+            "only_in_a": [f"{g}:{p}" for g, p in rows_a if (g, p) not in rows_b],
+            "only_in_b": [f"{g}:{p}" for g, p in rows_b if (g, p) not in rows_a],
+            "identical": not (summary or recipe or changed) and rows_a.keys() == rows_b.keys()}
+
+
+def fmt_scale(alpha, beta) -> str:
+    """α as mean [min, max] over heads, β as a number; '' when neither is present."""
+    parts = []
+    if alpha:
+        parts.append(f"α {sum(alpha) / len(alpha):.3f} [{min(alpha):.2f}, {max(alpha):.2f}]")
+    if beta is not None:
+        parts.append(f"β {beta:.3f}")
+    return " ".join(parts)
