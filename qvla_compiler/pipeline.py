@@ -66,11 +66,10 @@ def run_pipeline(program: Program, recipe: QuantRecipe, calib, *, calib_total: i
 
 
 def _dumper(directory: str | None):
+    from qvla_compiler.trace_phases import trace_phase  # files under directory; TORCH_TRACE artifacts when set
+
     def dump(phase: str, graphs) -> None:
-        if directory:
-            Path(directory).mkdir(parents=True, exist_ok=True)
-            for name, gm in graphs.items():
-                Path(directory, f"{phase}-{name}.py").write_text(gm.code)
+        trace_phase(phase, graphs, directory)
     return dump
 
 

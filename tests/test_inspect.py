@@ -95,3 +95,15 @@ def test_attention_scales_map_alpha_to_q_and_beta_to_o():
     scales = _attention_scales(record)
     assert scales[("prefix", "l.0.q")] == ([1.1, 0.9], None)
     assert scales[("prefix", "l.0.o")] == (None, 0.95)
+
+
+def test_phases_are_traced_to_files_and_torch_trace(tmp_path):
+    code = ("import torch, torch.fx as fx; from qvla_compiler.trace_phases import trace_phase; "
+            "gm = fx.symbolic_trace(torch.nn.Linear(4, 3)); "
+            f"trace_phase('1-analysed', {{'forward': gm}}, {str(tmp_path / 'dump')!r})")
+    env = {**__import__("os").environ, "TORCH_TRACE": str(tmp_path / "trace")}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "linear" in (tmp_path / "dump" / "1-analysed-forward.py").read_text()
+    logs = "".join(p.read_text() for p in (tmp_path / "trace").iterdir())
+    assert '"name": "qvla_1-analysed_forward"' in logs
