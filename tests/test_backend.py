@@ -54,10 +54,14 @@ def test_inductor_compiled_policy_matches_the_aot_program(tmp_path, name, recipe
     denoise = torch.compile(policy.denoise_step, backend="qvla", options=opts, fullgraph=True)
     prefix = torch.compile(policy.embed_prefix, backend="qvla", options=opts)
     args = policy_args(policy)
-    out, ref = _sample(policy, prefix, denoise, args), qp.module()(*args)
-    # Inductor fuses the float ops differently (fp32 reassociation); the integer linears are the same ops.
+    out = _sample(policy, prefix, denoise, args)
+    with torch.no_grad():
+        ref = qp.module()(*args)
+    # Inductor fuses the float ops differently (fp32 reassociation). An ulp of difference before qvla::quantize_act
+    # can move an activation across a rounding boundary (one integer step), so the match is close, not exact
+    # (measured: pi05 W8A8 1e-7, groot W4A8 2.3e-3), and far below the quantization error itself.
     rel = float((out - ref).norm() / ref.norm())
-    assert rel < 1e-4, rel
+    assert rel < 5e-3 and rel < 0.1 * qp.report.action_rel_l2, (rel, qp.report.action_rel_l2)
 
 
 def test_plan_that_does_not_fit_is_named():
