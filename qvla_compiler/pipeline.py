@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 
 from qvla_compiler.calibrate import calibrate
 from qvla_compiler.lowering import lower_linears
