@@ -23,7 +23,7 @@ from qvla_compiler.eval.tabletop import FAMILIES  # noqa: E402
 
 RECIPES = ("w8a8", "w4a8", "w4a4")
 LAYOUTS = ("all", "quantvla")
-BITS = {"float": "W16/32 A32", "w8a8": "W8A8", "w4a8": "W4A8", "w4a4": "W4A4"}
+BITS = {"float": "float (fp32)", "w8a8": "W8A8", "w4a8": "W4A8", "w4a4": "W4A4"}
 
 
 def _pct(x: float) -> str:
