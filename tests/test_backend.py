@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qvla_compiler
-from conftest import policy_args, quantized_policy
+from policy_fixtures import policy_args, quantized_policy
 from qvla_compiler.models.sampling import euler_sample
 from qvla_compiler.plan import PlanError, QuantPlan
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import quantized_policy
+from policy_fixtures import quantized_policy
 from qvla_compiler.inspect_html import render_html
 from qvla_compiler.inspect_report import _attention_scales, diff_data, inspect_data, render_dot
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import qvla_compiler
-from conftest import policy_args, quantized_policy
+from policy_fixtures import policy_args, quantized_policy
 from qvla_compiler.models import build_policy
 from qvla_compiler.plan import PLAN_JSON, PLAN_TENSORS, PlanError, QuantPlan
 
