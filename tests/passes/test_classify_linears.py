@@ -40,17 +40,19 @@ def _captured(name):
                                   pytest.param("pi05-small", marks=pytest.mark.slow),
                                   pytest.param("groot-small", marks=pytest.mark.slow)])
 def test_structure_agrees_with_names_on_reference_policies(name):
-    graphs = _captured(name)
+    _assert_structure_matches_names(_captured(name), build_policy(name))
+
+
+def _assert_structure_matches_names(graphs, policy):
     checked = 0
     for gm in graphs.values():
         classify_linears(gm)
         assign_regions(gm)
         for node in g.linear_nodes(gm):
             info = node.meta["qvla"]
-            assert info.role is role_from_name(info.module_path), info
-            assert info.region is region_from_name(info.module_path), info
+            assert (info.role, info.region) == (role_from_name(info.module_path), region_from_name(info.module_path)), info
             checked += 1
-    assert checked == sum(isinstance(m, torch.nn.Linear) for m in build_policy(name).modules())
+    assert checked == sum(isinstance(m, torch.nn.Linear) for m in policy.modules())
 
 
 @pytest.mark.parametrize("kw", [{}, {"fused": True}, {"qk_norm": True}])
@@ -103,13 +105,4 @@ def test_structure_agrees_with_names_on_full_presets(name):
     with torch.device("meta"):
         policy = (Pi05Policy if name.startswith("pi05") else GrootPolicy)(get_config(name)).eval()
         obs, noise = policy.example_inputs(2), policy.example_noise(2)
-    graphs = capture_policy(policy, obs, noise)
-    checked = 0
-    for gm in graphs.values():
-        classify_linears(gm)
-        assign_regions(gm)
-        for node in g.linear_nodes(gm):
-            info = node.meta["qvla"]
-            assert (info.role, info.region) == (role_from_name(info.module_path), region_from_name(info.module_path))
-            checked += 1
-    assert checked == sum(isinstance(m, torch.nn.Linear) for m in policy.modules())
+    _assert_structure_matches_names(capture_policy(policy, obs, noise), policy)
