@@ -7,8 +7,9 @@ A quantized linear is two ops, so one activation quantization can feed every con
     y      = qvla::int8_linear(xq, xs, w_q, w_scale, bias, dtype)  # int8 x int8 -> int32, scales in the epilogue
     y      = qvla::int4_linear(xq, xs, w_packed, w_scale, bias, group_size, dtype)
 
-The CPU implementations do real integer arithmetic with `torch._int_mm` (int32 accumulation); int4 weights are
-unpacked to int8 on the fly and accumulated per group of `group_size` along K. The GPU implementations (Triton)
+The CPU implementations do exact integer arithmetic (int32 accumulators; `kernels/cpu_gemm.py` picks
+`torch._int_mm` or an exact chunked fp32 GEMM, whichever is fast on this CPU); int4 weights are unpacked to int8 on
+the fly and accumulated per group of `group_size` along K. The GPU implementations (Triton)
 register themselves for the "cuda" dispatch key on top of these schemas, so one saved program runs on both.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from qvla_compiler.errors import ShapeError
+from qvla_compiler.kernels.cpu_gemm import grouped_int_matmul, int_matmul
 
 _LIB = "qvla"
 
@@ -83,15 +85,6 @@ def _check_linear(name: str, xq, x_scale, k_weight: int):
         raise ShapeError(f"qvla::{name}: x_scale shape {tuple(x_scale.shape)} does not match tokens {tuple(xq.shape[:-1])}")
 
 
-def int_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
-    """int8 [M, K] @ int8 [N, K]^T -> int32 [M, N], exact; `torch._int_mm` where it applies."""
-    m = a.shape[0]
-    if m == 0:
-        return a.new_zeros((0, b_t.shape[0]), dtype=torch.int32)
-    # _int_mm wants a row-major A and a column-major B; the weight is stored [N, K] so .t() is free.
-    return torch._int_mm(a.contiguous(), b_t.t())
-
-
 def int8_linear_ref(xq, x_scale, w_q, w_scale, bias=None, out_dtype=torch.float32):
     """Reference in int64/float64: the golden semantics of qvla::int8_linear."""
     acc = (xq.to(torch.int64) @ w_q.to(torch.int64).t()).double()
@@ -151,14 +144,10 @@ def int4_linear(
     lead = xq.shape[:-1]
     x = xq.reshape(-1, k).contiguous()
     w = unpack_int4(w_packed, k)
-    n_groups = w_scale.shape[1]
-    if n_groups == 1:
+    if w_scale.shape[1] == 1:
         out = int_matmul(x, w).float() * w_scale[:, 0]
-    else:
-        out = x.new_zeros((x.shape[0], w.shape[0]), dtype=torch.float32)
-        for g in range(n_groups):
-            cols = slice(g * group_size, (g + 1) * group_size)
-            out += int_matmul(x[:, cols], w[:, cols]).float() * w_scale[:, g]
+    else:  # exact int32 sum per group, then the group's scale: sum_g acc_g * s[:, g]
+        out = (grouped_int_matmul(x, w, group_size).float() * w_scale.t()[:, None, :]).sum(0)
     out = out * x_scale.reshape(-1, 1)
     if bias is not None:
         out = out + bias.float()
