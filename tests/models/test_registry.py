@@ -8,7 +8,8 @@ from qvla_compiler.models import MODEL_NAMES, FlowSchedule, GrootPolicy, Pi05Pol
 
 
 def test_model_names():
-    assert MODEL_NAMES == ("pi05-tiny", "pi05-small", "pi05-full", "groot-tiny", "groot-small", "groot-full")
+    assert MODEL_NAMES == ("pi05-tiny", "pi05-small", "pi05-full", "groot-tiny", "groot-small", "groot-full",
+                           "pi05-tabletop", "groot-tabletop")
 
 
 def test_unknown_name_lists_valid_names():
