@@ -72,6 +72,25 @@ def bench_model(name: str, batch: int, repeats: int) -> dict:
     return {"model": name, "batch": batch, "timings": timings, "memory": memory}
 
 
+def bench_rotation_ops(repeats: int) -> list[dict]:
+    """Per-call cost of the online rotation ops on [50, width] activations, next to a width x width fp32 linear."""
+    from qvla_compiler.hadamard import hadamard_base, hadamard_factors
+
+    rows = []
+    for width in (384, 1024, 1536, 4096):
+        x, w = torch.randn(50, width), torch.randn(width, width)
+        m, _ = hadamard_factors(width)
+        had = hadamard_base(m).float() if m > 1 else None
+        block = 128 if width % 128 == 0 else width
+        rot = torch.linalg.qr(torch.randn(width // block, block, block))[0]
+        perm = torch.randperm(width)
+        rows.append({"width": width,
+                     "hadamard_ms": median_ms(lambda: torch.ops.qvla.hadamard(x, had, width ** -0.5, 1), repeats),
+                     "block_rotate_ms": median_ms(lambda: torch.ops.qvla.block_rotate(x, rot, perm, rot), repeats),
+                     "linear_ms": median_ms(lambda: x @ w.t(), repeats)})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["pi05-small", "groot-small"])
@@ -87,8 +106,15 @@ def main() -> None:
         results.append(bench_model(model, args.batch, args.repeats))
         if not args.json:
             print_markdown(results[-1], machine)
+    rotations = bench_rotation_ops(args.repeats)
     if args.json:
-        print(json.dumps({"machine": machine, "results": results}))
+        print(json.dumps({"machine": machine, "results": results, "rotation_ops": rotations}))
+        return
+    print("\n### online rotation ops, x = [50, width] fp32 (medians)\n")
+    print("| width | qvla::hadamard ms | qvla::block_rotate (rot+perm+rot, B=128) ms | fp32 width×width linear ms |")
+    print("|---|---|---|---|")
+    for r in rotations:
+        print(f"| {r['width']} | {r['hadamard_ms']:.3f} | {r['block_rotate_ms']:.3f} | {r['linear_ms']:.3f} |")
 
 
 def print_markdown(res: dict, machine: dict) -> None:
