@@ -40,10 +40,10 @@ def observer_of(node: fx.Node, gm: fx.GraphModule) -> ActObserver | None:
     return None
 
 
-def remove_observers(gm: fx.GraphModule) -> fx.GraphModule:
-    """Inverse of insert_observers: bypass and delete every observer node and module."""
+def remove_observers(gm: fx.GraphModule, prefix: str = OBSERVER_PREFIX) -> fx.GraphModule:
+    """Inverse of insert_observers: bypass and delete every identity observer whose name starts with `prefix`."""
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and str(node.target).startswith(OBSERVER_PREFIX):
+        if node.op == "call_module" and str(node.target).startswith(prefix):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             gm.delete_submodule(node.target)

@@ -20,6 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from qvla_compiler.meta import Region
+from qvla_compiler.passes.insert_observers import remove_observers
 from qvla_compiler.passes._attention_sites import attention_sites, sdpa_arguments, softmax_of
 
 ATTN_OBSERVER_PREFIX = "qvla_attnobs_"
@@ -152,10 +153,4 @@ def attention_stats(gm: fx.GraphModule) -> dict[int, BlockStats]:
 
 def remove_attention_observers(gm: fx.GraphModule) -> fx.GraphModule:
     """Bypass and delete every ATM/OHB observer node and module."""
-    for node in list(gm.graph.nodes):
-        if node.op == "call_module" and str(node.target).startswith(ATTN_OBSERVER_PREFIX):
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
-            gm.delete_submodule(node.target)
-    gm.recompile()
-    return gm
+    return remove_observers(gm, ATTN_OBSERVER_PREFIX)
