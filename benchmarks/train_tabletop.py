@@ -15,6 +15,11 @@ Demonstrations come from `collect_demonstrations` with episode seeds starting at
 
 t ~ Beta(1.5, 1) mapped so that noisier times are more frequent (as pi0 / GR00T do). The observation prefix is run once
 per sample and shared by `--k-noise` (t, noise) draws, which is cheap extra supervision for the action head.
+
+Two stand-ins for what a pretrained VLM would bring (both training-only; the saved policy is the plain architecture):
+`--aux-weight` adds the grounding losses of `benchmarks/tabletop_aux.py` (which object is where, which one the
+instruction names), and pi0.5's state-bin token embeddings start ordinal (sinusoidal in the bin value), as a
+pretrained LM's number tokens are, instead of as 256 unrelated random vectors.
 """
 
 from __future__ import annotations
@@ -34,8 +39,11 @@ from qvla_compiler.eval.dataset import collect_demonstrations  # noqa: E402
 from qvla_compiler.eval.tabletop import FAMILIES, run_episodes, runner_kwargs, sample_actions_policy  # noqa: E402
 from qvla_compiler.eval.tokenizer import Tokenizer  # noqa: E402
 from qvla_compiler.models.checkpoints import save_checkpoint  # noqa: E402
+from qvla_compiler.models.common import sinusoidal_embedding  # noqa: E402
 from qvla_compiler.models.groot import GrootPolicy  # noqa: E402
+from qvla_compiler.models.pi05 import Pi05Policy  # noqa: E402
 from qvla_compiler.models.registry import build_policy, get_config  # noqa: E402
+from tabletop_aux import GroundingHeads, aux_loss, prefix_features  # noqa: E402
 
 DEMO_SEED = 100_000
 N_EXEC = 4
@@ -59,6 +67,17 @@ def flow_targets(policy, actions: torch.Tensor, gen: torch.Generator) -> tuple[t
 def _beta(n: int, gen: torch.Generator, a: float = 1.5) -> torch.Tensor:
     # Beta(a, 1) by inversion: F(x) = x^a, so x = U^(1/a); uses the seeded generator
     return torch.rand(n, generator=gen).pow(1.0 / a)
+
+
+def init_state_embeddings(policy) -> None:
+    """pi0.5 only: state-bin embedding rows = sinusoidal features of the bin value (row norm ~1, as the random init)."""
+    if not isinstance(policy, Pi05Policy):
+        return
+    cfg = policy.config
+    values = torch.linspace(-1.0, 1.0, cfg.state_bins)
+    feats = sinusoidal_embedding(values, cfg.width, min_period=0.05, max_period=8.0) * (2.0 / cfg.width) ** 0.5
+    with torch.no_grad():
+        policy.language_model.embed_tokens.weight[cfg.state_token_offset:cfg.state_token_offset + cfg.state_bins] = feats
 
 
 def repeat_prefix(prefix: tuple, k: int) -> tuple:
@@ -89,6 +108,7 @@ def main(argv=None) -> int:
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the grounding losses (0: off)")
     ap.add_argument("--eval-episodes", type=int, default=20, help="held-out episodes per family at the end (0: none)")
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--save-every", type=int, default=500, help="also write the checkpoint every N steps (0: only at the end)")
@@ -101,14 +121,17 @@ def main(argv=None) -> int:
     t0 = time.time()
     data = collect_demonstrations(args.episodes, DEMO_SEED + 10_000 * args.seed, cfg.horizon,
                                   image_size=cfg.image_size, image_dtype=torch.uint8, action_dim=cfg.action_dim,
-                                  state_dim=cfg.state_dim, tokenizer=Tokenizer(max_len=cfg.max_tokens))
+                                  state_dim=cfg.state_dim, tokenizer=Tokenizer(max_len=cfg.max_tokens), scene=True)
     n = data["images"].shape[0]
     print(f"[data] {data['n_episodes_kept']} episodes, {n} samples in {time.time() - t0:.0f}s", flush=True)
 
     policy = build_policy(name, seed=args.seed, pretrained=False)
+    init_state_embeddings(policy)
     policy.train()
-    decay = [p for p in policy.parameters() if p.ndim >= 2]
-    no_decay = [p for p in policy.parameters() if p.ndim < 2]
+    heads = GroundingHeads(cfg.width)
+    params = list(policy.parameters()) + list(heads.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
 
@@ -120,7 +143,8 @@ def main(argv=None) -> int:
 
     gen = torch.Generator().manual_seed(args.seed)
     perm, pos = torch.randperm(n, generator=gen), 0
-    t_train, ema = time.time(), None
+    t_train, ema, acc_ema = time.time(), None, 0.0
+    grid = cfg.image_size // cfg.vision.patch_size
     stop = args.steps if args.stop_at is None else min(args.stop_at, args.steps)
     for step in range(stop):
         if pos + args.batch > n:
@@ -132,27 +156,34 @@ def main(argv=None) -> int:
         actions = data["action_chunks"][idx].repeat_interleave(args.k_noise, dim=0)
         x_t, t, target = flow_targets(policy, actions, gen)
         v = policy.denoise_step(repeat_prefix(prefix, args.k_noise), x_t, t)
-        loss = torch.nn.functional.mse_loss(v, target)
+        loss = flow = torch.nn.functional.mse_loss(v, target)
+        if args.aux_weight:
+            img_h, txt_h = prefix_features(policy, prefix, cfg.max_tokens)
+            aux, stats = aux_loss(heads, img_h, txt_h, data["token_mask"][idx], data["landmarks"][idx],
+                                  data["objects"][idx], grid)
+            loss = flow + args.aux_weight * aux
+            acc_ema = 0.98 * acc_ema + 0.02 * stats["ground_acc"]
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        ema = flow.item() if ema is None else 0.98 * ema + 0.02 * flow.item()
         if args.save_every and step and step % args.save_every == 0:
             policy.eval()
             save_checkpoint(policy, args.out, {"model": name, "seed": str(args.seed), "partial_step": str(step)})
             policy.train()
         if step % args.log_every == 0 or step == stop - 1:
             el = time.time() - t_train
-            print(f"[train] step {step} loss {loss.item():.4f} ema {ema:.4f} lr {lr_at(step):.2e} "
+            print(f"[train] step {step} flow loss {flow.item():.4f} ema {ema:.4f} grounding acc {acc_ema:.2f} "
+                  f"lr {lr_at(step):.2e} "
                   f"{el:.0f}s ({el / (step + 1):.3f}s/step)", flush=True)
     train_s = time.time() - t0
     policy.eval()
     meta = {"model": name, "seed": str(args.seed), "steps": str(stop), "schedule_steps": str(args.steps), "episodes_per_family": str(args.episodes),
             "demo_seed": str(DEMO_SEED + 10_000 * args.seed), "batch": str(args.batch), "k_noise": str(args.k_noise),
-            "lr": str(args.lr), "threads": str(args.threads), "train_seconds": f"{train_s:.0f}",
+            "lr": str(args.lr), "threads": str(args.threads), "aux_weight": str(args.aux_weight), "train_seconds": f"{train_s:.0f}",
             "final_loss_ema": f"{ema:.5f}", "command": " ".join(sys.argv)}
     path = save_checkpoint(policy, args.out, meta)
     print(f"[save] {path} ({path.stat().st_size / 1e6:.2f} MB) after {train_s:.0f}s", flush=True)

@@ -19,10 +19,35 @@ import torch
 
 from qvla_compiler.errors import QvlaError
 from qvla_compiler.eval.expert import ScriptedExpert
-from qvla_compiler.eval.tabletop import ACTION_DIM, FAMILIES, IMAGE_SIZE, STATE_DIM, TabletopEnv
+from qvla_compiler.eval.tabletop import (
+    ACTION_DIM, COLOURS, FAMILIES, IMAGE_SIZE, SHAPES, STATE_DIM, TabletopEnv, TabletopState,
+)
 from qvla_compiler.eval.tokenizer import Tokenizer, default_tokenizer
 
-__all__ = ["collect_demonstrations"]
+__all__ = ["collect_demonstrations", "scene_labels", "MAX_OBJECTS"]
+
+MAX_OBJECTS = 4
+
+
+def scene_labels(state: TabletopState) -> tuple[np.ndarray, np.ndarray]:
+    """What a grounded observer should know about one state (auxiliary training targets, not policy inputs).
+
+    landmarks float32 [2, 2]: the position that matters now (reach target, current ``sequence`` target, the
+    ``push`` block) and the one after it (next ``sequence`` target, the ``push`` goal zone; else the same);
+    objects float32 [MAX_OBJECTS, 3]: (x, y, class) per object, class = 1 + colour * len(SHAPES) + shape,
+    rows past the last object are (0, 0, 0).
+    """
+    k = min(state.stage, len(state.targets) - 1)
+    first = state.objects[state.targets[k]].pos
+    if state.family == "push":
+        second = state.zones[state.goal_zone].pos
+    else:
+        second = state.objects[state.targets[min(k + 1, len(state.targets) - 1)]].pos
+    objects = np.zeros((MAX_OBJECTS, 3), np.float32)
+    colours = list(COLOURS)
+    for i, o in enumerate(state.objects[:MAX_OBJECTS]):
+        objects[i] = (o.pos[0], o.pos[1], 1 + colours.index(o.colour) * len(SHAPES) + SHAPES.index(o.shape))
+    return np.stack([first, second]).astype(np.float32), objects
 
 
 def collect_demonstrations(n_episodes: int, seed: int, horizon: int,
@@ -30,7 +55,7 @@ def collect_demonstrations(n_episodes: int, seed: int, horizon: int,
                            pad: str = "zero", only_success: bool = True,
                            image_size: int = IMAGE_SIZE, image_dtype: torch.dtype = torch.float32,
                            action_dim: int = ACTION_DIM, state_dim: int = STATE_DIM,
-                           tokenizer: Tokenizer | None = None) -> dict:
+                           tokenizer: Tokenizer | None = None, scene: bool = False) -> dict:
     """Collect ``n_episodes`` expert episodes per family, episode seeds ``seed .. seed+n_episodes-1``.
 
     Returns a dict of tensors with N samples:
@@ -42,7 +67,8 @@ def collect_demonstrations(n_episodes: int, seed: int, horizon: int,
       chunk_mask    bool [N,horizon] (True = real expert action, False = padding)
       episode       int64 [N] (index of the episode in collection order)
       family        int64 [N] (index into ``families``)
-    plus ``families`` (the list) and ``n_episodes_kept``.
+    plus ``families`` (the list) and ``n_episodes_kept``; with ``scene=True`` also ``landmarks`` [N,2,2] and
+    ``objects`` [N,MAX_OBJECTS,3] from :func:`scene_labels` (auxiliary targets for training).
 
     ``action_dim`` >= ACTION_DIM and ``state_dim`` >= STATE_DIM zero-pad the
     actions / state to a policy's widths (the env executes only the first 2
@@ -61,16 +87,20 @@ def collect_demonstrations(n_episodes: int, seed: int, horizon: int,
     tokenizer = tokenizer or default_tokenizer()
     families = list(families)
     images, states, instructions, chunks, cmasks, episodes, fam_ids = [], [], [], [], [], [], []
+    landmarks, objects = [], []
     kept = 0
     for fi, family in enumerate(families):
         expert = ScriptedExpert(expert_noise, seed=int(np.random.SeedSequence([seed, fi]).generate_state(1)[0]))
         for k in range(n_episodes):
             env = TabletopEnv(family, seed + k, image_size=image_size)
             obs = env.reset()
-            ep_images, ep_states, ep_actions = [], [], []
+            ep_images, ep_states, ep_actions, ep_scene = [], [], [], []
             done, info = False, {"success": False}
             while not done:
-                noisy, clean = expert.act(env.get_state(), return_clean=True)
+                state = env.get_state()
+                noisy, clean = expert.act(state, return_clean=True)
+                if scene:
+                    ep_scene.append(scene_labels(state))
                 ep_images.append(obs["image"])
                 ep_states.append(obs["state"])
                 ep_actions.append(clean)
@@ -89,6 +119,9 @@ def collect_demonstrations(n_episodes: int, seed: int, horizon: int,
             instructions += [env.instruction] * T
             episodes.append(np.full(T, kept, dtype=np.int64))
             fam_ids.append(np.full(T, fi, dtype=np.int64))
+            if scene:
+                landmarks.append(np.stack([ls for ls, _ in ep_scene]))
+                objects.append(np.stack([ob for _, ob in ep_scene]))
             kept += 1
     if kept == 0:
         raise QvlaError("no successful expert episode was collected; lower expert_noise or pass only_success=False")
@@ -101,7 +134,7 @@ def collect_demonstrations(n_episodes: int, seed: int, horizon: int,
     if image_dtype == torch.float32:
         img = img.to(torch.float32).div_(255.0)
     tokens, token_mask = tokenizer.encode_batch(instructions)
-    return {
+    out = {
         "images": img,
         "tokens": tokens,
         "token_mask": token_mask,
@@ -113,3 +146,7 @@ def collect_demonstrations(n_episodes: int, seed: int, horizon: int,
         "families": families,
         "n_episodes_kept": kept,
     }
+    if scene:
+        out["landmarks"] = torch.from_numpy(np.concatenate(landmarks))
+        out["objects"] = torch.from_numpy(np.concatenate(objects))
+    return out

@@ -29,9 +29,11 @@ Actions are normalised displacements: each component is clipped to
 trailing action components (padding) are ignored.
 
 The proprioceptive state (``STATE_DIM`` = 8) is
-``[2x-1, 2y-1, vx, vy, stage_fraction, 0, 0, 0]`` where ``v`` is the last
-realised displacement divided by ``MAX_STEP`` and ``stage_fraction`` is the
-fraction of ``sequence`` targets already touched (0 for other families).
+``[2x-1, 2y-1, stage_fraction, 0, 0, 0, 0, 0]`` where ``stage_fraction`` is the
+fraction of ``sequence`` targets already touched (0 for other families).  The
+last displacement is deliberately not observed: a policy cloned from an expert
+that heads straight for its goal learns to repeat its previous motion from it
+(the "copycat" shortcut) instead of reading the image and the instruction.
 
 Policies are chunked: ``policy_fn(batch) -> actions [B, horizon, ACTION_DIM]``
 with ``batch = {"images": float [B,3,H,W] in [0,1], "tokens": int64 [B,L],
@@ -224,9 +226,8 @@ class TabletopEnv:
         s = self._state
         out = np.zeros(STATE_DIM, dtype=np.float32)
         out[0:2] = 2.0 * s.agent - 1.0
-        out[2:4] = s.velocity
         if s.family == "sequence":
-            out[4] = s.stage / len(s.targets)
+            out[2] = s.stage / len(s.targets)
         return out
 
     def _dynamic_items(self) -> list[tuple]:

@@ -52,13 +52,15 @@ class Pi05Config:
     action_dim: int
     state_dim: int
     state_bins: int = 256  # the state enters as discretised text tokens, as pi0.5's processor does
+    state_token_offset: int = 0  # first token id of the state bins (vocab_size - state_bins keeps them off the words)
     num_steps: int = 10
     rope_base: float = 10000.0
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        if self.state_bins > self.vocab_size:
-            raise ValueError(f"Pi05Config: state_bins ({self.state_bins}) must be <= vocab_size ({self.vocab_size})")
+        if self.state_token_offset + self.state_bins > self.vocab_size:
+            raise ValueError(f"Pi05Config: state_token_offset + state_bins ({self.state_token_offset} + "
+                             f"{self.state_bins}) must be <= vocab_size ({self.vocab_size})")
         if self.head_dim % 2:
             raise ValueError(f"Pi05Config: head_dim must be even for RoPE, got {self.head_dim}")
 
@@ -204,9 +206,10 @@ class Pi05Policy(FlowPolicy):
                 init_modulation(m.dense, torch.cat([torch.zeros(2 * w), torch.ones(w)]))
 
     def _state_tokens(self, state: Tensor) -> Tensor:
-        # pi0.5 writes the state into the prompt as 256-bin tokens; here they are token ids 0..state_bins-1
+        # pi0.5 writes the state into the prompt as 256-bin tokens; here they are token ids
+        # state_token_offset .. state_token_offset + state_bins - 1
         bins = self.config.state_bins
-        return ((state + 1.0) * 0.5 * bins).floor().clamp(0, bins - 1).long()
+        return ((state + 1.0) * 0.5 * bins).floor().clamp(0, bins - 1).long() + self.config.state_token_offset
 
     def embed_prefix(self, images: Tensor, tokens: Tensor, token_mask: Tensor, state: Tensor) -> tuple[Tensor, ...]:
         """Run the VLM once. Returns (prefix_k, prefix_v, prefix_mask, prefix_hidden):

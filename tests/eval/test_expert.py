@@ -53,3 +53,29 @@ def test_collect_demonstrations_shapes_and_padding():
                                   image_size=32)
     assert wide["action_chunks"].shape[1:] == (4, 7) and torch.all(wide["action_chunks"][..., 2:] == 0)
     assert wide["state"].shape[1] == 10 and wide["images"].shape[2:] == (32, 32)
+
+
+def test_scene_labels_name_the_instruction_landmarks():
+    from qvla_compiler.eval.dataset import MAX_OBJECTS, scene_labels
+    from qvla_compiler.eval.tabletop import COLOURS, SHAPES
+
+    for family in ("reach", "push", "sequence"):
+        env = TabletopEnv(family, 3)
+        env.reset()
+        s = env.get_state()
+        landmarks, objects = scene_labels(s)
+        assert landmarks.shape == (2, 2) and objects.shape == (MAX_OBJECTS, 3)
+        first = s.objects[s.targets[0]]
+        np.testing.assert_allclose(landmarks[0], first.pos, rtol=1e-6)
+        cls = 1 + list(COLOURS).index(first.colour) * len(SHAPES) + SHAPES.index(first.shape)
+        assert cls in objects[:, 2]
+        if family == "push":
+            np.testing.assert_allclose(landmarks[1], s.zones[s.goal_zone].pos, rtol=1e-6)
+            assert (objects[2:] == 0).all()          # two blocks, the rest padding
+        elif family == "sequence":
+            np.testing.assert_allclose(landmarks[1], s.objects[s.targets[1]].pos, rtol=1e-6)
+            s.stage = 1                             # after the first touch both landmarks are the second target
+            later, _ = scene_labels(s)
+            np.testing.assert_allclose(later[0], later[1])
+    d = collect_demonstrations(1, seed=500, horizon=4, families=["sequence"], scene=True)
+    assert d["landmarks"].shape == (d["images"].shape[0], 2, 2) and d["objects"].shape[1:] == (MAX_OBJECTS, 3)

@@ -124,7 +124,7 @@ def test_sequence_order_matters():
     env.set_state(s)
     _, done, info = env.step(np.zeros(ACTION_DIM))
     assert info["stage"] == 1 and not done
-    assert env.proprio()[4] == pytest.approx(0.5)
+    assert env.proprio()[2] == pytest.approx(0.5)
     s = env.get_state()
     s.agent = second.copy()
     env.set_state(s)
@@ -255,3 +255,11 @@ def test_wider_policy_dims_are_padded():
     r = run_episodes("push", [0, 1], fn, 5, noise_seed=0, horizon=5, action_dim=7, state_dim=12,
                      tokenizer=Tokenizer(max_len=20))
     assert len(r) == 2
+
+
+def test_state_has_position_but_not_the_last_motion():
+    env = TabletopEnv("reach", 5)
+    before = env.reset()["state"]
+    obs, _, _ = env.step(np.array([1.0, -1.0]))
+    assert obs["state"][0] > before[0] and obs["state"][1] < before[1]   # position moved
+    assert np.all(obs["state"][2:] == 0) and np.all(before[2:] == 0)      # no velocity to copy

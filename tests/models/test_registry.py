@@ -46,3 +46,14 @@ def test_flow_schedule_validates():
         FlowSchedule(timesteps=(1.0,), dt=0.0)
     with pytest.raises(QvlaError):
         FlowSchedule.uniform(1.0, 0.0, 0)
+
+
+def test_pi05_state_tokens_sit_above_the_words():
+    from qvla_compiler.eval.tokenizer import VOCAB_SIZE
+
+    policy = build_policy("pi05-tabletop", pretrained=False)
+    cfg = get_config("pi05-tabletop")
+    ids = policy._state_tokens(torch.tensor([[-1.0, 1.0, 0.0]]))
+    assert ids.tolist() == [[cfg.state_token_offset, cfg.state_token_offset + cfg.state_bins - 1,
+                             cfg.state_token_offset + cfg.state_bins // 2]]
+    assert cfg.state_token_offset >= VOCAB_SIZE and cfg.state_token_offset + cfg.state_bins <= cfg.vocab_size
