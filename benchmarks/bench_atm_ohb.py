@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -64,7 +68,7 @@ def _mean(xs):
 
 def markdown(results: list[dict], diags: dict, args, seconds: float, checkpoints: dict) -> str:
     lines = [f"Command: `python benchmarks/bench_atm_ohb.py --episodes {args.episodes} --calib-steps "
-             f"{args.calib_steps} --models {' '.join(args.models)}`  ",
+             f"{args.calib_steps} --models {' '.join(args.models)} --jobs {args.jobs}`  ",
              f"Date: {time.strftime('%Y-%m-%d %H:%M %Z')}; machine: {platform.machine()} CPU, "
              f"{platform.system()}, torch {__import__('torch').__version__}; {seconds / 60:.0f} min.  ",
              f"{args.episodes} episodes per family x 3 families = {3 * args.episodes} paired episodes per row.  ",
@@ -111,28 +115,42 @@ def plot(diags: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def model_grid(model: str, args) -> tuple[list[dict], dict, object]:
+    """Every (bits, layout, variant) row and the drift diagnostics of one model."""
+    if args.jobs > 1:
+        torch.set_num_threads(1)
+    cache: dict = {}
+    results, diags = [], {}
+    policy = build_policy(model)  # loaded once: every row of this model uses the very same weights
+    meta = getattr(policy, "checkpoint_metadata", None)
+    for bits in BITS:
+        for layout in ("all", "quantvla"):
+            diags[(model, bits, layout)] = diagnostics(policy, model, bits, layout, args.calib_steps)
+            for variant in VARIANTS:
+                r = evaluate(model, recipe(bits, variant), layout=layout, episodes=args.episodes,
+                             calib_steps=args.calib_steps, progress=False, float_cache=cache, policy=policy)
+                results.append({"model": model, "bits": bits, "layout": layout, "variant": variant,
+                                **{k: r[k] for k in ("success_fp", "success_q", "p_value", "action_divergence")}})
+                print(json.dumps(results[-1]), flush=True)
+    return results, diags, dict(meta) if meta else "none (random init)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["pi05-tabletop", "groot-tabletop"])
     ap.add_argument("--episodes", type=int, default=5, help="per family")
     ap.add_argument("--calib-steps", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/RESULTS_atm_ohb.md")
+    ap.add_argument("--jobs", type=int, default=1, help="models run in parallel processes (one thread each)")
     args = ap.parse_args()
     t0, results, diags, checkpoints = time.time(), [], {}, {}
-    for model in args.models:
-        cache: dict = {}
-        policy = build_policy(model)  # loaded once: every row of this model uses the very same weights
-        meta = getattr(policy, "checkpoint_metadata", None)
-        checkpoints[model] = dict(meta) if meta else "none (random init)"
-        for bits in BITS:
-            for layout in ("all", "quantvla"):
-                diags[(model, bits, layout)] = diagnostics(policy, model, bits, layout, args.calib_steps)
-                for variant in VARIANTS:
-                    r = evaluate(model, recipe(bits, variant), layout=layout, episodes=args.episodes,
-                                 calib_steps=args.calib_steps, progress=False, float_cache=cache, policy=policy)
-                    results.append({"model": model, "bits": bits, "layout": layout, "variant": variant,
-                                    **{k: r[k] for k in ("success_fp", "success_q", "p_value", "action_divergence")}})
-                    print(json.dumps(results[-1]), flush=True)
+    jobs = max(1, min(args.jobs, len(args.models)))
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for model, (rows, model_diags, meta) in zip(args.models, pool.map(model_grid, args.models,
+                                                                          [args] * len(args.models))):
+            results += rows
+            diags.update(model_diags)
+            checkpoints[model] = meta
     out = Path(args.out)
     out.write_text(markdown(results, diags, args, time.time() - t0, checkpoints))
     out.with_suffix(".json").write_text(json.dumps(

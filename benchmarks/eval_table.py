@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -85,6 +89,25 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def model_rows(model: str, args, t0: float) -> list[dict]:
+    """The float row and every (recipe, layout) row of one model; float rollouts run once and are reused."""
+    if args.jobs > 1:
+        torch.set_num_threads(1)
+    cache: dict = {}
+    progress = args.jobs == 1
+    r = evaluate(model, "float", episodes=args.episodes, families=args.families, float_cache=cache, progress=progress)
+    rows = [r]
+    print(f"{model} float: {_pct(r['success_q'])}% ({time.time() - t0:.0f}s)", flush=True)
+    for recipe in args.recipes:
+        for layout in args.layouts:
+            r = evaluate(model, recipe, layout=layout, episodes=args.episodes, families=args.families,
+                         calib_steps=args.calib_steps, float_cache=cache, progress=progress)
+            rows.append(r)
+            print(f"{model} {recipe}/{layout}: {_pct(r['success_q'])}% (float {_pct(r['success_fp'])}%, "
+                  f"p={r['p_value']:.3g}, div={r['action_divergence']:.3f}; {time.time() - t0:.0f}s)", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["pi05-tabletop", "groot-tabletop"])
@@ -96,6 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/RESULTS_tabletop.md")
     ap.add_argument("--png", default="benchmarks/tabletop_success_vs_bits.png")
     ap.add_argument("--json", default="benchmarks/tabletop_results.json")
+    ap.add_argument("--jobs", type=int, default=1, help="models evaluated in parallel processes (one thread each)")
     args = ap.parse_args(argv)
     rows: list[dict] = []
     t0 = time.time()
@@ -106,19 +130,15 @@ def main(argv=None) -> int:
         Path(args.out).write_text("# Tabletop closed-loop results\n\nCommand: `python benchmarks/eval_table.py "
                                   + " ".join(sys.argv[1:]) + "`\n\n" + md)
 
-    for model in args.models:
-        cache: dict = {}
-        r = evaluate(model, "float", episodes=args.episodes, families=args.families, float_cache=cache)
-        rows.append(r)
-        print(f"{model} float: {_pct(r['success_q'])}% ({time.time() - t0:.0f}s)", flush=True)
-        flush()
-        for recipe in args.recipes:
-            for layout in args.layouts:
-                r = evaluate(model, recipe, layout=layout, episodes=args.episodes, families=args.families,
-                             calib_steps=args.calib_steps, float_cache=cache)
-                rows.append(r)
-                print(f"{model} {recipe}/{layout}: {_pct(r['success_q'])}% (float {_pct(r['success_fp'])}%, "
-                      f"p={r['p_value']:.3g}, div={r['action_divergence']:.3f}; {time.time() - t0:.0f}s)", flush=True)
+    jobs = max(1, min(args.jobs, len(args.models)))
+    if jobs == 1:
+        for model in args.models:
+            rows += model_rows(model, args, t0)
+            flush()
+    else:  # one process per model, one thread each: the rows of a model never depend on another model's
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for model_result in pool.map(model_rows, args.models, [args] * len(args.models), [t0] * len(args.models)):
+                rows += model_result
                 flush()
     try:
         plot(rows, Path(args.png))
