@@ -1,6 +1,7 @@
 """Action SQNR of rotation / smoothing methods at W8A8, W4A8, W4A4 on policies with injected outliers.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_rotations.py [--models pi05-tiny groot-tiny] [--calib-steps 4]
+        [--methods none hadamard quarot]
 
 Prints one markdown table: rows = (model, method), columns = bit widths, cells = action SQNR in dB of the
 quantized program against the float policy (same observation and noise; layout quantvla, dynamic per-token
@@ -21,7 +22,7 @@ from qvla_compiler.models.outliers import inject_outliers
 from qvla_compiler.recipes import RECIPES
 
 METHODS = {"none": dict(), "smoothquant": dict(smooth="smoothquant"), "hadamard": dict(rotation="hadamard"),
-           "duquant": dict(rotation="duquant", smooth_alpha=0.6)}
+           "quarot": dict(rotation="quarot"), "duquant": dict(rotation="duquant", smooth_alpha=0.6)}
 BITS = ("w8a8", "w4a8", "w4a4")
 
 
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["pi05-tiny", "groot-tiny"])
     parser.add_argument("--calib-steps", type=int, default=4)
     parser.add_argument("--no-outliers", action="store_true")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     started = time.perf_counter()
@@ -48,7 +50,7 @@ def main() -> None:
     print("| model | method | " + " | ".join(b.upper() for b in BITS) + " |")
     print("|---|---|" + "---:|" * len(BITS))
     for model in args.models:
-        for method in METHODS:
+        for method in args.methods:
             cells = [f"{measure(model, b, method, not args.no_outliers, args.calib_steps):.2f}" for b in BITS]
             print(f"| {model} | {method} | " + " | ".join(cells) + " |", flush=True)
     print(f"\n({time.perf_counter() - started:.0f} s)")

@@ -23,7 +23,7 @@ LAYOUTS: Mapping[str, frozenset[tuple[Region, Role]]] = {
 }
 
 
-ROTATIONS = ("none", "hadamard", "duquant")
+ROTATIONS = ("none", "hadamard", "duquant", "quarot")
 SMOOTHINGS = ("none", "smoothquant")
 
 
@@ -42,7 +42,8 @@ class QuantRecipe:
     region_overrides: tuple[tuple[str, Region], ...] = ()
     role_overrides: tuple[tuple[str, Role], ...] = ()
     skip: tuple[str, ...] = ()
-    rotation: str = "none"  # "none" | "hadamard" | "duquant": per quantized input, exact in float (passes/rotate_*)
+    rotation: str = "none"  # "none" | "hadamard" | "duquant" per quantized input, or "quarot": the RMSNorm residual
+    # stream rotated and folded into the weights, "hadamard" on the other inputs; all exact in float (passes/rotate_*)
     smooth: str = "none"  # "none" | "smoothquant": scales folded into the preceding norm where exact
     smooth_alpha: float = 0.5  # migration strength of SmoothQuant and of DuQuant's own smoothing
     rotation_block: int = 128  # DuQuant block size (the largest divisor of the width that is <= this)

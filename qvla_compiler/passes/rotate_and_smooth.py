@@ -3,7 +3,9 @@
 Before: calibrated observers on integer linears' inputs (phase 2).
 After:  decisions first: every linear of a group gets LinearInfo.rotation, e.g. "smoothquant+duquant", or None —
         SmoothQuant only where find_norm_fold finds a constant gain to fold 1/s into, Hadamard only for supported
-        widths, DuQuant everywhere. Then the rewrites run in order (smooth_linears, then the rotation pass from
+        widths, DuQuant everywhere; "quarot" first tags the foldable residual streams (rotate_residual), its
+        readers get "quarot" (no online op, no SmoothQuant: the fold resets the norm gain) and every other group the
+        per-input "hadamard". Then the rewrites run in order (smooth_linears, then the rotation passes from
         ROTATION_PASSES) and the observers are reset: the caller re-calibrates so activation scales and the report's
         per-linear samples describe the transformed inputs.
 Invariant: the float program computes the same function (every rewrite is exact in real arithmetic).
@@ -19,6 +21,7 @@ from qvla_compiler.meta import update
 from qvla_compiler.passes.rotate_common import observed_groups, reset_observers
 from qvla_compiler.passes.rotate_duquant import rotate_duquant
 from qvla_compiler.passes.rotate_hadamard import rotate_hadamard
+from qvla_compiler.passes.rotate_residual import StreamRole, annotate_residual_streams, residual_tag, rotate_residual
 from qvla_compiler.passes.smooth_linears import find_norm_fold, smooth_linears
 from qvla_compiler.recipes import QuantRecipe
 
@@ -26,6 +29,8 @@ from qvla_compiler.recipes import QuantRecipe
 ROTATION_PASSES: dict[str, tuple[Callable[[int], bool], Callable[[fx.GraphModule, QuantRecipe], Any]]] = {
     "hadamard": (supported_width, lambda gm, r: rotate_hadamard(gm)),
     "duquant": (lambda width: True, lambda gm, r: rotate_duquant(gm, r.rotation_block, r.smooth_alpha)),
+    # QuaRot: the residual stream R1 folded into the weights, then the per-input pair for every other group
+    "quarot": (supported_width, lambda gm, r: rotate_hadamard(rotate_residual(gm))),
 }
 
 
@@ -37,13 +42,10 @@ def rotate_and_smooth(gm: fx.GraphModule, recipe: QuantRecipe) -> fx.GraphModule
     """Annotate, smooth, rotate; leaves the observers empty for a second calibration."""
     if not needs_rotation(recipe):
         return gm
+    if recipe.rotation == "quarot":
+        annotate_residual_streams(gm)
     for obs_node, _, linears in observed_groups(gm):
-        parts = []
-        if recipe.smooth == "smoothquant" and find_norm_fold(obs_node.args[0]) is not None:
-            parts.append("smoothquant")
-        if recipe.rotation in ROTATION_PASSES and ROTATION_PASSES[recipe.rotation][0](
-                linears[0].meta["qvla"].in_features):
-            parts.append(recipe.rotation)
+        parts = _group_parts(recipe, obs_node, linears)
         for lin in linears:
             update(lin, rotation="+".join(parts) or None)
     if recipe.smooth == "smoothquant":
@@ -52,6 +54,18 @@ def rotate_and_smooth(gm: fx.GraphModule, recipe: QuantRecipe) -> fx.GraphModule
         ROTATION_PASSES[recipe.rotation][1](gm, recipe)
     reset_observers(gm)
     return gm
+
+
+def _group_parts(recipe: QuantRecipe, obs_node, linears) -> list[str]:
+    tag = residual_tag(linears[0])
+    if recipe.rotation == "quarot" and tag is not None and tag.role is StreamRole.READER:
+        return ["quarot"]  # reads a folded residual stream: nothing online
+    parts = []
+    if recipe.smooth == "smoothquant" and find_norm_fold(obs_node.args[0]) is not None:
+        parts.append("smoothquant")
+    if recipe.rotation in ROTATION_PASSES and ROTATION_PASSES[recipe.rotation][0](linears[0].meta["qvla"].in_features):
+        parts.append("hadamard" if recipe.rotation == "quarot" else recipe.rotation)
+    return parts
 
 
 def replayable(calib, recipe: QuantRecipe):

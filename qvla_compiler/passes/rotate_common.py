@@ -60,9 +60,13 @@ def weight_of(gm: fx.GraphModule, linear: fx.Node) -> torch.Tensor:
 
 def replace_weight(gm: fx.GraphModule, linear: fx.Node, weight: torch.Tensor) -> None:
     """Point `linear` at a new buffer holding `weight`; drop the old attribute when nothing reads it any more."""
-    old = linear.args[1]
-    new = add_tensor(gm, linear.meta["qvla"].module_path + ".weight", weight.to(old.meta["val"].dtype), linear)
-    linear.replace_input_with(old, new)
+    replace_input(gm, linear, linear.args[1], weight, linear.meta["qvla"].module_path + ".weight")
+
+
+def replace_input(gm: fx.GraphModule, node: fx.Node, old: fx.Node, value: torch.Tensor, name: str) -> None:
+    """Point `node`'s get_attr input `old` at a new buffer holding `value` (in old's dtype); drop old if unread."""
+    new = add_tensor(gm, name, value.to(old.meta["val"].dtype), node)
+    node.replace_input_with(old, new)
     if not old.users:
         gm.graph.erase_node(old)
         if not any(n.op == "get_attr" and n.target == old.target for n in gm.graph.nodes):
