@@ -3,8 +3,9 @@
 Before: x → obs → {linears W_i} for groups annotated "hadamard" (width n = m·2^k, see hadamard.supported_width).
 After:  x → qvla::hadamard(x, H_m, 1/√n) → obs → {linears W_i·Hᵀ}: one online op per group (before the MLP down
         projection, before o_proj across all heads at once, before q/k/v and gate/up), the inverse folded into the
-        weights so quantize_linears quantizes W·Hᵀ. The residual-stream rotation (QuaRot's fused R1) and the
-        per-head fold into v_proj are not done: each group's rotation stays local to its own input.
+        weights so quantize_linears quantizes W·Hᵀ. Each group's rotation stays local to its own input; QuaRot's
+        residual-stream rotation R1 (no online op for the norm-fed inputs) is rotation="quarot", rotate_residual.py.
+        The per-head fold into v_proj (R2) is not done.
 Invariant: exact in real arithmetic (H orthonormal); the only new nodes are qvla::hadamard (transparent to
         check_schedule).
 """
