@@ -10,8 +10,12 @@ training script gives the backbone that knowledge directly, from the simulator's
   patches whose logits are <image-token feature, pooled instruction feature> (so the language side must name the
   object and the image side must show it), plus the landmark's offset inside its patch.
 
-Features are the backbone outputs the action head reads: pi0.5's final-norm prefix states, GR00T's `vlln` output
-(image tokens first, then the text tokens; GR00T's causal LM lets only the text tokens see the image).
+* coords: the two landmarks' and the agent's table coordinates, regressed linearly from the mean of the valid text
+  tokens of exactly what the action head reads (pi0.5: the last layer's prefix values, which its expert attends to;
+  GR00T: the `vlln` output its DiT cross-attends to), so that one attention read gives the head what to go to.
+
+Scene and ground use the final prefix states (pi0.5's final norm, GR00T's `vlln`; image tokens first, then the text
+tokens; GR00T's causal LM lets only the text tokens see the image).
 """
 
 from __future__ import annotations
@@ -34,9 +38,22 @@ def prefix_features(policy, prefix: tuple[Tensor, ...], n_tokens: int) -> tuple[
     return hidden[:, :p], hidden[:, p:p + n_tokens]
 
 
+def readout_features(policy, prefix: tuple[Tensor, ...], n_tokens: int) -> Tensor:
+    """Text-token features [B, L, D] as the action head reads them (pi0.5: last layer's values, D = head_dim)."""
+    read = prefix[0] if isinstance(policy, GrootPolicy) else prefix[1][:, -1]
+    p = policy.config.vision.num_patches
+    return read[:, p:p + n_tokens]
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    m = mask[..., None].to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
 class GroundingHeads(nn.Module):
-    def __init__(self, width: int, key_dim: int = 64):
+    def __init__(self, width: int, read_dim: int, key_dim: int = 64):
         super().__init__()
+        self.coords = nn.Linear(read_dim, 2 * N_LANDMARKS + 2)  # landmarks then agent, in [-1, 1]
         self.scene = nn.Linear(width, N_CLASSES)
         self.keys = nn.Linear(width, key_dim)
         self.queries = nn.Linear(width, N_LANDMARKS * key_dim)
@@ -45,9 +62,7 @@ class GroundingHeads(nn.Module):
 
     def forward(self, img: Tensor, txt: Tensor, txt_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """scene logits [B, P, C], landmark logits [B, N_LANDMARKS, P], offsets [B, P, N_LANDMARKS, 2]."""
-        m = txt_mask[..., None].to(txt.dtype)
-        pooled = (txt * m).sum(1) / m.sum(1).clamp(min=1.0)
-        q = self.queries(pooled).unflatten(-1, (N_LANDMARKS, self.key_dim))
+        q = self.queries(_masked_mean(txt, txt_mask)).unflatten(-1, (N_LANDMARKS, self.key_dim))
         logits = torch.einsum("bnd,bpd->bnp", q, self.keys(img)) * self.key_dim**-0.5
         return self.scene(img), logits, self.offsets(img).unflatten(-1, (N_LANDMARKS, 2))
 
@@ -60,9 +75,10 @@ def _patch_index(xy: Tensor, grid: int) -> tuple[Tensor, Tensor]:
     return idx, cell - rc - 0.5
 
 
-def aux_loss(heads: GroundingHeads, img: Tensor, txt: Tensor, txt_mask: Tensor, landmarks: Tensor,
-             objects: Tensor, grid: int) -> tuple[Tensor, dict[str, float]]:
-    """Scene cross-entropy + landmark cross-entropy + landmark offset MSE; also the landmark patch accuracy."""
+def aux_loss(heads: GroundingHeads, img: Tensor, txt: Tensor, read: Tensor, txt_mask: Tensor, landmarks: Tensor,
+             objects: Tensor, agent: Tensor, grid: int) -> tuple[Tensor, dict[str, float]]:
+    """Scene CE + landmark CE + landmark offset MSE + coordinate MSE; also the landmark patch accuracy and the
+    coordinate error (table units).  `agent` [B, 2] is the agent position in table units."""
     scene, logits, offsets = heads(img, txt, txt_mask)
     b, p = scene.shape[:2]
     labels = torch.zeros(b, p, dtype=torch.long)
@@ -75,5 +91,8 @@ def aux_loss(heads: GroundingHeads, img: Tensor, txt: Tensor, txt_mask: Tensor, 
     loss_scene = F.cross_entropy(scene.flatten(0, 1), labels.flatten())
     loss_ground = F.cross_entropy(logits.flatten(0, 1), lm_idx.flatten())
     loss_offset = F.mse_loss(picked, lm_off) * 4.0                      # offsets are in [-0.5, 0.5]
+    want = torch.cat([landmarks.flatten(1), agent], dim=-1) * 2.0 - 1.0
+    loss_coords = F.mse_loss(heads.coords(_masked_mean(read, txt_mask)), want) * 4.0
     acc = (logits.argmax(-1) == lm_idx).float().mean().item()
-    return loss_scene + loss_ground + loss_offset, {"ground_acc": acc, "scene": loss_scene.item()}
+    return loss_scene + loss_ground + loss_offset + loss_coords, {
+        "ground_acc": acc, "coord_err": 0.5 * loss_coords.item() ** 0.5 / 2.0}

@@ -43,7 +43,7 @@ from qvla_compiler.models.common import sinusoidal_embedding  # noqa: E402
 from qvla_compiler.models.groot import GrootPolicy  # noqa: E402
 from qvla_compiler.models.pi05 import Pi05Policy  # noqa: E402
 from qvla_compiler.models.registry import build_policy, get_config  # noqa: E402
-from tabletop_aux import GroundingHeads, aux_loss, prefix_features  # noqa: E402
+from tabletop_aux import GroundingHeads, aux_loss, prefix_features, readout_features  # noqa: E402
 
 DEMO_SEED = 100_000
 N_EXEC = 4
@@ -128,7 +128,8 @@ def main(argv=None) -> int:
     policy = build_policy(name, seed=args.seed, pretrained=False)
     init_state_embeddings(policy)
     policy.train()
-    heads = GroundingHeads(cfg.width)
+    read_dim = cfg.width if isinstance(policy, GrootPolicy) else cfg.head_dim
+    heads = GroundingHeads(cfg.width, read_dim)
     params = list(policy.parameters()) + list(heads.parameters())
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
 
     gen = torch.Generator().manual_seed(args.seed)
     perm, pos = torch.randperm(n, generator=gen), 0
-    t_train, ema, acc_ema = time.time(), None, 0.0
+    t_train, ema, acc_ema, coord_ema = time.time(), None, 0.0, 0.5
     grid = cfg.image_size // cfg.vision.patch_size
     stop = args.steps if args.stop_at is None else min(args.stop_at, args.steps)
     for step in range(stop):
@@ -159,10 +160,13 @@ def main(argv=None) -> int:
         loss = flow = torch.nn.functional.mse_loss(v, target)
         if args.aux_weight:
             img_h, txt_h = prefix_features(policy, prefix, cfg.max_tokens)
-            aux, stats = aux_loss(heads, img_h, txt_h, data["token_mask"][idx], data["landmarks"][idx],
-                                  data["objects"][idx], grid)
+            read = readout_features(policy, prefix, cfg.max_tokens)
+            agent = (data["state"][idx, :2] + 1.0) * 0.5
+            aux, stats = aux_loss(heads, img_h, txt_h, read, data["token_mask"][idx], data["landmarks"][idx],
+                                  data["objects"][idx], agent, grid)
             loss = flow + args.aux_weight * aux
             acc_ema = 0.98 * acc_ema + 0.02 * stats["ground_acc"]
+            coord_ema = 0.98 * coord_ema + 0.02 * stats["coord_err"]
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
@@ -176,7 +180,7 @@ def main(argv=None) -> int:
             policy.train()
         if step % args.log_every == 0 or step == stop - 1:
             el = time.time() - t_train
-            print(f"[train] step {step} flow loss {flow.item():.4f} ema {ema:.4f} grounding acc {acc_ema:.2f} "
+            print(f"[train] step {step} flow loss {flow.item():.4f} ema {ema:.4f} grounding acc {acc_ema:.2f} coord err {coord_ema:.3f} "
                   f"lr {lr_at(step):.2e} "
                   f"{el:.0f}s ({el / (step + 1):.3f}s/step)", flush=True)
     train_s = time.time() - t0

@@ -6,7 +6,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from tabletop_aux import N_CLASSES, GroundingHeads, _patch_index, aux_loss, prefix_features  # noqa: E402
+from tabletop_aux import (  # noqa: E402
+    N_CLASSES, GroundingHeads, _patch_index, aux_loss, prefix_features, readout_features,
+)
 
 from qvla_compiler.models import build_policy  # noqa: E402
 
@@ -26,10 +28,12 @@ def test_aux_loss_on_both_policies_backpropagates_and_scores_a_perfect_guess():
         prefix = policy.embed_prefix(**obs)
         img, txt = prefix_features(policy, prefix, policy.config.max_tokens)
         assert img.shape[1] == policy.config.vision.num_patches and txt.shape[1] == policy.config.max_tokens
-        heads = GroundingHeads(img.shape[-1])
+        read = readout_features(policy, prefix, policy.config.max_tokens)
+        assert read.shape[:2] == txt.shape[:2]
+        heads = GroundingHeads(img.shape[-1], read.shape[-1])
         landmarks = torch.rand(3, 2, 2)
         objects = torch.cat([torch.rand(3, 4, 2), torch.randint(0, N_CLASSES, (3, 4, 1)).float()], dim=-1)
-        loss, stats = aux_loss(heads, img, txt, obs["token_mask"], landmarks, objects, grid=4)
+        loss, stats = aux_loss(heads, img, txt, read, obs["token_mask"], landmarks, objects, torch.rand(3, 2), grid=4)
         loss.backward()
-        assert torch.isfinite(loss) and 0.0 <= stats["ground_acc"] <= 1.0
+        assert torch.isfinite(loss) and 0.0 <= stats["ground_acc"] <= 1.0 and stats["coord_err"] > 0
         assert policy.vision.patch_embed.weight.grad.abs().sum() > 0

@@ -50,7 +50,7 @@ PRESETS: dict[str, Pi05Config | GrootConfig] = {
         state_hidden=1024, decoder_hidden=1024, horizon=16, action_dim=32, state_dim=64, num_future_tokens=32,
     ),
     "pi05-tabletop": Pi05Config(
-        vision=_VISION_TABLETOP, vocab_size=512, max_tokens=16, width=128, layers=2, heads=4, head_dim=32, mlp=256,
+        vision=_VISION_TABLETOP, vocab_size=512, max_tokens=16, width=128, layers=3, heads=4, head_dim=32, mlp=256,
         expert_width=96, expert_mlp=192, horizon=8, action_dim=2, state_dim=8, state_token_offset=256,
     ),
     "groot-tabletop": GrootConfig(
