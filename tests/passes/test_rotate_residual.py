@@ -150,8 +150,10 @@ def _online_before(linear) -> bool:
     return str(node.target) == HADAMARD
 
 
-@pytest.mark.parametrize("outliers", [False, True], ids=["plain", "outliers"])
-@pytest.mark.parametrize("name", ["pi05-tiny", "groot-tiny"])
+@pytest.mark.parametrize("name,outliers", [
+    ("pi05-tiny", False), ("pi05-tiny", True), ("groot-tiny", False), ("groot-tiny", True),
+    pytest.param("pi05-small", True, marks=pytest.mark.slow), pytest.param("groot-small", True, marks=pytest.mark.slow),
+])
 def test_quarot_preserves_float_actions(name, outliers):
     program, policy, obs, noise = _float_program(name, "quarot", outliers)
     ref = policy.sample_actions(*(obs[k] for k in OBS_KEYS), noise=noise)
