@@ -1,11 +1,12 @@
 """Train a tabletop preset (pi05-tabletop / groot-tabletop) by flow matching on expert action chunks.
 
-One command per model, seeded and reproducible (fixed step count, fixed data, fixed thread count)::
+One command per model, seeded and reproducible (fixed step count, fixed data, fixed thread count); the committed
+checkpoints came from (both at once, ~30 minutes on 2 cores; see qvla_compiler/eval/checkpoints/README.md)::
 
-    python benchmarks/train_tabletop.py --model pi05-tabletop --seed 0 \
-        --out qvla_compiler/eval/checkpoints/pi05-tabletop.safetensors
-    python benchmarks/train_tabletop.py --model groot-tabletop --seed 0 \
-        --out qvla_compiler/eval/checkpoints/groot-tabletop.safetensors
+    python benchmarks/train_tabletop.py --model pi05 --seed 0 --episodes 8000 --steps 11000 --k-noise 2 \
+        --threads 1 --save-every 1000 --out qvla_compiler/eval/checkpoints/pi05-tabletop.safetensors
+    python benchmarks/train_tabletop.py --model groot --seed 0 --episodes 8000 --steps 11000 --k-noise 2 \
+        --threads 1 --save-every 1000 --out qvla_compiler/eval/checkpoints/groot-tabletop.safetensors
 
 Demonstrations come from `collect_demonstrations` with episode seeds starting at 100000 (evaluation uses seeds
 0..N-1, so they are disjoint). Flow-matching conventions, as each policy's `schedule` / `denoise_step` integrate:
@@ -180,9 +181,8 @@ def main(argv=None) -> int:
             policy.train()
         if step % args.log_every == 0 or step == stop - 1:
             el = time.time() - t_train
-            print(f"[train] step {step} flow loss {flow.item():.4f} ema {ema:.4f} grounding acc {acc_ema:.2f} coord err {coord_ema:.3f} "
-                  f"lr {lr_at(step):.2e} "
-                  f"{el:.0f}s ({el / (step + 1):.3f}s/step)", flush=True)
+            print(f"[train] step {step} flow loss {flow.item():.4f} ema {ema:.4f} grounding acc {acc_ema:.2f} "
+                  f"coord err {coord_ema:.3f} lr {lr_at(step):.2e} {el:.0f}s ({el / (step + 1):.3f}s/step)", flush=True)
     train_s = time.time() - t0
     policy.eval()
     meta = {"model": name, "seed": str(args.seed), "steps": str(stop), "schedule_steps": str(args.steps), "episodes_per_family": str(args.episodes),
