@@ -86,3 +86,28 @@ class ToyPolicyNet(nn.Module):
 TOY_ROLES = {"embed_in": "other", "embed_out": "other", "head": "other", "q_proj": "attn_q", "k_proj": "attn_k",
              "v_proj": "attn_v", "o_proj": "attn_o", "qkv_proj": "attn_qkv", "gate_proj": "mlp", "up_proj": "mlp",
              "down_proj": "mlp"}
+
+
+def rotate_toy(model: nn.Module, batches: list, recipe):
+    """Capture `model`, run phases 1, 2 and 2b of the pipeline with `recipe`, take the observers out.
+
+    Returns (graph module, compute schedule and code before phase 2b) for the rotation / smoothing tests.
+    """
+    from qvla_compiler.calibrate import calibrate
+    from qvla_compiler.export import capture_module
+    from qvla_compiler.passes import apply_layout, assign_regions, classify_linears, insert_observers, remove_observers
+    from qvla_compiler.passes.check_schedule import compute_schedule
+    from qvla_compiler.passes.rotate_and_smooth import rotate_and_smooth
+    from qvla_compiler.program import Program
+
+    program = Program(capture_module(model, batches[0]))
+    gm = program.graphs["forward"]
+    before, code = compute_schedule(gm), gm.code
+    classify_linears(gm)
+    assign_regions(gm)
+    apply_layout(gm, recipe)
+    insert_observers(gm)
+    calibrate(program, batches, progress=False)
+    rotate_and_smooth(gm, recipe)
+    remove_observers(gm)
+    return gm, before, code

@@ -5,13 +5,9 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 from torch import nn
 
-from qvla_compiler.calibrate import calibrate
-from qvla_compiler.export import capture_module
-from qvla_compiler.passes import apply_layout, assign_regions, classify_linears, insert_observers, remove_observers
 from qvla_compiler.passes.check_schedule import compute_schedule
-from qvla_compiler.passes.rotate_and_smooth import rotate_and_smooth
-from qvla_compiler.program import Program
 from qvla_compiler.recipes import QuantRecipe
+from toy_models import rotate_toy
 
 WIDTHS = [8, 12, 16, 20, 24, 40, 48, 64, 96]
 
@@ -36,17 +32,8 @@ def _rotated(d, h, rotation, smooth, block, seed):
     torch.manual_seed(seed)
     model = GatedBlock(d, h).eval()
     batches = [(torch.randn(2, 5, d, dtype=torch.float64),) for _ in range(2)]
-    program = Program(capture_module(model, batches[0]))
-    gm = program.graphs["forward"]
-    before = compute_schedule(gm)
-    recipe = QuantRecipe("t", layout="all", rotation=rotation, smooth=smooth, rotation_block=block)
-    classify_linears(gm)
-    assign_regions(gm)
-    apply_layout(gm, recipe)
-    insert_observers(gm)
-    calibrate(program, batches, progress=False)
-    rotate_and_smooth(gm, recipe)
-    remove_observers(gm)
+    gm, before, _ = rotate_toy(model, batches, QuantRecipe("t", layout="all", rotation=rotation, smooth=smooth,
+                                                           rotation_block=block))
     return model, gm, before
 
 

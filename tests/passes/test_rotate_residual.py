@@ -14,18 +14,18 @@ from torch import nn
 
 import qvla_compiler
 from qvla_compiler.calibrate import calibrate
-from qvla_compiler.export import OBS_KEYS, capture_module, capture_policy
+from qvla_compiler.export import OBS_KEYS, capture_policy
 from qvla_compiler.meta import info
 from qvla_compiler.models import build_policy
 from qvla_compiler.models.outliers import inject_outliers
-from qvla_compiler.passes import (apply_layout, assign_regions, classify_linears, insert_observers, record_schedule,
-                                  remove_observers)
+from qvla_compiler.passes import apply_layout, assign_regions, classify_linears, insert_observers, record_schedule
 from qvla_compiler.passes.check_schedule import check_schedule, compute_schedule
 from qvla_compiler.passes.rotate_and_smooth import rotate_and_smooth
 from qvla_compiler.passes.rotate_common import observed_groups
 from qvla_compiler.passes.rotate_residual import StreamRole, residual_tag
 from qvla_compiler.program import Program, with_noise
 from qvla_compiler.recipes import RECIPES, QuantRecipe
+from toy_models import rotate_toy
 
 HADAMARD = "qvla.hadamard.default"
 f64 = torch.float64
@@ -62,17 +62,7 @@ def _toy(gated=False, layout="all", mix=False):
     torch.manual_seed(0)
     model = ToyDecoder(gated=gated, mix=mix).eval()
     batches = [(torch.randint(0, 32, (2, 5)),) for _ in range(2)]
-    program = Program(capture_module(model, batches[0]))
-    gm = program.graphs["forward"]
-    before, code = compute_schedule(gm), gm.code
-    recipe = QuantRecipe("t", layout=layout, rotation="quarot")
-    classify_linears(gm)
-    assign_regions(gm)
-    apply_layout(gm, recipe)
-    insert_observers(gm)
-    calibrate(program, batches, progress=False)
-    rotate_and_smooth(gm, recipe)
-    remove_observers(gm)
+    gm, before, code = rotate_toy(model, batches, QuantRecipe("t", layout=layout, rotation="quarot"))
     return model, gm, before, code, batches[0][0]
 
 

@@ -2,13 +2,9 @@
 import torch
 from torch import nn
 
-from qvla_compiler.calibrate import calibrate
-from qvla_compiler.export import capture_module
-from qvla_compiler.passes import apply_layout, assign_regions, classify_linears, insert_observers, remove_observers
 from qvla_compiler.passes.check_schedule import compute_schedule
-from qvla_compiler.passes.rotate_and_smooth import rotate_and_smooth
-from qvla_compiler.program import Program
 from qvla_compiler.recipes import QuantRecipe
+from toy_models import rotate_toy
 
 
 class NormThenLinears(nn.Module):
@@ -34,17 +30,8 @@ def _smoothed(affine: bool):
     torch.manual_seed(0)
     model = NormThenLinears(affine).eval()
     batches = [(torch.randn(2, 6, 16, dtype=torch.float64),)]
-    program = Program(capture_module(model, batches[0]))
-    gm = program.graphs["forward"]
-    before, code_before = compute_schedule(gm), gm.code
-    recipe = QuantRecipe("t", layout="all", smooth="smoothquant", smooth_alpha=0.5)
-    classify_linears(gm)
-    assign_regions(gm)
-    apply_layout(gm, recipe)
-    insert_observers(gm)
-    calibrate(program, batches, progress=False)
-    rotate_and_smooth(gm, recipe)
-    remove_observers(gm)
+    gm, before, code_before = rotate_toy(model, batches, QuantRecipe("t", layout="all", smooth="smoothquant",
+                                                                     smooth_alpha=0.5))
     return model, gm, before, code_before, batches[0][0]
 
 
