@@ -17,3 +17,28 @@ def quantized_policy(name: str, recipe: str, layout: str | None = None):
 def policy_args(policy, batch=3, seed=1):
     obs = policy.example_inputs(batch)
     return (obs["images"], obs["tokens"], obs["token_mask"], obs["state"], policy.example_noise(batch, seed=seed))
+
+
+def rotate_policy(policy, recipe, calib_steps: int = 1):
+    """Phases 1, 2 and 2b of the pipeline on a captured policy (no quantization): returns (program, obs, noise),
+    observers still in and re-calibrated on the rotated activations."""
+    from qvla_compiler.calibrate import calibrate
+    from qvla_compiler.export import capture_policy
+    from qvla_compiler.passes import apply_layout, assign_regions, classify_linears, insert_observers, record_schedule
+    from qvla_compiler.passes.rotate_and_smooth import rotate_and_smooth
+    from qvla_compiler.program import Program, with_noise
+
+    obs, noise = policy.example_inputs(), policy.example_noise()
+    program = Program(capture_policy(policy, obs, noise), policy.schedule)
+    for gm in program.graphs.values():
+        record_schedule(gm)
+        classify_linears(gm)
+        assign_regions(gm)
+        apply_layout(gm, recipe)
+        insert_observers(gm)
+    calib = list(with_noise(policy.calibration_batches(calib_steps), tuple(noise.shape[1:]), 0))
+    calibrate(program, calib, progress=False)
+    for gm in program.graphs.values():
+        rotate_and_smooth(gm, recipe)
+    calibrate(program, calib, progress=False)
+    return program, obs, noise

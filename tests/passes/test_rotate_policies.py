@@ -3,35 +3,20 @@ injected outliers: the passes run on the would-be-integer linears (layout quantv
 import pytest
 import torch
 
-from qvla_compiler.calibrate import calibrate
-from qvla_compiler.export import OBS_KEYS, capture_policy
+from qvla_compiler.export import OBS_KEYS
 from qvla_compiler.models import build_policy
 from qvla_compiler.models.outliers import inject_outliers
-from qvla_compiler.passes import (apply_layout, assign_regions, classify_linears, insert_observers, record_schedule,
-                                  remove_observers)
+from qvla_compiler.passes import remove_observers
 from qvla_compiler.passes.check_schedule import check_schedule
-from qvla_compiler.passes.rotate_and_smooth import rotate_and_smooth
-from qvla_compiler.program import Program, with_noise
 from qvla_compiler.recipes import QuantRecipe
+from policy_fixtures import rotate_policy
 
 CONFIGS = [("none", "smoothquant"), ("hadamard", "none"), ("duquant", "none"), ("duquant", "smoothquant")]
 
 
 def rotated_float_program(policy, recipe: QuantRecipe, calib_steps: int = 1):
     """Phases 1, 2, 2b of the pipeline, then the observers out: a float program with every rotation in place."""
-    obs, noise = policy.example_inputs(), policy.example_noise()
-    program = Program(capture_policy(policy, obs, noise), policy.schedule)
-    for gm in program.graphs.values():
-        record_schedule(gm)
-        classify_linears(gm)
-        assign_regions(gm)
-        apply_layout(gm, recipe)
-        insert_observers(gm)
-    calib = list(with_noise(policy.calibration_batches(calib_steps), tuple(noise.shape[1:]), 0))
-    calibrate(program, calib, progress=False)
-    for gm in program.graphs.values():
-        rotate_and_smooth(gm, recipe)
-    calibrate(program, calib, progress=False)
+    program, obs, noise = rotate_policy(policy, recipe, calib_steps)
     for gm in program.graphs.values():
         remove_observers(gm)
         check_schedule(gm)

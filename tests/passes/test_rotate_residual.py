@@ -13,18 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import qvla_compiler
-from qvla_compiler.calibrate import calibrate
-from qvla_compiler.export import OBS_KEYS, capture_policy
+from qvla_compiler.export import OBS_KEYS
 from qvla_compiler.meta import info
 from qvla_compiler.models import build_policy
 from qvla_compiler.models.outliers import inject_outliers
-from qvla_compiler.passes import apply_layout, assign_regions, classify_linears, insert_observers, record_schedule
 from qvla_compiler.passes.check_schedule import check_schedule, compute_schedule
-from qvla_compiler.passes.rotate_and_smooth import rotate_and_smooth
 from qvla_compiler.passes.rotate_common import observed_groups
 from qvla_compiler.passes.rotate_residual import StreamRole, residual_tag
-from qvla_compiler.program import Program, with_noise
 from qvla_compiler.recipes import RECIPES, QuantRecipe
+from policy_fixtures import rotate_policy
 from toy_models import rotate_toy
 
 HADAMARD = "qvla.hadamard.default"
@@ -115,20 +112,7 @@ def _float_program(name: str, rotation: str, outliers: bool):
     policy = build_policy(name)
     if outliers:
         inject_outliers(policy)
-    obs, noise = policy.example_inputs(), policy.example_noise()
-    program = Program(capture_policy(policy, obs, noise), policy.schedule)
-    recipe = QuantRecipe("t", rotation=rotation)
-    for gm in program.graphs.values():
-        record_schedule(gm)
-        classify_linears(gm)
-        assign_regions(gm)
-        apply_layout(gm, recipe)
-        insert_observers(gm)
-    calib = list(with_noise(policy.calibration_batches(1), tuple(noise.shape[1:]), 0))
-    calibrate(program, calib, progress=False)
-    for gm in program.graphs.values():
-        rotate_and_smooth(gm, recipe)
-    calibrate(program, calib, progress=False)
+    program, obs, noise = rotate_policy(policy, QuantRecipe("t", rotation=rotation))
     return program, policy, obs, noise
 
 
