@@ -26,6 +26,7 @@ pretrained LM's number tokens are, instead of as 256 unrelated random vectors.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -47,6 +48,7 @@ from qvla_compiler.models.registry import build_policy, get_config  # noqa: E402
 from tabletop_aux import GroundingHeads, aux_loss, prefix_features, readout_features  # noqa: E402
 
 DEMO_SEED = 100_000
+VALIDATION_SEED = 50_000  # the end-of-training check: disjoint from the demonstrations and from the evaluation seeds
 N_EXEC = 4
 
 
@@ -85,7 +87,48 @@ def repeat_prefix(prefix: tuple, k: int) -> tuple:
     return tuple(p.repeat_interleave(k, dim=0) for p in prefix)
 
 
-def quick_eval(policy, episodes: int, seed: int = 0) -> dict:
+class WeightAverage:
+    """Exponential moving average of a policy's parameters (decay warmed up as in diffusion-policy training)."""
+
+    def __init__(self, policy: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.params = list(policy.parameters())
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - d)
+
+    @torch.no_grad()
+    def copy_to(self, policy: torch.nn.Module) -> None:
+        for p, s in zip(policy.parameters(), self.shadow):
+            p.copy_(s)
+
+
+@contextlib.contextmanager
+def averaged(policy: torch.nn.Module, weights: WeightAverage | None):
+    """Temporarily swap the averaged weights in (eval mode), e.g. to write an intermediate checkpoint."""
+    live = [p.detach().clone() for p in policy.parameters()]
+    policy.eval()
+    if weights is not None:
+        weights.copy_to(policy)
+    try:
+        yield policy
+    finally:
+        with torch.no_grad():
+            for p, v in zip(policy.parameters(), live):
+                p.copy_(v)
+        policy.train()
+
+
+def _report(what: str, rates: dict, episodes: int, t1: float) -> None:
+    print(f"[eval] {what}: {episodes} validation episodes/family (seeds {VALIDATION_SEED}+): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in rates.items())
+          + f", mean {sum(rates.values()) / len(rates):.3f} ({time.time() - t1:.0f}s)", flush=True)
+
+
+def quick_eval(policy, episodes: int, seed: int = VALIDATION_SEED) -> dict:
     kw = runner_kwargs(policy.config)
     fn = sample_actions_policy(policy)
     out = {}
@@ -111,6 +154,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the grounding losses (0: off)")
     ap.add_argument("--eval-episodes", type=int, default=20, help="held-out episodes per family at the end (0: none)")
+    ap.add_argument("--ema-decay", type=float, default=0.999,
+                    help="save an exponential moving average of the weights with this decay (0: the last weights)")
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--save-every", type=int, default=500, help="also write the checkpoint every N steps (0: only at the end)")
     args = ap.parse_args(argv)
@@ -143,6 +188,7 @@ def main(argv=None) -> int:
         progress = (step - args.warmup) / max(1, args.steps - args.warmup)
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
+    ema_weights = WeightAverage(policy, args.ema_decay) if args.ema_decay else None
     gen = torch.Generator().manual_seed(args.seed)
     perm, pos = torch.randperm(n, generator=gen), 0
     t_train, ema, acc_ema, coord_ema = time.time(), None, 0.0, 0.5
@@ -174,21 +220,27 @@ def main(argv=None) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        if ema_weights is not None:
+            ema_weights.update(step)
         ema = flow.item() if ema is None else 0.98 * ema + 0.02 * flow.item()
         if args.save_every and step and step % args.save_every == 0:
-            policy.eval()
-            save_checkpoint(policy, args.out, {"model": name, "seed": str(args.seed), "partial_step": str(step)})
-            policy.train()
+            with averaged(policy, ema_weights):
+                save_checkpoint(policy, args.out, {"model": name, "seed": str(args.seed), "partial_step": str(step)})
         if step % args.log_every == 0 or step == stop - 1:
             el = time.time() - t_train
             print(f"[train] step {step} flow loss {flow.item():.4f} ema {ema:.4f} grounding acc {acc_ema:.2f} "
                   f"coord err {coord_ema:.3f} lr {lr_at(step):.2e} {el:.0f}s ({el / (step + 1):.3f}s/step)", flush=True)
     train_s = time.time() - t0
     policy.eval()
+    if ema_weights is not None and args.eval_episodes:
+        t1 = time.time()
+        _report("last weights (not saved)", quick_eval(policy, args.eval_episodes), args.eval_episodes, t1)
+    if ema_weights is not None:
+        ema_weights.copy_to(policy)
     meta = {"model": name, "seed": str(args.seed), "steps": str(stop), "schedule_steps": str(args.steps), "episodes_per_family": str(args.episodes),
             "demo_seed": str(DEMO_SEED + 10_000 * args.seed), "batch": str(args.batch), "k_noise": str(args.k_noise),
-            "lr": str(args.lr), "threads": str(args.threads), "aux_weight": str(args.aux_weight), "train_seconds": f"{train_s:.0f}",
-            "final_loss_ema": f"{ema:.5f}", "command": " ".join(sys.argv)}
+            "lr": str(args.lr), "threads": str(args.threads), "aux_weight": str(args.aux_weight), "ema_decay": str(args.ema_decay),
+            "train_seconds": f"{train_s:.0f}", "final_loss_ema": f"{ema:.5f}", "command": " ".join(sys.argv)}
     path = save_checkpoint(policy, args.out, meta)
     print(f"[save] {path} ({path.stat().st_size / 1e6:.2f} MB) after {train_s:.0f}s", flush=True)
     if args.eval_episodes:
@@ -196,10 +248,7 @@ def main(argv=None) -> int:
         from qvla_compiler.models.checkpoints import load_checkpoint
         load_checkpoint(policy, path)
         t1 = time.time()
-        rates = quick_eval(policy, args.eval_episodes)
-        print(f"[eval] {args.eval_episodes} held-out episodes/family: "
-              + ", ".join(f"{k} {v:.2f}" for k, v in rates.items())
-              + f", mean {sum(rates.values()) / len(rates):.3f} ({time.time() - t1:.0f}s)", flush=True)
+        _report("saved checkpoint", quick_eval(policy, args.eval_episodes), args.eval_episodes, t1)
     return 0
 
 
