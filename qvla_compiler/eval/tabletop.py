@@ -2,8 +2,8 @@
 
 The table is the unit square ``[0, 1]^2`` (x to the right, y downwards, like
 image rows).  A point-like end effector (a small disc) moves by bounded
-displacements.  Objects have a colour and a shape; ``push`` blocks are moved
-by simple kinematic disc-disc contact.  Zones are coloured squares.
+displacements.  Objects have a colour and a shape; ``push`` blocks slide with the
+agent from the moment it touches them (a flat pusher; kinematic, no physics engine).  Zones are coloured squares.
 
 Task families
 -------------
@@ -45,9 +45,11 @@ images...) use ``run_episodes(..., **runner_kwargs(policy.config))``: the state
 is zero-padded, only the first 2 action components are executed.  The runners
 live in :mod:`qvla_compiler.eval.runner` (re-exported here for older importers).
 
-Images are drawn at ``SUPERSAMPLE`` x resolution and box-filtered down, so
-shapes stay recognisable at 32x32; only the windows around moving things are
-re-rendered each step.
+Images are drawn at ``SUPERSAMPLE`` x resolution and box-filtered down
+(anti-aliasing: sub-pixel positions show in the edge pixels); only the windows
+around moving things are re-rendered each step.  At 32x32 an object is about
+4 pixels across and a circle is hard to tell from a square, which is why the
+trained tabletop policies see 64x64.
 """
 
 from __future__ import annotations
@@ -180,7 +182,7 @@ class TabletopEnv:
         old = s.agent.copy()
         s.agent = np.clip(old + a * MAX_STEP, 0.0, 1.0)
         if s.family == "push":
-            self._resolve_contacts()
+            self._resolve_contacts(old)
         s.velocity = (s.agent - old) / MAX_STEP
         if s.family == "sequence":
             while s.stage < len(s.targets) and \
@@ -279,23 +281,48 @@ class TabletopEnv:
         return out
 
     # -- physics ------------------------------------------------------------------------
-    def _resolve_contacts(self) -> None:
+    def _resolve_contacts(self, old: np.ndarray) -> None:
+        """Blocks slide with the pusher from the moment it touches them (a flat pusher face-on), so the block
+        goes where the agent goes; point-contact pushing, where the block runs off along the contact normal,
+        needs a balancing act no cloned policy learned (see ``ScriptedExpert._push``)."""
         s = self._state
         reach = AGENT_RADIUS + BLOCK_RADIUS
+        move = s.agent - old
         for o in s.objects:
             if not o.movable:
                 continue
+            if float(np.linalg.norm(o.pos - s.agent)) >= reach:
+                continue
+            touch = _touch_time(old, move, o.pos, reach)
+            if touch is not None:   # moving into it: it slides along with the rest of the step
+                o.pos = np.clip(o.pos + (1.0 - touch) * move, BLOCK_RADIUS, 1.0 - BLOCK_RADIUS)
             d = o.pos - s.agent
             dist = float(np.linalg.norm(d))
-            if dist >= reach:
-                continue
-            u = d / dist if dist > 1e-9 else np.array([1.0, 0.0])
-            o.pos = np.clip(s.agent + u * reach, BLOCK_RADIUS, 1.0 - BLOCK_RADIUS)
-            d = s.agent - o.pos
-            dist = float(np.linalg.norm(d))
-            if dist < reach:  # block is against the wall: the agent stops at its surface
-                u = d / dist if dist > 1e-9 else -u
-                s.agent = np.clip(o.pos + u * reach, 0.0, 1.0)
+            if dist < reach:      # glancing contact, or the block is against the wall: separate along the normal
+                u = d / dist if dist > 1e-9 else np.array([1.0, 0.0])
+                o.pos = np.clip(s.agent + u * reach, BLOCK_RADIUS, 1.0 - BLOCK_RADIUS)
+                d = s.agent - o.pos
+                dist = float(np.linalg.norm(d))
+                if dist < reach:  # block is against the wall: the agent stops at its surface
+                    u = d / dist if dist > 1e-9 else -u
+                    s.agent = np.clip(o.pos + u * reach, 0.0, 1.0)
+
+
+def _touch_time(start: np.ndarray, move: np.ndarray, centre: np.ndarray, reach: float) -> float | None:
+    """Fraction of ``move`` after which a point leaving ``start`` is first within ``reach`` of ``centre``;
+    None unless the move heads into the circle (0 when it starts inside)."""
+    rel = start - centre
+    if float(move @ -rel) <= 0.0:
+        return None
+    c = float(rel @ rel) - reach * reach
+    if c <= 0.0:
+        return 0.0
+    a, b = float(move @ move), float(move @ rel)
+    disc = b * b - a * c
+    if a <= 0.0 or disc < 0.0:
+        return None
+    t = (-b - disc ** 0.5) / a
+    return t if 0.0 <= t <= 1.0 else None
 
 
 def make_episode(family: str, seed: int, image_size: int = IMAGE_SIZE) -> TabletopEnv:

@@ -5,7 +5,7 @@ import torch
 from qvla_compiler.errors import QvlaError
 from qvla_compiler.eval.runner import episode_noise, run_episode, run_episodes
 from qvla_compiler.eval.tabletop import (
-    ACTION_DIM, FAMILIES, IMAGE_SIZE, MAX_STEPS, STATE_DIM, TOUCH_TOL, ZONE_TOL, TabletopEnv,
+    ACTION_DIM, BLOCK_RADIUS, FAMILIES, IMAGE_SIZE, MAX_STEPS, STATE_DIM, TOUCH_TOL, ZONE_TOL, TabletopEnv,
     make_episode,
 )
 
@@ -106,6 +106,34 @@ def test_push_success_and_contact():
     assert abs(after.objects[block].pos[1] - 0.5) < 1e-9
     env.step(np.array([-1.0, 0.0]))
     np.testing.assert_allclose(env.get_state().objects[block].pos, after.objects[block].pos)
+
+
+def test_pushed_block_slides_with_the_pusher_from_the_moment_of_contact():
+    env = TabletopEnv("push", 4)
+    s = env.get_state()
+    block, other = s.targets[0], 1 - s.targets[0]
+    s.objects[other].pos = np.array([0.15, 0.85])
+    # behind and off-axis by 0.03: the block follows the move (diagonal), not the contact normal
+    s.objects[block].pos = np.array([0.5, 0.5])
+    s.agent = np.array([0.5 - 0.075, 0.47])      # 0.0808 from the centre: touches early in the step
+    env.set_state(s)
+    env.step(np.array([0.6, 0.8]))
+    moved = env.get_state().objects[block].pos - np.array([0.5, 0.5])
+    assert abs(moved[0] * 0.8 - moved[1] * 0.6) < 1e-12 and 0.045 < np.linalg.norm(moved) < 0.05
+    # starting 0.03 short of contact, a full step right moves the block by the remaining 0.02
+    s.objects[block].pos = np.array([0.5, 0.5])
+    s.agent = np.array([0.5 - 0.08 - 0.03, 0.5])
+    env.set_state(s)
+    env.step(np.array([1.0, 0.0]))
+    np.testing.assert_allclose(env.get_state().objects[block].pos, [0.52, 0.5], atol=1e-12)
+    # against the wall the block stops and the agent stops at its surface
+    s.objects[block].pos = np.array([1.0 - BLOCK_RADIUS, 0.5])
+    s.agent = np.array([1.0 - BLOCK_RADIUS - 0.08, 0.5])
+    env.set_state(s)
+    env.step(np.array([1.0, 0.0]))
+    after = env.get_state()
+    np.testing.assert_allclose(after.objects[block].pos, [1.0 - BLOCK_RADIUS, 0.5], atol=1e-12)
+    assert np.linalg.norm(after.agent - after.objects[block].pos) >= 0.08 - 1e-9
 
 
 def test_sequence_order_matters():
