@@ -114,7 +114,7 @@ def collect_demonstrations(n_episodes: int, seed: int, horizon: int,
             idx = np.arange(T)[:, None] + np.arange(horizon)[None, :]  # [T, H]
             chunks.append(padded[idx])
             cmasks.append(idx < T)
-            images.append(np.stack(ep_images))
+            images.append(np.ascontiguousarray(np.stack(ep_images).transpose(0, 3, 1, 2)))  # [T,3,H,W] now: no full-size permute copy later
             states.append(np.stack(ep_states))
             instructions += [env.instruction] * T
             episodes.append(np.full(T, kept, dtype=np.int64))
@@ -130,7 +130,8 @@ def collect_demonstrations(n_episodes: int, seed: int, horizon: int,
         [action_chunks, np.zeros(action_chunks.shape[:2] + (action_dim - ACTION_DIM,), np.float32)], axis=-1)
     state = np.concatenate(states).astype(np.float32)
     state = np.concatenate([state, np.zeros((state.shape[0], state_dim - STATE_DIM), np.float32)], axis=-1)
-    img = torch.from_numpy(np.concatenate(images)).permute(0, 3, 1, 2).contiguous()
+    img = torch.from_numpy(np.concatenate(images))
+    del images
     if image_dtype == torch.float32:
         img = img.to(torch.float32).div_(255.0)
     tokens, token_mask = tokenizer.encode_batch(instructions)
