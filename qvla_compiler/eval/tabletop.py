@@ -10,8 +10,12 @@ Task families
 ``reach``     "reach the {colour} {shape}" among three distractors that share
               a colour or a shape with the target (language grounding).
 ``push``      "push the {colour} block into the {colour} zone": two blocks, two
-              zones; the block moves only when the agent pushes it, so the
-              agent has to get behind it first (contact and precision).
+              zones; the agent starts behind the named block (on its far side
+              from the named zone, within 60 degrees of the push axis), must
+              touch it, carry it and stop it on the zone centre (contact and
+              precision: success is the block centre within 0.06 of the zone
+              centre; a start anywhere, which needs going round the block,
+              was not learned by any cloned policy, see the checkpoints README).
 ``sequence``  "touch the {colour} {shape} then the {colour} {shape}" among four
               objects; touching the second target first does not count
               (multi-stage, longer horizon).

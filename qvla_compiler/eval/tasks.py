@@ -39,6 +39,7 @@ BLOCK_RADIUS = 0.05      # collision radius of push blocks (drawn as squares)
 TOUCH_TOL = 0.05         # reach / touch: agent centre within this of the object centre
 ZONE_HALF = 0.1          # zones are squares of half side ZONE_HALF
 ZONE_TOL = 0.06          # push success: block centre within this (L-inf) of the zone centre
+PUSH_START_ANGLE = 60.0  # push episodes start behind the block, within this many degrees of the push axis
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
@@ -146,6 +147,18 @@ def _grounding_distractors(rng: np.random.Generator, target: tuple[str, str],
     return out
 
 
+def _behind(rng: np.random.Generator, block: np.ndarray, zone: np.ndarray, avoid: np.ndarray) -> np.ndarray:
+    """A start 0.15-0.3 from ``block`` on its far side from ``zone`` (within PUSH_START_ANGLE of the push axis)."""
+    back = (block - zone) / np.linalg.norm(block - zone)
+    for _ in range(10000):
+        phi = math.radians(rng.uniform(-PUSH_START_ANGLE, PUSH_START_ANGLE))
+        c, s = math.cos(phi), math.sin(phi)
+        p = block + rng.uniform(0.15, 0.3) * np.array([c * back[0] - s * back[1], s * back[0] + c * back[1]])
+        if np.all((p >= 0.08) & (p <= 0.92)) and np.linalg.norm(p - avoid) >= 0.15:
+            return p
+    raise QvlaError("could not place the push start; this is a bug in the generator")
+
+
 def _generate(family: str, seed: int) -> TabletopState:
     rng = np.random.default_rng([seed, _FAMILY_INDEX[family], 7919])
     colours, shapes = list(COLOURS), list(SHAPES)
@@ -180,10 +193,10 @@ def _generate(family: str, seed: int) -> TabletopState:
     zones_pos = _sample_points(rng, 2, 0.15, 0.85, min_sep=2 * ZONE_HALF + 0.1)
     blocks_pos = _sample_points(rng, 2, 0.25, 0.75, min_sep=0.2, avoid=zones_pos,
                                 avoid_sep=ZONE_HALF * math.sqrt(2) + BLOCK_RADIUS + 0.05)
-    agent = _sample_points(rng, 1, 0.08, 0.92, min_sep=0.0, avoid=blocks_pos, avoid_sep=0.15)[0]
+    tb, tz = int(rng.integers(2)), int(rng.integers(2))
+    agent = _behind(rng, blocks_pos[tb], zones_pos[tz], avoid=blocks_pos[1 - tb])
     objects = [TableObject(c, "square", p, movable=True) for c, p in zip(block_colours, blocks_pos)]
     zones = [Zone(c, p) for c, p in zip(zone_colours, zones_pos)]
-    tb, tz = int(rng.integers(2)), int(rng.integers(2))
     instr = template.format(c1=block_colours[tb], c2=zone_colours[tz])
     return TabletopState(family, agent, np.zeros(2), objects, zones, [tb], tz, instr,
                          max_steps=MAX_STEPS[family])

@@ -75,6 +75,18 @@ def test_reach_success_and_failure():
     assert done and info["success"]
 
 
+def test_push_starts_behind_the_named_block():
+    for seed in range(200):
+        s = TabletopEnv("push", seed).get_state()
+        block, zone = s.objects[s.targets[0]].pos, s.zones[s.goal_zone].pos
+        back = (block - zone) / np.linalg.norm(block - zone)
+        rel = s.agent - block
+        assert 0.15 - 1e-9 <= np.linalg.norm(rel) <= 0.3 + 1e-9
+        assert rel @ back >= np.cos(np.radians(60.0)) * np.linalg.norm(rel) - 1e-9
+        assert np.all((s.agent >= 0.08) & (s.agent <= 0.92))
+        assert np.linalg.norm(s.agent - s.objects[1 - s.targets[0]].pos) >= 0.15
+
+
 def test_push_success_and_contact():
     env = TabletopEnv("push", 4)
     env.reset()
