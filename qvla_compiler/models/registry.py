@@ -17,9 +17,11 @@ from qvla_compiler.models.pi05 import Pi05Config, Pi05Policy
 _VISION_TINY = VisionConfig(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp=128)
 _VISION_SMALL = VisionConfig(image_size=112, patch_size=16, width=256, layers=4, heads=4, mlp=1024)
 _SIGLIP_SO400M = VisionConfig(image_size=224, patch_size=14, width=1152, layers=27, heads=16, mlp=4304)
-# tabletop: sized to the closed-loop suite (qvla_compiler/eval: 32x32 images, 16 tokens, state 8, actions 2) and to
-# train on 2 CPU cores in <= 30 minutes (benchmarks/train_tabletop.py); trained weights in qvla_compiler/eval/checkpoints
-_VISION_TABLETOP = VisionConfig(image_size=32, patch_size=8, width=96, layers=2, heads=4, mlp=192)
+# tabletop: sized to the closed-loop suite (qvla_compiler/eval: 64x64 images, 16 tokens, state 8, actions 2) and to
+# train on 2 CPU cores in <= 30 minutes (benchmarks/train_tabletop.py); trained weights in qvla_compiler/eval/checkpoints.
+# 16-pixel patches keep 16 image tokens (the transformer costs what it did at 32x32 with 8-pixel patches) while shapes
+# and positions get four times the pixels.
+_VISION_TABLETOP = VisionConfig(image_size=64, patch_size=16, width=96, layers=2, heads=4, mlp=192)
 
 PRESETS: dict[str, Pi05Config | GrootConfig] = {
     "pi05-tiny": Pi05Config(
