@@ -14,8 +14,8 @@ Task families
               from the named zone, within 60 degrees of the push axis), must
               touch it, carry it and stop it on the zone centre (contact and
               precision: success is the block centre within 0.06 of the zone
-              centre; a start anywhere, which needs going round the block,
-              was not learned by any cloned policy, see the checkpoints README).
+              centre; with a start anywhere, which needs going round the
+              block, the trained policies reached 3%: see the checkpoints README).
 ``sequence``  "touch the {colour} {shape} then the {colour} {shape}" among four
               objects; touching the second target first does not count
               (multi-stage, longer horizon).
@@ -287,8 +287,8 @@ class TabletopEnv:
     # -- physics ------------------------------------------------------------------------
     def _resolve_contacts(self, old: np.ndarray) -> None:
         """Blocks slide with the pusher from the moment it touches them (a flat pusher face-on), so the block
-        goes where the agent goes; point-contact pushing, where the block runs off along the contact normal,
-        needs a balancing act no cloned policy learned (see ``ScriptedExpert._push``)."""
+        goes where the agent goes. Point-contact pushing, where the block runs off along the contact normal, is a
+        balancing act: with it the scripted expert failed under small position errors (bench_expert_noise.py)."""
         s = self._state
         reach = AGENT_RADIUS + BLOCK_RADIUS
         move = s.agent - old
