@@ -49,7 +49,7 @@ def train(family: str, episodes: int, steps: int, seed: int) -> tuple[torch.nn.M
         opt.step()
         for g in opt.param_groups:
             g["lr"] = 1e-3 * (1 - step / steps) + 1e-5
-    return net.eval(), float(loss)
+    return net.eval(), loss.item()
 
 
 @torch.no_grad()
