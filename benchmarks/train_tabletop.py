@@ -3,10 +3,10 @@
 One command per model, seeded and reproducible (fixed step count, fixed data, fixed thread count); the committed
 checkpoints came from (both at once, ~30 minutes on 2 cores; see qvla_compiler/eval/checkpoints/README.md)::
 
-    python benchmarks/train_tabletop.py --model pi05 --seed 0 --episodes 8000 --steps 11000 --k-noise 2 \
-        --threads 1 --save-every 1000 --out qvla_compiler/eval/checkpoints/pi05-tabletop.safetensors
-    python benchmarks/train_tabletop.py --model groot --seed 0 --episodes 8000 --steps 11000 --k-noise 2 \
-        --threads 1 --save-every 1000 --out qvla_compiler/eval/checkpoints/groot-tabletop.safetensors
+    python benchmarks/train_tabletop.py --model pi05 --seed 0 --episodes 8000 --steps 9000 --k-noise 2 \
+        --threads 1 --save-every 1000 --eval-episodes 30 --out qvla_compiler/eval/checkpoints/pi05-tabletop.safetensors
+    python benchmarks/train_tabletop.py --model groot --seed 0 --episodes 8000 --steps 9000 --k-noise 2 \
+        --threads 1 --save-every 1000 --eval-episodes 30 --out qvla_compiler/eval/checkpoints/groot-tabletop.safetensors
 
 Demonstrations come from `collect_demonstrations` with episode seeds starting at 100000 (evaluation uses seeds
 0..N-1, so they are disjoint). Flow-matching conventions, as each policy's `schedule` / `denoise_step` integrate:
