@@ -21,6 +21,11 @@ Two stand-ins for what a pretrained VLM would bring (both training-only; the sav
 `--aux-weight` adds the grounding losses of `benchmarks/tabletop_aux.py` (which object is where, which one the
 instruction names), and pi0.5's state-bin token embeddings start ordinal (sinusoidal in the bin value), as a
 pretrained LM's number tokens are, instead of as 256 unrelated random vectors.
+
+`--dagger-rounds R` (off in the committed commands) adds DAgger: R times during training the averaged policy plays
+`--dagger-episodes` fresh episodes per family, every state it visits is labelled with the expert's chunk from there
+(`qvla_compiler.eval.dataset.collect_corrections`), and from then on `--dagger-mix` of every batch comes from those
+corrections. Measured so far: no gain at 5000 steps (benchmarks/RESULTS.md section 5b).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qvla_compiler.eval.dataset import collect_demonstrations  # noqa: E402
+from qvla_compiler.eval.dataset import collect_corrections, collect_demonstrations  # noqa: E402
 from qvla_compiler.eval.tabletop import FAMILIES, run_episodes, runner_kwargs, sample_actions_policy  # noqa: E402
 from qvla_compiler.eval.tokenizer import Tokenizer  # noqa: E402
 from qvla_compiler.models.checkpoints import save_checkpoint  # noqa: E402
@@ -48,8 +53,10 @@ from qvla_compiler.models.registry import build_policy, get_config  # noqa: E402
 from tabletop_aux import GroundingHeads, aux_loss, prefix_features, readout_features  # noqa: E402
 
 DEMO_SEED = 100_000
+DAGGER_SEED = 200_000     # episodes the policy plays during training (DAgger), disjoint from everything else
 VALIDATION_SEED = 50_000  # the end-of-training check: disjoint from the demonstrations and from the evaluation seeds
 N_EXEC = 4
+_KEYS = ("images", "tokens", "token_mask", "state", "action_chunks", "landmarks", "objects")
 
 
 def flow_targets(policy, actions: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -85,6 +92,44 @@ def init_state_embeddings(policy) -> None:
 
 def repeat_prefix(prefix: tuple, k: int) -> tuple:
     return tuple(p.repeat_interleave(k, dim=0) for p in prefix)
+
+
+class _Pool:
+    """One sample pool read in seeded shuffled passes."""
+
+    def __init__(self, data: dict, gen: torch.Generator):
+        self.data = {k: data[k] for k in _KEYS}
+        self.n, self.gen = data["images"].shape[0], gen
+        self.perm, self.pos = torch.randperm(self.n, generator=gen), 0
+
+    def take(self, k: int) -> torch.Tensor:
+        if self.pos + k > self.n:
+            self.perm, self.pos = torch.randperm(self.n, generator=self.gen), 0
+        idx = self.perm[self.pos:self.pos + k]
+        self.pos += k
+        return idx
+
+
+class Batches:
+    """Training batches: from the demonstrations and, once DAgger rounds have added some, a fixed share `mix` of
+    every batch from the policy's corrections (fresh on-policy states would otherwise be a small minority)."""
+
+    def __init__(self, demos: dict, batch: int, gen: torch.Generator, mix: float):
+        self.demos, self.corrections = _Pool(demos, gen), None
+        self.batch, self.gen, self.mix = batch, gen, mix
+
+    def add_corrections(self, data: dict) -> None:
+        if self.corrections is not None:
+            data = {k: torch.cat([self.corrections.data[k], data[k]]) for k in _KEYS}
+        self.corrections = _Pool(data, self.gen)
+
+    def next(self) -> dict:
+        if self.corrections is None:
+            idx = self.demos.take(self.batch)
+            return {k: v[idx] for k, v in self.demos.data.items()}
+        k = round(self.batch * self.mix)
+        a, b = self.demos.take(self.batch - k), self.corrections.take(k)
+        return {key: torch.cat([self.demos.data[key][a], self.corrections.data[key][b]]) for key in _KEYS}
 
 
 class WeightAverage:
@@ -138,6 +183,21 @@ def quick_eval(policy, episodes: int, seed: int = VALIDATION_SEED) -> dict:
     return out
 
 
+def dagger_round(policy, weights, cfg, args, round_index: int) -> dict:
+    """Let the (averaged) policy play fresh episodes; every state it visits, labelled with the expert's chunk."""
+    t1 = time.time()
+    seed = DAGGER_SEED + 10_000 * args.seed + round_index * args.dagger_episodes
+    with averaged(policy, weights):
+        data = collect_corrections(sample_actions_policy(policy), args.dagger_episodes, seed, cfg.horizon,
+                                   n_exec=N_EXEC, noise_seed=1000 + round_index, image_size=cfg.image_size,
+                                   image_dtype=torch.uint8, action_dim=cfg.action_dim, state_dim=cfg.state_dim,
+                                   tokenizer=Tokenizer(max_len=cfg.max_tokens), scene=True, every=args.dagger_every)
+    print(f"[dagger] round {round_index + 1}: the policy solved {data['policy_success']:.2f} of "
+          f"{args.dagger_episodes} episodes/family; {data['images'].shape[0]} corrections in {time.time() - t1:.0f}s",
+          flush=True)
+    return data
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="pi05-tabletop or groot-tabletop (pi05 / groot accepted)")
@@ -146,6 +206,8 @@ def main(argv=None) -> int:
     ap.add_argument("--episodes", type=int, default=800, help="expert episodes per family")
     ap.add_argument("--steps", type=int, default=5000, help="length of the learning-rate schedule")
     ap.add_argument("--stop-at", type=int, default=None, help="stop (and save) after this many steps (<= --steps)")
+    ap.add_argument("--expert-noise", type=float, default=0.1,
+                    help="std of the noise added to the expert's executed actions (state diversity; labels stay clean)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--k-noise", type=int, default=4, help="(t, noise) draws per observation")
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -156,16 +218,25 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-episodes", type=int, default=20, help="held-out episodes per family at the end (0: none)")
     ap.add_argument("--ema-decay", type=float, default=0.999,
                     help="save an exponential moving average of the weights with this decay (0: the last weights)")
+    ap.add_argument("--dagger-rounds", type=int, default=0,
+                    help="times (evenly spaced) the policy plays --dagger-episodes per family and its visited states "
+                         "are labelled by the expert and added to the data (DAgger; 0: pure behaviour cloning)")
+    ap.add_argument("--dagger-episodes", type=int, default=500)
+    ap.add_argument("--dagger-mix", type=float, default=0.5, help="share of every batch drawn from the corrections")
+    ap.add_argument("--dagger-every", type=int, default=1,
+                    help="record every k-th visited state (4 = only where the policy is asked for a chunk)")
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--save-every", type=int, default=500, help="also write the checkpoint every N steps (0: only at the end)")
     args = ap.parse_args(argv)
+    if args.dagger_rounds < 0 or min(args.dagger_episodes, args.dagger_every) < 1 or not 0.0 < args.dagger_mix < 1.0:
+        ap.error("need --dagger-rounds >= 0, --dagger-episodes >= 1, --dagger-every >= 1 and 0 < --dagger-mix < 1")
     name = args.model if args.model.endswith("-tabletop") else f"{args.model}-tabletop"
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     cfg = get_config(name)
     t0 = time.time()
-    data = collect_demonstrations(args.episodes, DEMO_SEED + 10_000 * args.seed, cfg.horizon,
+    data = collect_demonstrations(args.episodes, DEMO_SEED + 10_000 * args.seed, cfg.horizon, expert_noise=args.expert_noise,
                                   image_size=cfg.image_size, image_dtype=torch.uint8, action_dim=cfg.action_dim,
                                   state_dim=cfg.state_dim, tokenizer=Tokenizer(max_len=cfg.max_tokens), scene=True)
     n = data["images"].shape[0]
@@ -190,27 +261,28 @@ def main(argv=None) -> int:
 
     ema_weights = WeightAverage(policy, args.ema_decay) if args.ema_decay else None
     gen = torch.Generator().manual_seed(args.seed)
-    perm, pos = torch.randperm(n, generator=gen), 0
+    batches = Batches(data, args.batch, gen, args.dagger_mix)
+    del data
     t_train, ema, acc_ema, coord_ema = time.time(), None, 0.0, 0.5
     grid = cfg.image_size // cfg.vision.patch_size
     stop = args.steps if args.stop_at is None else min(args.stop_at, args.steps)
+    dagger_steps = {round(stop * (r + 1) / (args.dagger_rounds + 1)): r for r in range(args.dagger_rounds)}
     for step in range(stop):
-        if pos + args.batch > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos:pos + args.batch]
-        pos += args.batch
-        images = data["images"][idx].float().div_(255.0)
-        prefix = policy.embed_prefix(images, data["tokens"][idx], data["token_mask"][idx], data["state"][idx])
-        actions = data["action_chunks"][idx].repeat_interleave(args.k_noise, dim=0)
+        if step in dagger_steps:
+            batches.add_corrections(dagger_round(policy, ema_weights, cfg, args, dagger_steps[step]))
+        data = batches.next()
+        images = data["images"].float().div_(255.0)
+        prefix = policy.embed_prefix(images, data["tokens"], data["token_mask"], data["state"])
+        actions = data["action_chunks"].repeat_interleave(args.k_noise, dim=0)
         x_t, t, target = flow_targets(policy, actions, gen)
         v = policy.denoise_step(repeat_prefix(prefix, args.k_noise), x_t, t)
         loss = flow = torch.nn.functional.mse_loss(v, target)
         if args.aux_weight:
             img_h, txt_h = prefix_features(policy, prefix, cfg.max_tokens)
             read = readout_features(policy, prefix, cfg.max_tokens)
-            agent = (data["state"][idx, :2] + 1.0) * 0.5
-            aux, stats = aux_loss(heads, img_h, txt_h, read, data["token_mask"][idx], data["landmarks"][idx],
-                                  data["objects"][idx], agent, grid)
+            agent = (data["state"][:, :2] + 1.0) * 0.5
+            aux, stats = aux_loss(heads, img_h, txt_h, read, data["token_mask"], data["landmarks"],
+                                  data["objects"], agent, grid)
             loss = flow + args.aux_weight * aux
             acc_ema = 0.98 * acc_ema + 0.02 * stats["ground_acc"]
             coord_ema = 0.98 * coord_ema + 0.02 * stats["coord_err"]
@@ -239,7 +311,9 @@ def main(argv=None) -> int:
         ema_weights.copy_to(policy)
     meta = {"model": name, "seed": str(args.seed), "steps": str(stop), "schedule_steps": str(args.steps), "episodes_per_family": str(args.episodes),
             "demo_seed": str(DEMO_SEED + 10_000 * args.seed), "batch": str(args.batch), "k_noise": str(args.k_noise),
-            "lr": str(args.lr), "threads": str(args.threads), "aux_weight": str(args.aux_weight), "ema_decay": str(args.ema_decay),
+            "lr": str(args.lr), "threads": str(args.threads), "expert_noise": str(args.expert_noise),
+            "dagger_rounds": str(args.dagger_rounds), "dagger_episodes": str(args.dagger_episodes),
+            "dagger_mix": str(args.dagger_mix), "dagger_every": str(args.dagger_every), "aux_weight": str(args.aux_weight), "ema_decay": str(args.ema_decay),
             "train_seconds": f"{train_s:.0f}", "final_loss_ema": f"{ema:.5f}", "command": " ".join(sys.argv)}
     path = save_checkpoint(policy, args.out, meta)
     print(f"[save] {path} ({path.stat().st_size / 1e6:.2f} MB) after {train_s:.0f}s", flush=True)

@@ -1,4 +1,4 @@
-"""Helpers of benchmarks/train_tabletop.py that decide what gets saved: the weight average and the temporary swap."""
+"""Helpers of benchmarks/train_tabletop.py: the weight average, the temporary swap, and the batch mix with DAgger data."""
 import sys
 from pathlib import Path
 
@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from train_tabletop import WeightAverage, averaged  # noqa: E402
+from train_tabletop import _KEYS, Batches, WeightAverage, averaged  # noqa: E402
 
 
 def _toy() -> torch.nn.Module:
@@ -44,3 +44,24 @@ def test_averaged_swaps_in_the_average_and_restores_the_live_weights():
     assert all(torch.equal(p, v) for p, v in zip(model.parameters(), live))
     with averaged(model, None) as m:  # no average: the live weights, in eval mode
         assert all(torch.equal(p, v) for p, v in zip(m.parameters(), live))
+
+
+def _pool(n: int, tag: float) -> dict:
+    # every field of a row carries the row's id (tag + index), so a batch shows where each row came from
+    ids = tag + torch.arange(n, dtype=torch.float32)
+    return {k: ids.view(n, *([1] * (2 if k == "images" else 1))).expand(n, *([3, 2] if k == "images" else [2]))
+            for k in _KEYS}
+
+
+def test_batches_read_the_demonstrations_in_shuffled_passes_then_mix_in_the_corrections():
+    batches = Batches(_pool(10, 0.0), batch=4, gen=torch.Generator().manual_seed(0), mix=0.5)
+    seen = torch.cat([batches.next()["state"][:, 0] for _ in range(2)])   # 8 of 10 rows, no repeats in a pass
+    assert len(set(seen.tolist())) == 8 and all(0 <= v < 10 for v in seen.tolist())
+    batches.add_corrections(_pool(6, 100.0))
+    batches.add_corrections(_pool(6, 200.0))                            # rounds accumulate
+    assert batches.corrections.n == 12
+    for _ in range(5):
+        b = batches.next()
+        rows = b["state"][:, 0].tolist()
+        assert len(rows) == 4 and sum(r >= 100 for r in rows) == 2      # exactly `mix` of every batch
+        assert all(torch.all(b[k].flatten(1) == b["state"][:, :1]) for k in _KEYS)  # fields stay row-aligned

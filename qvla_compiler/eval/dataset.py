@@ -8,11 +8,16 @@ marks the real (unpadded) entries.
 
 The expert executes a noisy action (``expert_noise``) for state diversity,
 while the recorded label is its noise-free action at the visited state.
+
+:func:`collect_corrections` is the DAgger half: the states a *policy* visits,
+each labelled with the chunk the expert would execute from there, so a cloned
+policy also learns how to recover from its own mistakes (a missed block, a stop
+short of the target), states the expert's demonstrations never reach.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +29,7 @@ from qvla_compiler.eval.tabletop import (
 )
 from qvla_compiler.eval.tokenizer import Tokenizer, default_tokenizer
 
-__all__ = ["collect_demonstrations", "scene_labels", "MAX_OBJECTS"]
+__all__ = ["collect_demonstrations", "collect_corrections", "expert_chunk", "scene_labels", "MAX_OBJECTS"]
 
 MAX_OBJECTS = 4
 
@@ -48,6 +53,68 @@ def scene_labels(state: TabletopState) -> tuple[np.ndarray, np.ndarray]:
     for i, o in enumerate(state.objects[:MAX_OBJECTS]):
         objects[i] = (o.pos[0], o.pos[1], 1 + colours.index(o.colour) * len(SHAPES) + SHAPES.index(o.shape))
     return np.stack([first, second]).astype(np.float32), objects
+
+
+class _Samples:
+    """Per-episode sample arrays, concatenated into the training dict at the end."""
+
+    def __init__(self, scene: bool):
+        self.scene = scene
+        self.images, self.states, self.instructions, self.chunks, self.cmasks = [], [], [], [], []
+        self.episodes, self.fam_ids, self.landmarks, self.objects = [], [], [], []
+        self.kept = 0
+
+    def add_episode(self, images: list[np.ndarray], states: list[np.ndarray], instruction: str,
+                    chunks: np.ndarray, cmask: np.ndarray, family_index: int, scene_rows: list) -> None:
+        t = len(images)
+        self.images.append(np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2)))  # [T,3,H,W]: no full-size permute copy later
+        self.states.append(np.stack(states))
+        self.chunks.append(chunks)
+        self.cmasks.append(cmask)
+        self.instructions += [instruction] * t
+        self.episodes.append(np.full(t, self.kept, dtype=np.int64))
+        self.fam_ids.append(np.full(t, family_index, dtype=np.int64))
+        if self.scene:
+            self.landmarks.append(np.stack([ls for ls, _ in scene_rows]))
+            self.objects.append(np.stack([ob for _, ob in scene_rows]))
+        self.kept += 1
+
+    def to_tensors(self, families: list[str], tokenizer: Tokenizer, image_dtype: torch.dtype,
+                   action_dim: int, state_dim: int) -> dict:
+        action_chunks = np.concatenate(self.chunks)
+        action_chunks = np.concatenate(
+            [action_chunks, np.zeros(action_chunks.shape[:2] + (action_dim - ACTION_DIM,), np.float32)], axis=-1)
+        state = np.concatenate(self.states).astype(np.float32)
+        state = np.concatenate([state, np.zeros((state.shape[0], state_dim - STATE_DIM), np.float32)], axis=-1)
+        img = torch.from_numpy(np.concatenate(self.images))
+        self.images = []
+        if image_dtype == torch.float32:
+            img = img.to(torch.float32).div_(255.0)
+        tokens, token_mask = tokenizer.encode_batch(self.instructions)
+        out = {
+            "images": img,
+            "tokens": tokens,
+            "token_mask": token_mask,
+            "state": torch.from_numpy(state),
+            "action_chunks": torch.from_numpy(action_chunks),
+            "chunk_mask": torch.from_numpy(np.concatenate(self.cmasks)),
+            "episode": torch.from_numpy(np.concatenate(self.episodes)),
+            "family": torch.from_numpy(np.concatenate(self.fam_ids)),
+            "families": families,
+            "n_episodes_kept": self.kept,
+        }
+        if self.scene:
+            out["landmarks"] = torch.from_numpy(np.concatenate(self.landmarks))
+            out["objects"] = torch.from_numpy(np.concatenate(self.objects))
+        return out
+
+
+def _check_widths(image_dtype: torch.dtype, action_dim: int, state_dim: int) -> None:
+    if image_dtype not in (torch.float32, torch.uint8):
+        raise QvlaError(f"image_dtype must be torch.float32 or torch.uint8, got {image_dtype}")
+    if action_dim < ACTION_DIM or state_dim < STATE_DIM:
+        raise QvlaError(f"action_dim / state_dim must be >= {ACTION_DIM} / {STATE_DIM} (the suite's), "
+                        f"got {action_dim} / {state_dim}")
 
 
 def collect_demonstrations(n_episodes: int, seed: int, horizon: int,
@@ -79,16 +146,9 @@ def collect_demonstrations(n_episodes: int, seed: int, horizon: int,
         raise QvlaError(f"need n_episodes >= 1 and horizon >= 1, got {n_episodes}, {horizon}")
     if pad not in ("zero", "last"):
         raise QvlaError(f"pad must be 'zero' or 'last', got {pad!r}")
-    if image_dtype not in (torch.float32, torch.uint8):
-        raise QvlaError(f"image_dtype must be torch.float32 or torch.uint8, got {image_dtype}")
-    if action_dim < ACTION_DIM or state_dim < STATE_DIM:
-        raise QvlaError(f"action_dim / state_dim must be >= {ACTION_DIM} / {STATE_DIM} (the suite's), "
-                        f"got {action_dim} / {state_dim}")
-    tokenizer = tokenizer or default_tokenizer()
+    _check_widths(image_dtype, action_dim, state_dim)
     families = list(families)
-    images, states, instructions, chunks, cmasks, episodes, fam_ids = [], [], [], [], [], [], []
-    landmarks, objects = [], []
-    kept = 0
+    samples = _Samples(scene)
     for fi, family in enumerate(families):
         expert = ScriptedExpert(expert_noise, seed=int(np.random.SeedSequence([seed, fi]).generate_state(1)[0]))
         for k in range(n_episodes):
@@ -112,42 +172,76 @@ def collect_demonstrations(n_episodes: int, seed: int, horizon: int,
             fill = acts[-1] if pad == "last" else np.zeros(ACTION_DIM, np.float32)
             padded = np.concatenate([acts, np.repeat(fill[None], horizon - 1, axis=0)], axis=0)
             idx = np.arange(T)[:, None] + np.arange(horizon)[None, :]  # [T, H]
-            chunks.append(padded[idx])
-            cmasks.append(idx < T)
-            images.append(np.ascontiguousarray(np.stack(ep_images).transpose(0, 3, 1, 2)))  # [T,3,H,W] now: no full-size permute copy later
-            states.append(np.stack(ep_states))
-            instructions += [env.instruction] * T
-            episodes.append(np.full(T, kept, dtype=np.int64))
-            fam_ids.append(np.full(T, fi, dtype=np.int64))
-            if scene:
-                landmarks.append(np.stack([ls for ls, _ in ep_scene]))
-                objects.append(np.stack([ob for _, ob in ep_scene]))
-            kept += 1
-    if kept == 0:
+            samples.add_episode(ep_images, ep_states, env.instruction, padded[idx], idx < T, fi, ep_scene)
+    if samples.kept == 0:
         raise QvlaError("no successful expert episode was collected; lower expert_noise or pass only_success=False")
-    action_chunks = np.concatenate(chunks)
-    action_chunks = np.concatenate(
-        [action_chunks, np.zeros(action_chunks.shape[:2] + (action_dim - ACTION_DIM,), np.float32)], axis=-1)
-    state = np.concatenate(states).astype(np.float32)
-    state = np.concatenate([state, np.zeros((state.shape[0], state_dim - STATE_DIM), np.float32)], axis=-1)
-    img = torch.from_numpy(np.concatenate(images))
-    del images
-    if image_dtype == torch.float32:
-        img = img.to(torch.float32).div_(255.0)
-    tokens, token_mask = tokenizer.encode_batch(instructions)
-    out = {
-        "images": img,
-        "tokens": tokens,
-        "token_mask": token_mask,
-        "state": torch.from_numpy(state),
-        "action_chunks": torch.from_numpy(action_chunks),
-        "chunk_mask": torch.from_numpy(np.concatenate(cmasks)),
-        "episode": torch.from_numpy(np.concatenate(episodes)),
-        "family": torch.from_numpy(np.concatenate(fam_ids)),
-        "families": families,
-        "n_episodes_kept": kept,
-    }
-    if scene:
-        out["landmarks"] = torch.from_numpy(np.concatenate(landmarks))
-        out["objects"] = torch.from_numpy(np.concatenate(objects))
+    return samples.to_tensors(families, tokenizer or default_tokenizer(), image_dtype, action_dim, state_dim)
+
+
+def expert_chunk(scratch: TabletopEnv, state: TabletopState, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+    """The noise-free expert's next ``horizon`` actions from ``state`` ([horizon, ACTION_DIM], zero after the
+    task is solved) and the mask of real entries, planned on ``scratch`` (an env of the same family; not rendered).
+    The step limit is ignored: a label should not tell the policy to stand still because time is nearly up."""
+    expert = ScriptedExpert()
+    unlimited = state.copy()
+    unlimited.max_steps = state.t + horizon + 1
+    scratch.set_state(unlimited)
+    acts = np.zeros((horizon, ACTION_DIM), np.float32)
+    mask = np.zeros(horizon, bool)
+    for k in range(horizon):
+        if scratch.done:
+            break
+        acts[k] = expert.clean_action(scratch.state)
+        mask[k] = True
+        scratch.advance(acts[k])
+    return acts, mask
+
+
+def collect_corrections(policy_fn: Callable, n_episodes: int, seed: int, horizon: int,
+                        families: Sequence[str] = FAMILIES, *, n_exec: int, noise_seed: int = 0,
+                        image_size: int = IMAGE_SIZE, image_dtype: torch.dtype = torch.float32,
+                        action_dim: int = ACTION_DIM, state_dim: int = STATE_DIM,
+                        tokenizer: Tokenizer | None = None, scene: bool = False,
+                        policy_horizon: int | None = None, every: int = 1) -> dict:
+    """DAgger: run the chunked ``policy_fn`` (as :func:`~qvla_compiler.eval.runner.run_episodes` does) on
+    ``n_episodes`` episodes per family (seeds ``seed ..``) and record every state it visits, labelled with
+    :func:`expert_chunk` from that state.  Failed episodes are kept: their states are the point.  Returns the
+    same dict as :func:`collect_demonstrations` (plus ``policy_success``: the fraction of episodes the policy
+    solved); ``policy_horizon`` is the policy's chunk length when it differs from ``horizon``.  ``every`` = k
+    records only every k-th step (k = ``n_exec``: just the states where the policy is asked for a chunk).
+    """
+    from qvla_compiler.eval.runner import run_episodes
+
+    if n_episodes < 1 or horizon < 1 or every < 1:
+        raise QvlaError(f"need n_episodes, horizon and every >= 1, got {n_episodes}, {horizon}, {every}")
+    _check_widths(image_dtype, action_dim, state_dim)
+    tokenizer = tokenizer or default_tokenizer()
+    families = list(families)
+    samples, solved = _Samples(scene), 0
+    for fi, family in enumerate(families):
+        scratch = TabletopEnv(family, seed, image_size=image_size)
+        visited: dict[int, list] = {}
+
+        def record(i: int, env: TabletopEnv, obs: dict) -> None:
+            if env.state.t % every:
+                return
+            state = env.get_state()
+            chunk, mask = expert_chunk(scratch, state, horizon)
+            visited.setdefault(i, []).append((obs["image"], obs["state"], chunk, mask,
+                                              scene_labels(state) if scene else None))
+
+        seeds = range(seed, seed + n_episodes)
+        results = run_episodes(family, seeds, policy_fn, n_exec, noise_seed, horizon=policy_horizon or horizon,
+                               action_dim=action_dim, state_dim=state_dim, tokenizer=tokenizer,
+                               image_size=image_size, on_step=record)
+        for i, res in enumerate(results):
+            solved += res.success
+            rows = visited.get(i)
+            if not rows:
+                continue
+            samples.add_episode([r[0] for r in rows], [r[1] for r in rows], res.instruction,
+                                np.stack([r[2] for r in rows]), np.stack([r[3] for r in rows]), fi,
+                                [r[4] for r in rows])
+    out = samples.to_tensors(families, tokenizer, image_dtype, action_dim, state_dim)
+    out["policy_success"] = solved / (n_episodes * len(families))
     return out

@@ -29,6 +29,9 @@ __all__ = [
 ]
 
 
+StepHook = Callable[[int, TabletopEnv, dict], None]
+
+
 @dataclass
 class EpisodeResult:
     family: str
@@ -128,7 +131,7 @@ def _as_action_array(actions, n_batch: int, n_exec: int) -> np.ndarray:
 
 def _run_envs(envs: list[TabletopEnv], policy_fn, n_exec: int, noise_seed, horizon, action_dim,
               state_dim, tokenizer, record_frames: bool, fixed_batch: bool, max_batch,
-              device) -> list[EpisodeResult]:
+              device, on_step: StepHook | None = None) -> list[EpisodeResult]:
     if not isinstance(n_exec, (int, np.integer)) or n_exec < 1:
         raise QvlaError(f"n_exec must be a positive int, got {n_exec!r}")
     if noise_seed is not None and (horizon is None or horizon < n_exec):
@@ -167,6 +170,8 @@ def _run_envs(envs: list[TabletopEnv], policy_fn, n_exec: int, noise_seed, horiz
             for row, i in enumerate(group):
                 calls[i] += 1
                 for k in range(n_exec):
+                    if on_step is not None:
+                        on_step(i, envs[i], obs[i])
                     o, d, info = envs[i].step(acts[row, k])
                     obs[i] = o
                     steps[i] += 1
@@ -194,7 +199,7 @@ def run_episodes(families: str | Sequence[str], seeds: Sequence[int], policy_fn,
                  action_dim: int = ACTION_DIM, state_dim: int | None = None, tokenizer=None,
                  image_size: int = IMAGE_SIZE, record_frames: bool = False,
                  fixed_batch: bool = False, max_batch: int | None = None,
-                 device=None) -> list[EpisodeResult]:
+                 device=None, on_step: StepHook | None = None) -> list[EpisodeResult]:
     """Run many episodes in lockstep, batching the policy calls across episodes.
 
     ``families`` is one family for all seeds or one per seed.  With
@@ -204,7 +209,9 @@ def run_episodes(families: str | Sequence[str], seeds: Sequence[int], policy_fn,
     token length; only the first 2 action components are executed.  Finished
     episodes drop out of the batch; ``fixed_batch=True`` instead pads every
     call to the same batch size (``max_batch`` or the number of episodes) by
-    repeating an active episode (static-shape compiled programs).
+    repeating an active episode (static-shape compiled programs).  ``on_step(i, env, obs)``
+    is called before every env step of episode ``i`` with the observation the
+    step acts on (e.g. to record the states a policy visits).
     """
     seeds = list(seeds)
     if isinstance(families, str):
@@ -216,4 +223,4 @@ def run_episodes(families: str | Sequence[str], seeds: Sequence[int], policy_fn,
         return []
     envs = [TabletopEnv(f, s, image_size=image_size) for f, s in zip(families, seeds)]
     return _run_envs(envs, policy_fn, n_exec, noise_seed, horizon, action_dim, state_dim, tokenizer,
-                     record_frames, fixed_batch, max_batch, device)
+                     record_frames, fixed_batch, max_batch, device, on_step)

@@ -172,6 +172,11 @@ class TabletopEnv:
         return self.observe()
 
     def step(self, action) -> tuple[dict, bool, dict]:
+        info = self.advance(action)
+        return self.observe(), self._done, info
+
+    def advance(self, action) -> dict:
+        """:meth:`step` without rendering the observation (for planning on a scratch env); returns ``info``."""
         if self._done:
             raise QvlaError("step() after the episode ended; call reset() first")
         a = np.asarray(action, dtype=np.float64).reshape(-1)
@@ -195,12 +200,16 @@ class TabletopEnv:
         s.t += 1
         self._success = self.check_success()
         self._done = self._success or s.t >= s.max_steps
-        info = {"success": self._success, "t": s.t, "stage": s.stage, "nonfinite_action": nonfinite}
-        return self.observe(), self._done, info
+        return {"success": self._success, "t": s.t, "stage": s.stage, "nonfinite_action": nonfinite}
 
     # -- state access (expert, tests) ---------------------------------------------------
     def get_state(self) -> TabletopState:
         return self._state.copy()
+
+    @property
+    def state(self) -> TabletopState:
+        """The live state, not a copy: read it, do not change it (:meth:`get_state` / :meth:`set_state` for that)."""
+        return self._state
 
     def set_state(self, state: TabletopState) -> None:
         if state.family != self.family:

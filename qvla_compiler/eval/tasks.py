@@ -8,6 +8,7 @@ state classes are re-exported from :mod:`qvla_compiler.eval.tabletop`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -107,7 +108,12 @@ class TabletopState:
     meta: dict = field(default_factory=dict)
 
     def copy(self) -> "TabletopState":
-        return copy.deepcopy(self)
+        """An independent copy (by hand: ``copy.deepcopy`` was most of the cost of DAgger's expert planning)."""
+        return dataclasses.replace(
+            self, agent=self.agent.copy(), velocity=self.velocity.copy(),
+            objects=[dataclasses.replace(o, pos=o.pos.copy()) for o in self.objects],
+            zones=[dataclasses.replace(z, pos=z.pos.copy()) for z in self.zones],
+            targets=list(self.targets), meta=copy.deepcopy(self.meta))
 
 
 # ----------------------------------------------------------------------------- generation
