@@ -1,6 +1,6 @@
 """Why a trained tabletop policy fails: where each failed episode ends, per family (float policy, held-out seeds).
 
-    python benchmarks/bench_failures.py --model groot-tabletop --episodes 200
+    python benchmarks/bench_failures.py --model groot-tabletop --episodes 200 [--checkpoint other.safetensors]
 
 reach / sequence: the agent's final distance to the object it should be touching (< 0.1, 0.1-0.2, >= 0.2), whether
 it ended nearer another object than that one, and (reach) how many failures came within 0.08 of the target at some
@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qvla_compiler.eval.runner import run_episodes, runner_kwargs, sample_actions_policy  # noqa: E402
 from qvla_compiler.eval.tabletop import FAMILIES, TabletopEnv  # noqa: E402
+from qvla_compiler.models.checkpoints import load_checkpoint  # noqa: E402
 from qvla_compiler.models.registry import build_policy  # noqa: E402
 
 LOOSE_TOL = 0.08
@@ -91,14 +92,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="groot-tabletop")
     ap.add_argument("--episodes", type=int, default=200, help="evaluation seeds 0..N-1 per family")
+    ap.add_argument("--checkpoint", default=None, help="a checkpoint file to load instead of the committed one")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    policy = build_policy(args.model)
+    policy = build_policy(args.model, pretrained=args.checkpoint is None)
+    if args.checkpoint:
+        load_checkpoint(policy, args.checkpoint)
     report = {fam: diagnose(policy, fam, range(args.episodes)) for fam in FAMILIES}
     if args.json:
-        print(json.dumps({"model": args.model, **report}, indent=2))
+        print(json.dumps({"model": args.model, "checkpoint": args.checkpoint, **report}, indent=2))
         return 0
     for fam, r in report.items():
         print(f"{args.model} {fam}: {r['success']}/{r['episodes']} solved")
