@@ -25,7 +25,8 @@ pretrained LM's number tokens are, instead of as 256 unrelated random vectors.
 `--dagger-rounds R` (off in the committed commands) adds DAgger: R times during training the averaged policy plays
 `--dagger-episodes` fresh episodes per family, every state it visits is labelled with the expert's chunk from there
 (`qvla_compiler.eval.dataset.collect_corrections`), and from then on `--dagger-mix` of every batch comes from those
-corrections. Measured so far: no gain at 5000 steps (benchmarks/RESULTS.md section 5b).
+corrections. Measured: no gain in success (9000 steps, two rounds of 400 episodes: groot 68.3% vs 67.2%, pi05
+52.7% vs 53.5%; benchmarks/RESULTS.md section 5b), though push then fails differently.
 """
 
 from __future__ import annotations
