@@ -32,6 +32,7 @@ from qvla_compiler.eval.tokenizer import Tokenizer, default_tokenizer
 __all__ = ["collect_demonstrations", "collect_corrections", "expert_chunk", "scene_labels", "MAX_OBJECTS"]
 
 MAX_OBJECTS = 4
+_PLANNER = ScriptedExpert()  # noise-free: only its clean_action is used
 
 
 def scene_labels(state: TabletopState) -> tuple[np.ndarray, np.ndarray]:
@@ -182,7 +183,6 @@ def expert_chunk(scratch: TabletopEnv, state: TabletopState, horizon: int) -> tu
     """The noise-free expert's next ``horizon`` actions from ``state`` ([horizon, ACTION_DIM], zero after the
     task is solved) and the mask of real entries, planned on ``scratch`` (an env of the same family; not rendered).
     The step limit is ignored: a label should not tell the policy to stand still because time is nearly up."""
-    expert = ScriptedExpert()
     unlimited = state.copy()
     unlimited.max_steps = state.t + horizon + 1
     scratch.set_state(unlimited)
@@ -191,7 +191,7 @@ def expert_chunk(scratch: TabletopEnv, state: TabletopState, horizon: int) -> tu
     for k in range(horizon):
         if scratch.done:
             break
-        acts[k] = expert.clean_action(scratch.state)
+        acts[k] = _PLANNER.clean_action(scratch.state)
         mask[k] = True
         scratch.advance(acts[k])
     return acts, mask
@@ -201,14 +201,13 @@ def collect_corrections(policy_fn: Callable, n_episodes: int, seed: int, horizon
                         families: Sequence[str] = FAMILIES, *, n_exec: int, noise_seed: int = 0,
                         image_size: int = IMAGE_SIZE, image_dtype: torch.dtype = torch.float32,
                         action_dim: int = ACTION_DIM, state_dim: int = STATE_DIM,
-                        tokenizer: Tokenizer | None = None, scene: bool = False,
-                        policy_horizon: int | None = None, every: int = 1) -> dict:
+                        tokenizer: Tokenizer | None = None, scene: bool = False, every: int = 1) -> dict:
     """DAgger: run the chunked ``policy_fn`` (as :func:`~qvla_compiler.eval.runner.run_episodes` does) on
     ``n_episodes`` episodes per family (seeds ``seed ..``) and record every state it visits, labelled with
     :func:`expert_chunk` from that state.  Failed episodes are kept: their states are the point.  Returns the
     same dict as :func:`collect_demonstrations` (plus ``policy_success``: the fraction of episodes the policy
-    solved); ``policy_horizon`` is the policy's chunk length when it differs from ``horizon``.  ``every`` = k
-    records only every k-th step (k = ``n_exec``: just the states where the policy is asked for a chunk).
+    solved); ``horizon`` is both the policy's chunk length and the labels'.  ``every`` = k records only every
+    k-th step (k = ``n_exec``: just the states where the policy is asked for a chunk).
     """
     from qvla_compiler.eval.runner import run_episodes
 
@@ -225,13 +224,13 @@ def collect_corrections(policy_fn: Callable, n_episodes: int, seed: int, horizon
         def record(i: int, env: TabletopEnv, obs: dict) -> None:
             if env.state.t % every:
                 return
-            state = env.get_state()
+            state = env.state  # read only: expert_chunk plans on its own copy
             chunk, mask = expert_chunk(scratch, state, horizon)
             visited.setdefault(i, []).append((obs["image"], obs["state"], chunk, mask,
                                               scene_labels(state) if scene else None))
 
         seeds = range(seed, seed + n_episodes)
-        results = run_episodes(family, seeds, policy_fn, n_exec, noise_seed, horizon=policy_horizon or horizon,
+        results = run_episodes(family, seeds, policy_fn, n_exec, noise_seed, horizon=horizon,
                                action_dim=action_dim, state_dim=state_dim, tokenizer=tokenizer,
                                image_size=image_size, on_step=record)
         for i, res in enumerate(results):
