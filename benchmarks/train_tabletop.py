@@ -1,12 +1,19 @@
 """Train a tabletop preset (pi05-tabletop / groot-tabletop) by flow matching on expert action chunks.
 
-One command per model, seeded and reproducible (fixed step count, fixed data, fixed thread count); the committed
-checkpoints came from (both at once, ~30 minutes on 2 cores; see qvla_compiler/eval/checkpoints/README.md)::
+One command per model, seeded and reproducible (fixed step count, fixed data, fixed thread and worker count); the
+committed checkpoints came from (one after the other, each on both cores in under 30 minutes; see
+qvla_compiler/eval/checkpoints/README.md)::
 
-    python benchmarks/train_tabletop.py --model pi05 --seed 0 --episodes 8000 --steps 9000 --k-noise 2 \
-        --threads 1 --save-every 1000 --eval-episodes 30 --out qvla_compiler/eval/checkpoints/pi05-tabletop.safetensors
-    python benchmarks/train_tabletop.py --model groot --seed 0 --episodes 8000 --steps 9000 --k-noise 2 \
-        --threads 1 --save-every 1000 --eval-episodes 30 --out qvla_compiler/eval/checkpoints/groot-tabletop.safetensors
+    python benchmarks/train_tabletop.py --model pi05 --seed 0 --episodes 14000 --steps 7600 --batch 64 --k-noise 2 \
+        --threads 1 --workers 2 --save-every 1000 --eval-episodes 30 \
+        --out qvla_compiler/eval/checkpoints/pi05-tabletop.safetensors
+    python benchmarks/train_tabletop.py --model groot --seed 0 --episodes 14000 --steps 7600 --batch 64 --k-noise 2 \
+        --threads 1 --workers 2 --save-every 1000 --eval-episodes 30 \
+        --out qvla_compiler/eval/checkpoints/groot-tabletop.safetensors
+
+`--workers 2` runs two single-threaded data-parallel processes (`benchmarks/data_parallel.py`): each collects half
+of the episodes and computes half of every batch, and the gradients are averaged before each step. That is how one
+model uses both cores; two threads in one process are slower than one here.
 
 Demonstrations come from `collect_demonstrations` with episode seeds starting at 100000 (evaluation uses seeds
 0..N-1, so they are disjoint). Flow-matching conventions, as each policy's `schedule` / `denoise_step` integrate:
@@ -25,8 +32,8 @@ pretrained LM's number tokens are, instead of as 256 unrelated random vectors.
 `--dagger-rounds R` (off in the committed commands) adds DAgger: R times during training the averaged policy plays
 `--dagger-episodes` fresh episodes per family, every state it visits is labelled with the expert's chunk from there
 (`qvla_compiler.eval.dataset.collect_corrections`), and from then on `--dagger-mix` of every batch comes from those
-corrections. Measured: no gain in success (9000 steps, two rounds of 400 episodes: groot 68.3% vs 67.2%, pi05
-52.7% vs 53.5%; benchmarks/RESULTS.md section 5b), though push then fails differently.
+corrections. Measured on the one-core recipe: no gain in success (9000 steps, two rounds of 400 episodes: groot
+68.3% vs 67.2%, pi05 52.7% vs 53.5%; benchmarks/RESULTS.md section 5b), though push then fails differently.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from qvla_compiler.models.common import sinusoidal_embedding  # noqa: E402
 from qvla_compiler.models.groot import GrootPolicy  # noqa: E402
 from qvla_compiler.models.pi05 import Pi05Policy  # noqa: E402
 from qvla_compiler.models.registry import build_policy, get_config  # noqa: E402
+from data_parallel import average_gradients, broadcast_parameters, run_workers, sum_over_workers  # noqa: E402
 from tabletop_aux import GroundingHeads, aux_loss, prefix_features, readout_features  # noqa: E402
 
 DEMO_SEED = 100_000
@@ -214,7 +222,10 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--warmup", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="threads per process")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="data-parallel processes (one per core; each collects and trains on its share of --episodes "
+                         "and --batch, gradients averaged every step)")
     ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the grounding losses (0: off)")
     ap.add_argument("--eval-episodes", type=int, default=20, help="held-out episodes per family at the end (0: none)")
     ap.add_argument("--ema-decay", type=float, default=0.999,
@@ -231,17 +242,32 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.dagger_rounds < 0 or min(args.dagger_episodes, args.dagger_every) < 1 or not 0.0 < args.dagger_mix < 1.0:
         ap.error("need --dagger-rounds >= 0, --dagger-episodes >= 1, --dagger-every >= 1 and 0 < --dagger-mix < 1")
+    if args.workers < 1 or args.batch % args.workers or args.episodes % args.workers:
+        ap.error(f"--workers must be >= 1 and divide --batch ({args.batch}) and --episodes ({args.episodes})")
+    if args.workers > 1 and args.dagger_rounds:
+        ap.error("--dagger-rounds needs --workers 1 (DAgger rollouts are not split across processes)")
+    args.t0 = time.time()
+    run_workers(train, args.workers, args)
+    return 0
+
+
+def train(args, rank: int, world: int) -> None:
+    """One process's share of the training run; rank 0 logs, saves and evaluates.  With one worker this is exactly
+    the single-process run (same seeds, same random streams)."""
     name = args.model if args.model.endswith("-tabletop") else f"{args.model}-tabletop"
+    log = print if rank == 0 else (lambda *a, **k: None)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     cfg = get_config(name)
-    t0 = time.time()
-    data = collect_demonstrations(args.episodes, DEMO_SEED + 10_000 * args.seed, cfg.horizon, expert_noise=args.expert_noise,
-                                  image_size=cfg.image_size, image_dtype=torch.uint8, action_dim=cfg.action_dim,
-                                  state_dim=cfg.state_dim, tokenizer=Tokenizer(max_len=cfg.max_tokens), scene=True)
-    n = data["images"].shape[0]
-    print(f"[data] {data['n_episodes_kept']} episodes, {n} samples in {time.time() - t0:.0f}s", flush=True)
+    t0 = args.t0
+    share = args.episodes // world
+    data = collect_demonstrations(share, DEMO_SEED + 10_000 * args.seed + rank * share, cfg.horizon,
+                                  expert_noise=args.expert_noise, image_size=cfg.image_size, image_dtype=torch.uint8,
+                                  action_dim=cfg.action_dim, state_dim=cfg.state_dim,
+                                  tokenizer=Tokenizer(max_len=cfg.max_tokens), scene=True)
+    kept, n = sum_over_workers([data["n_episodes_kept"], data["images"].shape[0]])
+    log(f"[data] {kept:.0f} episodes, {n:.0f} samples ({world} worker(s)) in {time.time() - t0:.0f}s", flush=True)
 
     policy = build_policy(name, seed=args.seed, pretrained=False)
     init_state_embeddings(policy)
@@ -249,6 +275,7 @@ def main(argv=None) -> int:
     read_dim = cfg.width if isinstance(policy, GrootPolicy) else cfg.head_dim
     heads = GroundingHeads(cfg.width, read_dim)
     params = list(policy.parameters()) + list(heads.parameters())
+    broadcast_parameters(params)
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -261,8 +288,8 @@ def main(argv=None) -> int:
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     ema_weights = WeightAverage(policy, args.ema_decay) if args.ema_decay else None
-    gen = torch.Generator().manual_seed(args.seed)
-    batches = Batches(data, args.batch, gen, args.dagger_mix)
+    gen = torch.Generator().manual_seed(args.seed + 7919 * rank)  # each rank its own batches and flow noise
+    batches = Batches(data, args.batch // world, gen, args.dagger_mix)
     del data
     t_train, ema, acc_ema, coord_ema = time.time(), None, 0.0, 0.5
     grid = cfg.image_size // cfg.vision.patch_size
@@ -285,24 +312,31 @@ def main(argv=None) -> int:
             aux, stats = aux_loss(heads, img_h, txt_h, read, data["token_mask"], data["landmarks"],
                                   data["objects"], agent, grid)
             loss = flow + args.aux_weight * aux
-            acc_ema = 0.98 * acc_ema + 0.02 * stats["ground_acc"]
-            coord_ema = 0.98 * coord_ema + 0.02 * stats["coord_err"]
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        flow_now, acc_now, coord_now = average_gradients(
+            params, [flow.item()] + ([stats["ground_acc"], stats["coord_err"]] if args.aux_weight else [0.0, 0.0]))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if ema_weights is not None:
             ema_weights.update(step)
-        ema = flow.item() if ema is None else 0.98 * ema + 0.02 * flow.item()
+        if args.aux_weight:
+            acc_ema = 0.98 * acc_ema + 0.02 * acc_now
+            coord_ema = 0.98 * coord_ema + 0.02 * coord_now
+        ema = flow_now if ema is None else 0.98 * ema + 0.02 * flow_now
+        if rank:
+            continue
         if args.save_every and step and step % args.save_every == 0:
             with averaged(policy, ema_weights):
                 save_checkpoint(policy, args.out, {"model": name, "seed": str(args.seed), "partial_step": str(step)})
         if step % args.log_every == 0 or step == stop - 1:
             el = time.time() - t_train
-            print(f"[train] step {step} flow loss {flow.item():.4f} ema {ema:.4f} grounding acc {acc_ema:.2f} "
+            print(f"[train] step {step} flow loss {flow_now:.4f} ema {ema:.4f} grounding acc {acc_ema:.2f} "
                   f"coord err {coord_ema:.3f} lr {lr_at(step):.2e} {el:.0f}s ({el / (step + 1):.3f}s/step)", flush=True)
+    if rank:
+        return
     train_s = time.time() - t0
     policy.eval()
     if ema_weights is not None and args.eval_episodes:
@@ -312,7 +346,7 @@ def main(argv=None) -> int:
         ema_weights.copy_to(policy)
     meta = {"model": name, "seed": str(args.seed), "steps": str(stop), "schedule_steps": str(args.steps), "episodes_per_family": str(args.episodes),
             "demo_seed": str(DEMO_SEED + 10_000 * args.seed), "batch": str(args.batch), "k_noise": str(args.k_noise),
-            "lr": str(args.lr), "threads": str(args.threads), "expert_noise": str(args.expert_noise),
+            "lr": str(args.lr), "threads": str(args.threads), "workers": str(world), "expert_noise": str(args.expert_noise),
             "dagger_rounds": str(args.dagger_rounds), "dagger_episodes": str(args.dagger_episodes),
             "dagger_mix": str(args.dagger_mix), "dagger_every": str(args.dagger_every), "aux_weight": str(args.aux_weight), "ema_decay": str(args.ema_decay),
             "train_seconds": f"{train_s:.0f}", "final_loss_ema": f"{ema:.5f}", "command": " ".join(sys.argv)}
@@ -324,7 +358,6 @@ def main(argv=None) -> int:
         load_checkpoint(policy, path)
         t1 = time.time()
         _report("saved checkpoint", quick_eval(policy, args.eval_episodes), args.eval_episodes, t1)
-    return 0
 
 
 if __name__ == "__main__":
