@@ -4,16 +4,20 @@ One command per model, seeded and reproducible (fixed step count, fixed data, fi
 committed checkpoints came from (one after the other, each on both cores in under 30 minutes; see
 qvla_compiler/eval/checkpoints/README.md)::
 
-    python benchmarks/train_tabletop.py --model pi05 --seed 0 --episodes 14000 --steps 7600 --batch 64 --k-noise 2 \
+    python benchmarks/train_tabletop.py --model pi05 --seed 0 --episodes 14000 --steps 8000 --batch 64 --k-noise 2 \
         --threads 1 --workers 2 --save-every 1000 --eval-episodes 30 \
         --out qvla_compiler/eval/checkpoints/pi05-tabletop.safetensors
-    python benchmarks/train_tabletop.py --model groot --seed 0 --episodes 14000 --steps 7600 --batch 64 --k-noise 2 \
-        --threads 1 --workers 2 --save-every 1000 --eval-episodes 30 \
+    python benchmarks/train_tabletop.py --model groot --seed 0 --episodes 12000 --family-episodes push=24000 \
+        --steps 8600 --batch 64 --k-noise 2 --threads 1 --workers 2 --save-every 1000 --eval-episodes 30 \
         --out qvla_compiler/eval/checkpoints/groot-tabletop.safetensors
 
 `--workers 2` runs two single-threaded data-parallel processes (`benchmarks/data_parallel.py`): each collects half
 of the episodes and computes half of every batch, and the gradients are averaged before each step. That is how one
 model uses both cores; two threads in one process are slower than one here.
+
+`--family-episodes push=N` gives a family more demonstrations than `--episodes` (push is the hardest family and
+had the fewest samples). Measured once per model (benchmarks/RESULTS.md section 5b): it lifted groot's push from
+60.5% to 76.5% but not pi05's (39.0%, with its sequence down to 60.5%), so only groot's command uses it.
 
 Demonstrations come from `collect_demonstrations` with episode seeds starting at 100000 (evaluation uses seeds
 0..N-1, so they are disjoint). Flow-matching conventions, as each policy's `schedule` / `denoise_step` integrate:
@@ -207,12 +211,26 @@ def dagger_round(policy, weights, cfg, args, round_index: int) -> dict:
     return data
 
 
+def episodes_by_family(default: int, overrides: list[str]) -> dict[str, int]:
+    """{family: episodes} from --episodes and --family-episodes FAMILY=N entries."""
+    counts = dict.fromkeys(FAMILIES, default)
+    for item in overrides:
+        fam, _, n = item.partition("=")
+        if fam not in counts or not n.isdigit() or int(n) < 1:
+            raise ValueError(f"--family-episodes wants FAMILY=N with FAMILY in {list(FAMILIES)} and N >= 1, "
+                             f"got {item!r}")
+        counts[fam] = int(n)
+    return counts
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="pi05-tabletop or groot-tabletop (pi05 / groot accepted)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     ap.add_argument("--episodes", type=int, default=800, help="expert episodes per family")
+    ap.add_argument("--family-episodes", nargs="*", default=[], metavar="FAMILY=N",
+                    help="override --episodes for some families, e.g. push=28000 (more data for the hardest family)")
     ap.add_argument("--steps", type=int, default=5000, help="length of the learning-rate schedule")
     ap.add_argument("--stop-at", type=int, default=None, help="stop (and save) after this many steps (<= --steps)")
     ap.add_argument("--expert-noise", type=float, default=0.1,
@@ -222,6 +240,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=True,
+                    help="fused AdamW (--no-fused-adam: the per-tensor loop older checkpoints were trained with)")
     ap.add_argument("--threads", type=int, default=2, help="threads per process")
     ap.add_argument("--workers", type=int, default=1,
                     help="data-parallel processes (one per core; each collects and trains on its share of --episodes "
@@ -242,8 +262,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.dagger_rounds < 0 or min(args.dagger_episodes, args.dagger_every) < 1 or not 0.0 < args.dagger_mix < 1.0:
         ap.error("need --dagger-rounds >= 0, --dagger-episodes >= 1, --dagger-every >= 1 and 0 < --dagger-mix < 1")
-    if args.workers < 1 or args.batch % args.workers or args.episodes % args.workers:
-        ap.error(f"--workers must be >= 1 and divide --batch ({args.batch}) and --episodes ({args.episodes})")
+    try:
+        args.episodes_by_family = episodes_by_family(args.episodes, args.family_episodes)
+    except ValueError as e:
+        ap.error(str(e))
+    counts = sorted(set(args.episodes_by_family.values()))
+    if args.workers < 1 or args.batch % args.workers or any(n % args.workers for n in counts):
+        ap.error(f"--workers must be >= 1 and divide --batch ({args.batch}) and the episode counts ({counts})")
     if args.workers > 1 and args.dagger_rounds:
         ap.error("--dagger-rounds needs --workers 1 (DAgger rollouts are not split across processes)")
     args.t0 = time.time()
@@ -260,15 +285,59 @@ def train(args, rank: int, world: int) -> None:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     cfg = get_config(name)
-    t0 = args.t0
-    share = args.episodes // world
-    data = collect_demonstrations(share, DEMO_SEED + 10_000 * args.seed + rank * share, cfg.horizon,
+    data = collect_share(args, cfg, rank, world)
+    kept, n = sum_over_workers([data["n_episodes_kept"], data["images"].shape[0]])
+    log(f"[data] {kept:.0f} episodes, {n:.0f} samples ({world} worker(s)) in {time.time() - args.t0:.0f}s", flush=True)
+
+    policy, heads, params, opt = build_trainee(name, args)
+    ema_weights = WeightAverage(policy, args.ema_decay) if args.ema_decay else None
+    gen = torch.Generator().manual_seed(args.seed + 7919 * rank)  # each rank its own batches and flow noise
+    batches = Batches(data, args.batch // world, gen, args.dagger_mix)
+    del data
+    t_train, running = time.time(), RunningMetrics()
+    stop = args.steps if args.stop_at is None else min(args.stop_at, args.steps)
+    dagger_steps = {round(stop * (r + 1) / (args.dagger_rounds + 1)): r for r in range(args.dagger_rounds)}
+    for step in range(stop):
+        if step in dagger_steps:
+            batches.add_corrections(dagger_round(policy, ema_weights, cfg, args, dagger_steps[step]))
+        loss, logged = training_loss(policy, heads, batches.next(), args, gen)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        running.update(*average_gradients(params, logged), aux=bool(args.aux_weight))
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if ema_weights is not None:
+            ema_weights.update(step)
+        if rank:
+            continue
+        if args.save_every and step and step % args.save_every == 0:
+            with averaged(policy, ema_weights):
+                save_checkpoint(policy, args.out, {"model": name, "seed": str(args.seed), "partial_step": str(step)})
+        if step % args.log_every == 0 or step == stop - 1:
+            el = time.time() - t_train
+            print(f"[train] step {step} {running} lr {lr_at(step, args):.2e} {el:.0f}s ({el / (step + 1):.3f}s/step)",
+                  flush=True)
+    if rank == 0:
+        finish(policy, ema_weights, args, name, stop, running.flow)
+
+
+def collect_share(args, cfg, rank: int, world: int) -> dict:
+    """This worker's demonstrations: episode seeds base + rank * stride + (0 .. its share - 1) of each family, with
+    stride = the largest share, so the workers' ranges are disjoint and, with equal counts, exactly those of one
+    --episodes N."""
+    shares = {f: n // world for f, n in args.episodes_by_family.items()}
+    stride = max(shares.values())
+    return collect_demonstrations(shares, DEMO_SEED + 10_000 * args.seed + rank * stride, cfg.horizon,
                                   expert_noise=args.expert_noise, image_size=cfg.image_size, image_dtype=torch.uint8,
                                   action_dim=cfg.action_dim, state_dim=cfg.state_dim,
                                   tokenizer=Tokenizer(max_len=cfg.max_tokens), scene=True)
-    kept, n = sum_over_workers([data["n_episodes_kept"], data["images"].shape[0]])
-    log(f"[data] {kept:.0f} episodes, {n:.0f} samples ({world} worker(s)) in {time.time() - t0:.0f}s", flush=True)
 
+
+def build_trainee(name: str, args) -> tuple:
+    """(policy, grounding heads, their parameters, AdamW over them), the same initial weights on every worker."""
+    cfg = get_config(name)
     policy = build_policy(name, seed=args.seed, pretrained=False)
     init_state_embeddings(policy)
     policy.train()
@@ -279,77 +348,75 @@ def train(args, rank: int, world: int) -> None:
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
+                            fused=args.fused_adam)  # fused: one kernel for all tensors, ~7% of a step saved on CPU
+    return policy, heads, params, opt  # params in this order: the gradient norm is summed in it
 
-    def lr_at(step: int) -> float:
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
-    ema_weights = WeightAverage(policy, args.ema_decay) if args.ema_decay else None
-    gen = torch.Generator().manual_seed(args.seed + 7919 * rank)  # each rank its own batches and flow noise
-    batches = Batches(data, args.batch // world, gen, args.dagger_mix)
-    del data
-    t_train, ema, acc_ema, coord_ema = time.time(), None, 0.0, 0.5
-    grid = cfg.image_size // cfg.vision.patch_size
-    stop = args.steps if args.stop_at is None else min(args.stop_at, args.steps)
-    dagger_steps = {round(stop * (r + 1) / (args.dagger_rounds + 1)): r for r in range(args.dagger_rounds)}
-    for step in range(stop):
-        if step in dagger_steps:
-            batches.add_corrections(dagger_round(policy, ema_weights, cfg, args, dagger_steps[step]))
-        data = batches.next()
-        images = data["images"].float().div_(255.0)
-        prefix = policy.embed_prefix(images, data["tokens"], data["token_mask"], data["state"])
-        actions = data["action_chunks"].repeat_interleave(args.k_noise, dim=0)
-        x_t, t, target = flow_targets(policy, actions, gen)
-        v = policy.denoise_step(repeat_prefix(prefix, args.k_noise), x_t, t)
-        loss = flow = torch.nn.functional.mse_loss(v, target)
-        if args.aux_weight:
-            img_h, txt_h = prefix_features(policy, prefix, cfg.max_tokens)
-            read = readout_features(policy, prefix, cfg.max_tokens)
-            agent = (data["state"][:, :2] + 1.0) * 0.5
-            aux, stats = aux_loss(heads, img_h, txt_h, read, data["token_mask"], data["landmarks"],
-                                  data["objects"], agent, grid)
-            loss = flow + args.aux_weight * aux
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        flow_now, acc_now, coord_now = average_gradients(
-            params, [flow.item()] + ([stats["ground_acc"], stats["coord_err"]] if args.aux_weight else [0.0, 0.0]))
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if ema_weights is not None:
-            ema_weights.update(step)
-        if args.aux_weight:
-            acc_ema = 0.98 * acc_ema + 0.02 * acc_now
-            coord_ema = 0.98 * coord_ema + 0.02 * coord_now
-        ema = flow_now if ema is None else 0.98 * ema + 0.02 * flow_now
-        if rank:
-            continue
-        if args.save_every and step and step % args.save_every == 0:
-            with averaged(policy, ema_weights):
-                save_checkpoint(policy, args.out, {"model": name, "seed": str(args.seed), "partial_step": str(step)})
-        if step % args.log_every == 0 or step == stop - 1:
-            el = time.time() - t_train
-            print(f"[train] step {step} flow loss {flow_now:.4f} ema {ema:.4f} grounding acc {acc_ema:.2f} "
-                  f"coord err {coord_ema:.3f} lr {lr_at(step):.2e} {el:.0f}s ({el / (step + 1):.3f}s/step)", flush=True)
-    if rank:
-        return
-    train_s = time.time() - t0
+def lr_at(step: int, args) -> float:
+    """Linear warm-up, then a cosine from --lr down to 5% of it at --steps."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def training_loss(policy, heads, data: dict, args, gen: torch.Generator) -> tuple[torch.Tensor, list[float]]:
+    """Flow matching on the batch's chunks (--k-noise draws per observation) plus the weighted grounding losses;
+    also [flow loss, grounding accuracy, coordinate error] for the log."""
+    cfg = policy.config
+    images = data["images"].float().div_(255.0)
+    prefix = policy.embed_prefix(images, data["tokens"], data["token_mask"], data["state"])
+    actions = data["action_chunks"].repeat_interleave(args.k_noise, dim=0)
+    x_t, t, target = flow_targets(policy, actions, gen)
+    v = policy.denoise_step(repeat_prefix(prefix, args.k_noise), x_t, t)
+    flow = torch.nn.functional.mse_loss(v, target)
+    if not args.aux_weight:
+        return flow, [flow.item(), 0.0, 0.0]
+    img_h, txt_h = prefix_features(policy, prefix, cfg.max_tokens)
+    read = readout_features(policy, prefix, cfg.max_tokens)
+    agent = (data["state"][:, :2] + 1.0) * 0.5
+    aux, stats = aux_loss(heads, img_h, txt_h, read, data["token_mask"], data["landmarks"], data["objects"], agent,
+                          cfg.image_size // cfg.vision.patch_size)
+    return flow + args.aux_weight * aux, [flow.item(), stats["ground_acc"], stats["coord_err"]]
+
+
+class RunningMetrics:
+    """Moving averages (0.98) of the logged losses, averaged over the workers."""
+
+    def __init__(self):
+        self.flow, self.acc, self.coord = None, 0.0, 0.5
+
+    def update(self, flow: float, acc: float, coord: float, aux: bool) -> None:
+        if aux:
+            self.acc = 0.98 * self.acc + 0.02 * acc
+            self.coord = 0.98 * self.coord + 0.02 * coord
+        self.flow = flow if self.flow is None else 0.98 * self.flow + 0.02 * flow
+        self.last = flow
+
+    def __str__(self) -> str:
+        return (f"flow loss {self.last:.4f} ema {self.flow:.4f} grounding acc {self.acc:.2f} "
+                f"coord err {self.coord:.3f}")
+
+
+def finish(policy, ema_weights, args, name: str, stop: int, final_loss: float) -> None:
+    """Rank 0 after the last step: check the live weights, save the average with the run's metadata, check the file."""
+    train_s = time.time() - args.t0
     policy.eval()
     if ema_weights is not None and args.eval_episodes:
         t1 = time.time()
         _report("last weights (not saved)", quick_eval(policy, args.eval_episodes), args.eval_episodes, t1)
     if ema_weights is not None:
         ema_weights.copy_to(policy)
-    meta = {"model": name, "seed": str(args.seed), "steps": str(stop), "schedule_steps": str(args.steps), "episodes_per_family": str(args.episodes),
+    meta = {"model": name, "seed": str(args.seed), "steps": str(stop), "schedule_steps": str(args.steps),
+            "episodes_per_family": ",".join(f"{f}={n}" for f, n in args.episodes_by_family.items()),
             "demo_seed": str(DEMO_SEED + 10_000 * args.seed), "batch": str(args.batch), "k_noise": str(args.k_noise),
-            "lr": str(args.lr), "threads": str(args.threads), "workers": str(world), "expert_noise": str(args.expert_noise),
+            "lr": str(args.lr), "fused_adam": str(args.fused_adam), "threads": str(args.threads),
+            "workers": str(args.workers), "expert_noise": str(args.expert_noise),
             "dagger_rounds": str(args.dagger_rounds), "dagger_episodes": str(args.dagger_episodes),
-            "dagger_mix": str(args.dagger_mix), "dagger_every": str(args.dagger_every), "aux_weight": str(args.aux_weight), "ema_decay": str(args.ema_decay),
-            "train_seconds": f"{train_s:.0f}", "final_loss_ema": f"{ema:.5f}", "command": " ".join(sys.argv)}
+            "dagger_mix": str(args.dagger_mix), "dagger_every": str(args.dagger_every),
+            "aux_weight": str(args.aux_weight), "ema_decay": str(args.ema_decay),
+            "train_seconds": f"{train_s:.0f}", "final_loss_ema": f"{final_loss:.5f}", "command": " ".join(sys.argv)}
     path = save_checkpoint(policy, args.out, meta)
     print(f"[save] {path} ({path.stat().st_size / 1e6:.2f} MB) after {train_s:.0f}s", flush=True)
     if args.eval_episodes:

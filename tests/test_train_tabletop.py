@@ -6,7 +6,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from train_tabletop import _KEYS, Batches, WeightAverage, averaged  # noqa: E402
+import pytest  # noqa: E402
+from train_tabletop import _KEYS, Batches, WeightAverage, averaged, episodes_by_family, main  # noqa: E402
 
 
 def _toy() -> torch.nn.Module:
@@ -65,3 +66,18 @@ def test_batches_read_the_demonstrations_in_shuffled_passes_then_mix_in_the_corr
         rows = b["state"][:, 0].tolist()
         assert len(rows) == 4 and sum(r >= 100 for r in rows) == 2      # exactly `mix` of every batch
         assert all(torch.all(b[k].flatten(1) == b["state"][:, :1]) for k in _KEYS)  # fields stay row-aligned
+
+
+def test_family_episodes_override_the_default_count():
+    assert episodes_by_family(14000, []) == {"reach": 14000, "push": 14000, "sequence": 14000}
+    assert episodes_by_family(14000, ["push=26000"]) == {"reach": 14000, "push": 26000, "sequence": 14000}
+    for bad in (["pull=10"], ["push"], ["push=0"], ["push=-3"]):
+        with pytest.raises(ValueError, match="FAMILY=N"):
+            episodes_by_family(10, bad)
+
+
+def test_cli_refuses_counts_the_workers_do_not_divide(capsys):
+    with pytest.raises(SystemExit):
+        main(["--model", "groot", "--out", "x.safetensors", "--workers", "2", "--episodes", "10",
+              "--family-episodes", "push=11"])
+    assert "divide" in capsys.readouterr().err

@@ -17,7 +17,7 @@ short of the target), states the expert's demonstrations never reach.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -118,13 +118,14 @@ def _check_widths(image_dtype: torch.dtype, action_dim: int, state_dim: int) -> 
                         f"got {action_dim} / {state_dim}")
 
 
-def collect_demonstrations(n_episodes: int, seed: int, horizon: int,
+def collect_demonstrations(n_episodes: int | Mapping[str, int], seed: int, horizon: int,
                            families: Sequence[str] = FAMILIES, *, expert_noise: float = 0.1,
                            pad: str = "zero", only_success: bool = True,
                            image_size: int = IMAGE_SIZE, image_dtype: torch.dtype = torch.float32,
                            action_dim: int = ACTION_DIM, state_dim: int = STATE_DIM,
                            tokenizer: Tokenizer | None = None, scene: bool = False) -> dict:
-    """Collect ``n_episodes`` expert episodes per family, episode seeds ``seed .. seed+n_episodes-1``.
+    """Collect ``n_episodes`` expert episodes per family, episode seeds ``seed .. seed+n_episodes-1``; a mapping
+    ``{family: count}`` gives families different counts (e.g. more of the hardest one).
 
     Returns a dict of tensors with N samples:
       images        [N,3,H,W] float32 in [0,1] (uint8 0..255 with ``image_dtype=torch.uint8``,
@@ -143,16 +144,17 @@ def collect_demonstrations(n_episodes: int, seed: int, horizon: int,
     action components); ``tokenizer`` sets the token length.
     Use seeds disjoint from the evaluation seeds (e.g. collect from 100000).
     """
-    if n_episodes < 1 or horizon < 1:
+    families = list(families)
+    counts = _episode_counts(n_episodes, families)
+    if min(counts.values()) < 1 or horizon < 1:
         raise QvlaError(f"need n_episodes >= 1 and horizon >= 1, got {n_episodes}, {horizon}")
     if pad not in ("zero", "last"):
         raise QvlaError(f"pad must be 'zero' or 'last', got {pad!r}")
     _check_widths(image_dtype, action_dim, state_dim)
-    families = list(families)
     samples = _Samples(scene)
     for fi, family in enumerate(families):
         expert = ScriptedExpert(expert_noise, seed=int(np.random.SeedSequence([seed, fi]).generate_state(1)[0]))
-        for k in range(n_episodes):
+        for k in range(counts[family]):
             env = TabletopEnv(family, seed + k, image_size=image_size)
             obs = env.reset()
             ep_images, ep_states, ep_actions, ep_scene = [], [], [], []
@@ -177,6 +179,15 @@ def collect_demonstrations(n_episodes: int, seed: int, horizon: int,
     if samples.kept == 0:
         raise QvlaError("no successful expert episode was collected; lower expert_noise or pass only_success=False")
     return samples.to_tensors(families, tokenizer or default_tokenizer(), image_dtype, action_dim, state_dim)
+
+
+def _episode_counts(n_episodes: int | Mapping[str, int], families: list[str]) -> dict[str, int]:
+    if not isinstance(n_episodes, Mapping):
+        return {f: int(n_episodes) for f in families}
+    if set(n_episodes) != set(families):
+        raise QvlaError(f"per-family episode counts must name exactly the families {families}, "
+                        f"got {sorted(n_episodes)}")
+    return {f: int(n_episodes[f]) for f in families}
 
 
 def expert_chunk(scratch: TabletopEnv, state: TabletopState, horizon: int) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@ from qvla_compiler.eval.tabletop import COLOURS, SHAPES, TEMPLATES
 __all__ = ["PAD", "UNK", "MAX_TOKENS", "VOCAB", "VOCAB_SIZE", "Tokenizer", "default_tokenizer"]
 
 PAD, UNK = "<pad>", "<unk>"
-MAX_TOKENS = 16
+MAX_TOKENS = 10  # the longest template is 9 words; every pad token costs backbone compute
 
 _WORD = re.compile(r"[a-z0-9]+")
 

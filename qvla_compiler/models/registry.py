@@ -17,7 +17,7 @@ from qvla_compiler.models.pi05 import Pi05Config, Pi05Policy
 _VISION_TINY = VisionConfig(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp=128)
 _VISION_SMALL = VisionConfig(image_size=112, patch_size=16, width=256, layers=4, heads=4, mlp=1024)
 _SIGLIP_SO400M = VisionConfig(image_size=224, patch_size=14, width=1152, layers=27, heads=16, mlp=4304)
-# tabletop: sized to the closed-loop suite (qvla_compiler/eval: 64x64 images, 16 tokens, state 8, actions 2) and to
+# tabletop: sized to the closed-loop suite (qvla_compiler/eval: 64x64 images, 10 text tokens, state 8, actions 2) and to
 # train on 2 CPU cores in <= 30 minutes (benchmarks/train_tabletop.py); trained weights in qvla_compiler/eval/checkpoints.
 # 16-pixel patches keep 16 image tokens (the transformer costs what it did at 32x32 with 8-pixel patches) while shapes
 # and positions get four times the pixels.
@@ -52,11 +52,11 @@ PRESETS: dict[str, Pi05Config | GrootConfig] = {
         state_hidden=1024, decoder_hidden=1024, horizon=16, action_dim=32, state_dim=64, num_future_tokens=32,
     ),
     "pi05-tabletop": Pi05Config(
-        vision=_VISION_TABLETOP, vocab_size=512, max_tokens=16, width=128, layers=3, heads=4, head_dim=32, mlp=256,
+        vision=_VISION_TABLETOP, vocab_size=512, max_tokens=10, width=128, layers=3, heads=4, head_dim=32, mlp=256,
         expert_width=96, expert_mlp=192, horizon=8, action_dim=2, state_dim=8, state_token_offset=256,
     ),
     "groot-tabletop": GrootConfig(
-        vision=_VISION_TABLETOP, vocab_size=256, max_tokens=16, width=128, layers=2, heads=4, kv_heads=2, head_dim=32,
+        vision=_VISION_TABLETOP, vocab_size=256, max_tokens=10, width=128, layers=2, heads=4, kv_heads=2, head_dim=32,
         mlp=384, dit_layers=4, dit_heads=4, dit_head_dim=24, dit_ff=192, output_dim=64, state_hidden=64,
         decoder_hidden=64, horizon=8, action_dim=2, state_dim=8, num_future_tokens=4,
     ),

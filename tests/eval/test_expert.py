@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from qvla_compiler.errors import QvlaError
 from qvla_compiler.eval.dataset import collect_demonstrations
 from qvla_compiler.eval.expert import ScriptedExpert
 from qvla_compiler.eval.tabletop import ACTION_DIM, STATE_DIM, TabletopEnv
@@ -53,6 +54,20 @@ def test_collect_demonstrations_shapes_and_padding():
                                   image_size=32)
     assert wide["action_chunks"].shape[1:] == (4, 7) and torch.all(wide["action_chunks"][..., 2:] == 0)
     assert wide["state"].shape[1] == 10 and wide["images"].shape[2:] == (32, 32)
+
+
+def test_collect_demonstrations_per_family_counts():
+    d = collect_demonstrations({"reach": 1, "push": 3}, seed=500, horizon=4, families=["reach", "push"])
+    episodes_per_family = [len(set(d["episode"][d["family"] == fi].tolist())) for fi in range(2)]
+    assert episodes_per_family == [1, 3] and d["n_episodes_kept"] == 4
+    # a mapping with equal counts is the same collection as the plain count
+    same = collect_demonstrations({"reach": 1, "push": 1}, seed=500, horizon=4, families=["reach", "push"])
+    plain = collect_demonstrations(1, seed=500, horizon=4, families=["reach", "push"])
+    assert all(torch.equal(same[k], plain[k]) for k in ("images", "state", "action_chunks", "family"))
+    with pytest.raises(QvlaError, match="must name exactly the families"):
+        collect_demonstrations({"reach": 1}, seed=500, horizon=4, families=["reach", "push"])
+    with pytest.raises(QvlaError, match="n_episodes >= 1"):
+        collect_demonstrations({"reach": 0, "push": 1}, seed=500, horizon=4, families=["reach", "push"])
 
 
 def test_scene_labels_name_the_instruction_landmarks():

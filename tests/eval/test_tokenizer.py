@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from qvla_compiler.errors import QvlaError
-from qvla_compiler.eval.tabletop import FAMILIES, TabletopEnv
+from qvla_compiler.eval.tabletop import COLOURS, FAMILIES, SHAPES, TEMPLATES, TabletopEnv
 from qvla_compiler.eval.tokenizer import MAX_TOKENS, VOCAB, VOCAB_SIZE, Tokenizer, default_tokenizer
 
 
@@ -17,6 +17,14 @@ def test_round_trip_over_generated_instructions():
     for text, ids, m in zip(texts, tokens, mask):
         assert tok.decode(ids, m) == text
         assert tok.decode(ids) == text
+
+
+def test_every_template_fits_max_tokens_with_one_pad():
+    # MAX_TOKENS is kept tight (pad tokens cost backbone compute); a longer template must grow it deliberately
+    colours = list(COLOURS)  # every colour and shape is one word
+    fill = {"c1": colours[0], "c2": colours[1], "s1": SHAPES[0], "s2": SHAPES[1]}
+    longest = max(len(t.format(**fill).split()) for ts in TEMPLATES.values() for t in ts)
+    assert longest == MAX_TOKENS - 1
 
 
 def test_padding_and_mask():

@@ -57,3 +57,30 @@ def test_pi05_state_tokens_sit_above_the_words():
     assert ids.tolist() == [[cfg.state_token_offset, cfg.state_token_offset + cfg.state_bins - 1,
                              cfg.state_token_offset + cfg.state_bins // 2]]
     assert cfg.state_token_offset >= VOCAB_SIZE and cfg.state_token_offset + cfg.state_bins <= cfg.vocab_size
+
+
+@pytest.mark.parametrize("name", ["pi05-tabletop", "groot-tabletop"])
+def test_pad_tokens_change_nothing(name):
+    """The tabletop presets keep only 10 text tokens (pads cost compute); checkpoints trained with 16 still load and
+    act the same, because padding is masked out of attention."""
+    import dataclasses
+
+    from qvla_compiler.eval.tokenizer import Tokenizer
+
+    short = build_policy(name, seed=1, pretrained=False)
+    cfg16 = dataclasses.replace(short.config, max_tokens=16)
+    long = type(short)(cfg16)
+    long.load_state_dict(short.state_dict())
+    long.eval()
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, cfg16.image_size, cfg16.image_size, generator=gen)
+    state = torch.rand(2, cfg16.state_dim, generator=gen) * 2 - 1
+    noise = torch.randn(2, cfg16.horizon, cfg16.action_dim, generator=gen)
+    texts = ["touch the red circle and then the blue square", "reach the green triangle"]
+    out = []
+    for policy, n in ((short, 10), (long, 16)):
+        tokens, mask = Tokenizer(max_len=n).encode_batch(texts)
+        with torch.no_grad():
+            out.append(policy.sample_actions(images, tokens, mask, state, noise=noise))
+    torch.testing.assert_close(out[0], out[1], atol=1e-5, rtol=0)
+    assert out[0].abs().max() > 0.01  # not a trivially zero output
