@@ -385,7 +385,7 @@ class RunningMetrics:
     """Moving averages (0.98) of the logged losses, averaged over the workers."""
 
     def __init__(self):
-        self.flow, self.acc, self.coord = None, 0.0, 0.5
+        self.last, self.flow, self.acc, self.coord = None, None, 0.0, 0.5
 
     def update(self, flow: float, acc: float, coord: float, aux: bool) -> None:
         if aux:
