@@ -2,11 +2,11 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-import pytest  # noqa: E402
 from train_tabletop import _KEYS, Batches, WeightAverage, averaged, episodes_by_family, main  # noqa: E402
 
 
