@@ -1,4 +1,5 @@
-"""Helpers of benchmarks/train_tabletop.py: the weight average, the temporary swap, and the batch mix with DAgger data."""
+"""Helpers of benchmarks/train_tabletop.py: the weight average, the temporary swap, the batch mix with DAgger data and
+the per-family episode counts."""
 import sys
 from pathlib import Path
 
