@@ -27,6 +27,7 @@ from qvla_compiler.eval.expert import ScriptedExpert
 from qvla_compiler.eval.tabletop import (
     ACTION_DIM, COLOURS, FAMILIES, IMAGE_SIZE, SHAPES, STATE_DIM, TabletopEnv, TabletopState,
 )
+from qvla_compiler.eval.tasks import redraw_push_start
 from qvla_compiler.eval.tokenizer import Tokenizer, default_tokenizer
 
 __all__ = ["collect_demonstrations", "collect_corrections", "expert_chunk", "scene_labels", "MAX_OBJECTS"]
@@ -123,7 +124,8 @@ def collect_demonstrations(n_episodes: int | Mapping[str, int], seed: int, horiz
                            pad: str = "zero", only_success: bool = True,
                            image_size: int = IMAGE_SIZE, image_dtype: torch.dtype = torch.float32,
                            action_dim: int = ACTION_DIM, state_dim: int = STATE_DIM,
-                           tokenizer: Tokenizer | None = None, scene: bool = False) -> dict:
+                           tokenizer: Tokenizer | None = None, scene: bool = False,
+                           wide_push_starts: float = 0.0) -> dict:
     """Collect ``n_episodes`` expert episodes per family, episode seeds ``seed .. seed+n_episodes-1``; a mapping
     ``{family: count}`` gives families different counts (e.g. more of the hardest one).
 
@@ -142,6 +144,9 @@ def collect_demonstrations(n_episodes: int | Mapping[str, int], seed: int, horiz
     ``action_dim`` >= ACTION_DIM and ``state_dim`` >= STATE_DIM zero-pad the
     actions / state to a policy's widths (the env executes only the first 2
     action components); ``tokenizer`` sets the token length.
+    ``wide_push_starts`` = p starts that share of the push episodes (picked by episode seed) anywhere around the
+    named block (:func:`~qvla_compiler.eval.tasks.redraw_push_start`) instead of behind it: line-up and go-round
+    demonstrations from the states a policy reaches when it cuts the corner.
     Use seeds disjoint from the evaluation seeds (e.g. collect from 100000).
     """
     families = list(families)
@@ -150,6 +155,8 @@ def collect_demonstrations(n_episodes: int | Mapping[str, int], seed: int, horiz
         raise QvlaError(f"need n_episodes >= 1 and horizon >= 1, got {n_episodes}, {horizon}")
     if pad not in ("zero", "last"):
         raise QvlaError(f"pad must be 'zero' or 'last', got {pad!r}")
+    if not 0.0 <= wide_push_starts <= 1.0:
+        raise QvlaError(f"wide_push_starts is a share of the push episodes, in [0, 1]; got {wide_push_starts}")
     _check_widths(image_dtype, action_dim, state_dim)
     samples = _Samples(scene)
     for fi, family in enumerate(families):
@@ -157,6 +164,9 @@ def collect_demonstrations(n_episodes: int | Mapping[str, int], seed: int, horiz
         for k in range(counts[family]):
             env = TabletopEnv(family, seed + k, image_size=image_size)
             obs = env.reset()
+            if family == "push" and _is_wide(seed + k, wide_push_starts):
+                env.set_state(redraw_push_start(env.get_state(), seed + k))
+                obs = env.observe()
             ep_images, ep_states, ep_actions, ep_scene = [], [], [], []
             done, info = False, {"success": False}
             while not done:
@@ -179,6 +189,11 @@ def collect_demonstrations(n_episodes: int | Mapping[str, int], seed: int, horiz
     if samples.kept == 0:
         raise QvlaError("no successful expert episode was collected; lower expert_noise or pass only_success=False")
     return samples.to_tensors(families, tokenizer or default_tokenizer(), image_dtype, action_dim, state_dim)
+
+
+def _is_wide(episode_seed: int, share: float) -> bool:
+    # drawn per episode seed, so the data-parallel workers' seed ranges each get their share
+    return share > 0.0 and np.random.default_rng([episode_seed, 15485863]).random() < share
 
 
 def _episode_counts(n_episodes: int | Mapping[str, int], families: list[str]) -> dict[str, int]:

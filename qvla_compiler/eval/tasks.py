@@ -20,7 +20,7 @@ from qvla_compiler.errors import QvlaError
 __all__ = [
     "FAMILIES", "MAX_STEPS", "IMAGE_SIZE", "STATE_DIM", "ACTION_DIM", "MAX_STEP",
     "AGENT_RADIUS", "OBJECT_RADIUS", "BLOCK_RADIUS", "TOUCH_TOL", "ZONE_HALF", "ZONE_TOL",
-    "COLOURS", "SHAPES", "TEMPLATES", "TableObject", "Zone", "TabletopState",
+    "COLOURS", "SHAPES", "TEMPLATES", "TableObject", "Zone", "TabletopState", "redraw_push_start",
 ]
 
 
@@ -153,16 +153,38 @@ def _grounding_distractors(rng: np.random.Generator, target: tuple[str, str],
     return out
 
 
-def _behind(rng: np.random.Generator, block: np.ndarray, zone: np.ndarray, avoid: np.ndarray) -> np.ndarray:
-    """A start 0.15-0.3 from ``block`` on its far side from ``zone`` (within PUSH_START_ANGLE of the push axis)."""
+def _behind(rng: np.random.Generator, block: np.ndarray, zone: np.ndarray, avoid: np.ndarray,
+            max_angle: float = PUSH_START_ANGLE) -> np.ndarray:
+    """A start 0.15-0.3 from ``block`` on its far side from ``zone`` (within ``max_angle`` degrees of the push axis;
+    180: anywhere around the block)."""
     back = (block - zone) / np.linalg.norm(block - zone)
     for _ in range(10000):
-        phi = math.radians(rng.uniform(-PUSH_START_ANGLE, PUSH_START_ANGLE))
+        phi = math.radians(rng.uniform(-max_angle, max_angle))
         c, s = math.cos(phi), math.sin(phi)
         p = block + rng.uniform(0.15, 0.3) * np.array([c * back[0] - s * back[1], s * back[0] + c * back[1]])
         if np.all((p >= 0.08) & (p <= 0.92)) and np.linalg.norm(p - avoid) >= 0.15:
             return p
     raise QvlaError("could not place the push start; this is a bug in the generator")
+
+
+def redraw_push_start(state: TabletopState, seed: int, max_angle: float = 180.0) -> TabletopState:
+    """A copy of a push episode's initial ``state`` with the agent redrawn 0.15-0.3 from the named block, within
+    ``max_angle`` degrees of the push axis (180: anywhere around the block, in front of it too).
+
+    For training data only (``collect_demonstrations(wide_push_starts=...)``): the suite's episodes keep
+    PUSH_START_ANGLE. Starts beside and in front of the block are where a policy lands when it cuts the corner
+    of the line-up, so demonstrations from there teach it to go back round.
+    """
+    if state.family != "push" or state.t != 0:
+        raise QvlaError(f"redraw_push_start needs the initial state of a push episode, got family "
+                        f"{state.family!r} at step {state.t}")
+    if not 0.0 < max_angle <= 180.0:
+        raise QvlaError(f"max_angle must be in (0, 180] degrees, got {max_angle}")
+    out = state.copy()
+    tb = state.targets[0]
+    out.agent = _behind(np.random.default_rng([seed, 104729]), state.objects[tb].pos,
+                        state.zones[state.goal_zone].pos, state.objects[1 - tb].pos, max_angle)
+    return out
 
 
 def _generate(family: str, seed: int) -> TabletopState:

@@ -70,6 +70,36 @@ def test_collect_demonstrations_per_family_counts():
         collect_demonstrations({"reach": 0, "push": 1}, seed=500, horizon=4, families=["reach", "push"])
 
 
+def test_expert_solves_push_from_wide_starts():
+    from qvla_compiler.eval.tasks import redraw_push_start
+
+    expert = ScriptedExpert(0.1, seed=0)
+    wins = 0
+    for seed in range(30):
+        env = TabletopEnv("push", seed)
+        env.set_state(redraw_push_start(env.get_state(), seed))
+        while not env.done:
+            env.step(expert.act(env.state))
+        wins += env.check_success()
+    assert wins >= 29
+
+
+def test_collect_demonstrations_wide_push_starts():
+    seeds = range(500, 510)
+    kw = dict(seed=500, horizon=4, families=["push"])
+    plain = collect_demonstrations(len(seeds), **kw)
+    wide = collect_demonstrations(len(seeds), wide_push_starts=0.5, **kw)
+    starts = lambda d: [d["state"][d["episode"] == e][0] for e in range(d["n_episodes_kept"])]  # noqa: E731
+    moved = [not torch.equal(a, b) for a, b in zip(starts(plain), starts(wide))]
+    assert 0 < sum(moved) < len(seeds)  # some episodes, not all, start elsewhere
+    assert torch.equal(collect_demonstrations(len(seeds), wide_push_starts=0.0, **kw)["state"], plain["state"])
+    reach = collect_demonstrations(2, seed=500, horizon=4, families=["reach"])
+    assert torch.equal(collect_demonstrations(2, seed=500, horizon=4, families=["reach"],
+                                              wide_push_starts=1.0)["state"], reach["state"])
+    with pytest.raises(QvlaError, match="share of the push episodes"):
+        collect_demonstrations(1, wide_push_starts=1.5, **kw)
+
+
 def test_scene_labels_name_the_instruction_landmarks():
     from qvla_compiler.eval.dataset import MAX_OBJECTS, scene_labels
     from qvla_compiler.eval.tabletop import COLOURS, SHAPES

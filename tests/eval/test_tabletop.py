@@ -87,6 +87,31 @@ def test_push_starts_behind_the_named_block():
         assert np.linalg.norm(s.agent - s.objects[1 - s.targets[0]].pos) >= 0.15
 
 
+def test_redraw_push_start_goes_all_round_and_keeps_the_scene():
+    from qvla_compiler.eval.tasks import redraw_push_start
+
+    angles = []
+    for seed in range(100):
+        s = TabletopEnv("push", seed).get_state()
+        r = redraw_push_start(s, seed)
+        assert r.instruction == s.instruction and r.t == 0
+        assert all(np.array_equal(a.pos, b.pos) for a, b in zip(r.objects, s.objects))
+        block, zone = r.objects[r.targets[0]].pos, r.zones[r.goal_zone].pos
+        rel = r.agent - block
+        assert 0.15 - 1e-9 <= np.linalg.norm(rel) <= 0.3 + 1e-9
+        assert np.linalg.norm(r.agent - r.objects[1 - r.targets[0]].pos) >= 0.15
+        back = (block - zone) / np.linalg.norm(block - zone)
+        angles.append(np.degrees(np.arccos(np.clip(rel @ back / np.linalg.norm(rel), -1, 1))))
+        assert np.array_equal(redraw_push_start(s, seed).agent, r.agent)  # seeded
+    assert max(angles) > 120.0 and min(angles) < 60.0  # in front of the block as well as behind it
+    narrow = redraw_push_start(TabletopEnv("push", 0).get_state(), 1, max_angle=10.0)
+    assert not np.array_equal(narrow.agent, TabletopEnv("push", 0).get_state().agent)
+    with pytest.raises(QvlaError, match="initial state of a push"):
+        redraw_push_start(TabletopEnv("reach", 0).get_state(), 0)
+    with pytest.raises(QvlaError, match="max_angle"):
+        redraw_push_start(TabletopEnv("push", 0).get_state(), 0, max_angle=0.0)
+
+
 def test_push_success_and_contact():
     env = TabletopEnv("push", 4)
     env.reset()
