@@ -153,7 +153,7 @@ def _grounding_distractors(rng: np.random.Generator, target: tuple[str, str],
     return out
 
 
-def _behind(rng: np.random.Generator, block: np.ndarray, zone: np.ndarray, avoid: np.ndarray,
+def _push_start(rng: np.random.Generator, block: np.ndarray, zone: np.ndarray, avoid: np.ndarray,
             max_angle: float = PUSH_START_ANGLE) -> np.ndarray:
     """A start 0.15-0.3 from ``block`` on its far side from ``zone`` (within ``max_angle`` degrees of the push axis;
     180: anywhere around the block)."""
@@ -182,7 +182,7 @@ def redraw_push_start(state: TabletopState, seed: int, max_angle: float = 180.0)
         raise QvlaError(f"max_angle must be in (0, 180] degrees, got {max_angle}")
     out = state.copy()
     tb = state.targets[0]
-    out.agent = _behind(np.random.default_rng([seed, 104729]), state.objects[tb].pos,
+    out.agent = _push_start(np.random.default_rng([seed, 104729]), state.objects[tb].pos,
                         state.zones[state.goal_zone].pos, state.objects[1 - tb].pos, max_angle)
     return out
 
@@ -222,7 +222,7 @@ def _generate(family: str, seed: int) -> TabletopState:
     blocks_pos = _sample_points(rng, 2, 0.25, 0.75, min_sep=0.2, avoid=zones_pos,
                                 avoid_sep=ZONE_HALF * math.sqrt(2) + BLOCK_RADIUS + 0.05)
     tb, tz = int(rng.integers(2)), int(rng.integers(2))
-    agent = _behind(rng, blocks_pos[tb], zones_pos[tz], avoid=blocks_pos[1 - tb])
+    agent = _push_start(rng, blocks_pos[tb], zones_pos[tz], avoid=blocks_pos[1 - tb])
     objects = [TableObject(c, "square", p, movable=True) for c, p in zip(block_colours, blocks_pos)]
     zones = [Zone(c, p) for c, p in zip(zone_colours, zones_pos)]
     instr = template.format(c1=block_colours[tb], c2=zone_colours[tz])
