@@ -164,7 +164,9 @@ def _push_start(rng: np.random.Generator, block: np.ndarray, zone: np.ndarray, a
         p = block + rng.uniform(0.15, 0.3) * np.array([c * back[0] - s * back[1], s * back[0] + c * back[1]])
         if np.all((p >= 0.08) & (p <= 0.92)) and np.linalg.norm(p - avoid) >= 0.15:
             return p
-    raise QvlaError("could not place the push start; this is a bug in the generator")
+    raise QvlaError(f"no push start 0.15-0.3 from the block within {max_angle:g} degrees of the push axis fits on "
+                    "the table clear of the other block; with the suite's angle this is a generator bug, with a "
+                    "narrower redraw_push_start(max_angle=...) widen the angle")
 
 
 def redraw_push_start(state: TabletopState, seed: int, max_angle: float = 180.0) -> TabletopState:

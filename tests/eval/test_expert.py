@@ -89,7 +89,9 @@ def test_collect_demonstrations_wide_push_starts():
     kw = dict(seed=500, horizon=4, families=["push"])
     plain = collect_demonstrations(len(seeds), **kw)
     wide = collect_demonstrations(len(seeds), wide_push_starts=0.5, **kw)
-    starts = lambda d: [d["state"][d["episode"] == e][0] for e in range(d["n_episodes_kept"])]  # noqa: E731
+    def starts(d):
+        return [d["state"][d["episode"] == e][0] for e in range(d["n_episodes_kept"])]
+
     moved = [not torch.equal(a, b) for a, b in zip(starts(plain), starts(wide))]
     assert 0 < sum(moved) < len(seeds)  # some episodes, not all, start elsewhere
     assert torch.equal(collect_demonstrations(len(seeds), wide_push_starts=0.0, **kw)["state"], plain["state"])
