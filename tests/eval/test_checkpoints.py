@@ -1,7 +1,11 @@
 """Trained tabletop checkpoints: load by name (skipped visibly when the file is absent), fp16 round trip, size."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors import safe_open
 
 from qvla_compiler.errors import QvlaError
 from qvla_compiler.models import build_policy, get_config
@@ -54,3 +58,28 @@ def test_mismatched_checkpoint_is_rejected(tmp_path):
     path = save_checkpoint(build_policy("pi05-tiny", pretrained=False), tmp_path / "t.safetensors")
     with pytest.raises(QvlaError, match="train_tabletop"):
         load_checkpoint(build_policy("pi05-tabletop", pretrained=False), path)
+
+
+def _documented_commands(text: str) -> list[list[str]]:
+    """The `train_tabletop.py` commands in `text`, backslash continuations joined, split into arguments."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    return [line.split()[1:] for line in joined.splitlines()
+            if line.strip().startswith("python benchmarks/train_tabletop.py")]
+
+
+def _without_out(args: list[str]) -> list[str]:
+    i = args.index("--out")
+    return args[:i] + args[i + 2:]
+
+
+@pytest.mark.parametrize("name", TRAINED_PRESETS)
+def test_documented_command_is_the_one_that_trained_the_file(name):
+    """The checkpoints README and train_tabletop's docstring must name the command in the file's own header."""
+    if not has_checkpoint(name):
+        pytest.skip(f"no trained checkpoint at {checkpoint_path(name)}")
+    with safe_open(str(checkpoint_path(name)), framework="pt") as f:
+        trained = _without_out(f.metadata()["command"].split())
+    root = Path(__file__).resolve().parents[2]
+    for doc in (CHECKPOINT_DIR / "README.md", root / "benchmarks" / "train_tabletop.py"):
+        documented = [_without_out(c) for c in _documented_commands(doc.read_text())]
+        assert trained in documented, f"{doc} does not show the command that trained {name}: {' '.join(trained)}"
