@@ -1,10 +1,10 @@
 """Train a tabletop preset (pi05-tabletop / groot-tabletop) by flow matching on expert action chunks.
 
 One command per model, seeded and reproducible (fixed step count, fixed data, fixed thread and worker count); the
-committed checkpoints came from (one after the other, each alone on both cores: groot in 27 minutes, pi05 in 29 and,
-on a bit-identical re-run, 31 minutes, over the 30-minute budget; see qvla_compiler/eval/checkpoints/README.md)::
+committed checkpoints came from (one after the other, each alone on both cores: groot in 27 minutes, pi05 in 25;
+see qvla_compiler/eval/checkpoints/README.md)::
 
-    python benchmarks/train_tabletop.py --model pi05 --seed 0 --episodes 14000 --steps 8000 --batch 64 --k-noise 2 \
+    python benchmarks/train_tabletop.py --model pi05 --seed 0 --episodes 14000 --steps 7200 --batch 64 --k-noise 2 \
         --threads 1 --workers 2 --save-every 1000 --eval-episodes 30 \
         --out qvla_compiler/eval/checkpoints/pi05-tabletop.safetensors
     python benchmarks/train_tabletop.py --model groot --seed 0 --episodes 12000 --family-episodes push=24000 \
