@@ -1,4 +1,5 @@
-"""Trained tabletop checkpoints: load by name (skipped visibly when the file is absent), fp16 round trip, size."""
+"""Trained tabletop checkpoints: load by name (skipped visibly when the file is absent), fp16 round trip, size,
+and the documented training command matching the one in each file's header."""
 
 import re
 from pathlib import Path
