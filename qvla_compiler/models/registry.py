@@ -22,8 +22,9 @@ _SIGLIP_SO400M = VisionConfig(image_size=224, patch_size=14, width=1152, layers=
 # 16-pixel patches keep 16 image tokens (the transformer costs what it did at 32x32 with 8-pixel patches) while shapes
 # and positions get four times the pixels. pi05-tabletop has 2 query heads of 64 rather than 4 of 32: its expert reads
 # the prefix only through the one shared KV head per layer, and 64 values per token instead of 32 trained to a lower
-# flow loss and 76.5% instead of 71.3% float success at 8000 steps (benchmarks/RESULTS.md section 5b). The committed
-# command trains it for 7200 steps (25 minutes; 8000 took 29 and 31: the edge of the budget; checkpoints README).
+# flow loss and 76.5% instead of 71.3% float success at 8000 steps, one run each (benchmarks/RESULTS.md section 5b;
+# pi05's seed spread is 7.5 points, so the loss is the firmer evidence). The committed command trains it for 7200
+# steps (25 minutes; 8000 took 29 and 31: the edge of the budget; checkpoints README).
 _VISION_TABLETOP = VisionConfig(image_size=64, patch_size=16, width=96, layers=2, heads=4, mlp=192)
 
 PRESETS: dict[str, Pi05Config | GrootConfig] = {
