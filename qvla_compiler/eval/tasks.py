@@ -154,7 +154,7 @@ def _grounding_distractors(rng: np.random.Generator, target: tuple[str, str],
 
 
 def _push_start(rng: np.random.Generator, block: np.ndarray, zone: np.ndarray, avoid: np.ndarray,
-            max_angle: float = PUSH_START_ANGLE) -> np.ndarray:
+                max_angle: float = PUSH_START_ANGLE) -> np.ndarray:
     """A start 0.15-0.3 from ``block`` on its far side from ``zone`` (within ``max_angle`` degrees of the push axis;
     180: anywhere around the block)."""
     back = (block - zone) / np.linalg.norm(block - zone)
@@ -185,7 +185,7 @@ def redraw_push_start(state: TabletopState, seed: int, max_angle: float = 180.0)
     out = state.copy()
     tb = state.targets[0]
     out.agent = _push_start(np.random.default_rng([seed, 104729]), state.objects[tb].pos,
-                        state.zones[state.goal_zone].pos, state.objects[1 - tb].pos, max_angle)
+                            state.zones[state.goal_zone].pos, state.objects[1 - tb].pos, max_angle)
     return out
 
 
