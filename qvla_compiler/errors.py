@@ -38,3 +38,7 @@ class ArtifactError(QvlaError, OSError):
 
 class UnsupportedWidthError(QvlaError, ValueError):
     """No Hadamard construction is known for this width."""
+
+
+class UsageError(QvlaError, ValueError):
+    """A command-line option or path that cannot work (conflicting options, an output path that cannot be written)."""
