@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
 import time
 import warnings
 
@@ -20,14 +23,42 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    with _signals_as_exceptions():
+        try:
+            return args.func(args)
+        except QvlaError as exc:
+            if getattr(args, "json", False):
+                print(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
+            else:
+                Console(stderr=True, soft_wrap=True).print(f"[bold red]{type(exc).__name__}[/]: {exc}", highlight=False)
+            return 2
+        except KeyboardInterrupt:
+            print("qvla: interrupted (SIGINT); nothing was written", file=sys.stderr)
+            return 130
+        except Terminated:
+            print("qvla: terminated (SIGTERM); nothing was written", file=sys.stderr)
+            return 143
+
+
+class Terminated(BaseException):
+    """SIGTERM as an exception, so `finally` blocks (temporary files of a save) run before the exit.
+    A BaseException, like KeyboardInterrupt, so no `except Exception` on the way swallows it."""
+
+
+@contextlib.contextmanager
+def _signals_as_exceptions():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        return args.func(args)
-    except QvlaError as exc:
-        if getattr(args, "json", False):
-            print(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
-        else:
-            Console(stderr=True).print(f"[bold red]{type(exc).__name__}[/]: {exc}")
-        return 2
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="capture, calibrate, quantize and save a policy")
     q.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name (default {DEFAULT_MODEL}); see `qvla models`")
-    q.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"one of {', '.join(RECIPES)}")
+    q.add_argument("--recipe", help=f"one of {', '.join(RECIPES)} (default {DEFAULT_RECIPE}, or the plan's)")
     q.add_argument("--layout", choices=sorted(LAYOUTS), help="override the recipe's layout")
     q.add_argument("--rotation", choices=ROTATIONS, help="override the recipe's rotation of integer-linear inputs")
     q.add_argument("--smooth", choices=SMOOTHINGS, help="override the recipe's smoothing (SmoothQuant, folded)")
@@ -81,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="pi05-tabletop")
     e.add_argument("--recipe", default=DEFAULT_RECIPE)
     e.add_argument("--layout", choices=sorted(LAYOUTS))
-    e.add_argument("--episodes", type=int, default=200)
+    e.add_argument("--episodes", type=int, default=200, help="episodes per task family (default 200)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--save-video", help="write a side-by-side GIF here")
     e.add_argument("--json", action="store_true")
@@ -96,8 +127,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_quantize(args) -> int:
     import qvla_compiler
+    from qvla_compiler import preflight
     from qvla_compiler.models import build_policy
 
+    # Every option is checked before the model is built: a bad path or name costs nothing.
+    preflight.model_name(args.model)
+    preflight.positive(args.calib_steps, "--calib-steps")
+    recipe, plan = preflight.quantize_options(args)
+    out = None if args.no_save else preflight.output_file(args.out or f"{args.model}-{recipe.name}.pt2", "--out")
+    if args.dump_dir:
+        preflight.output_dir(args.dump_dir, "--dump-dir")
     console = Console(stderr=True)
     started = time.perf_counter()
     with console.status(f"building {args.model}", spinner="dots"):
@@ -107,15 +146,14 @@ def cmd_quantize(args) -> int:
         from qvla_compiler.models.outliers import inject_outliers
 
         inject_outliers(policy)
-    qp = qvla_compiler.quantize(policy, policy.example_inputs(), recipe=_rotated_recipe(args), layout=args.layout,
-                                calib_steps=args.calib_steps, seed=args.seed, progress=not args.json,
-                                model_name=args.model, dump_dir=args.dump_dir, plan=getattr(args, "plan", None))
-    out = None
-    if not args.no_save:
-        out = args.out or f"{args.model}-{qp.recipe.name}.pt2"
+    qp = qvla_compiler.quantize(policy, policy.example_inputs(), recipe=recipe, calib_steps=args.calib_steps,
+                                seed=args.seed, progress=not args.json, model_name=args.model,
+                                dump_dir=args.dump_dir, plan=plan)
+    if out is not None:
         with console.status(f"saving {out}", spinner="dots"):
             qp.save(out)
-    summary = {**qp.report.summary(), "out": out, "seconds": round(time.perf_counter() - started, 1)}
+    summary = {**qp.report.summary(), "out": None if out is None else str(out),
+               "seconds": round(time.perf_counter() - started, 1)}
     if args.json:
         print(json.dumps(summary))
     else:
@@ -123,24 +161,19 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _rotated_recipe(args):
-    """The named recipe with --rotation / --smooth applied; the name says what was overridden."""
-    from qvla_compiler.recipes import resolve_recipe
-
-    recipe = resolve_recipe(args.recipe)
-    if not (args.rotation or args.smooth):
-        return recipe
-    name = recipe.name + "".join(f"+{v}" for v in (args.smooth, args.rotation) if v)
-    return recipe.with_(rotation=args.rotation, smooth=args.smooth, name=name)
-
-
 def cmd_calibrate(args) -> int:
     import qvla_compiler
+    from qvla_compiler import preflight
     from qvla_compiler.models import build_policy
     from qvla_compiler.plan import QuantPlan
+    from qvla_compiler.recipes import resolve_recipe
 
+    preflight.model_name(args.model)
+    preflight.positive(args.calib_steps, "--calib-steps")
+    recipe = resolve_recipe(args.recipe, args.layout)
+    preflight.output_dir(args.out, "--out")
     policy = build_policy(args.model, seed=args.seed)
-    qp = qvla_compiler.quantize(policy, policy.example_inputs(), recipe=args.recipe, layout=args.layout,
+    qp = qvla_compiler.quantize(policy, policy.example_inputs(), recipe=recipe,
                                 calib_steps=args.calib_steps, seed=args.seed, progress=not args.json,
                                 model_name=args.model)
     plan = QuantPlan.from_program(qp, policy)
@@ -173,25 +206,62 @@ def _print_summary(s: dict) -> None:
                   f"{s['policy_bytes_quant'] * mib:.2f} MiB ({s['policy_memory_saving']:.1%} saved)")
     console.print(f"action fidelity vs float (same noise): rel L2 {s['action_rel_l2']:.4f}, "
                   f"SQNR {s['action_sqnr_db']:.1f} dB")
+    for warning in s.get("warnings") or ():
+        console.print(f"[yellow]warning[/]: {warning}", highlight=False)
     if s.get("out"):
         console.print(f"wrote {s['out']} in {s['seconds']} s")
 
 
 def cmd_inspect(args) -> int:
+    from qvla_compiler import preflight
     from qvla_compiler.inspect_cli import run_inspect
 
+    for flag, path in (("--html", args.html), ("--dot", args.dot)):
+        if path:
+            preflight.output_file(path, flag)
     return run_inspect(args, _console(), _print_summary)
 
 
 def cmd_eval(args) -> int:
+    from qvla_compiler import preflight
+
+    preflight.model_name(args.model)
+    preflight.positive(args.episodes, "--episodes")
+    if args.recipe not in ("none", "float", "fp32"):  # evaluate's float names
+        from qvla_compiler.recipes import resolve_recipe
+
+        resolve_recipe(args.recipe, args.layout)
+    if args.save_video:
+        preflight.output_file(args.save_video, "--save-video")
     try:
         from qvla_compiler.eval.evaluate import evaluate
     except ImportError as exc:
         raise QvlaError(f"closed-loop evaluation is not available in this build ({exc})") from exc
     result = evaluate(args.model, args.recipe, layout=args.layout, episodes=args.episodes, seed=args.seed,
                       progress=not args.json, save_video=args.save_video)
-    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_eval(result)
     return 0
+
+
+def _print_eval(r: dict) -> None:
+    pct = "{:.1%}".format
+    table = Table(title=f"{r['model']} · {r['recipe']} · {r['episodes_per_family']} episodes per task family")
+    for col in ("family", "float", "95% CI", "quantized", "95% CI"):
+        table.add_column(col)
+    for family, e in r["per_family"].items():
+        table.add_row(family, pct(e["success_fp"]), _ci(e["ci_fp"]), pct(e["success_q"]), _ci(e["ci_q"]))
+    table.add_row("mean", pct(r["success_fp_mean"]), "", pct(r["success_q_mean"]), "")
+    console = _console()
+    console.print(table)
+    console.print(f"{r['episodes']} paired episodes; McNemar p = {r['p_value']:.3g}; mean first-chunk action "
+                  f"divergence {r['action_divergence']:.4f}")
+
+
+def _ci(ci) -> str:
+    return f"{ci[0]:.1%}–{ci[1]:.1%}"
 
 
 def cmd_models(args) -> int:

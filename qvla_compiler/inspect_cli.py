@@ -48,7 +48,7 @@ def run_diff(args, console) -> int:
         print(json.dumps(diff, default=str))
         return 0
     if diff["identical"]:
-        console.print(f"{args.a} and {args.b}: same recipe, same decisions, same numbers")
+        console.print(f"{args.a} and {args.b}: same recipe, same decisions, same numbers, identical tensors")
         return 0
     totals = Table(title=f"{args.a} → {args.b}")
     for col in ("", "A", "B"):
@@ -68,4 +68,19 @@ def run_diff(args, console) -> int:
     for side in ("only_in_a", "only_in_b"):
         if diff[side]:
             console.print(f"{side.replace('_', ' ')}: {', '.join(diff[side])}")
+    _print_tensor_diff(diff["tensors"], console)
     return 0
+
+
+def _print_tensor_diff(tensors: dict, console) -> None:
+    if tensors["changed"]:
+        table = Table(title=f"{len(tensors['changed'])} stored tensors differ")
+        for col in ("tensor", "linear", "differs in"):
+            table.add_column(col)
+        for row in tensors["changed"]:
+            what = ", ".join("values" if w == "sha256" else w for w in row["what"])
+            table.add_row(row["name"], row["linear"] or "", what)
+        console.print(table)
+    for side in ("only_in_a", "only_in_b"):
+        if tensors[side]:
+            console.print(f"tensors {side.replace('_', ' ')}: {', '.join(tensors[side])}")

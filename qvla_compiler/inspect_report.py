@@ -8,11 +8,14 @@
     graph         nodes = linears (coloured by role and bits, clustered per layer), edges = dataflow between them
                   through non-linear ops (each linear keeps its _MAX_PARENTS most recent linear producers)
     attention     the ATM/OHB record (α per head, β per block), when present
+    tensors       every stored tensor (parameters, buffers, constants): sha256 of its bytes, dtype, shape and the
+                  linear it belongs to, if any — what `qvla diff` compares, so changed weights never hide
 
 The exported program unrolls the Euler loop, so every denoise linear appears once per step; the graph shows it once.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -44,6 +47,7 @@ def inspect_data(path: str | Path) -> dict[str, Any]:
     summary = {k: v for k, v in report.items() if k not in ("linears", "attention_scales")}
     return {"program": str(path), "meta": loaded.meta, "summary": summary, "linears": linears,
             "graph": {"nodes": nodes, "edges": edges}, "attention": report.get("attention_scales"),
+            "tensors": _tensor_digests(ep, rows),
             "int_linears": summary["int_linears"], "float_linears": summary["float_linears"]}
 
 
@@ -94,6 +98,31 @@ def _rows_by_state_name(rows: dict) -> dict[str, tuple]:
                      f"{path}.weight"):
             out.setdefault(name, (graph, path))
     return out
+
+
+def _tensor_digests(ep: torch.export.ExportedProgram, rows: dict) -> dict[str, dict]:
+    """name → {sha256, dtype, shape, linear}: the exact bytes of every tensor the program carries."""
+    owners = _tensor_owners(rows)
+    out = {}
+    for name, t in sorted({**ep.state_dict, **ep.constants}.items()):
+        if not isinstance(t, torch.Tensor):
+            continue
+        data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+        owner = next((key for prefix, key in owners if name.startswith(prefix)), None)
+        out[name] = {"sha256": hashlib.sha256(data).hexdigest(), "dtype": str(t.dtype).replace("torch.", ""),
+                     "shape": list(t.shape), "linear": None if owner is None else f"{owner[0]}:{owner[1]}"}
+    return out
+
+
+def _tensor_owners(rows: dict) -> list[tuple[str, tuple]]:
+    """Name prefixes of each linear's tensors (integer `qvla_<path_>_wq/_ws/_xs`, float `<path>.weight/.bias`),
+    longest first so `layers.1` never claims `layers.10`'s tensors."""
+    prefixes = []
+    for graph, path in rows:
+        flat = "qvla_" + path.replace(".", "_") + "_"
+        for prefix in (f"{graph}.{flat}", flat, f"{graph}.policy.{path}.", f"{graph}.{path}.", f"{path}."):
+            prefixes.append((prefix, (graph, path)))
+    return sorted(prefixes, key=lambda p: -len(p[0]))
 
 
 def _online_rotation(x: torch.fx.Node) -> str | None:
@@ -183,10 +212,21 @@ def diff_data(a: dict, b: dict) -> dict:
                if a["summary"].get(f) != b["summary"].get(f)}
     ra, rb = a["meta"].get("recipe", {}), b["meta"].get("recipe", {})
     recipe = {k: [ra.get(k), rb.get(k)] for k in sorted(set(ra) | set(rb)) if ra.get(k) != rb.get(k)}
+    tensors = diff_tensors(a.get("tensors", {}), b.get("tensors", {}))
     return {"a": a["program"], "b": b["program"], "summary": summary, "recipe": recipe, "linears": changed,
+            "tensors": tensors,
             "only_in_a": [f"{g}:{p}" for g, p in rows_a if (g, p) not in rows_b],
             "only_in_b": [f"{g}:{p}" for g, p in rows_b if (g, p) not in rows_a],
-            "identical": not (summary or recipe or changed) and rows_a.keys() == rows_b.keys()}
+            "identical": not (summary or recipe or changed or any(tensors.values()))
+            and rows_a.keys() == rows_b.keys()}
+
+
+def diff_tensors(a: dict, b: dict) -> dict[str, list]:
+    """Stored tensors whose bytes, dtype or shape differ, and those only one program has."""
+    changed = [{"name": n, "linear": a[n]["linear"], "what": [k for k in ("dtype", "shape", "sha256")
+                                                              if a[n][k] != b[n][k]]}
+               for n in sorted(a.keys() & b.keys()) if a[n] != b[n]]
+    return {"changed": changed, "only_in_a": sorted(a.keys() - b.keys()), "only_in_b": sorted(b.keys() - a.keys())}
 
 
 def fmt_scale(alpha, beta) -> str:

@@ -1,0 +1,91 @@
+"""Check every command-line argument before any work starts.
+
+A compile takes minutes; a bad `--out` found after it loses the work. So every path a command will write is probed
+first (not a directory, not under a file, really writable — probed with a temporary file, since root ignores mode
+bits), every name is resolved, and options that contradict each other are refused — all before a model is built.
+Nothing is created here except the probe file, which is removed at once.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from qvla_compiler.errors import UsageError
+
+
+def output_file(path: str | os.PathLike, flag: str) -> Path:
+    """A file the command will write: its folder may not exist yet (it is created at write time)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; give a file name inside it, e.g. {flag} {path / 'out.pt2'}")
+    _writable_ancestor(path.parent, flag, path)
+    return path
+
+
+def output_dir(path: str | os.PathLike, flag: str) -> Path:
+    """A folder the command will write files into (created at write time when missing)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path} is a file, not a folder; give a folder path (it is created if missing)")
+    _writable_ancestor(path, flag, path)
+    return path
+
+
+def positive(value: int, flag: str) -> int:
+    if value < 1:
+        raise UsageError(f"{flag} must be at least 1, got {value}")
+    return value
+
+
+def _writable_ancestor(folder: Path, flag: str, target: Path) -> None:
+    """The nearest existing ancestor of `folder` must be a folder we can create files in."""
+    probe = folder.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"{flag} {target}: {probe} is a file, so nothing can be written under it; choose another path")
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".qvla-probe-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{flag} {target}: cannot write in {probe} ({exc.strerror or exc}); choose a writable "
+                         "folder") from exc
+
+
+def quantize_options(args):
+    """Resolve --recipe / --layout / --plan of `qvla quantize` into (recipe, plan), refusing contradictions.
+
+    A plan fixes the recipe and every decision, so a --recipe, --layout, --rotation or --smooth that differs from
+    the plan's would be silently ignored (and mislabel the program): that is an error, not a preference."""
+    from qvla_compiler.plan import PlanError, as_plan
+    from qvla_compiler.recipes import resolve_recipe
+
+    if args.plan is None:
+        return _rotated(resolve_recipe(args.recipe or "w8a8", args.layout), args), None
+    plan = as_plan(args.plan)
+    planned = plan.recipe_object()
+    conflicts = [f"{flag} {given} (the plan says {want})" for flag, given, want in (
+        ("--recipe", args.recipe, planned.name), ("--layout", args.layout, planned.layout),
+        ("--rotation", args.rotation, planned.rotation), ("--smooth", args.smooth, planned.smooth))
+        if given is not None and given != want]
+    if conflicts:
+        raise PlanError(f"--plan {args.plan} was calibrated with recipe {planned.name} (layout {planned.layout}), "
+                        f"which conflicts with {', '.join(conflicts)}; drop those options, or re-run "
+                        "`qvla calibrate` with them")
+    return planned, plan
+
+
+def _rotated(recipe, args):
+    """The recipe with --rotation / --smooth applied; the name says what was overridden."""
+    if not (args.rotation or args.smooth):
+        return recipe
+    name = recipe.name + "".join(f"+{v}" for v in (args.smooth, args.rotation) if v)
+    return recipe.with_(rotation=args.rotation, smooth=args.smooth, name=name)
+
+
+def model_name(name: str) -> str:
+    from qvla_compiler.models import get_config
+
+    get_config(name)  # ModelNotFoundError listing the valid names
+    return name
