@@ -21,6 +21,7 @@ def calibrate(program: Program, batches: Iterable[Any] | Callable[[Callable[[Any
 
     def run(inputs):
         nonlocal count
+        program.check_inputs(inputs, f"calibration batch {count}")  # names the batch; run() checks again, cheaply
         _check_finite(inputs, count)
         program.run(inputs)
         count += 1

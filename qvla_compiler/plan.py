@@ -151,22 +151,49 @@ class QuantPlan:
         if not (directory / PLAN_JSON).is_file():
             raise PlanError(f"no plan at {directory} (expected {PLAN_JSON} and {PLAN_TENSORS}); write one with "
                             f"`qvla calibrate --model ... --recipe ... --out {directory}`")
-        doc = json.loads((directory / PLAN_JSON).read_text())
+        doc = _read_json(directory / PLAN_JSON)
         if doc.get("format") != PLAN_FORMAT:
             raise PlanError(f"{directory} has plan format {doc.get('format')}; this qvla_compiler reads "
                             f"{PLAN_FORMAT}. Re-run `qvla calibrate`.")
-        flat = load_file(str(directory / PLAN_TENSORS)) if (directory / PLAN_TENSORS).is_file() else {}
-        modules = {}
-        for mpath, m in doc["modules"].items():
-            missing = [n for n in m["tensors"] if f"{mpath}{_SEP}{n}" not in flat]
-            if missing:
-                raise PlanError(f"{directory / PLAN_TENSORS} lacks {missing} of module {mpath}; the plan is "
-                                "incomplete — re-run `qvla calibrate`")
-            modules[mpath] = ModulePlan(
-                mpath, m["region"], m["role"], m["in_features"], m["out_features"],
-                QuantSpec(**m["spec"]) if m["spec"] is not None else None, tuple(m["graphs"]),
-                {n: flat[f"{mpath}{_SEP}{n}"] for n in m["tensors"]}, m.get("extra", {}))
-        return cls(doc["model"], doc["recipe"], modules, doc["format"])
+        flat = _read_tensors(directory / PLAN_TENSORS)
+        try:
+            modules = {mpath: _module_from_json(mpath, m, flat, directory) for mpath, m in doc["modules"].items()}
+            return cls(doc["model"], doc["recipe"], modules, doc["format"])
+        except PlanError:
+            raise
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise PlanError(f"{directory / PLAN_JSON} is not a valid plan ({type(exc).__name__}: {exc}); "
+                            "re-run `qvla calibrate`") from exc
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PlanError(f"{path} is not valid JSON ({exc}); the plan is corrupt — re-run `qvla calibrate`") from exc
+    if not isinstance(doc, dict):
+        raise PlanError(f"{path} holds a JSON {type(doc).__name__}, not a plan object; re-run `qvla calibrate`")
+    return doc
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        return {}
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 — safetensors raises its own (SafetensorError) and OSError types
+        raise PlanError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc}); the plan is "
+                        "corrupt or truncated — re-run `qvla calibrate`") from exc
+
+
+def _module_from_json(mpath: str, m: dict, flat: dict, directory: Path) -> ModulePlan:
+    missing = [n for n in m["tensors"] if f"{mpath}{_SEP}{n}" not in flat]
+    if missing:
+        raise PlanError(f"{directory / PLAN_TENSORS} lacks {missing} of module {mpath}; the plan is "
+                        "incomplete — re-run `qvla calibrate`")
+    return ModulePlan(mpath, m["region"], m["role"], m["in_features"], m["out_features"],
+                      QuantSpec(**m["spec"]) if m["spec"] is not None else None, tuple(m["graphs"]),
+                      {n: flat[f"{mpath}{_SEP}{n}"] for n in m["tensors"]}, m.get("extra", {}))
 
 
 def as_plan(plan: "QuantPlan | str | os.PathLike") -> QuantPlan:

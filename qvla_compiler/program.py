@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from qvla_compiler.errors import CalibrationError
 from qvla_compiler.export import OBS_KEYS
 from qvla_compiler.models.sampling import FlowSchedule, euler_sample
 
@@ -28,6 +29,7 @@ class Program:
 
     def run(self, inputs: Any) -> torch.Tensor:
         """Policy: inputs = (obs dict, noise) → action chunk. Module: inputs = tuple of args → output."""
+        self.check_inputs(inputs, "program input")
         with torch.no_grad():
             return self.as_module()(*self.flat_args(inputs))
 
@@ -36,6 +38,25 @@ class Program:
             obs, noise = inputs
             return (*(obs[k] for k in OBS_KEYS), noise)
         return tuple(inputs)
+
+    def check_inputs(self, inputs: Any, what: str) -> None:
+        """Refuse inputs the captured graphs cannot take — a missing key, a wrong dtype, rank or trailing shape —
+        with a CalibrationError that names the tensor, instead of a torch error deep inside the graph."""
+        if self.is_policy:
+            obs, noise = inputs
+            if not isinstance(obs, dict) or set(obs) != set(OBS_KEYS):
+                got = sorted(obs) if isinstance(obs, dict) else type(obs).__name__
+                raise CalibrationError(f"{what}: an observation must be a dict with keys {list(OBS_KEYS)}, got {got}; "
+                                       "build batches like policy.calibration_batches(n)")
+        leaves = torch.utils._pytree.tree_leaves(self.flat_args(inputs))
+        graph = self.graphs["prefix" if self.is_policy else "forward"]
+        names = [n.name for n in graph.graph.nodes if n.op == "placeholder"]
+        wants = [n.meta.get("val") for n in graph.graph.nodes if n.op == "placeholder"]
+        if len(leaves) - self.is_policy != len(wants):  # a policy's noise feeds the denoise graph, not the prefix
+            raise CalibrationError(f"{what}: {len(leaves)} input tensors, but the captured program takes "
+                                   f"{len(wants)} ({', '.join(names)}); pass batches shaped like the example inputs")
+        for name, got, want in zip(names, leaves, wants):
+            _check_like(name, got, want, what)
 
     def as_module(self) -> nn.Module:
         if self.is_policy:
@@ -54,6 +75,20 @@ class PolicyProgram(nn.Module):
         obs = dict(images=images, tokens=tokens, token_mask=token_mask, state=state)
         return euler_sample(lambda **o: self.prefix(*(o[k] for k in OBS_KEYS)),
                             lambda prefix, x, t: self.denoise(tuple(prefix), x, t), obs, noise, self.schedule)
+
+
+def _check_like(name: str, got: Any, want: Any, what: str) -> None:
+    if want is None:
+        return
+    if not isinstance(got, torch.Tensor):
+        raise CalibrationError(f"{what}: input {name!r} must be a tensor, got {type(got).__name__}")
+    static = [d if isinstance(d, int) else None for d in want.shape]  # symbolic dims (the batch) accept any size
+    if got.dtype != want.dtype or got.dim() != len(static) or any(
+            s is not None and g != s for g, s in zip(got.shape[1:], static[1:])):
+        expected = "x".join("B" if s is None else str(s) for s in static)
+        raise CalibrationError(f"{what}: input {name!r} is {got.dtype} [{'x'.join(map(str, got.shape))}] but the "
+                               f"captured program takes {want.dtype} [{expected}]; convert or reshape the batch to "
+                               "match the example inputs")
 
 
 def with_noise(batches: Iterable[dict], noise_shape: tuple[int, ...], seed: int) -> Iterator[tuple[dict, torch.Tensor]]:
