@@ -42,6 +42,7 @@ class DenoiseStep(nn.Module):
 
 def capture_policy(policy: nn.Module, obs: dict[str, torch.Tensor], noise: torch.Tensor) -> dict[str, fx.GraphModule]:
     """{"prefix": GraphModule, "denoise": GraphModule} for a policy with embed_prefix / denoise_step."""
+    obs, noise = widen_batch((obs, noise))
     args = tuple(obs[k] for k in OBS_KEYS)
     with torch.no_grad():
         prefix_out = policy.embed_prefix(*args)
@@ -99,6 +100,17 @@ def _drop_unused_attributes(gm: fx.GraphModule) -> fx.GraphModule:
             delattr(gm.get_submodule(owner) if owner else gm, attr)
     gm.recompile()
     return gm
+
+
+def widen_batch(tree: Any) -> Any:
+    """The same example inputs with a batch of 2 when it is 1: torch.export specialises a dimension whose example
+    size is 1 (the 0/1 specialisation), so a batch-1 example would give a program that only takes batch 1. The
+    captured graphs and saved programs still accept any batch in 1..1024."""
+    leaves = [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+    if not leaves or any(t.dim() == 0 or t.shape[0] != 1 for t in leaves):
+        return tree
+    return torch.utils._pytree.tree_map(
+        lambda t: t.expand(2, *t.shape[1:]).clone() if isinstance(t, torch.Tensor) else t, tree)
 
 
 def _batch_dim():
