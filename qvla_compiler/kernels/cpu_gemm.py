@@ -1,11 +1,20 @@
-"""Exact integer GEMMs on the CPU: int8 x int8 -> int32, two interchangeable backends.
+"""Exact integer GEMMs on the CPU: int8 x int8 -> integer accumulator, two interchangeable backends, any K.
 
 * "int_mm": `torch._int_mm`. Fast where oneDNN has int8 kernels for the CPU (AVX512-VNNI, AMX); on AVX2-only CPUs it
-  falls to a generic loop that is ~30x slower than an fp32 GEMM (measured: 49x384 @ 384x1536, 23 ms vs 0.7 ms).
+  falls to a generic strided loop that is ~30x slower than an fp32 GEMM (measured: 49x384 @ 384x1536, 23 ms vs
+  0.7 ms). The oneDNN path (`_mkldnn_gemm_i8i8i32_with_blas`) reads each operand as row-major ('N') when its last
+  stride is 1 and takes the leading dimension from the other stride, without checking it; a leading dimension below
+  the row length makes oneDNN reject the call silently and return the uninitialised output. A size-1 dimension's
+  stride is arbitrary, so `w.t()` of a [N, 1] weight has strides (1, 1) -> 'N' with ldb = 1 < N -> garbage, and a
+  [1, K] activation with stride(0) = 0 does the same. `_blas_operands` hands it only layouts whose leading dimension
+  is valid (copying the rare operand that is not), so it never reaches that path; `blas_layout_ok` is the rule.
 * "fp32_exact": the same integer dot products on the fp32 FMA units, K split into chunks of at most 1024. Every
   operand is an integer with |v| <= 128, so every partial sum of a chunk is an integer of magnitude <= 1024 * 128^2
-  = 2^24, which fp32 represents exactly; chunk results are converted to int32 and summed in int32. The result is
-  bit-identical to `torch._int_mm` (tests assert it), at fp32-GEMM speed.
+  = 2^24, which fp32 represents exactly. The result is bit-identical to `torch._int_mm` (tests assert it).
+
+Exact for any K: a dot product of K int8 terms is bounded by K * 128^2, which passes int32 at K = 131,072 (at +-127:
+K = 133,144). Both backends therefore accumulate in int32 only up to `max_exact_k()` terms and sum those partial
+results in int64: the output is int32 when K <= max_exact_k() (the common case, unchanged) and int64 above it.
 
 The backend is chosen once from the CPU's capability; QVLA_CPU_GEMM=int_mm|fp32_exact overrides it.
 """
@@ -17,7 +26,20 @@ import os
 import torch
 
 EXACT_CHUNK = 1024  # 1024 * 128 * 128 = 2**24: the largest K whose partial sums fp32 holds exactly
+INT32_MAX = 2**31 - 1
+INT8_MAG = 128  # the largest |v| of any int8 value (-128)
 _BACKENDS = ("int_mm", "fp32_exact")
+
+
+def max_exact_k(a_mag: int = INT8_MAG, b_mag: int = INT8_MAG) -> int:
+    """Largest K whose int32 dot product cannot overflow when |a| <= a_mag and |b| <= b_mag: K * a_mag * b_mag < 2^31."""
+    return INT32_MAX // (a_mag * b_mag)
+
+
+def k_chunks(k: int, chunk: int, align: int = 1) -> list[tuple[int, int]]:
+    """[start, stop) ranges covering 0..k, each at most `chunk` long; every start is a multiple of `align`."""
+    step = max(chunk // align, 1) * align
+    return [(s, min(s + step, k)) for s in range(0, k, step)]
 
 
 @functools.lru_cache(maxsize=1)
@@ -33,30 +55,72 @@ def backend() -> str:
     return "int_mm" if capability.startswith(("AVX512", "AMX")) else "fp32_exact"
 
 
-def int_matmul(a: torch.Tensor, b_t: torch.Tensor, which: str | None = None) -> torch.Tensor:
-    """int8 [M, K] @ int8 [N, K]^T -> int32 [M, N], exact."""
-    if a.shape[0] == 0:
-        return a.new_zeros((0, b_t.shape[0]), dtype=torch.int32)
-    if (which or backend()) == "int_mm":
-        # _int_mm wants a row-major A and a column-major B; the weight is stored [N, K] so .t() is free.
-        return torch._int_mm(a.contiguous(), b_t.t())
+def blas_layout_ok(t: torch.Tensor) -> bool:
+    """Would oneDNN's row-major int8 GEMM read this 2-D operand [rows, cols] correctly? ('N' needs ld >= cols,
+    'T' (column-major) needs a unit row stride and ld >= rows.) Mirrors ATen's choice from the strides."""
+    rows, cols = t.shape
+    if t.stride(1) == 1:
+        return t.stride(0) >= max(cols, 1)
+    return t.stride(0) == 1 and t.stride(1) >= max(rows, 1)
+
+
+def _blas_operands(a: torch.Tensor, b_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [M, K] and B = b_t.T [K, N] in layouts `blas_layout_ok` accepts; copies only an operand that fails it."""
+    b = b_t.t()
+    if not blas_layout_ok(a):
+        a = torch.empty(a.shape, dtype=a.dtype).copy_(a)  # fresh row-major: strides (K, 1)
+    if not blas_layout_ok(b):
+        b = torch.empty(b.shape, dtype=b.dtype).copy_(b)  # fresh row-major: strides (N, 1)
+    return a, b
+
+
+def _int_mm_exact(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     k = a.shape[1]
-    acc = None
-    for start in range(0, k, EXACT_CHUNK):
-        part = a[:, start:start + EXACT_CHUNK].float() @ b_t[:, start:start + EXACT_CHUNK].float().t()
-        part = part.to(torch.int32)
-        acc = part if acc is None else acc + part
+    if k <= max_exact_k():
+        return torch._int_mm(*_blas_operands(a, b_t))
+    acc = torch.zeros((a.shape[0], b_t.shape[0]), dtype=torch.int64)
+    for start, stop in k_chunks(k, max_exact_k()):  # every chunk's int32 sum is exact; chunks add up in int64
+        acc += torch._int_mm(*_blas_operands(a[:, start:stop], b_t[:, start:stop]))
     return acc
 
 
+def _fp32_exact(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    k = a.shape[1]
+    acc_dtype = torch.int32 if k <= max_exact_k() else torch.int64  # |partial sums| <= K * 128^2 either way
+    acc = torch.zeros((a.shape[0], b_t.shape[0]), dtype=acc_dtype)
+    for start, stop in k_chunks(k, EXACT_CHUNK):
+        acc += (a[:, start:stop].float() @ b_t[:, start:stop].float().t()).to(acc_dtype)
+    return acc
+
+
+def int_matmul(a: torch.Tensor, b_t: torch.Tensor, which: str | None = None) -> torch.Tensor:
+    """int8 [M, K] @ int8 [N, K]^T -> [M, N], exact for any shape and any K: int32 when K <= max_exact_k(),
+    otherwise int64 (the int32 result could have overflowed)."""
+    m, k, n = a.shape[0], a.shape[1], b_t.shape[0]
+    if m == 0 or n == 0 or k == 0:
+        return torch.zeros((m, n), dtype=torch.int32 if k <= max_exact_k() else torch.int64)
+    if (which or backend()) == "int_mm":
+        return _int_mm_exact(a, b_t)
+    return _fp32_exact(a, b_t)
+
+
+def int_matmul_ref(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """Pure-torch reference: the int64 product a @ b_t.T."""
+    return a.to(torch.int64) @ b_t.to(torch.int64).t()
+
+
 def grouped_int_matmul(a: torch.Tensor, b_t: torch.Tensor, group: int, which: str | None = None) -> torch.Tensor:
-    """Per-group exact accumulators: int8 [M, K], int8 [N, K] -> int32 [G, M, N] for groups of `group` along K."""
+    """Per-group exact accumulators: int8 [M, K], int8 [N, K] -> [G, M, N] for groups of `group` along K (int32, or
+    int64 when a group is longer than max_exact_k())."""
     k = a.shape[1]
     n_groups = -(-k // group)
-    if (which or backend()) == "int_mm" or group > EXACT_CHUNK:
-        return torch.stack([int_matmul(a[:, g * group:(g + 1) * group], b_t[:, g * group:(g + 1) * group], which)
-                            for g in range(n_groups)])
+    if (which or backend()) == "int_mm" or group > EXACT_CHUNK or a.shape[0] == 0 or b_t.shape[0] == 0:
+        parts = [int_matmul(a[:, g * group:(g + 1) * group], b_t[:, g * group:(g + 1) * group], which)
+                 for g in range(n_groups)]
+        if not parts:
+            return torch.zeros((0, a.shape[0], b_t.shape[0]), dtype=torch.int32)
+        return torch.stack([p.to(torch.int64) for p in parts]) if group > max_exact_k() else torch.stack(parts)
     pad = n_groups * group - k  # zero columns add nothing to any group's sum
     xa = torch.nn.functional.pad(a, (0, pad)).float().reshape(a.shape[0], n_groups, group).transpose(0, 1)
     wb = torch.nn.functional.pad(b_t, (0, pad)).float().reshape(b_t.shape[0], n_groups, group).permute(1, 2, 0)
-    return torch.bmm(xa, wb).to(torch.int32)
+    return torch.bmm(xa, wb).to(torch.int32)  # group <= 1024: every group sum is exact in fp32 (|.| <= 2^24)

@@ -7,9 +7,10 @@ A quantized linear is two ops, so one activation quantization can feed every con
     y      = qvla::int8_linear(xq, xs, w_q, w_scale, bias, dtype)  # int8 x int8 -> int32, scales in the epilogue
     y      = qvla::int4_linear(xq, xs, w_packed, w_scale, bias, group_size, dtype)
 
-The CPU implementations do exact integer arithmetic (int32 accumulators; `kernels/cpu_gemm.py` picks
-`torch._int_mm` or an exact chunked fp32 GEMM, whichever is fast on this CPU); int4 weights are unpacked to int8 on
-the fly and accumulated per group of `group_size` along K. The GPU implementations (Triton)
+The CPU implementations do exact integer arithmetic (int32 accumulators, K-split with int64 sums past 131,071 terms
+so no K overflows; `kernels/cpu_gemm.py` picks `torch._int_mm` or an exact chunked fp32 GEMM, whichever is fast on
+this CPU); int4 weights are unpacked to int8 on the fly and accumulated per group of `group_size` along K.
+Non-finite activations propagate as in float: quantize_act gives the token a NaN scale, which the epilogue multiplies in. The GPU implementations (Triton)
 register themselves for the "cuda" dispatch key on top of these schemas, so one saved program runs on both.
 """
 from __future__ import annotations
@@ -49,14 +50,17 @@ def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
 # quantize_act
 # --------------------------------------------------------------------------------------------------------------
 def quantize_act_ref(x: torch.Tensor, bits: int, static_scale: torch.Tensor | None = None):
+    """Reference. A row holding a NaN or Inf gets a NaN scale (its q is unspecified), so every output of that token
+    is NaN, as in float; a static scale alone would turn such a row into finite garbage. Finite rows: scale + 0."""
     qmax = qmax_for(bits)
     xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True) if x.shape[-1] else xf.new_zeros((*x.shape[:-1], 1))
     if static_scale is None:
-        scale = (xf.abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(1e-8)
+        scale = (amax / qmax).clamp_min(1e-8)
     else:
         scale = static_scale.float().expand(*x.shape[:-1], 1)
     q = torch.clamp(torch.round(xf / scale), -qmax, qmax).to(torch.int8)
-    return q, scale.contiguous()
+    return q, (scale + 0.0 * amax).contiguous()  # 0 * NaN = 0 * inf = NaN: the row's scale carries the poison
 
 
 @torch.library.custom_op(f"{_LIB}::quantize_act", mutates_args=())

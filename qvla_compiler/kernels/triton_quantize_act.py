@@ -4,6 +4,7 @@ Semantics of `qvla::quantize_act(x, bits, static_scale) -> (q, scale)`:
     qmax  = 2**(bits-1) - 1                                   (127 for int8, 7 for int4)
     scale = static_scale, or max(amax(|x|, -1) / qmax, 1e-8)  fp32, shape [..., 1] (a static scale is not clamped)
     q     = clamp(round_half_even(x / scale), -qmax, qmax)    int8 container, shape [..., K]
+    a row holding a NaN or +-Inf gets scale NaN (q unspecified), so its outputs are NaN as in float
 `quantize_act_packed_int4` additionally packs int4 values two per byte along K (low nibble = even k), the layout
 `triton_int4_linear` reads for W4A4 with packed activations.
 
@@ -60,15 +61,17 @@ def _quantize_act_kernel(
                 amax = tl.maximum(amax, tl.abs(xk))
             amax = tl.max(amax, axis=0)
         scale = tl.maximum(tl.math.div_rn(amax, QMAX), 1e-8)  # an all-zero row gets scale 1e-8, q = 0
-    tl.store(scale_ptr + row, scale)
 
     # -- block 3: quantize (clamp before rounding and before the int8 cast) ------------------------
+    poison = tl.zeros((BLOCK_K,), dtype=tl.float32)  # x * 0: +-0 where finite, NaN where x is NaN or +-inf
     for k0 in range(0, K, BLOCK_K):
         if SINGLE_PASS:
             xk = x_full
         else:
             xk = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        poison += xk * 0.0
         v = tl.clamp(tl.math.div_rn(xk, scale), -QMAX, QMAX)
+        v = tl.where(v == v, v, 0.0)  # NaN quotients (NaN x, inf/inf) quantize to 0, never an undefined cast
         q = ((v + 12582912.0) - 12582912.0).to(tl.int8)
         if PACK_INT4:
             lo, hi = tl.split(tl.reshape(q, (BLOCK_K // 2, 2)))
@@ -77,6 +80,10 @@ def _quantize_act_kernel(
             tl.store(q_row + offs_p, packed, mask=offs_p < (K + 1) // 2)
         else:
             tl.store(q_row + k0 + offs, q, mask=k0 + offs < K)
+
+    # -- block 4: the scale, NaN for a row holding a NaN/Inf (tl.max drops NaN on GPUs; a static scale ignores x),
+    # so every output of that token is NaN as in float. Gathered in the quantize loop: no extra pass over x.
+    tl.store(scale_ptr + row, scale + tl.sum(poison, axis=0))
 
 
 def get_autotune_configs() -> list:
@@ -160,15 +167,17 @@ def quantize_act_packed_int4(x: torch.Tensor, static_scale: torch.Tensor | None 
 
 
 def quantize_act_ref(x: torch.Tensor, bits: int, static_scale: torch.Tensor | None = None):
-    """Pure-torch reference (fp32 scale as the op defines it; the quotient is computed exactly in fp32)."""
+    """Pure-torch reference (fp32 scale as the op defines it; the quotient is computed exactly in fp32).
+    A row with a NaN/Inf gets scale NaN (0 * amax is NaN exactly then); its q is unspecified."""
     qmax = 2 ** (bits - 1) - 1
     xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True)
     if static_scale is None:
-        scale = (xf.abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(_MIN_SCALE)
+        scale = (amax / qmax).clamp_min(_MIN_SCALE)
     else:
         scale = static_scale.float().expand(*x.shape[:-1], 1)
     q = torch.round(xf / scale).clamp(-qmax, qmax).to(torch.int8)
-    return q, scale.contiguous()
+    return q, (scale + 0.0 * amax).contiguous()
 
 
 def pack_int4_ref(q: torch.Tensor) -> torch.Tensor:
