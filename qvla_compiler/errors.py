@@ -42,3 +42,7 @@ class UnsupportedWidthError(QvlaError, ValueError):
 
 class UsageError(QvlaError, ValueError):
     """A command-line option or path that cannot work (conflicting options, an output path that cannot be written)."""
+
+
+class AccumulatorOverflowError(QvlaError, ValueError):
+    """An integer accumulator that no kernel splits could pass int32 (K * qmax_a * qmax_w >= 2**31)."""
