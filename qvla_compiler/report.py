@@ -8,11 +8,12 @@ import math
 import torch
 import torch.fx as fx
 
+from qvla_compiler.errors import ShapeError
 from qvla_compiler.kernels.ops import quantize_act
 from qvla_compiler.lowering.lower_linears import LOWERINGS
 from qvla_compiler.passes import _graph as g
 from qvla_compiler.passes.insert_observers import observer_of
-from qvla_compiler.passes.quantize_linears import _fetch
+from qvla_compiler.passes.quantize_linears import KEPT_FLOAT, _fetch
 
 BF16 = 2
 
@@ -35,6 +36,8 @@ class LinearReport:
     bytes_bf16: int
     bytes_quant: int
     sqnr_db: float | None
+    reason: str | None = None  # why a linear the layout made integer stayed float
+    call_site: int = 0  # k > 0: the k-th further reader of a weight in this graph; its bytes are counted at 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +51,7 @@ class Report:
     action_rel_l2: float | None = None
     action_sqnr_db: float | None = None
     attention_scales: dict | None = None  # ATM α / OHB β per graph and attention block, with their statistics
+    warnings: tuple[str, ...] = ()  # what the user should know even though nothing failed (see collect_warnings)
 
     @property
     def int_linears(self) -> int:
@@ -89,7 +93,7 @@ class Report:
                 "policy_bytes_bf16": self.policy_bytes_bf16, "policy_bytes_quant": self.policy_bytes_quant,
                 "policy_memory_saving": round(self.policy_memory_saving, 4),
                 "action_rel_l2": self.action_rel_l2, "action_sqnr_db": self.action_sqnr_db,
-                "regions": self.by_region()}
+                "regions": self.by_region(), "warnings": list(self.warnings)}
 
     def to_json(self) -> str:
         return json.dumps({**self.summary(), "linears": [dataclasses.asdict(r) for r in self.linears],
@@ -98,10 +102,12 @@ class Report:
     @classmethod
     def from_json(cls, text: str) -> "Report":
         data = json.loads(text)
-        linears = tuple(LinearReport(**r) for r in data["linears"])
+        fields = {f.name for f in dataclasses.fields(LinearReport)}  # older JSON lacks the newer fields
+        linears = tuple(LinearReport(**{k: v for k, v in r.items() if k in fields}) for r in data["linears"])
         keys = ("model", "recipe", "layout", "policy_bytes_bf16", "policy_bytes_quant", "action_rel_l2",
                 "action_sqnr_db")
-        return cls(linears=linears, attention_scales=data.get("attention_scales"), **{k: data[k] for k in keys})
+        return cls(linears=linears, attention_scales=data.get("attention_scales"),
+                   warnings=tuple(data.get("warnings", ())), **{k: data[k] for k in keys})
 
 
 def _json_default(value):
@@ -122,8 +128,9 @@ def quant_bytes(info, k: int, n: int, has_bias: bool) -> int:
 
 
 def linear_reports(name: str, gm: fx.GraphModule) -> list[LinearReport]:
-    """Per-linear rows for one graph; call while observers (with their input samples) are still in place."""
-    rows = []
+    """Per-linear rows for one graph; call while observers (with their input samples) are still in place.
+    Every call site gets a row; a weight read by several call sites has its bytes counted on the first one."""
+    rows, readers = [], {}
     for node in g.linear_nodes(gm):
         info = node.meta["qvla"]
         bias = node.args[2] if len(node.args) > 2 else None
@@ -132,9 +139,63 @@ def linear_reports(name: str, gm: fx.GraphModule) -> list[LinearReport]:
         if info.is_quantized:
             quant = quant_bytes(info, info.in_features, info.out_features, bias is not None)
             sqnr = _linear_sqnr(gm, node)
+        site = readers.setdefault(_weight_identity(node), [])
+        site.append(node)
+        kept = node.meta.get(KEPT_FLOAT)
+        bf16, quant = (BF16 * params, quant) if len(site) == 1 else (0, 0)
         rows.append(LinearReport(name, info.module_path, info.region.value, info.role.value, info.bits_label,
-                                 params, BF16 * params, quant, sqnr))
+                                 params, bf16, quant, sqnr, kept.reason if kept else None, len(site) - 1))
     return rows
+
+
+def _weight_identity(node: fx.Node) -> str:
+    tensors, w = node.meta.get("qvla_tensors"), node.args[1]
+    if tensors is not None:
+        return tensors.weight
+    return w.target if w.op == "get_attr" else w.name
+
+
+def output_fidelity(ref, out) -> tuple[float, float]:
+    """(rel-L2, SQNR dB) of `out` against `ref` over every tensor leaf of the two pytrees (tuples, dicts, nested):
+    the leaves are flattened and concatenated, so large outputs weigh in proportion to their size."""
+    ref_leaves, spec = torch.utils._pytree.tree_flatten(ref)
+    out_leaves, out_spec = torch.utils._pytree.tree_flatten(out)
+    if spec != out_spec:
+        raise ShapeError(f"the quantized program returns {out_spec} but the float module returns {spec}; a pass "
+                         "changed the output structure: report this as a bug")
+    pairs = [(r, o) for r, o in zip(ref_leaves, out_leaves) if isinstance(r, torch.Tensor)]
+    if not pairs:
+        return 0.0, math.inf
+    r = torch.cat([a.detach().double().reshape(-1) for a, _ in pairs])
+    o = torch.cat([b.detach().double().reshape(-1) for _, b in pairs])
+    rel = float((o - r).norm() / r.norm().clamp_min(1e-12))
+    return rel, sqnr_db(r, o)
+
+
+def collect_warnings(rows, layout: str, is_policy: bool) -> tuple[str, ...]:
+    """What a user must not miss although nothing failed: a layout that made nothing integer, a graph whose
+    linears all got role 'other', linears kept float for a reason, a policy whose linears all share one region."""
+    out = []
+    ints = sum(r.bits != "float" for r in rows)
+    if rows and ints == 0 and layout != "none":
+        out.append(f"layout {layout!r} quantized 0 of {len(rows)} linears: nothing became integer; check the "
+                   "regions and roles in the report rows, or try layout='all'")
+    for graph in dict.fromkeys(r.graph for r in rows):
+        roles = {r.role for r in rows if r.graph == graph}
+        if roles == {"other"}:
+            out.append(f"graph {graph!r} has linears but no attention or MLP block was recognised, so every one "
+                       "is role 'other' (float under the quantvla/strict layouts); name them with "
+                       "QuantRecipe(role_overrides=...) or use layout='all'")
+    kept = [r for r in rows if r.reason]
+    if kept:
+        out.append(f"{len(kept)} linear(s) kept float although the layout made them integer: "
+                   + "; ".join(f"{r.graph}:{r.module_path}: {r.reason}" for r in kept))
+    regions = {r.region for r in rows}
+    if is_policy and len(regions) == 1:
+        out.append(f"every linear of the policy was assigned to region {next(iter(regions))!r}; region "
+                   "assignment found no vision/backbone/action-head split (check the captured inputs' roles) — "
+                   "set QuantRecipe(region_overrides=...) if this is wrong")
+    return tuple(out)
 
 
 def _linear_sqnr(gm: fx.GraphModule, node: fx.Node) -> float | None:

@@ -4,7 +4,8 @@ Before: y = aten.linear(x, W, b) with LinearInfo.spec set and QuantTensors in no
 After:  xq, xs = qvla::quantize_act(x, a_bits, static_scale)     — one per (x, a_bits, static scale), shared
         y = qvla::int8_linear(xq, xs, Wq, Ws, b, dtype)           — W8
         y = qvla::int4_linear(xq, xs, Wp, Ws, b, group, dtype)    — W4 (packed, per-group scales)
-        and the float weight W is deleted from the module (the saved program carries only the integer form).
+        and the float weight W is deleted from the module once no node reads it (the saved program carries only
+        the integer form). Call sites sharing one weight share one get_attr of its integer buffers.
 Invariant: compute ops keep their order; check_schedule verifies it.
 """
 from __future__ import annotations
@@ -39,7 +40,8 @@ LOWERINGS: dict[int, Lowering] = {
 
 def lower_linears(gm: fx.GraphModule) -> fx.GraphModule:
     shared: dict[tuple, tuple[fx.Node, fx.Node]] = {}
-    dead_weights = []
+    buffers: dict[str, fx.Node] = {}  # one get_attr per integer buffer, placed before its first reader
+    dead_weights: dict[fx.Node, None] = {}  # ordered set: a weight read by several call sites is listed once
     for node in g.linear_nodes(gm):
         tensors = node.meta.get("qvla_tensors")
         if tensors is None:
@@ -51,21 +53,28 @@ def lower_linears(gm: fx.GraphModule) -> fx.GraphModule:
             if key not in shared:
                 shared[key] = _quantize_act(gm, x, spec.a_bits, tensors.act_scale)
             xq, xs = shared[key]
+            wq, ws = _buffer(gm, buffers, tensors.weight), _buffer(gm, buffers, tensors.weight_scale)
             rule = LOWERINGS[spec.w_bits]
-            args = (xq, xs, gm.graph.get_attr(tensors.weight), gm.graph.get_attr(tensors.weight_scale), bias,
-                    *rule.extra_args(spec), node.meta["val"].dtype)
+            args = (xq, xs, wq, ws, bias, *rule.extra_args(spec), node.meta["val"].dtype)
             new = gm.graph.call_function(rule.op, args)
         new.meta.update({k: v for k, v in node.meta.items()})
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        dead_weights.append(w)
+        dead_weights[w] = None
     for w in dead_weights:
         if not w.users:
             gm.graph.erase_node(w)
-            _delete_attr(gm, w.target)
+            if not any(n.op == "get_attr" and n.target == w.target for n in gm.graph.nodes):
+                _delete_attr(gm, w.target)
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _buffer(gm: fx.GraphModule, buffers: dict[str, fx.Node], target: str) -> fx.Node:
+    if target not in buffers:
+        buffers[target] = gm.graph.get_attr(target)
+    return buffers[target]
 
 
 def _quantize_act(gm: fx.GraphModule, x: fx.Node, bits: int, static: str | None) -> tuple[fx.Node, fx.Node]:

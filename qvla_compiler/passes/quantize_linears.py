@@ -1,18 +1,24 @@
 """Quantize the weights of integer linears and fix their activation scales.
 
 Before: linears with a spec, observers (calibrated) on their inputs.
-After:  for each such linear, integer weights and fp32 scales are buffers on the graph module, named in
-        LinearInfo.tensors; static activation scales (act_mode "static") come from the observer. The graph's
-        nodes are unchanged: lower_linears does the rewrite.
-Invariant: dequantize_weight(tensors) reproduces W up to the quantization grid; nothing else changes.
+After:  for each distinct weight read by integer linears, one integer weight and one fp32 scale buffer on the graph
+        module; every call site of that weight names them in node.meta["qvla_tensors"] (QuantTensors). Static
+        activation scales (act_mode "static") come from each call site's own observer, so call sites fed different
+        inputs keep different scales. The graph's nodes are unchanged: lower_linears does the rewrite.
+Decides first: a linear whose weight or bias is computed from graph inputs (not a buffer), or whose weight is shared
+        with a call site the layout keeps float, stays float; the reason is recorded as KeptFloat in
+        node.meta[KEPT_FLOAT] and reported.
+Invariant: dequantize_weight(tensors) reproduces W up to the quantization grid; a weight is quantized once.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import torch
 import torch.fx as fx
 
+from qvla_compiler.errors import QvlaError
 from qvla_compiler.kernels.ops import qmax_for
 from qvla_compiler.meta import update
 from qvla_compiler.passes import _graph as g
@@ -20,6 +26,11 @@ from qvla_compiler.passes.insert_observers import observer_of
 from qvla_compiler.quantizers import quantize_weight
 
 STATIC_PERCENTILE = 99.9  # of per-token absmax: one outlier token does not set the whole tensor's scale
+KEPT_FLOAT = "qvla_kept_float"
+
+
+class WeightNotBufferError(QvlaError, TypeError):
+    """A linear's weight is not a tensor attribute of the graph module, so it cannot be read or quantized."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,29 +42,99 @@ class QuantTensors:
     act_scale: str | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class KeptFloat:
+    """Why a linear the layout made integer stays float."""
+
+    reason: str
+
+
 def quantize_linears(gm: fx.GraphModule) -> fx.GraphModule:
+    _keep_unquantizable_float(gm)
+    weights: dict[tuple, tuple[str, torch.Tensor]] = {}  # (weight target, weight spec) → (buffer base, fp32 scale)
+    scales: dict[tuple, str] = {}  # (weight target, weight spec, out_scale) → dequant scale buffer
     for node in g.linear_nodes(gm):
         info = node.meta["qvla"]
         if not info.is_quantized:
             continue
         spec = info.spec
-        w = _fetch(gm, node.args[1])
-        wq, ws = quantize_weight(w, spec.w_bits, spec.group_size, spec.weight_clip)
-        if info.out_scale is not None:  # folded per-channel factors (ATM α, OHB β) ride on the dequant scale
-            ws = ws * torch.tensor(info.out_scale, dtype=ws.dtype).reshape(-1, *([1] * (ws.dim() - 1)))
-        base = "qvla_" + info.module_path.replace(".", "_")
-        gm.register_buffer(base + "_wq", wq)
-        gm.register_buffer(base + "_ws", ws)
+        key = (node.args[1].target, spec.w_bits, spec.group_size, spec.weight_clip)
+        if key not in weights:  # one integer weight per weight tensor, however many call sites read it
+            wq, ws = quantize_weight(_fetch(gm, node.args[1]), spec.w_bits, spec.group_size, spec.weight_clip)
+            base = _free(gm, "qvla_" + re.sub(r"\W", "_", info.module_path), "_wq")
+            gm.register_buffer(base + "_wq", wq)
+            weights[key] = (base, ws)
+        base, ws = weights[key]
+        if (*key, info.out_scale) not in scales:
+            if info.out_scale is not None:  # folded per-channel factors (ATM α, OHB β) ride on the dequant scale
+                ws = ws * torch.tensor(info.out_scale, dtype=ws.dtype).reshape(-1, *([1] * (ws.dim() - 1)))
+            scales[(*key, info.out_scale)] = _register(gm, _free(gm, base, "_ws") + "_ws", ws)
         act = None
-        if spec.act_mode == "static":
-            obs = observer_of(node, gm)
-            gm.register_buffer(base + "_xs", obs.tensor_scale(qmax_for(spec.a_bits), STATIC_PERCENTILE))
-            act = base + "_xs"
-        node.meta["qvla_tensors"] = QuantTensors(base + "_wq", base + "_ws", act)
+        if spec.act_mode == "static":  # per call site: each one's observer saw its own inputs
+            scale = observer_of(node, gm).tensor_scale(qmax_for(spec.a_bits), STATIC_PERCENTILE)
+            act = _register(gm, _free(gm, base, "_xs") + "_xs", scale)
+        node.meta["qvla_tensors"] = QuantTensors(base + "_wq", scales[(*key, info.out_scale)], act)
     return gm
 
 
+def _keep_unquantizable_float(gm: fx.GraphModule) -> None:
+    """Decide, before any buffer is made, which integer linears cannot be integer; record why."""
+    sites: dict[str, list[fx.Node]] = {}
+    for node in g.linear_nodes(gm):
+        w = node.args[1]
+        if w.op == "get_attr":
+            sites.setdefault(w.target, []).append(node)
+        if not node.meta["qvla"].is_quantized:
+            continue
+        reason = _computed_reason(node)
+        if reason is not None:
+            _keep_float(node, reason)
+    for target, nodes in sites.items():
+        integer = [n for n in nodes if n.meta["qvla"].is_quantized]
+        if integer and len(integer) < len(nodes):
+            floats = ", ".join(sorted({n.meta["qvla"].module_path + f" ({n.name})" for n in nodes
+                                       if n not in integer}))
+            for node in integer:
+                _keep_float(node, f"its weight {target} is shared with call site(s) the layout keeps float: "
+                                  f"{floats}; give every call site the same role/region (role_overrides / "
+                                  "region_overrides) to quantize it")
+
+
+def _computed_reason(node: fx.Node) -> str | None:
+    operands = [("weight", node.args[1]), ("bias", node.args[2] if len(node.args) > 2 else None)]
+    for what, operand in operands:
+        if isinstance(operand, fx.Node) and operand.op != "get_attr":
+            how = "graph inputs" if not g.is_constant(operand) else "parameters, and was not folded"
+            return (f"its {what} is computed from {how} (by {operand.name}); only constant weights can be "
+                    "integer (run fold_computed_weights first for weights made from parameters)")
+    return None
+
+
+def _keep_float(node: fx.Node, reason: str) -> None:
+    update(node, spec=None)
+    node.meta[KEPT_FLOAT] = KeptFloat(reason)
+
+
+def _free(gm: fx.GraphModule, base: str, suffix: str) -> str:
+    """`base`, or `base_1`, `base_2`, … : the first name whose `name + suffix` is not taken on `gm`."""
+    name, i = base, 0
+    while hasattr(gm, name + suffix):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def _register(gm: fx.GraphModule, name: str, value: torch.Tensor) -> str:
+    gm.register_buffer(name, value)
+    return name
+
+
 def _fetch(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        what = node.name if isinstance(node, fx.Node) else repr(node)
+        raise WeightNotBufferError(
+            f"expected a tensor attribute of the graph module, got {what} (computed in the graph); run "
+            "fold_computed_weights before this pass, or keep the linear float")
     obj = gm
     for part in node.target.split("."):
         obj = getattr(obj, part)
