@@ -11,6 +11,10 @@ even path keeps vectorized, pipelined weight loads. Hopper has no int4 MMA, so W
 4-bit activation values; X_PACKED=True reads activations packed two per byte (half the activation bytes).
 Loop structure: int32 accumulator within a group, fp32 accumulator across groups (group scale applied per group).
 A per-channel weight (one group) is split into 512-wide chunks with a zero scale stride, so split-K still applies.
+Exact for any K: a group's int32 accumulator holds at most group_size * 128 * 8 (int8-container activations x int4
+weights), so groups up to `max_exact_k(128, 8)` = 2,097,151 are exact and longer ones are refused
+(AccumulatorOverflowError, check_accumulator_bounds says so at compile time); the raw debug accumulator, an int32 sum
+over all of K, is split in the launcher past that K and summed in int64.
 """
 
 import triton
@@ -18,13 +22,15 @@ import triton.language as tl
 import torch
 from triton import knobs
 
-from qvla_compiler.errors import ShapeError
+from qvla_compiler.errors import AccumulatorOverflowError, ShapeError
+from qvla_compiler.kernels.cpu_gemm import k_chunks, max_exact_k
 
 _INTERPRET = bool(knobs.runtime.interpret)
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SPLIT_K_MAX_M = 16
 _SPLIT_K_MIN_K = 1024
 _PER_CHANNEL_CHUNK = 512  # K-chunk used as the "group" when w_scale has a single group
+_INT4_MAG = 8  # the largest |v| of a signed 4-bit value (-8)
 
 
 @triton.jit
@@ -215,9 +221,29 @@ def _check_inputs(xq, x_scale, w_packed, w_scale, bias, group_size, out_dtype, k
     return n, groups
 
 
-def _launch(xq, x_scale, w_packed, w_scale, bias, group_size, out_dtype, k, x_packed, raw_acc=False, config=None):
-    """(1) check shapes, (2) allocate, (3) launch. k = logical K; config bypasses autotune (tests, compile checks)."""
+def _raw_acc_k_split(xq, w_packed, group_size, k, x_packed, config, max_k):
+    """Raw accumulator for K > max_k: exact int32 sums of even-aligned K-slices (<= max_k long), added in int64."""
+    x2 = xq.reshape(-1, xq.shape[-1])
+    acc = torch.zeros((x2.shape[0], w_packed.shape[0]), dtype=torch.int64, device=xq.device)
+    for start, stop in k_chunks(k, max_k, align=2):  # even starts: slices begin on a byte of the packed layout
+        xs = x2[:, start // 2:(stop + 1) // 2] if x_packed else x2[:, start:stop]
+        acc += int4_linear_acc(xs, w_packed[:, start // 2:(stop + 1) // 2], group_size, k=stop - start,
+                               x_packed=x_packed, config=config).to(torch.int64)
+    return acc.reshape(*xq.shape[:-1], w_packed.shape[0])
+
+
+def _launch(xq, x_scale, w_packed, w_scale, bias, group_size, out_dtype, k, x_packed, raw_acc=False, config=None,
+            max_k=None):
+    """(1) check shapes, (2) allocate, (3) launch. k = logical K; config bypasses autotune (tests, compile checks).
+    max_k: longest K one int32 accumulator may sum (default max_exact_k(128, 8); tests lower it)."""
     n, groups = _check_inputs(xq, x_scale, w_packed, w_scale, bias, group_size, out_dtype, k)
+    max_k = max_k or max_exact_k(128, _INT4_MAG)
+    if raw_acc and k > max_k:
+        return _raw_acc_k_split(xq, w_packed, group_size, k, x_packed, config, max_k)
+    if not raw_acc and groups > 1 and group_size > max_k:
+        raise AccumulatorOverflowError(
+            f"int4_linear: group_size={group_size} lets one group's int32 accumulator reach {group_size} * 128 * 8, "
+            f"past 2**31 - 1; quantize with group_size <= {max_k} (or -1, per channel, which the kernel chunks)")
     lead = xq.shape[:-1]
     x2 = xq.reshape(-1, xq.shape[-1])
     m = x2.shape[0]
@@ -226,7 +252,8 @@ def _launch(xq, x_scale, w_packed, w_scale, bias, group_size, out_dtype, k, x_pa
     ws = w_scale.to(torch.float32)
     stride_wsg = ws.stride(1)
     if groups == 1:  # per-channel: chunk K so the loop and split-K have units to work with; same scale each chunk
-        group_size, groups, stride_wsg = _PER_CHANNEL_CHUNK, -(-k // _PER_CHANNEL_CHUNK), 0
+        chunk = min(_PER_CHANNEL_CHUNK, max(max_k // 2 * 2, 2))
+        group_size, groups, stride_wsg = chunk, -(-k // chunk), 0
     split = config["SPLIT_K"] > 1 if config else (m <= _SPLIT_K_MAX_M and k >= _SPLIT_K_MIN_K and groups > 1)
     acc_dtype = torch.int32 if raw_acc else (torch.float32 if split else out_dtype)
     out = (torch.zeros if split else torch.empty)((m, n), dtype=acc_dtype, device=xq.device)
@@ -248,9 +275,10 @@ def _launch(xq, x_scale, w_packed, w_scale, bias, group_size, out_dtype, k, x_pa
     return out.reshape(*lead, n)
 
 
-def int4_linear(xq, x_scale, w_packed, w_scale, bias=None, group_size=128, out_dtype=torch.bfloat16):
+def int4_linear(xq, x_scale, w_packed, w_scale, bias=None, group_size=128, out_dtype=torch.bfloat16, *, max_k=None):
     """Triton launcher with the `qvla::int4_linear` contract (W4A8, or W4A4 with int4 values in int8 containers)."""
-    return _launch(xq, x_scale, w_packed, w_scale, bias, group_size, out_dtype, k=xq.shape[-1], x_packed=False)
+    return _launch(xq, x_scale, w_packed, w_scale, bias, group_size, out_dtype, k=xq.shape[-1], x_packed=False,
+                   max_k=max_k)
 
 
 def int4_linear_packed_act(xq_packed, x_scale, w_packed, w_scale, bias, group_size, out_dtype, k):
@@ -261,14 +289,15 @@ def int4_linear_packed_act(xq_packed, x_scale, w_packed, w_scale, bias, group_si
     return _launch(xq_packed, x_scale, w_packed, w_scale, bias, group_size, out_dtype, k=k, x_packed=True)
 
 
-def int4_linear_acc(xq, w_packed, group_size, k=None, x_packed=False, config=None):
-    """Debug path: raw int32 sum_g acc_g = xq @ unpack(w).T with unit scales and no bias, shape [..., N]."""
+def int4_linear_acc(xq, w_packed, group_size, k=None, x_packed=False, config=None, *, max_k=None):
+    """Debug path: raw sum_g acc_g = xq @ unpack(w).T with unit scales and no bias, shape [..., N]; int32, or int64
+    when K was split (K > max_k)."""
     k = xq.shape[-1] if k is None else k
     n, groups = w_packed.shape[0], -(-k // group_size)
     ones_x = torch.ones((1,), dtype=torch.float32, device=xq.device)
     ones_w = torch.ones((n, groups), dtype=torch.float32, device=xq.device)
     return _launch(xq, ones_x, w_packed, ones_w, None, group_size, torch.float32, k=k, x_packed=x_packed,
-                   raw_acc=True, config=config)
+                   raw_acc=True, config=config, max_k=max_k)
 
 
 def unpack_int4_weight_ref(w_packed: torch.Tensor, k: int) -> torch.Tensor:

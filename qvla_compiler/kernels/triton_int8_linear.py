@@ -8,6 +8,9 @@ The main loop is a pure int8 MMA; every scale sits in the epilogue. Two launch s
   * split-K (M <= 16, long K): programs own a K-slice, scale their partial and atomically add into a zeroed fp32
     buffer (fp32 sum order varies run to run; the int32 partials are exact).
 RAW_ACC=True stores the unscaled int32 accumulator (exact, atomics in int32 for split-K): the debug path tests use.
+Exact for any K: an int32 sum of K int8 products can pass 2^31 from K = 131,072 (|v| = 128). Past `max_exact_k()`
+the launcher splits K into slices no longer than that, takes each slice's exact int32 accumulator, sums them in
+int64 and applies the epilogue in float64 (`_launch_k_split`); below it, one launch as before.
 """
 
 import triton
@@ -16,6 +19,7 @@ import torch
 from triton import knobs
 
 from qvla_compiler.errors import ShapeError
+from qvla_compiler.kernels.cpu_gemm import k_chunks, max_exact_k
 
 _INTERPRET = bool(knobs.runtime.interpret)
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -172,8 +176,27 @@ def _check_inputs(xq, x_scale, w_q, w_scale, bias, out_dtype):
     return lead, n
 
 
-def _launch(xq, x_scale, w_q, w_scale, bias, out_dtype, raw_acc=False, config=None):
-    """(1) check shapes, (2) allocate, (3) launch. config: a dict of meta-parameters bypassing autotune."""
+def _launch_k_split(xq, x_scale, w_q, w_scale, bias, out_dtype, raw_acc, config, max_k):
+    """K > max_k: exact int32 accumulators of K-slices (each <= max_k long), summed in int64; float64 epilogue."""
+    lead, n = _check_inputs(xq, x_scale, w_q, w_scale, bias, out_dtype)
+    x2 = xq.reshape(-1, xq.shape[-1])
+    acc = torch.zeros((x2.shape[0], n), dtype=torch.int64, device=xq.device)
+    for start, stop in k_chunks(xq.shape[-1], max_k):
+        acc += int8_linear_acc(x2[:, start:stop], w_q[:, start:stop], config=config).to(torch.int64)
+    if raw_acc:
+        return acc.reshape(*lead, n)
+    out = acc.double() * x_scale.double().reshape(-1, 1) * w_scale.double().reshape(-1)
+    if bias is not None:
+        out = out + bias.double().reshape(-1)
+    return out.to(out_dtype).reshape(*lead, n)
+
+
+def _launch(xq, x_scale, w_q, w_scale, bias, out_dtype, raw_acc=False, config=None, max_k=None):
+    """(1) check shapes, (2) allocate, (3) launch. config: a dict of meta-parameters bypassing autotune.
+    max_k: longest K one int32 accumulator may sum (default max_exact_k(); tests lower it to exercise the split)."""
+    max_k = max_k or max_exact_k()
+    if xq.shape[-1] > max_k:
+        return _launch_k_split(xq, x_scale, w_q, w_scale, bias, out_dtype, raw_acc, config, max_k)
     lead, n = _check_inputs(xq, x_scale, w_q, w_scale, bias, out_dtype)
     k = xq.shape[-1]
     x2 = xq.reshape(-1, k)
@@ -200,16 +223,17 @@ def _launch(xq, x_scale, w_q, w_scale, bias, out_dtype, raw_acc=False, config=No
     return out.reshape(*lead, n)
 
 
-def int8_linear(xq, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16):
+def int8_linear(xq, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, *, max_k=None):
     """Triton launcher with the `qvla::int8_linear` contract; returns [..., N] in out_dtype."""
-    return _launch(xq, x_scale, w_q, w_scale, bias, out_dtype)
+    return _launch(xq, x_scale, w_q, w_scale, bias, out_dtype, max_k=max_k)
 
 
-def int8_linear_acc(xq, w_q, config=None):
-    """Debug path: the raw int32 accumulator xq @ w_q.T (no scales, no bias), shape [..., N]."""
+def int8_linear_acc(xq, w_q, config=None, *, max_k=None):
+    """Debug path: the raw accumulator xq @ w_q.T (no scales, no bias), shape [..., N]; int32, or int64 when K was
+    split (K > max_k)."""
     ones_x = torch.ones((1,), dtype=torch.float32, device=xq.device)
     ones_w = torch.ones((w_q.shape[0],), dtype=torch.float32, device=xq.device)
-    return _launch(xq, ones_x, w_q, ones_w, None, torch.float32, raw_acc=True, config=config)
+    return _launch(xq, ones_x, w_q, ones_w, None, torch.float32, raw_acc=True, config=config, max_k=max_k)
 
 
 def int8_linear_ref(xq, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16):
