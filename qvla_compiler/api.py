@@ -18,7 +18,8 @@ from qvla_compiler.export import OBS_KEYS, capture_module, capture_policy
 from qvla_compiler.pipeline import run_pipeline
 from qvla_compiler.program import Program, with_noise
 from qvla_compiler.recipes import QuantRecipe, resolve_recipe
-from qvla_compiler.report import Report, sqnr_db
+from qvla_compiler.protocol import is_policy
+from qvla_compiler.report import Report, collect_warnings, output_fidelity
 
 FORMAT_VERSION = 1
 _EXTRA = ("qvla/meta.json", "qvla/report.json", "qvla/plan.json")
@@ -77,8 +78,9 @@ class LoadedProgram:
 def quantize(module: nn.Module, example_inputs: Any, calib: Iterable | Any = None,
              recipe: str | QuantRecipe = "quantvla-w8a8", *, layout: str | None = None, calib_steps: int = 8,
              seed: int = 0, progress: bool = True, model_name: str | None = None,
-             dump_dir: str | None = None, plan=None) -> QuantizedProgram:
-    """Quantize a VLA policy (anything with embed_prefix / denoise_step / schedule) or a plain module.
+             dump_dir: str | None = None, plan=None, input_roles: dict[str, str] | None = None) -> QuantizedProgram:
+    """Quantize a VLA policy (qvla_compiler.protocol.VLAPolicy: embed_prefix, denoise_step, schedule, …) or a
+    plain module.
 
     Example::
 
@@ -89,7 +91,10 @@ def quantize(module: nn.Module, example_inputs: Any, calib: Iterable | Any = Non
 
     Policy: `example_inputs` is an observation dict (images, tokens, token_mask, state) and `calib` an iterable
     of such dicts (default: the policy's own calibration_batches(calib_steps, seed)) or a forward_loop(run)
-    callable. Module: `example_inputs` is a tuple of arguments and `calib` an iterable of such tuples.
+    callable. Module: `example_inputs` is a tuple of arguments (or one tensor) and `calib` an iterable of such
+    tuples; outputs may be any pytree of tensors (tuples of K/V caches, dicts): fidelity is measured over all
+    its leaves. `input_roles` (modules only) names what the forward's inputs are (see export.capture_module).
+    A module with embed_prefix and denoise_step but not the other VLAPolicy members raises ProtocolError.
     `plan` (a QuantPlan or a plan folder, see qvla_compiler.plan) skips calibration: its decisions, integer
     weights and scales are used as they are, and its recipe replaces `recipe`.
     """
@@ -100,10 +105,11 @@ def quantize(module: nn.Module, example_inputs: Any, calib: Iterable | Any = Non
         recipe = plan.recipe_object()
     recipe = resolve_recipe(recipe, layout)
     module = module.eval()
-    if hasattr(module, "embed_prefix"):
+    if is_policy(module, need_calibration=calib is None and plan is None):
         return _quantize_policy(module, example_inputs, calib, recipe, calib_steps, seed, progress, model_name,
                                 dump_dir, plan)
-    return _quantize_module(module, tuple(example_inputs), calib, recipe, progress, model_name, dump_dir, plan)
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    return _quantize_module(module, args, calib, recipe, progress, model_name, dump_dir, plan, input_roles)
 
 
 def _quantize_policy(policy, obs, calib, recipe, calib_steps, seed, progress, model_name, dump_dir, plan=None):
@@ -129,10 +135,11 @@ def _quantize_policy(policy, obs, calib, recipe, calib_steps, seed, progress, mo
                    attention_scales=scales)
 
 
-def _quantize_module(module, args, calib, recipe, progress, model_name, dump_dir, plan=None):
+def _quantize_module(module, args, calib, recipe, progress, model_name, dump_dir, plan=None, input_roles=None):
     if calib is None and plan is None:
         raise CalibrationError("a plain module needs calibration data: pass calib=[args_tuple, ...]")
-    program = Program(capture_module(module, args))
+    roles = {} if input_roles is None else {"input_roles": input_roles}  # export.capture_module's keyword
+    program = Program(capture_module(module, args, **roles))
     rows, float_bytes = run_pipeline(program, recipe, calib, progress=progress, dump_dir=dump_dir, plan=plan)
     with torch.no_grad():
         ref = module(*args)
@@ -143,9 +150,9 @@ def _finish(program, recipe, rows, float_bytes, name, ref, out, example_args,
             attention_scales=None) -> QuantizedProgram:
     integer = [r for r in rows if r.bits != "float"]
     after = float_bytes - sum(r.bytes_bf16 for r in integer) + sum(r.bytes_quant for r in integer)
-    rel = float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-12))
+    rel, sqnr = output_fidelity(ref, out)  # over every tensor leaf of the output, concatenated
     report = Report(name, recipe.name, recipe.layout, tuple(rows), float_bytes, after, round(rel, 6),
-                    round(sqnr_db(ref, out), 2), attention_scales)
+                    round(sqnr, 2), attention_scales, collect_warnings(rows, recipe.layout, program.is_policy))
     plan = [{"graph": r.graph, "module_path": r.module_path, "region": r.region, "role": r.role, "bits": r.bits}
             for r in rows]
     return QuantizedProgram(program, recipe, report, plan, tuple(example_args))
