@@ -28,6 +28,7 @@ import torch
 EXACT_CHUNK = 1024  # 1024 * 128 * 128 = 2**24: the largest K whose partial sums fp32 holds exactly
 INT32_MAX = 2**31 - 1
 INT8_MAG = 128  # the largest |v| of any int8 value (-128)
+INT4_MAG = 8  # the largest |v| of a signed 4-bit value (-8)
 _BACKENDS = ("int_mm", "fp32_exact")
 
 

@@ -23,14 +23,13 @@ import torch
 from triton import knobs
 
 from qvla_compiler.errors import AccumulatorOverflowError, ShapeError
-from qvla_compiler.kernels.cpu_gemm import k_chunks, max_exact_k
+from qvla_compiler.kernels.cpu_gemm import INT4_MAG, INT8_MAG, k_chunks, max_exact_k
 
 _INTERPRET = bool(knobs.runtime.interpret)
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SPLIT_K_MAX_M = 16
 _SPLIT_K_MIN_K = 1024
 _PER_CHANNEL_CHUNK = 512  # K-chunk used as the "group" when w_scale has a single group
-_INT4_MAG = 8  # the largest |v| of a signed 4-bit value (-8)
 
 
 @triton.jit
@@ -237,7 +236,7 @@ def _launch(xq, x_scale, w_packed, w_scale, bias, group_size, out_dtype, k, x_pa
     """(1) check shapes, (2) allocate, (3) launch. k = logical K; config bypasses autotune (tests, compile checks).
     max_k: longest K one int32 accumulator may sum (default max_exact_k(128, 8); tests lower it)."""
     n, groups = _check_inputs(xq, x_scale, w_packed, w_scale, bias, group_size, out_dtype, k)
-    max_k = max_k or max_exact_k(128, _INT4_MAG)
+    max_k = max_k or max_exact_k(INT8_MAG, INT4_MAG)
     if raw_acc and k > max_k:
         return _raw_acc_k_split(xq, w_packed, group_size, k, x_packed, config, max_k)
     if not raw_acc and groups > 1 and group_size > max_k:
