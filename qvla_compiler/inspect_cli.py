@@ -43,7 +43,10 @@ def run_inspect(args, console, print_summary) -> int:
 
 
 def run_diff(args, console) -> int:
-    diff = diff_data(inspect_data(args.a), inspect_data(args.b))
+    from qvla_compiler.api import load
+
+    loaded = [load(args.a), load(args.b)]  # both must load before either is analysed
+    diff = diff_data(inspect_data(args.a, loaded[0]), inspect_data(args.b, loaded[1]))
     if args.json:
         print(json.dumps(diff, default=str))
         return 0
