@@ -1,5 +1,6 @@
 """The `qvla` command: --json output of quantize and inspect, and named errors with exit code 2."""
 import json
+import signal
 import subprocess
 import sys
 
@@ -47,3 +48,22 @@ def test_errors_are_named_and_exit_2(tmp_path):
     assert json.loads(result.stdout)["error"] == "ModelNotFoundError"
     result = _run("inspect", str(tmp_path / "nothing.pt2"))
     assert result.returncode == 2 and "ArtifactError" in result.stderr
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_mid_compile_prints_one_line_and_leaves_no_file(sig, code, word, tmp_path):
+    out = tmp_path / "p.pt2"
+    proc = subprocess.Popen([*QVLA, "quantize", "--model", "pi05-tiny", "--out", str(out)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:  # wait until the compile is under way, so the CLI's handlers are installed
+        seen.append(line)
+        if "built pi05-tiny" in line:
+            break
+    proc.send_signal(sig)
+    _, rest = proc.communicate(timeout=300)
+    err = "".join(seen) + rest
+    assert proc.returncode == code, err[-2000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"qvla: {word} ({sig.name}); nothing was written"
+    assert not out.exists() and not list(tmp_path.glob("*.tmp*"))
