@@ -11,6 +11,7 @@ from qvla_compiler.calibrate import calibrate
 from qvla_compiler.lowering import lower_linears
 from qvla_compiler.passes import (apply_layout, assign_regions, check_schedule, classify_linears, insert_observers,
                                   quantize_linears, record_schedule, remove_observers)
+from qvla_compiler.passes.check_accumulator_bounds import check_accumulator_bounds
 from qvla_compiler.passes.rotate_and_smooth import needs_rotation, replayable, rotate_and_smooth
 from qvla_compiler.program import Program
 from qvla_compiler.recipes import QuantRecipe
@@ -58,6 +59,7 @@ def run_pipeline(program: Program, recipe: QuantRecipe, calib, *, calib_total: i
     # Phase 4: lower — observers out, qvla:: ops in; the operator schedule must be the original one.
     for gm in graphs.values():
         remove_observers(gm)
+        check_accumulator_bounds(gm)  # int32 accumulators proved safe or K-split recorded; refuses what cannot split
         lower_linears(gm)
         check_schedule(gm)
     dump("4-lowered", graphs)
@@ -96,6 +98,7 @@ def run_planned(program: Program, recipe: QuantRecipe, plan, *, dump_dir: str | 
     float_bytes = param_bytes(graphs.values())
     # Phase 4: lower and check, exactly as without a plan.
     for gm in graphs.values():
+        check_accumulator_bounds(gm)
         lower_linears(gm)
         check_schedule(gm)
     dump("4-lowered", graphs)

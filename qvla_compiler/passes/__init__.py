@@ -1,6 +1,7 @@
 """One pass per file; this package only re-exports them."""
 from qvla_compiler.passes.apply_layout import apply_layout
 from qvla_compiler.passes.assign_regions import assign_regions
+from qvla_compiler.passes.check_accumulator_bounds import check_accumulator_bounds
 from qvla_compiler.passes.check_schedule import check_schedule, record_schedule
 from qvla_compiler.passes.classify_linears import classify_linears, find_attention_cores
 from qvla_compiler.passes.fold_attention_scales import fold_attention_scales
@@ -8,6 +9,6 @@ from qvla_compiler.passes.insert_observers import insert_observers, remove_obser
 from qvla_compiler.passes.observe_attention import observe_attention, remove_attention_observers
 from qvla_compiler.passes.quantize_linears import quantize_linears
 
-__all__ = ["apply_layout", "assign_regions", "check_schedule", "classify_linears", "find_attention_cores",
-           "fold_attention_scales", "insert_observers", "observe_attention", "quantize_linears", "record_schedule",
-           "remove_attention_observers", "remove_observers"]
+__all__ = ["apply_layout", "assign_regions", "check_accumulator_bounds", "check_schedule", "classify_linears",
+           "find_attention_cores", "fold_attention_scales", "insert_observers", "observe_attention", "quantize_linears",
+           "record_schedule", "remove_attention_observers", "remove_observers"]
