@@ -78,7 +78,8 @@ def sdpa_arguments(node: fx.Node) -> dict:
 
 
 def softmax_of(site: AttentionSite) -> fx.Node | None:
-    """The softmax of an explicit core: walk back from the P·V matmul's first operand through layout ops."""
-    found = g.walk([site.core.out.args[0]], g.inputs_of, lambda n: n.op == "call_function" and n.target in g.SOFTMAX_OPS,
+    """The softmax of an explicit core: walk back from the P·V product's first operand through layout ops."""
+    probs = g.matmul_operands(site.core.out)[0]
+    found = g.walk([probs], g.inputs_of, lambda n: n.op == "call_function" and n.target in g.SOFTMAX_OPS,
                    g.op_in(g.LAYOUT_OPS))[0]
     return next(iter(found)) if len(found) == 1 else None

@@ -20,6 +20,7 @@ LAYOUT_OPS = frozenset({
     aten.narrow.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default,
     aten.alias.default, aten.detach.default, aten.repeat.default, aten.repeat_interleave.self_int,
     aten.dropout.default, aten.cat.default, aten.index_select.default, aten.lift_fresh_copy.default,
+    aten.unbind.int,
 })
 # Pointwise ops an MLP puts between its up and down projections (gated activations, tanh-GELU pieces).
 ACTIVATION_OPS = frozenset({
@@ -27,9 +28,31 @@ ACTIVATION_OPS = frozenset({
     aten.erf.default, aten.mul.Tensor, aten.mul.Scalar, aten.add.Tensor, aten.add.Scalar, aten.pow.Tensor_Scalar,
     aten.div.Tensor, aten.div.Scalar, aten.neg.default, aten.sub.Tensor, aten.rsub.Scalar, aten.gelu_.default,
 })
-MATMUL_OPS = frozenset({aten.matmul.default, aten.bmm.default, aten.mm.default})
+# Pointwise ops that torch does not tag `pointwise` (scalar forms of where): masking looks through them too.
+_UNTAGGED_POINTWISE = frozenset({aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar})
+# Matmul-like ops and their two operands (a, b) of a·b, however the op spells them; None: not a two-operand product.
+MATMUL_OPERANDS: dict = {
+    aten.matmul.default: lambda n: n.args[:2], aten.bmm.default: lambda n: n.args[:2],
+    aten.mm.default: lambda n: n.args[:2], aten.baddbmm.default: lambda n: n.args[1:3],  # bias + α·(b1·b2)
+    aten.einsum.default: lambda n: tuple(n.args[1]) if len(n.args[1]) == 2 else None,  # ("eq", [a, b])
+}
+MATMUL_OPS = frozenset(MATMUL_OPERANDS)
 SOFTMAX_OPS = frozenset({aten.softmax.int, aten._softmax.default, aten._safe_softmax.default})
 ADD_OPS = frozenset({aten.add.Tensor})
+
+
+def matmul_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(a, b) when `node` computes a product a·b of two tensors (a, b as the op reads them), else None."""
+    if node.op != "call_function" or node.target not in MATMUL_OPERANDS:
+        return None
+    return MATMUL_OPERANDS[node.target](node)
+
+
+def is_pointwise(node: fx.Node) -> bool:
+    """An elementwise op (torch's own `pointwise` tag, plus the few untagged ones), e.g. scale, mask, activation."""
+    target = node.target
+    return node.op == "call_function" and (target in ACTIVATION_OPS or target in _UNTAGGED_POINTWISE or
+                                           torch.Tag.pointwise in getattr(target, "tags", ()))
 
 
 def is_sdpa(node: fx.Node) -> bool:
@@ -90,6 +113,17 @@ def ancestors(node: fx.Node) -> set[fx.Node]:
         if n not in seen:
             seen.add(n)
             queue.extend(n.all_input_nodes)
+    return seen
+
+
+def descendants(node: fx.Node) -> set[fx.Node]:
+    """`node` and every node computed from it."""
+    seen, queue = set(), deque([node])
+    while queue:
+        n = queue.popleft()
+        if n not in seen:
+            seen.add(n)
+            queue.extend(n.users)
     return seen
 
 

@@ -4,9 +4,12 @@ Before: aten.linear nodes with no qvla annotation.
 After:  every aten.linear carries LinearInfo(role, block, heads, head_dim, mlp_part); the graph is unchanged.
 How:    attention cores are found first, in both forms: fused SDPA, and matmul → scale/mask → softmax → matmul.
         Walking back from a core's q/k/v operands (through RoPE, q/k-norm, GQA repeats, KV concatenation, splits)
-        reaches the projections; walking forward from its output through reshapes reaches o_proj. An MLP block is
-        a down projection whose input is a pointwise function of up projections only, and whose output is added
-        back onto the residual stream the up projections read. Everything else is `other`.
+        reaches the projections; walking forward from its output through reshapes reaches o_proj. Matmul-like
+        ops (matmul, bmm, baddbmm, two-operand einsum) and pointwise masking (scale, add, where, masked_fill) are
+        tables in _graph. An MLP block is a down projection whose input is a pointwise function of up projections
+        only, and whose output (possibly gated, or summed with other branches such as parallel attention or
+        routed experts) is added back onto the residual stream the up projections read. Everything else is `other`.
+Expects a functional graph (run normalize_graph first: in-place ops would hide the dataflow).
 Invariant: module names are never read, except through the recipe's explicit role overrides.
 """
 from __future__ import annotations
@@ -18,8 +21,7 @@ import torch.fx as fx
 from qvla_compiler.meta import LinearInfo, Role, annotate, update
 from qvla_compiler.passes import _graph as g
 
-_ELEMENTWISE = g.ACTIVATION_OPS | g.LAYOUT_OPS
-_MASKING = _ELEMENTWISE | {g.aten.masked_fill.Scalar, g.aten.masked_fill.Tensor, g.aten.where.self}
+_RESIDUAL_PATH = g.LAYOUT_OPS | {g.aten.mul.Tensor} | g.ADD_OPS  # gates, branch sums and the residual add
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,12 +47,13 @@ def find_attention_cores(gm: fx.GraphModule) -> list[AttentionCore]:
 
 
 def _explicit_core(softmax: fx.Node) -> AttentionCore | None:
-    scores = g.walk([softmax.args[0]], g.inputs_of, _is_matmul, _passable(_MASKING))[0]
+    scores = g.walk([softmax.args[0]], g.inputs_of, _is_matmul, _elementwise)[0]
     pv = g.walk(softmax.users, lambda n: n.users, _is_matmul, _passable(g.LAYOUT_OPS))[0]
     if len(scores) != 1 or len(pv) != 1:
         return None
     (qk,), (pv,) = scores, pv
-    return AttentionCore(q=qk.args[0], k=qk.args[1], v=pv.args[1], out=pv)
+    (q, k), (_, v) = g.matmul_operands(qk), g.matmul_operands(pv)
+    return AttentionCore(q=q, k=k, v=v, out=pv)
 
 
 def classify_linears(gm: fx.GraphModule, role_overrides: tuple = ()) -> fx.GraphModule:
@@ -86,7 +89,7 @@ def _annotate_attention(core: AttentionCore, block: int) -> None:
 
 
 def _annotate_mlp(down: fx.Node, block: int) -> bool:
-    ups, blocked = g.producers(down.args[0], _passable(_ELEMENTWISE))
+    ups, blocked = g.producers(down.args[0], _elementwise)
     if not ups or any(not g.is_constant(b) for b in blocked):
         return False
     if any(u.meta["qvla"].role is not Role.OTHER for u in ups) or len({u.args[0] for u in ups}) != 1:
@@ -100,15 +103,28 @@ def _annotate_mlp(down: fx.Node, block: int) -> bool:
 
 
 def _adds_back_to_residual(down: fx.Node, block_input: fx.Node) -> bool:
-    """Does the down projection's output reach an add whose other operand the block's input was computed from?"""
-    upstream = g.ancestors(block_input)
-    adds = g.walk(down.users, lambda n: n.users, lambda n: n.target in g.ADD_OPS,
-                  _passable(g.LAYOUT_OPS | {g.aten.mul.Tensor}))[0]
-    for add in adds:
-        others = [a for a in add.args if isinstance(a, fx.Node) and down not in g.ancestors(a)]
-        if any(o in upstream for o in others):
-            return True
-    return False
+    """Does the down projection's output (through gates and branch sums) reach an add one of whose other summands
+    the block's input was computed from? Parallel blocks add x + attn(ln(x)) + mlp(ln(x)); experts add up first."""
+    upstream, downstream = g.ancestors(block_input), g.descendants(down)
+
+    def residual_add(node: fx.Node) -> bool:
+        others = [a for a in node.args if isinstance(a, fx.Node) and a not in downstream]
+        return node.target in g.ADD_OPS and any(t in upstream for o in others for t in _summands(o, downstream))
+
+    return bool(g.walk(down.users, lambda n: n.users, residual_add, _passable(_RESIDUAL_PATH))[0])
+
+
+def _summands(node: fx.Node, downstream: set[fx.Node]) -> set[fx.Node]:
+    """`node` and, if it is a sum, the terms it adds up (not those computed from the down projection)."""
+    terms, queue = set(), [node]
+    while queue:
+        n = queue.pop()
+        if n in terms:
+            continue
+        terms.add(n)
+        if n.op == "call_function" and n.target in g.ADD_OPS:
+            queue.extend(a for a in n.args if isinstance(a, fx.Node) and a not in downstream)
+    return terms
 
 
 def _passable(ops: frozenset):
@@ -119,11 +135,15 @@ def _passable_back(node: fx.Node) -> bool:
     """Walking back from a q/k/v operand: anything but another attention core or a graph input."""
     if node.op != "call_function":
         return False
-    return not (g.is_sdpa(node) or node.target in g.SOFTMAX_OPS or node.target in g.MATMUL_OPS)
+    return not (g.is_sdpa(node) or node.target in g.SOFTMAX_OPS or _is_matmul(node))
 
 
 def _is_matmul(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in g.MATMUL_OPS
+    return g.matmul_operands(node) is not None
+
+
+def _elementwise(node: fx.Node) -> bool:
+    return g.is_pointwise(node) or g.op_in(g.LAYOUT_OPS)(node)
 
 
 def _module_path(node: fx.Node, prefix: str) -> str:
