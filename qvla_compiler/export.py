@@ -7,19 +7,36 @@ assignment reads. A model that will not export raises ExportError naming the mod
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import inspect
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.export import Dim
 
-from qvla_compiler.errors import ExportError
+from qvla_compiler.errors import ExportError, QvlaError
 
 INPUTS_KEY = "qvla_inputs"
 SCHEDULE_KEY = "qvla_schedule"
 _OBS_ROLES = {"images": "image", "tokens": "text", "token_mask": "text", "state": "state"}
 OBS_KEYS = tuple(_OBS_ROLES)
+INPUT_ROLES = ("image", "text", "state", "prefix", "action", "time", "input")  # what assign_regions reads
+_ROLE_ALIASES = {"vision": "image", "backbone": "prefix", "action_head": "action"}  # region names, accepted too
+# Forward-argument names (lower-cased) that say what a plain module's input is, when capture_module is not told.
+_ROLE_BY_ARG_NAME = {
+    **dict.fromkeys(("pixel_values", "images", "image", "img", "rgb"), "image"),
+    **dict.fromkeys(("input_ids", "tokens", "token_ids", "attention_mask", "token_mask", "lang_tokens"), "text"),
+    **dict.fromkeys(("state", "states", "proprio", "proprioception", "robot_state"), "state"),
+    **dict.fromkeys(("x_t", "noisy_actions", "noisy_action", "actions", "action", "sample"), "action"),
+    **dict.fromkeys(("t", "timestep", "timesteps", "time", "sigma", "sigmas"), "time"),
+    **dict.fromkeys(("past_key_values", "prefix", "kv", "prefix_kv", "kv_cache", "encoder_hidden_states",
+                     "context", "prefix_features", "backbone_features"), "prefix"),
+}
+
+
+class InputRoleError(QvlaError, ValueError):
+    """capture_module's input_roles names an argument forward does not take, or a role that does not exist."""
 
 
 class PrefixStep(nn.Module):
@@ -57,11 +74,48 @@ def capture_policy(policy: nn.Module, obs: dict[str, torch.Tensor], noise: torch
     return {"prefix": prefix, "denoise": denoise}
 
 
-def capture_module(module: nn.Module, args: Sequence[Any]) -> dict[str, fx.GraphModule]:
-    """{"forward": GraphModule} for a plain module; every input counts as a plain input."""
-    flat = torch.utils._pytree.tree_leaves(tuple(args))
-    gm = export_graph(module, tuple(args), None, roles=("input",) * len(flat), what="forward", prefix="")
-    return {"forward": gm}
+def capture_module(module: nn.Module, args: Sequence[Any],
+                   input_roles: Mapping[str, str] | None = None) -> dict[str, fx.GraphModule]:
+    """{"forward": GraphModule} for a plain module, its flat inputs tagged with what they are.
+
+    `input_roles` maps forward-argument names to roles (image / text / state / prefix / action / time / input; the
+    region names vision / backbone / action_head also work); every leaf of a pytree argument gets its role.
+    Arguments not named there are recognised by common names (pixel_values → image, input_ids → text, state →
+    state, x_t / noisy_actions / sample → action, t / timestep / sigma → time, encoder_hidden_states /
+    past_key_values → prefix), else count as plain inputs. Regions follow: action/time reach the action head.
+
+    Example::
+
+        graphs = capture_module(dit_step, (x_t, t, feats), input_roles={"feats": "backbone"})
+    """
+    args = tuple(args)
+    roles = input_roles_of(module, args, input_roles or {})
+    return {"forward": export_graph(module, args, None, roles=roles, what="forward", prefix="")}
+
+
+def input_roles_of(module: nn.Module, args: tuple, given: Mapping[str, str]) -> tuple[str, ...]:
+    """One role per flat input of `module(*args)`, in torch.export's placeholder order."""
+    try:
+        bound = inspect.signature(module.forward).bind(*args).arguments
+    except TypeError as exc:
+        raise ExportError(f"the example inputs do not fit {type(module).__name__}.forward: {exc}") from exc
+    unknown = sorted(set(given) - set(bound))
+    if unknown:
+        raise InputRoleError(f"input_roles names {unknown}, which forward does not take from these example "
+                             f"inputs; its arguments are {list(bound)}")
+    roles = []
+    for name, value in bound.items():
+        role = _checked_role(name, given[name]) if name in given else _ROLE_BY_ARG_NAME.get(name.lower(), "input")
+        roles += [role] * len(torch.utils._pytree.tree_leaves(value))
+    return tuple(roles)
+
+
+def _checked_role(name: str, role: str) -> str:
+    role = _ROLE_ALIASES.get(role, role)
+    if role not in INPUT_ROLES:
+        raise InputRoleError(f"input_roles[{name!r}] = {role!r} is not a role; use one of {list(INPUT_ROLES)} "
+                             f"(or a region name: {list(_ROLE_ALIASES)})")
+    return role
 
 
 def export_graph(module: nn.Module, args: tuple, dynamic_shapes, *, roles: tuple[str, ...], what: str,

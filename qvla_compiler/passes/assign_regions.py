@@ -6,13 +6,13 @@ Rule:   a linear whose input depends on the noisy actions or the timestep is in 
         projections join the region of the query they serve (cross-attention K/V read the backbone's features
         but belong to the head's attention); a linear that depends on the images and on nothing else observed
         (no text, no state) is in the vision tower; everything else is backbone. User overrides by module-path
-        prefix win.
+        prefix win. Plain modules get the same rule: capture_module tags their inputs by argument name or input_roles.
 """
 from __future__ import annotations
 
 import torch.fx as fx
 
-from qvla_compiler.export import INPUTS_KEY
+from qvla_compiler.export import INPUT_ROLES, INPUTS_KEY, InputRoleError
 from qvla_compiler.meta import Region, Role, update
 from qvla_compiler.passes import _graph as g
 from qvla_compiler.passes.classify_linears import _override
@@ -24,6 +24,9 @@ _OBSERVED_INPUTS = frozenset({"text", "state"})
 def assign_regions(gm: fx.GraphModule, region_overrides: tuple = ()) -> fx.GraphModule:
     """Set LinearInfo.region on every linear of `gm`; see the module docstring."""
     roles = gm.meta.get(INPUTS_KEY, ())
+    if set(roles) - set(INPUT_ROLES):
+        raise InputRoleError(f"graph inputs tagged {sorted(set(roles) - set(INPUT_ROLES))}, which are not roles; "
+                             f"tag each input as one of {list(INPUT_ROLES)}")
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     kinds = {p: roles[i] if i < len(roles) else "input" for i, p in enumerate(placeholders)}
     linears = g.linear_nodes(gm)
