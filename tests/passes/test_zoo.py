@@ -1,0 +1,163 @@
+"""The architecture zoo: structure (normalize_graph → classify_linears → assign_regions) agrees with module names on
+every linear of every zoo model, and normalisation changes no value."""
+import dataclasses
+from typing import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from qvla_compiler.export import INPUTS_KEY, InputRoleError, capture_module
+from qvla_compiler.meta import Region, Role
+from qvla_compiler.passes import _graph as g
+from qvla_compiler.passes import apply_layout, assign_regions, classify_linears
+from qvla_compiler.passes.normalize_graph import normalize_graph
+from qvla_compiler.recipes import resolve_recipe
+import zoo_models as zm
+from zoo_models import B, H, T, W
+
+
+def _x(width=W):
+    return torch.randn(B, T, width)
+
+
+_ATTN = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_o", "out_proj": "attn_o"}
+_SWIGLU = {"gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+_DIFFUSERS = {"to_q": "attn_q", "to_k": "attn_k", "to_v": "attn_v", "to_out": "attn_o", "ff.proj": "mlp",
+              "ff.out": "mlp"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooCase:
+    build: Callable[[], nn.Module]
+    inputs: Callable[[], tuple]
+    roles: dict  # module-name suffix → role; names not listed are "other"
+    head: tuple = ()  # module-name prefixes in the action-head region; every other linear is backbone
+    input_roles: dict | None = None  # passed to capture_module (None: inferred from argument names)
+
+
+ZOO = {
+    "inplace_attention": ZooCase(zm.InplaceAttention, lambda: (_x(), torch.rand(B, T, T) > 0.3),
+                                 {**_ATTN, **_SWIGLU}),
+    "parallel_residual": ZooCase(zm.ParallelResidual, lambda: (_x(),),
+                                 {**_ATTN, "fc_in": "mlp", "fc_out": "mlp"}),
+    "einsum_attention": ZooCase(zm.EinsumAttention, lambda: (_x(), torch.randn(B, H, T, T)),
+                                {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_o", "w1": "mlp",
+                                 "w2": "mlp"}),
+    "baddbmm_attention": ZooCase(zm.BaddbmmAttention, lambda: (_x(), torch.randn(B * H, T, T)),
+                                 {"query": "attn_q", "key": "attn_k", "value": "attn_v", "dense": "attn_o"}),
+    "grouped_query": ZooCase(zm.GroupedQuery, lambda: (_x(),), {**_ATTN, **_SWIGLU}),
+    "fused_qkv": ZooCase(zm.FusedQKV, lambda: (_x(),),
+                         {"qkv": "attn_qkv", "proj": "attn_o", "fc1": "mlp", "fc2": "mlp"}),
+    "qk_norm_rope": ZooCase(zm.QKNormRope, lambda: (_x(),), {**_ATTN, **_SWIGLU}),
+    "cross_attention": ZooCase(zm.CrossAttention, lambda: (_x(), torch.randn(B, 5, 24)), _DIFFUSERS),
+    "adaln_dit": ZooCase(zm.AdaLNBlock, lambda: (_x(), torch.randn(B, 16)),
+                         {"qkv": "attn_qkv", "proj": "attn_o", "mlp.0": "mlp", "mlp.2": "mlp"},
+                         head=("",), input_roles={"x": "action", "t_freq": "time"}),
+    "adarms_expert": ZooCase(zm.AdaRMSBlock, lambda: (_x(), torch.randn(B, W)), {**_ATTN, **_SWIGLU},
+                             head=("",), input_roles={"x": "action", "cond": "time"}),
+    "glu_variants": ZooCase(zm.GLUVariants, lambda: (_x(),),
+                            {n: "mlp" for n in ("w1", "w2", "w3", "wi_0", "wi_1", "wo", "c_fc", "c_proj")}),
+    "routed_experts": ZooCase(zm.RoutedExperts, lambda: (_x(),), _SWIGLU),
+    "tied_weights": ZooCase(zm.TiedWeights, lambda: (torch.randint(0, 50, (B, T)),), {**_ATTN, **_SWIGLU}),
+    "torch_mha": ZooCase(zm.TorchMHA, lambda: (_x(),),
+                         {"in_proj_weight": "attn_qkv", "out_proj": "attn_o", "mlp.0": "mlp", "mlp.2": "mlp"}),
+    "dit_step": ZooCase(zm.DiTStep, lambda: (torch.randn(B, T, 7), torch.rand(B), torch.randn(B, 5, 48)),
+                        _DIFFUSERS, head=("",)),  # input roles inferred: x_t → action, timestep → time
+}
+
+
+def truth_name(node) -> str:
+    """The linear's module path from provenance: the innermost module running; for a linear computed inside a
+    module that is not an nn.Linear (nn.MultiheadAttention's in_proj / out_proj), the weight's own name."""
+    path, cls = list(node.meta["nn_module_stack"].values())[-1]
+    return path if cls.endswith(".Linear") else node.args[1].target.removesuffix(".weight")
+
+
+def truth(case, name: str) -> tuple[Role, Region]:
+    hits = [suffix for suffix in case.roles if ("." + name).endswith("." + suffix)]
+    role = Role(case.roles[max(hits, key=len)]) if hits else Role.OTHER
+    return role, Region.ACTION_HEAD if name.startswith(case.head) and case.head else Region.BACKBONE
+
+
+def analysed(case):
+    torch.manual_seed(0)
+    args = case.inputs()
+    gm = capture_module(case.build().eval(), args, case.input_roles)["forward"]
+    with torch.no_grad():
+        captured = gm(*args)
+        normalize_graph(gm)
+        assert torch.equal(gm(*args), captured)  # bit-identical: normalisation only re-spells in-place ops
+    classify_linears(gm)
+    assign_regions(gm)
+    return gm
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_structure_agrees_with_names_on_the_zoo(name):
+    case = ZOO[name]
+    gm = analysed(case)
+    rows = [(truth_name(n), n.meta["qvla"]) for n in g.linear_nodes(gm)]
+    wrong = [(path, info.role.value, info.region.value, *(t.value for t in truth(case, path)))
+             for path, info in rows if (info.role, info.region) != truth(case, path)]
+    assert rows and not wrong, f"{len(wrong)}/{len(rows)} linears disagree (path, got role/region, want):\n{wrong}"
+    assert any(info.role is not Role.OTHER for _, info in rows)
+
+
+def test_inplace_attention_is_functional_after_normalisation():
+    """SmolVLA writes `scores *= scale` and `h += residual`: torch.export keeps them as mul_ / add_."""
+    torch.manual_seed(0)
+    case = ZOO["inplace_attention"]
+    gm = capture_module(case.build().eval(), case.inputs())["forward"]
+    inplace = [n for n in gm.graph.nodes if n.op == "call_function" and torch.Tag.inplace in n.target.tags]
+    assert [str(n.target) for n in inplace] == ["aten.mul_.Tensor", "aten.add_.Tensor", "aten.add_.Tensor"]
+    normalize_graph(gm)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert not any(torch.Tag.inplace in getattr(t, "tags", ()) for t in targets)
+    assert (targets.count(g.aten.mul.Tensor), targets.count(g.aten.add.Tensor)) == (2, 2)
+
+
+def test_denoise_step_regions_follow_inferred_input_names():
+    """forward(x_t, timestep, encoder_hidden_states): every linear is the action head's, so quantvla leaves its
+    attention float and makes its MLPs integer (the documented layout), instead of treating it as backbone."""
+    torch.manual_seed(0)
+    gm = capture_module(zm.DiTStep().eval(), ZOO["dit_step"].inputs())["forward"]
+    assert gm.meta[INPUTS_KEY] == ("action", "time", "prefix")
+    normalize_graph(gm)
+    classify_linears(gm)
+    assign_regions(gm)
+    apply_layout(gm, resolve_recipe("w8a8", "quantvla"))
+    infos = [n.meta["qvla"] for n in g.linear_nodes(gm)]
+    assert {i.region for i in infos} == {Region.ACTION_HEAD}
+    integer = {i.role for i in infos if i.is_quantized}
+    assert integer == {Role.MLP}
+
+
+def test_input_roles_by_argument_name_with_pytree_leaves():
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.kv = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, feats, x_t, t):
+            return self.proj(x_t) * t[:, None, None] + self.kv(feats["k"] + feats["v"])
+
+    args = ({"k": torch.randn(2, 3, 4), "v": torch.randn(2, 3, 4)}, torch.randn(2, 3, 4), torch.rand(2))
+    gm = capture_module(Step(), args, input_roles={"feats": "backbone"})["forward"]
+    assert gm.meta[INPUTS_KEY] == ("prefix", "prefix", "action", "time")
+    classify_linears(gm)
+    assign_regions(gm)
+    regions = {n.meta["qvla"].module_path: n.meta["qvla"].region for n in g.linear_nodes(gm)}
+    assert regions == {"proj": Region.ACTION_HEAD, "kv": Region.BACKBONE}
+
+
+@pytest.mark.parametrize("roles, message", [({"x_t": "actions"}, "'actions' is not a role; use one of"),
+                                            ({"noise": "action"}, "its arguments are ['x_t', 't']")])
+def test_unknown_input_roles_raise_a_named_error(roles, message):
+    class Step(torch.nn.Module):
+        def forward(self, x_t, t):
+            return x_t * t
+
+    with pytest.raises(InputRoleError, match=message.replace("[", r"\[").replace("]", r"\]")) as err:
+        capture_module(Step(), (torch.randn(2), torch.randn(2)), input_roles=roles)
+    assert "image" in str(err.value) or "x_t" in str(err.value)

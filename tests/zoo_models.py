@@ -1,0 +1,376 @@
+"""An architecture zoo: small modules (width ≤ 64) written the way real policies write attention and MLPs.
+
+tests/passes/test_zoo.py pairs each with example inputs and its ground truth by module name (the last entry of a
+linear's `nn_module_stack`): a role per name suffix and a region per name prefix. The passes never read names.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+W, H, B, T = 32, 4, 2, 6  # width, heads, batch, tokens
+HD = W // H
+
+
+def _heads(x, heads=H):
+    b, t, _ = x.shape
+    return x.view(b, t, heads, -1).transpose(1, 2)
+
+
+def _merge(x):
+    b, h, t, d = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * d)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, t):
+    inv = 1.0 / (10000 ** (torch.arange(0, x.shape[-1], 2, dtype=torch.float32) / x.shape[-1]))
+    ang = torch.arange(t, dtype=torch.float32)[:, None] * inv
+    emb = torch.cat((ang, ang), dim=-1)
+    return x * emb.cos() + rotate_half(x) * emb.sin()
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, width=W, hidden=64):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(width, hidden, bias=False), nn.Linear(width, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class InplaceAttention(nn.Module):
+    """SmolVLA's eager attention: `*=` scale, `torch.where` mask, GQA by expand + reshape, `+=` residuals."""
+
+    def __init__(self, kv_heads=2):
+        super().__init__()
+        self.kvh = kv_heads
+        self.input_layernorm, self.post_attention_layernorm = nn.RMSNorm(W), nn.RMSNorm(W)
+        self.q_proj, self.o_proj = nn.Linear(W, W, bias=False), nn.Linear(W, W, bias=False)
+        self.k_proj, self.v_proj = nn.Linear(W, kv_heads * HD, bias=False), nn.Linear(W, kv_heads * HD, bias=False)
+        self.mlp = SwiGLU()
+
+    def _repeat(self, x):
+        b, kvh, t, d = x.shape
+        return x[:, :, None, :, :].expand(b, kvh, H // kvh, t, d).reshape(b, H, t, d)
+
+    def forward(self, x, mask):
+        h = self.input_layernorm(x)
+        q, k, v = _heads(self.q_proj(h)), _heads(self.k_proj(h), self.kvh), _heads(self.v_proj(h), self.kvh)
+        k, v = self._repeat(k), self._repeat(v)
+        scores = torch.matmul(q, k.transpose(2, 3))
+        scores *= HD ** -0.5
+        scores = torch.where(mask[:, None, :, :], scores, torch.finfo(torch.float32).min)
+        probs = F.softmax(scores, dim=-1).to(v.dtype)
+        out = self.o_proj(_merge(torch.matmul(probs, v)))
+        out += x
+        residual = out
+        y = self.mlp(self.post_attention_layernorm(out))
+        y += residual
+        return y
+
+
+class ParallelResidual(nn.Module):
+    """GPT-J (one norm) then NeoX/PaLM (two norms): x + attn(ln(x)) + mlp(ln(x)), masked_fill causal mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln_1, self.ln_2a, self.ln_2b = nn.LayerNorm(W), nn.LayerNorm(W), nn.LayerNorm(W)
+        self.attn1 = nn.ModuleDict({n: nn.Linear(W, W) for n in ("q_proj", "k_proj", "v_proj", "out_proj")})
+        self.attn2 = nn.ModuleDict({n: nn.Linear(W, W) for n in ("q_proj", "k_proj", "v_proj", "out_proj")})
+        self.mlp1 = nn.ModuleDict({"fc_in": nn.Linear(W, 64), "fc_out": nn.Linear(64, W)})
+        self.mlp2 = nn.ModuleDict({"fc_in": nn.Linear(W, 64), "fc_out": nn.Linear(64, W)})
+
+    @staticmethod
+    def _attn(p, h):
+        q, k, v = _heads(p["q_proj"](h)), _heads(p["k_proj"](h)), _heads(p["v_proj"](h))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(HD)
+        causal = torch.ones(h.shape[1], h.shape[1], dtype=torch.bool).triu(1)
+        probs = scores.masked_fill(causal, float("-inf")).softmax(-1)
+        return p["out_proj"](_merge(probs @ v))
+
+    def forward(self, x):
+        h = self.ln_1(x)
+        x = x + self._attn(self.attn1, h) + self.mlp1["fc_out"](F.gelu(self.mlp1["fc_in"](h), approximate="tanh"))
+        mlp2 = self.mlp2["fc_out"](F.gelu(self.mlp2["fc_in"](self.ln_2b(x))))
+        return x + self._attn(self.attn2, self.ln_2a(x)) + mlp2
+
+
+class EinsumAttention(nn.Module):
+    """Attention written with einsum, an additive bias on the scores."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(W), nn.LayerNorm(W)
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(W, W, bias=False) for _ in range(4))
+        self.w1, self.w2 = nn.Linear(W, 64), nn.Linear(64, W)
+
+    def forward(self, x, bias):
+        b, t, _ = x.shape
+        h = self.norm1(x)
+        q, k, v = (p(h).view(b, t, H, HD) for p in (self.wq, self.wk, self.wv))
+        scores = torch.einsum("bthd,bshd->bhts", q, k) * HD ** -0.5 + bias
+        out = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v).reshape(b, t, W)
+        x = x + self.wo(out)
+        return x + self.w2(F.relu(self.w1(self.norm2(x))))
+
+
+class BaddbmmAttention(nn.Module):
+    """Attention on (batch·heads) with baddbmm + bmm, as nn.MultiheadAttention's slow path writes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(W)
+        self.query, self.key, self.value, self.dense = (nn.Linear(W, W) for _ in range(4))
+
+    def forward(self, x, bias):
+        b, t, _ = x.shape
+        h = self.norm(x)
+        q, k, v = (p(h).view(b, t, H, HD).transpose(1, 2).reshape(b * H, t, HD)
+                   for p in (self.query, self.key, self.value))
+        scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=HD ** -0.5)
+        out = torch.bmm(scores.softmax(-1), v).view(b, H, t, HD).transpose(1, 2).reshape(b, t, W)
+        return x + self.dense(out)
+
+
+class GroupedQuery(nn.Module):
+    """GQA by repeat_interleave (block 0) and MQA by expand (block 1), both through SDPA."""
+
+    def __init__(self):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.RMSNorm(W) for _ in range(4))
+        self.layers = nn.ModuleList(nn.ModuleDict({"q_proj": nn.Linear(W, W), "k_proj": nn.Linear(W, kv * HD),
+                                                   "v_proj": nn.Linear(W, kv * HD), "o_proj": nn.Linear(W, W),
+                                                   "mlp": SwiGLU()}) for kv in (2, 1))
+
+    def forward(self, x):
+        for i, p in enumerate(self.layers):
+            h = self.norms[2 * i](x)
+            kvh = p["k_proj"].out_features // HD
+            q, k, v = _heads(p["q_proj"](h)), _heads(p["k_proj"](h), kvh), _heads(p["v_proj"](h), kvh)
+            if i == 0:
+                k, v = k.repeat_interleave(H // kvh, dim=1), v.repeat_interleave(H // kvh, dim=1)
+            else:
+                k, v = k.expand(-1, H, -1, -1), v.expand(-1, H, -1, -1)
+            x = x + p["o_proj"](_merge(F.scaled_dot_product_attention(q, k, v, is_causal=True)))
+            x = x + p["mlp"](self.norms[2 * i + 1](x))
+        return x
+
+
+class FusedQKV(nn.Module):
+    """One qkv linear split by chunk (block 0) and by view + permute + unbind (block 1, ViT style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({"norm1": nn.LayerNorm(W), "qkv": nn.Linear(W, 3 * W),
+                                                   "proj": nn.Linear(W, W), "norm2": nn.LayerNorm(W),
+                                                   "fc1": nn.Linear(W, 64), "fc2": nn.Linear(64, W)})
+                                    for _ in range(2))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        for i, p in enumerate(self.blocks):
+            qkv = p["qkv"](p["norm1"](x))
+            if i == 0:
+                q, k, v = (_heads(z) for z in qkv.chunk(3, dim=-1))
+            else:
+                q, k, v = qkv.reshape(b, t, 3, H, HD).permute(2, 0, 3, 1, 4).unbind(0)
+            x = x + p["proj"](_merge(F.scaled_dot_product_attention(q, k, v)))
+            x = x + p["fc2"](F.gelu(p["fc1"](p["norm2"](x))))
+        return x
+
+
+class QKNormRope(nn.Module):
+    """q/k LayerNorm per head, then rotate-half RoPE, explicit softmax in float32."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(W), nn.RMSNorm(W)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(W, W, bias=False) for _ in range(4))
+        self.q_norm, self.k_norm = nn.LayerNorm(HD), nn.LayerNorm(HD)
+        self.mlp = SwiGLU()
+
+    def forward(self, x):
+        t = x.shape[1]
+        h = self.norm1(x)
+        q = apply_rope(self.q_norm(_heads(self.q_proj(h))), t)
+        k = apply_rope(self.k_norm(_heads(self.k_proj(h))), t)
+        probs = torch.softmax((q @ k.transpose(-1, -2)).float() * HD ** -0.5, dim=-1).type_as(q)
+        x = x + self.o_proj(_merge(probs @ _heads(self.v_proj(h))))
+        return x + self.mlp(self.norm2(x))
+
+
+class CrossAttention(nn.Module):
+    """Self-attention on x, then cross-attention: q from x, k/v from a context of another length and width."""
+
+    def __init__(self, ctx_width=24):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(W), nn.LayerNorm(W), nn.LayerNorm(W)
+        self.attn1 = nn.ModuleDict({n: nn.Linear(W, W) for n in ("to_q", "to_k", "to_v", "to_out")})
+        self.attn2 = nn.ModuleDict({"to_q": nn.Linear(W, W), "to_k": nn.Linear(ctx_width, W),
+                                    "to_v": nn.Linear(ctx_width, W), "to_out": nn.Linear(W, W)})
+        self.ff = nn.ModuleDict({"proj": nn.Linear(W, 128), "out": nn.Linear(64, W)})
+
+    @staticmethod
+    def _attend(p, h, ctx):
+        q, k, v = _heads(p["to_q"](h)), _heads(p["to_k"](ctx)), _heads(p["to_v"](ctx))
+        return p["to_out"](_merge(F.scaled_dot_product_attention(q, k, v)))
+
+    def forward(self, x, context):
+        h = self.norm1(x)
+        x = x + self._attend(self.attn1, h, h)
+        x = x + self._attend(self.attn2, self.norm2(x), context)
+        a, gate = self.ff["proj"](self.norm3(x)).chunk(2, dim=-1)  # GeGLU: one fused up projection
+        return x + self.ff["out"](a * F.gelu(gate))
+
+
+class AdaLNBlock(nn.Module):
+    """DiT: timestep MLP, adaLN-Zero modulation (shift/scale/gate from one linear), GELU-tanh MLP as Sequential."""
+
+    def __init__(self):
+        super().__init__()
+        self.t_embedder = nn.Sequential(nn.Linear(16, W), nn.SiLU(), nn.Linear(W, W))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(W, 6 * W))
+        self.norm1 = nn.LayerNorm(W, elementwise_affine=False)
+        self.norm2 = nn.LayerNorm(W, elementwise_affine=False)
+        self.qkv, self.proj = nn.Linear(W, 3 * W), nn.Linear(W, W)
+        self.mlp = nn.Sequential(nn.Linear(W, 64), nn.GELU(approximate="tanh"), nn.Linear(64, W))
+
+    def forward(self, x, t_freq):
+        c = self.t_embedder(t_freq)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
+        h = self.norm1(x) * (1 + scale1) + shift1
+        q, k, v = (_heads(z) for z in self.qkv(h).split(W, dim=-1))
+        x = x + gate1 * self.proj(_merge(F.scaled_dot_product_attention(q, k, v)))
+        return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
+
+
+class AdaRMSBlock(nn.Module):
+    """pi0.5's action expert layer: adaRMS norms whose scale/shift/gate come from a `dense` linear on the time
+    embedding, SDPA with GQA, gated residuals."""
+
+    def __init__(self):
+        super().__init__()
+        self.input_norm = nn.ModuleDict({"dense": nn.Linear(W, 3 * W)})
+        self.post_norm = nn.ModuleDict({"dense": nn.Linear(W, 3 * W)})
+        self.q_proj, self.o_proj = nn.Linear(W, W, bias=False), nn.Linear(W, W, bias=False)
+        self.k_proj, self.v_proj = nn.Linear(W, HD, bias=False), nn.Linear(W, HD, bias=False)
+        self.mlp = SwiGLU()
+
+    @staticmethod
+    def _ada_rms(x, norm, cond):
+        scale, shift, gate = norm["dense"](cond)[:, None].chunk(3, dim=-1)
+        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return normed * (1 + scale) + shift, gate
+
+    def forward(self, x, cond):
+        h, gate = self._ada_rms(x, self.input_norm, cond)
+        q, k, v = _heads(self.q_proj(h)), _heads(self.k_proj(h), 1), _heads(self.v_proj(h), 1)
+        x = x + gate * self.o_proj(_merge(F.scaled_dot_product_attention(q, k, v, enable_gqa=True)))
+        h, gate = self._ada_rms(x, self.post_norm, cond)
+        return x + gate * self.mlp(h)
+
+
+class GLUVariants(nn.Module):
+    """Llama-1 names (w1 gate, w3 up, w2 down) with SwiGLU, then GeGLU with separate gate/up, then a ReLU² MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.RMSNorm(W) for _ in range(3))
+        self.swiglu = nn.ModuleDict({"w1": nn.Linear(W, 64), "w2": nn.Linear(64, W), "w3": nn.Linear(W, 64)})
+        self.geglu = nn.ModuleDict({"wi_0": nn.Linear(W, 64), "wi_1": nn.Linear(W, 64), "wo": nn.Linear(64, W)})
+        self.relu2 = nn.ModuleDict({"c_fc": nn.Linear(W, 64), "c_proj": nn.Linear(64, W)})
+
+    def forward(self, x):
+        s, g, r = self.swiglu, self.geglu, self.relu2
+        h = self.norms[0](x)
+        x = x + s["w2"](F.silu(s["w1"](h)) * s["w3"](h))
+        h = self.norms[1](x)
+        x = x + g["wo"](F.gelu(g["wi_0"](h), approximate="tanh") * g["wi_1"](h))
+        return x + r["c_proj"](F.relu(r["c_fc"](self.norms[2](x))).square())
+
+
+class RoutedExperts(nn.Module):
+    """MoE: a router linear, softmax + top-k, expert SwiGLUs weighted by their (scattered) routing weights."""
+
+    def __init__(self, experts=4, top_k=2):
+        super().__init__()
+        self.top_k = top_k
+        self.norm = nn.RMSNorm(W)
+        self.router = nn.Linear(W, experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(hidden=32) for _ in range(experts))
+
+    def forward(self, x):
+        h = self.norm(x)
+        probs = self.router(h).softmax(-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        gates = torch.zeros_like(probs).scatter(-1, chosen, weights / weights.sum(-1, keepdim=True))
+        out = torch.zeros_like(h)
+        for e, expert in enumerate(self.experts):
+            out = out + gates[..., e:e + 1] * expert(h)
+        return x + out
+
+
+class TiedWeights(nn.Module):
+    """Token embedding tied to the LM head, and one block applied twice (ALBERT-style layer sharing)."""
+
+    def __init__(self, vocab=50):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, W)
+        self.layer = QKNormRope()
+        self.final_norm = nn.RMSNorm(W)
+        self.lm_head = nn.Linear(W, vocab, bias=False)
+        self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids):
+        x = self.embed_tokens(input_ids)
+        x = self.layer(self.layer(x))
+        return self.lm_head(self.final_norm(x))
+
+
+class TorchMHA(nn.Module):
+    """nn.MultiheadAttention (packed in_proj_weight, out_proj) with and without returned weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln1, self.ln2, self.ln3 = nn.LayerNorm(W), nn.LayerNorm(W), nn.LayerNorm(W)
+        self.attn = nn.MultiheadAttention(W, H, batch_first=True)
+        self.attn_w = nn.MultiheadAttention(W, H, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(W, 64), nn.GELU(), nn.Linear(64, W))
+
+    def forward(self, x):
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        h = self.ln2(x)
+        x = x + self.attn_w(h, h, h)[0]
+        return x + self.mlp(self.ln3(x))
+
+
+class DiTStep(nn.Module):
+    """A GR00T-like denoise step with plain argument names: action encoder, timestep MLP, self- and
+    cross-attention blocks on prefix features, action decoder."""
+
+    def __init__(self, action_dim=7, feat=48):
+        super().__init__()
+        self.action_in = nn.Linear(action_dim, W)
+        self.time_mlp = nn.Sequential(nn.Linear(16, W), nn.SiLU(), nn.Linear(W, W))
+        self.blocks = nn.ModuleList(CrossAttention(ctx_width=feat) for _ in range(2))
+        self.norm_out = nn.LayerNorm(W)
+        self.action_out = nn.Linear(W, action_dim)
+
+    def forward(self, x_t, timestep, encoder_hidden_states):
+        half = torch.arange(8, dtype=torch.float32) / 8
+        t_freq = torch.cat([torch.sin(timestep[:, None] * half), torch.cos(timestep[:, None] * half)], dim=-1)
+        x = self.action_in(x_t) + self.time_mlp(t_freq)[:, None]
+        for blk in self.blocks:
+            x = blk(x, encoder_hidden_states)
+        return self.action_out(self.norm_out(x))
+
