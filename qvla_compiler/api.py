@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -13,6 +12,7 @@ from torch import nn
 from torch.export import Dim
 
 from qvla_compiler import atm_ohb
+from qvla_compiler.artifact import read_archive, write_archive
 from qvla_compiler.errors import ArtifactError, CalibrationError
 from qvla_compiler.export import OBS_KEYS, capture_module, capture_policy
 from qvla_compiler.pipeline import run_pipeline
@@ -40,7 +40,11 @@ class QuantizedProgram:
         return self.program.as_module()
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write a self-describing `.pt2` (torch.export.save; integer weights, scales and plan inside)."""
+        """Write a self-describing `.pt2` (torch.export.save; integer weights, scales and plan inside).
+
+        Saving the same program twice writes identical bytes. The file appears at `path` only when complete: an
+        interrupted save (exception, Ctrl-C) removes its temp file, and the next save removes those of killed runs.
+        """
         path = Path(path)
         mod, args = self.module(), self.example_args
         shapes = tuple({0: Dim("batch", min=1, max=1024)} for _ in args) if self.program.is_policy else None
@@ -51,21 +55,13 @@ class QuantizedProgram:
                 "recipe": dataclasses.asdict(self.recipe)}
         extra = {"qvla/meta.json": json.dumps(meta, default=str), "qvla/report.json": self.report.to_json(),
                  "qvla/plan.json": json.dumps(self.plan)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write next to the target and rename: an interrupted save never leaves a truncated artifact behind.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.pt2")
-        os.close(fd)
-        try:
-            torch.export.save(ep, tmp, extra_files=extra)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return write_archive(ep, path, extra)  # byte-reproducible; atomic; no temp file survives
 
 
 @dataclasses.dataclass
 class LoadedProgram:
+    """A program read back by `load`: the torch.export program plus the report, plan and meta saved with it."""
+
     exported_program: torch.export.ExportedProgram
     report: Report
     plan: list[dict]
@@ -158,21 +154,30 @@ def _finish(program, recipe, rows, float_bytes, name, ref, out, example_args,
     return QuantizedProgram(program, recipe, report, plan, tuple(example_args))
 
 
-def load(path: str | os.PathLike) -> LoadedProgram:
+def load(path: str | os.PathLike, *, trust: bool = False) -> LoadedProgram:
     """Load a program written by QuantizedProgram.save. Needs only `import qvla_compiler` (which registers
-    the qvla:: ops); reads tensors and JSON, never arbitrary pickled objects."""
+    the qvla:: ops).
+
+    Data only: tensors, JSON and a weights_only pickle of the sample inputs are read; an archive holding anything
+    that would run code on load (a pickled object, a native library, an eval'd expression, a graph calling a
+    Python function) raises ArtifactError before any of it runs. `trust=True` skips these checks and loads with
+    torch.export.load; use it only for files you wrote yourself.
+    """
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"no program at {path}; write one with `qvla quantize --out {path}`")
-    extra = dict.fromkeys(_EXTRA, "")
+    ep, extra = read_archive(path, _EXTRA, trust=trust)
+    if not extra.get("qvla/meta.json"):
+        raise ArtifactError(f"{path} is a torch.export program but not a qvla_compiler one (no qvla/meta.json); "
+                            "write one with `qvla quantize`")
     try:
-        ep = torch.export.load(path, extra_files=extra)
-    except Exception as exc:  # noqa: BLE001
-        raise ArtifactError(f"{path} is not a readable .pt2 program ({type(exc).__name__}: {exc})") from exc
-    if not extra["qvla/meta.json"]:
-        raise ArtifactError(f"{path} is a torch.export program but not a qvla_compiler one (no qvla/meta.json)")
-    meta = json.loads(extra["qvla/meta.json"])
-    if meta.get("format") != FORMAT_VERSION:
-        raise ArtifactError(f"{path} has program format {meta.get('format')}; this qvla_compiler reads "
-                            f"{FORMAT_VERSION}. Re-run `qvla quantize` with this version.")
-    return LoadedProgram(ep, Report.from_json(extra["qvla/report.json"]), json.loads(extra["qvla/plan.json"]), meta)
+        meta = json.loads(extra["qvla/meta.json"])
+        fmt = meta.get("format")
+        if fmt == FORMAT_VERSION:
+            return LoadedProgram(ep, Report.from_json(extra["qvla/report.json"]), json.loads(extra["qvla/plan.json"]),
+                                 meta)
+    except Exception as exc:  # noqa: BLE001 - damaged or hand-edited JSON
+        raise ArtifactError(f"{path} has unreadable qvla metadata ({type(exc).__name__}: {str(exc)[:200]}); "
+                            "re-create it with `qvla quantize`") from exc
+    raise ArtifactError(f"{path} has program format {fmt!r}; this qvla_compiler reads {FORMAT_VERSION}. "
+                        "Re-run `qvla quantize` with this version.")
