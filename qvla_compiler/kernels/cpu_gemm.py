@@ -33,7 +33,7 @@ _BACKENDS = ("int_mm", "fp32_exact")
 
 
 def max_exact_k(a_mag: int = INT8_MAG, b_mag: int = INT8_MAG) -> int:
-    """Largest K whose int32 dot product cannot overflow when |a| <= a_mag and |b| <= b_mag: K * a_mag * b_mag < 2^31."""
+    """Largest K whose int32 dot product cannot overflow for |a| <= a_mag, |b| <= b_mag: K * a_mag * b_mag < 2^31."""
     return INT32_MAX // (a_mag * b_mag)
 
 

@@ -10,7 +10,8 @@ A quantized linear is two ops, so one activation quantization can feed every con
 The CPU implementations do exact integer arithmetic (int32 accumulators, K-split with int64 sums past 131,071 terms
 so no K overflows; `kernels/cpu_gemm.py` picks `torch._int_mm` or an exact chunked fp32 GEMM, whichever is fast on
 this CPU); int4 weights are unpacked to int8 on the fly and accumulated per group of `group_size` along K.
-Non-finite activations propagate as in float: quantize_act gives the token a NaN scale, which the epilogue multiplies in. The GPU implementations (Triton)
+Non-finite activations propagate as in float: quantize_act gives the token a NaN scale, which the epilogue multiplies
+in. The GPU implementations (Triton)
 register themselves for the "cuda" dispatch key on top of these schemas, so one saved program runs on both.
 """
 from __future__ import annotations
