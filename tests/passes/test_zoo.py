@@ -137,18 +137,20 @@ def test_input_roles_by_argument_name_with_pytree_leaves():
     class Step(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.proj, self.kv = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+            self.proj, self.kv, self.patch = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
 
-        def forward(self, feats, x_t, t):
-            return self.proj(x_t) * t[:, None, None] + self.kv(feats["k"] + feats["v"])
+        def forward(self, pixel_values, feats, x_t, t):
+            ctx = self.kv(feats["k"] + feats["v"]) + self.patch(pixel_values)
+            return self.proj(x_t) * t[:, None, None] + ctx
 
-    args = ({"k": torch.randn(2, 3, 4), "v": torch.randn(2, 3, 4)}, torch.randn(2, 3, 4), torch.rand(2))
+    x = [torch.randn(2, 3, 4) for _ in range(4)]  # distinct tensors: export ties inputs that are one object
+    args = (x[0], {"k": x[1], "v": x[2]}, x[3], torch.rand(2))
     gm = capture_module(Step(), args, input_roles={"feats": "backbone"})["forward"]
-    assert gm.meta[INPUTS_KEY] == ("prefix", "prefix", "action", "time")
+    assert gm.meta[INPUTS_KEY] == ("image", "prefix", "prefix", "action", "time")
     classify_linears(gm)
     assign_regions(gm)
     regions = {n.meta["qvla"].module_path: n.meta["qvla"].region for n in g.linear_nodes(gm)}
-    assert regions == {"proj": Region.ACTION_HEAD, "kv": Region.BACKBONE}
+    assert regions == {"proj": Region.ACTION_HEAD, "kv": Region.BACKBONE, "patch": Region.VISION}
 
 
 @pytest.mark.parametrize("roles, message", [({"x_t": "actions"}, "'actions' is not a role; use one of"),
