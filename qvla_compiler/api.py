@@ -134,8 +134,7 @@ def _quantize_policy(policy, obs, calib, recipe, calib_steps, seed, progress, mo
 def _quantize_module(module, args, calib, recipe, progress, model_name, dump_dir, plan=None, input_roles=None):
     if calib is None and plan is None:
         raise CalibrationError("a plain module needs calibration data: pass calib=[args_tuple, ...]")
-    roles = {} if input_roles is None else {"input_roles": input_roles}  # export.capture_module's keyword
-    program = Program(capture_module(module, args, **roles))
+    program = Program(capture_module(module, args, input_roles=input_roles))
     rows, float_bytes = run_pipeline(program, recipe, calib, progress=progress, dump_dir=dump_dir, plan=plan)
     with torch.no_grad():
         ref = module(*args)

@@ -86,6 +86,13 @@ def test_input_roles_reach_capture_module(monkeypatch):
     assert seen == {"input_roles": {"x": "state"}}
 
 
+def test_input_roles_decide_the_region_of_a_plain_module():
+    x = torch.randn(2, 8)
+    qp = qvla_compiler.quantize(Plain(), (x,), [(x,)], recipe="w8a8", layout="all", progress=False,
+                                input_roles={"x": "action"})
+    assert {r.region for r in qp.report.linears} == {"action_head"}
+
+
 def test_layout_that_quantizes_nothing_warns_in_summary_and_json():
     x = torch.randn(2, 8)
     qp = qvla_compiler.quantize(Plain(), (x,), [(x,)], recipe="w8a8", layout="quantvla", progress=False)
