@@ -74,8 +74,8 @@ def capture_policy(policy: nn.Module, obs: dict[str, torch.Tensor], noise: torch
     return {"prefix": prefix, "denoise": denoise}
 
 
-def capture_module(module: nn.Module, args: Sequence[Any],
-                   input_roles: Mapping[str, str] | None = None) -> dict[str, fx.GraphModule]:
+def capture_module(module: nn.Module, args: Sequence[Any], input_roles: Mapping[str, str] | None = None, *,
+                   canonical: bool = True) -> dict[str, fx.GraphModule]:
     """{"forward": GraphModule} for a plain module, its flat inputs tagged with what they are.
 
     `input_roles` maps forward-argument names to roles (image / text / state / prefix / action / time / input; the
@@ -83,6 +83,7 @@ def capture_module(module: nn.Module, args: Sequence[Any],
     Arguments not named there are recognised by common names (pixel_values → image, input_ids → text, state →
     state, x_t / noisy_actions / sample → action, t / timestep / sigma → time, encoder_hidden_states /
     past_key_values → prefix), else count as plain inputs. Regions follow: action/time reach the action head.
+    `canonical=False` keeps the graph exactly as torch.export gave it (for testing the canonicalising passes).
 
     Example::
 
@@ -90,7 +91,7 @@ def capture_module(module: nn.Module, args: Sequence[Any],
     """
     args = tuple(args)
     roles = input_roles_of(module, args, input_roles or {})
-    return {"forward": export_graph(module, args, None, roles=roles, what="forward", prefix="")}
+    return {"forward": export_graph(module, args, None, roles=roles, what="forward", prefix="", canonical=canonical)}
 
 
 def input_roles_of(module: nn.Module, args: tuple, given: Mapping[str, str]) -> tuple[str, ...]:
@@ -119,7 +120,7 @@ def _checked_role(name: str, role: str) -> str:
 
 
 def export_graph(module: nn.Module, args: tuple, dynamic_shapes, *, roles: tuple[str, ...], what: str,
-                 prefix: str) -> fx.GraphModule:
+                 prefix: str, canonical: bool = True) -> fx.GraphModule:
     """torch.export → flat GraphModule with parameters as attributes; names parameters without `prefix`."""
     module = module.eval()
     with torch.no_grad():
@@ -135,7 +136,14 @@ def export_graph(module: nn.Module, args: tuple, dynamic_shapes, *, roles: tuple
                 "  fix: make that module traceable (no data-dependent Python control flow, no .item(), fixed "
                 "token length); `torch.export.draft_export` gives a detailed report."
             ) from exc
+    from qvla_compiler.passes import fold_computed_weights, normalize_graph  # here: passes import this module
+
+    # Canonical before anyone analyses it (the pipeline, the ATM teacher): in-place ops functional, so the role
+    # rules see one vocabulary (bit-identical), and weights computed from parameters only (nn.MultiheadAttention's
+    # in_proj slices) folded into real buffers that quantize like any other.
     gm = _drop_unused_attributes(ep.module())
+    if canonical:
+        gm = fold_computed_weights(normalize_graph(gm))
     gm.meta[INPUTS_KEY] = roles
     gm.meta["qvla_param_prefix"] = prefix
     return gm

@@ -36,7 +36,9 @@ def inspect_data(path: str | Path, loaded=None) -> dict[str, Any]:
     loaded = loaded or load(path)
     report = json.loads(loaded.report.to_json())
     ep = loaded.exported_program
-    rows = {(r["graph"], r["module_path"]): dict(r) for r in report["linears"]}
+    rows: dict[tuple, dict] = {}
+    for r in report["linears"]:  # a weight called at several sites: its first row holds the bytes
+        rows.setdefault((r["graph"], r["module_path"]), dict(r))
     nodes, edges, rotation = _linear_graph(ep, rows)
     scales = _attention_scales(report.get("attention_scales"))
     for key, row in rows.items():
