@@ -10,9 +10,10 @@ from torch import nn
 from qvla_compiler.export import INPUTS_KEY, InputRoleError, capture_module
 from qvla_compiler.meta import Region, Role
 from qvla_compiler.passes import _graph as g
-from qvla_compiler.passes import apply_layout, assign_regions, classify_linears
+from qvla_compiler.passes import apply_layout, assign_regions, classify_linears, fold_computed_weights
 from qvla_compiler.passes.normalize_graph import normalize_graph
 from qvla_compiler.recipes import resolve_recipe
+import qvla_compiler
 import zoo_models as zm
 from zoo_models import B, H, T, W
 
@@ -83,11 +84,12 @@ def truth(case, name: str) -> tuple[Role, Region]:
 def analysed(case):
     torch.manual_seed(0)
     args = case.inputs()
-    gm = capture_module(case.build().eval(), args, case.input_roles)["forward"]
+    gm = capture_module(case.build().eval(), args, case.input_roles, canonical=False)["forward"]
     with torch.no_grad():
         captured = gm(*args)
         normalize_graph(gm)
         assert torch.equal(gm(*args), captured)  # bit-identical: normalisation only re-spells in-place ops
+    fold_computed_weights(gm)
     classify_linears(gm)
     assign_regions(gm)
     return gm
@@ -163,3 +165,22 @@ def test_unknown_input_roles_raise_a_named_error(roles, message):
     with pytest.raises(InputRoleError, match=message.replace("[", r"\[").replace("]", r"\]")) as err:
         capture_module(Step(), (torch.randn(2), torch.randn(2)), input_roles=roles)
     assert "image" in str(err.value) or "x_t" in str(err.value)
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_quantizes_end_to_end(name):
+    """Held-out shapes through the whole compiler: no exception; under layout `all` every linear integer (or float
+    with its reason) and W8A8 output rel-L2 < 0.05; under `quantvla` exactly the linears whose name-derived
+    (region, role) the layout lists are integer."""
+    case = ZOO[name]
+    torch.manual_seed(0)
+    module, args, calib = case.build().eval(), case.inputs(), [case.inputs() for _ in range(2)]
+    everything = qvla_compiler.quantize(module, args, calib, "w8a8", layout="all", progress=False,
+                                        input_roles=case.input_roles)
+    kept = [(r.module_path, r.reason) for r in everything.report.linears if r.bits == "float"]
+    assert all(reason for _, reason in kept), f"linears silently left float: {kept}"
+    assert everything.report.action_rel_l2 < 0.05
+    pairs = resolve_recipe("w8a8", "quantvla").integer_pairs()
+    want = sum(truth(case, truth_name(n)) [::-1] in pairs for n in g.linear_nodes(analysed(case)))
+    layout = qvla_compiler.quantize(module, args, calib, "w8a8", progress=False, input_roles=case.input_roles)
+    assert sum(r.bits != "float" for r in layout.report.linears) == want
