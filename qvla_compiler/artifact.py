@@ -49,15 +49,19 @@ _BOOKKEEPING = (pt2.ARCHIVE_FORMAT_PATH, pt2.ARCHIVE_VERSION_PATH, "byteorder", 
 _WRITER_OWNED = (".data/version", "byteorder", ".data/serialization_id")  # PT2ArchiveWriter writes these itself
 _GRAPH_ID = re.compile(rb'(\\?"graph_id\\?":\s*)(\d+)')
 _TENSOR_FILE = re.compile(r"({}|{})\d+".format(*(re.escape(d + p) for d, _, p in (_WEIGHTS, _CONSTANTS))))
-# Shape expressions are sympified (= eval'd): admit numbers, operators, symbols like s0/u3 (bare or quoted, as
-# srepr writes `Symbol('s0', positive=True)`), known functions and assumption keywords only.
-_EXPR_TOKEN = re.compile(r"\s*(?:\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|'[a-z]+\d+'|([A-Za-z_]\w*)(\s*=(?!=))?|\*\*|//"
+# Shape expressions are sympified (= eval'd). torch writes them with srepr, e.g.
+# `Mul(Integer(2), Symbol('s0', integer=True, positive=True))`: admit numbers (bare or quoted), quoted symbol names,
+# operators, sympy/torch function names and assumption keywords; nothing else (no attributes, no other strings).
+_NUMBER = r"[-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?"
+_EXPR_TOKEN = re.compile(rf"\s*(?:{_NUMBER}|'(?:[a-z]+\d+|{_NUMBER})'|([A-Za-z_]\w*)(\s*=(?!=))?|\*\*|//"
                          r"|[-+*/%(),<>=!&|~^])")
 _SYMBOL = re.compile(r"[a-z]+\d+")
-_ASSUMPTIONS = frozenset(_assume_defined)
+_KEYWORDS = frozenset(_assume_defined) | {"precision"}
 _SYMPY_NAMES = frozenset(sympy_functions.__all__) | {
-    "Symbol", "Max", "Min", "Abs", "sqrt", "floor", "ceiling", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not",
-    "True", "False", "oo", "zoo", "nan", "Integer", "Rational", "Float", "Piecewise"}
+    "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Max", "Min", "Abs", "sqrt", "floor", "ceiling",
+    "Equality", "Unequality", "StrictLessThan", "LessThan", "StrictGreaterThan", "GreaterThan", "Eq", "Ne", "Lt",
+    "Le", "Gt", "Ge", "And", "Or", "Not", "Piecewise", "ExprCondPair", "true", "false", "True", "False",
+    "BooleanTrue", "BooleanFalse", "oo", "zoo", "nan"}
 _TORCH_LOGGERS = ("torch.export", "torch.export.pt2_archive._package", "torch._export.serde.serialize")
 _HOW_TO_FIX = ("Re-create it with `qvla quantize`; load it with trust=True (`qvla inspect --trust`) only if you "
                "wrote this file yourself.")
@@ -272,7 +276,7 @@ def _is_arithmetic(expr: str) -> bool:
         if match is None:
             return False
         name, keyword = match[1], match[2]
-        if name and not (name in _ASSUMPTIONS if keyword else name in _SYMPY_NAMES or _SYMBOL.fullmatch(name)):
+        if name and not (name in _KEYWORDS if keyword else name in _SYMPY_NAMES or _SYMBOL.fullmatch(name)):
             return False
         pos = match.end()
     return True
