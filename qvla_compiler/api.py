@@ -14,13 +14,15 @@ from torch.export import Dim
 from qvla_compiler import atm_ohb
 from qvla_compiler.artifact import read_archive, write_archive
 from qvla_compiler.errors import ArtifactError, CalibrationError
-from qvla_compiler.export import OBS_KEYS, capture_module, capture_policy
+from qvla_compiler.calibrate import check_batches
+from qvla_compiler.export import OBS_KEYS, capture_module, capture_policy, widen_batch
 from qvla_compiler.pipeline import run_pipeline
 from qvla_compiler.program import Program, with_noise
 from qvla_compiler.recipes import QuantRecipe, resolve_recipe
 from qvla_compiler.protocol import is_policy
 from qvla_compiler.report import Report, collect_warnings, output_fidelity
 
+DEFAULT_RECIPE = "quantvla-w8a8"
 FORMAT_VERSION = 1
 _EXTRA = ("qvla/meta.json", "qvla/report.json", "qvla/plan.json")
 
@@ -72,7 +74,7 @@ class LoadedProgram:
 
 
 def quantize(module: nn.Module, example_inputs: Any, calib: Iterable | Any = None,
-             recipe: str | QuantRecipe = "quantvla-w8a8", *, layout: str | None = None, calib_steps: int = 8,
+             recipe: str | QuantRecipe | None = None, *, layout: str | None = None, calib_steps: int = 8,
              seed: int = 0, progress: bool = True, model_name: str | None = None,
              dump_dir: str | None = None, plan=None, input_roles: dict[str, str] | None = None) -> QuantizedProgram:
     """Quantize a VLA policy (qvla_compiler.protocol.VLAPolicy: embed_prefix, denoise_step, schedule, …) or a
@@ -92,20 +94,34 @@ def quantize(module: nn.Module, example_inputs: Any, calib: Iterable | Any = Non
     its leaves. `input_roles` (modules only) names what the forward's inputs are (see export.capture_module).
     A module with embed_prefix and denoise_step but not the other VLAPolicy members raises ProtocolError.
     `plan` (a QuantPlan or a plan folder, see qvla_compiler.plan) skips calibration: its decisions, integer
-    weights and scales are used as they are, and its recipe replaces `recipe`.
+    weights and scales are used as they are, and its recipe is the one compiled (`recipe` defaults to
+    "quantvla-w8a8", or to the plan's; a different recipe or layout beside a plan is a PlanError).
     """
-    if plan is not None:
-        from qvla_compiler.plan import as_plan
-
-        plan = as_plan(plan)
-        recipe = plan.recipe_object()
-    recipe = resolve_recipe(recipe, layout)
+    recipe, plan = _recipe_and_plan(recipe, layout, plan)
+    check_batches(calib, example_inputs)  # a wrong batch fails here, not after capture
     module = module.eval()
     if is_policy(module, need_calibration=calib is None and plan is None):
         return _quantize_policy(module, example_inputs, calib, recipe, calib_steps, seed, progress, model_name,
                                 dump_dir, plan)
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     return _quantize_module(module, args, calib, recipe, progress, model_name, dump_dir, plan, input_roles)
+
+
+def _recipe_and_plan(recipe, layout, plan):
+    """The recipe to compile with. A plan fixes it: a `recipe` or `layout` that differs from the plan's would be
+    ignored and mislabel the program, so it is a PlanError."""
+    if plan is None:
+        return resolve_recipe(recipe or DEFAULT_RECIPE, layout), None
+    from qvla_compiler.plan import PlanError, as_plan
+
+    plan = as_plan(plan)
+    planned = plan.recipe_object()
+    asked = resolve_recipe(recipe or planned, layout)
+    if (asked.name, asked.layout) != (planned.name, planned.layout):
+        raise PlanError(f"the plan was calibrated with recipe {planned.name} (layout {planned.layout}) but "
+                        f"{asked.name} (layout {asked.layout}) was asked for; drop recipe/layout to use the plan's, "
+                        "or calibrate a new plan")
+    return planned, plan
 
 
 def _quantize_policy(policy, obs, calib, recipe, calib_steps, seed, progress, model_name, dump_dir, plan=None):
@@ -127,8 +143,8 @@ def _quantize_policy(policy, obs, calib, recipe, calib_steps, seed, progress, mo
         ref = policy.sample_actions(*(obs[k] for k in OBS_KEYS), noise=noise)
     out = program.run((obs, noise))
     name = model_name or type(policy).__name__
-    return _finish(program, recipe, rows, float_bytes, name, ref, out, (*(obs[k] for k in OBS_KEYS), noise),
-                   attention_scales=scales)
+    example = widen_batch((*(obs[k] for k in OBS_KEYS), noise))  # what save re-exports with: batch >= 2
+    return _finish(program, recipe, rows, float_bytes, name, ref, out, example, attention_scales=scales)
 
 
 def _quantize_module(module, args, calib, recipe, progress, model_name, dump_dir, plan=None, input_roles=None):

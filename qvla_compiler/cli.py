@@ -99,12 +99,15 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.add_argument("--html", help="also write one self-contained HTML page (graph, SQNR, α/β, memory) here")
     i.add_argument("--dot", help="also write the linear graph as Graphviz DOT source here")
+    i.add_argument("--trust", action="store_true", help="load with torch.export.load, skipping the data-only checks "
+                   "(runs whatever the file holds: only for files you wrote yourself)")
     i.set_defaults(func=cmd_inspect)
 
     d = sub.add_parser("diff", help="what changed between two saved programs")
     d.add_argument("a")
     d.add_argument("b")
     d.add_argument("--json", action="store_true")
+    d.add_argument("--trust", action="store_true", help="as for inspect: skip the data-only checks")
     d.set_defaults(func=lambda a: __import__("qvla_compiler.inspect_cli").inspect_cli.run_diff(a, _console()))
 
     e = sub.add_parser("eval", help="closed-loop success of float vs quantized on identical episodes")

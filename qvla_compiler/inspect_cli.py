@@ -12,7 +12,7 @@ _NUMERIC = ("params", "KiB bf16", "KiB now", "SQNR dB")
 
 
 def run_inspect(args, console, print_summary) -> int:
-    data = inspect_data(args.program)
+    data = inspect_data(args.program, trust=args.trust)
     written = []
     if getattr(args, "html", None):
         from qvla_compiler.inspect_html import render_html
@@ -45,7 +45,7 @@ def run_inspect(args, console, print_summary) -> int:
 def run_diff(args, console) -> int:
     from qvla_compiler.api import load
 
-    loaded = [load(args.a), load(args.b)]  # both must load before either is analysed
+    loaded = [load(args.a, trust=args.trust), load(args.b, trust=args.trust)]  # both load before either is analysed
     diff = diff_data(inspect_data(args.a, loaded[0]), inspect_data(args.b, loaded[1]))
     if args.json:
         print(json.dumps(diff, default=str))

@@ -29,11 +29,11 @@ _ROTATION_OPS = ("qvla.hadamard", "qvla.block_rotate")
 _PASS_THROUGH = ("qvla.quantize_act", "<built-in function getitem>")
 
 
-def inspect_data(path: str | Path, loaded=None) -> dict[str, Any]:
+def inspect_data(path: str | Path, loaded=None, trust: bool = False) -> dict[str, Any]:
     """Everything `qvla inspect` shows about one saved program (or its LoadedProgram), as JSON-ready data."""
     from qvla_compiler.api import load
 
-    loaded = loaded or load(path)
+    loaded = loaded or load(path, trust=trust)
     report = json.loads(loaded.report.to_json())
     ep = loaded.exported_program
     rows: dict[tuple, dict] = {}

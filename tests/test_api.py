@@ -131,3 +131,15 @@ def test_plain_module_quantizes_and_matches_fake_quant_twin():
             m.register_forward_hook(fq_linear)
     with torch.no_grad():
         torch.testing.assert_close(qp.module()(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_batch_one_observation_quantizes_and_the_saved_program_takes_any_batch(tmp_path):
+    policy = qvla_compiler.models.build_policy("pi05-tiny")
+    obs = {k: v[:1] for k, v in policy.example_inputs().items()}
+    qp = qvla_compiler.quantize(policy, obs, [obs], recipe="w8a8", progress=False)
+    loaded = qvla_compiler.load(qp.save(tmp_path / "b1.pt2")).module()
+    for batch in (1, 3):
+        obs = {k: v[:1].expand(batch, *v.shape[1:]).clone() for k, v in policy.example_inputs().items()}
+        noise = policy.example_noise(batch, seed=1)
+        args = (*(obs[k] for k in ("images", "tokens", "token_mask", "state")), noise)
+        assert torch.equal(loaded(*args), qp.module()(*args))

@@ -146,6 +146,9 @@ API_CASES = {
     "calibration shape": (lambda p, m: qvla_compiler.quantize(
         p, p.example_inputs(), [_obs_with(p, state=torch.zeros(2, 3))], progress=False),
         CalibrationError, "convert or reshape"),
+    "calibration dtype, lazy batches": (lambda p, m: qvla_compiler.quantize(
+        p, p.example_inputs(), (b for b in [_obs_with(p, state=p.example_inputs()["state"].double())]),
+        recipe="w8a8", progress=False), CalibrationError, "convert or reshape"),
     "module without calibration": (lambda p, m: qvla_compiler.quantize(m, (torch.randn(4, 16),), None),
                                    CalibrationError, "pass calib="),
     "module calibration shape": (lambda p, m: qvla_compiler.quantize(
@@ -153,7 +156,7 @@ API_CASES = {
         CalibrationError, "convert or reshape"),
     "module calibration arity": (lambda p, m: qvla_compiler.quantize(
         m, (torch.randn(4, 16),), [(torch.randn(4, 16), torch.randn(4, 16))], layout="all", progress=False),
-        CalibrationError, "shaped like the example"),
+        CalibrationError, "build batches like"),
     "unknown recipe": (lambda p, m: qvla_compiler.quantize(m, (torch.randn(4, 16),), [], recipe="w3a8"),
                        RecipeError, "choose one of"),
     "unknown layout": (lambda p, m: qvla_compiler.quantize(m, (torch.randn(4, 16),), [], layout="most"),
@@ -174,6 +177,12 @@ def test_api_bad_input(case, policy, tmp_path, monkeypatch):
         call(policy, module)
     assert isinstance(info.value, QvlaError) and fix.lower() in str(info.value).lower()
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("asked", [{"recipe": "w4a4"}, {"layout": "all"}, {"recipe": "w8a8", "layout": "strict"}])
+def test_api_plan_beside_another_recipe_or_layout_is_refused(asked, files, policy):
+    with pytest.raises(PlanError, match="drop recipe/layout"):
+        qvla_compiler.quantize(policy, policy.example_inputs(), plan=files / "plan", progress=False, **asked)
 
 
 def test_the_table_is_big_enough():
