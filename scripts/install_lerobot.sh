@@ -4,6 +4,8 @@
 #
 #   bash scripts/install_lerobot.sh            # into the running Python environment
 #   PYTHON=/path/to/python bash scripts/install_lerobot.sh
+#   TARGET=/some/dir bash scripts/install_lerobot.sh   # into a folder instead (pip --target); use it with
+#                                                      # PYTHONPATH=/some/dir, the environment stays untouched
 #
 # Why not `pip install lerobot`: lerobot 0.6.1 pins torch<2.12 (pip would swap torch for a CUDA build plus ~15
 # nvidia-* packages) and declares Python >= 3.12. So every package is installed with --no-deps and a constraints
@@ -33,9 +35,15 @@ PKGS=(
   "opencv-python-headless==4.13.0.92" "einops==0.8.1" "termcolor==3.2.0" "gymnasium==1.2.2" "farama-notifications==0.0.4"
 )
 
-"$PY" -m pip install --quiet --no-deps -c "$constraints" "${PKGS[@]}"
-"$PY" -m pip install --quiet --no-deps --ignore-requires-python -c "$constraints" "lerobot==0.6.1"
-"$PY" "$HERE/patch_lerobot_py311.py"
+where=()
+if [[ -n "${TARGET:-}" ]]; then
+  mkdir -p "$TARGET"
+  where=(--target "$TARGET" --upgrade)
+  export PYTHONPATH="$TARGET${PYTHONPATH:+:$PYTHONPATH}"
+fi
+"$PY" -m pip install --quiet --no-deps -c "$constraints" "${where[@]}" "${PKGS[@]}"
+"$PY" -m pip install --quiet --no-deps --ignore-requires-python -c "$constraints" "${where[@]}" "lerobot==0.6.1"
+"$PY" "$HERE/patch_lerobot_py311.py" ${TARGET:+"$TARGET"}
 
 # torch must be the one we started with; then the integration must import every policy it wraps.
 "$PY" - "$torch_version" <<'EOF'

@@ -132,7 +132,15 @@ def lerobot_available() -> bool:
 
 # ------------------------------------------------------------------------------------------------------ wrapping
 def wrap(policy: nn.Module) -> "LerobotAdapter":
-    """The lerobot `policy` (PI05Policy, PI0Policy, SmolVLAPolicy) as a qvla policy module sharing its weights."""
+    """The lerobot `policy` (PI05Policy, PI0Policy, SmolVLAPolicy) as a qvla policy module sharing its weights.
+
+    Example::
+
+        qpolicy = wrap(PI05Policy.from_pretrained("my/pi05_checkpoint"))
+        qp = qvla_compiler.quantize(qpolicy, qpolicy.example_inputs(), calib, recipe=qpolicy.recipe("w8a8"))
+        obs = qpolicy.from_lerobot_batch(preprocessed_batch)
+        actions = qpolicy.to_lerobot_actions(qp.module()(*obs.values(), noise))
+    """
     if isinstance(policy, LerobotAdapter):
         return policy
     name = type(policy).__name__
