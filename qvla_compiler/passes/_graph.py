@@ -107,23 +107,21 @@ def op_in(ops: frozenset) -> Callable[[fx.Node], bool]:
 
 def ancestors(node: fx.Node) -> set[fx.Node]:
     """`node` and every node it depends on."""
-    seen, queue = set(), deque([node])
-    while queue:
-        n = queue.popleft()
-        if n not in seen:
-            seen.add(n)
-            queue.extend(n.all_input_nodes)
-    return seen
+    return _reach(node, lambda n: n.all_input_nodes)
 
 
 def descendants(node: fx.Node) -> set[fx.Node]:
     """`node` and every node computed from it."""
+    return _reach(node, lambda n: n.users)
+
+
+def _reach(node: fx.Node, step: Callable[[fx.Node], Iterable[fx.Node]]) -> set[fx.Node]:
     seen, queue = set(), deque([node])
     while queue:
         n = queue.popleft()
         if n not in seen:
             seen.add(n)
-            queue.extend(n.users)
+            queue.extend(step(n))
     return seen
 
 
