@@ -34,7 +34,7 @@ def bench(kind: str, recipe: str, layout: str, calib: int) -> dict:
     w = wrap(build_tiny(kind))
     obs = w.example_inputs()
     start = time.perf_counter()
-    qp = qvla_compiler.quantize(w, obs, w.calibration_batches(calib, seed=1), recipe=recipe, layout=layout,
+    qp = qvla_compiler.quantize(w, obs, w.calibration_batches(calib, seed=1), recipe=w.recipe(recipe, layout),
                                 progress=False)
     wall = time.perf_counter() - start
     noise = w.example_noise(2)

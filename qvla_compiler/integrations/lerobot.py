@@ -144,10 +144,14 @@ def wrap(policy: nn.Module) -> "LerobotAdapter":
     if isinstance(policy, LerobotAdapter):
         return policy
     name = type(policy).__name__
+    if name == "GrootPolicy":  # lerobot 0.4.4, installed on its own (see lerobot_groot)
+        from qvla_compiler.integrations.lerobot_groot import GrootAdapter
+
+        return GrootAdapter(policy)
     if name not in POLICIES:
         raise UnsupportedLerobotPolicyError(
             f"wrap() got a {type(policy).__module__}.{name}; it wraps lerobot's {', '.join(POLICIES)} "
-            "(lerobot 0.6.1 policy objects, not their inner .model). fix: pass the policy object, e.g. "
+            "(lerobot 0.6.1) and GrootPolicy (lerobot 0.4.4) policy objects, not their inner .model). fix: pass the policy object, e.g. "
             "PI05Policy.from_pretrained(dir), or quantize another module with qvla_compiler.quantize(module, args, "
             "calib) as a plain module")
     module, adapter_module, adapter = POLICIES[name]
@@ -188,7 +192,7 @@ class LerobotAdapter(nn.Module):
     def __init__(self, policy: nn.Module):
         super().__init__()
         self.policy = policy.eval()
-        self.model = policy.model
+        self.model = self._core(policy)
         cfg = policy.config
         self.cameras = tuple(k for k in cfg.image_features if ".empty_camera_" not in k)
         if not self.cameras:
@@ -211,23 +215,35 @@ class LerobotAdapter(nn.Module):
     num_steps: int
     max_tokens: int
     vocab_size: int
-    # (module-path prefix, role) pairs for linears whose role the graph-structure classification cannot see
+    # (module-path prefix, role / region) pairs for linears the graph-structure analysis cannot place, and
+    # module-path prefixes QuantVLA keeps float although the layout would quantize them
     role_overrides: tuple[tuple[str, str], ...] = ()
+    region_overrides: tuple[tuple[str, str], ...] = ()
+    skip: tuple[str, ...] = ()
 
     def recipe(self, recipe: "str | QuantRecipe" = "quantvla-w8a8", layout: str | None = None) -> "QuantRecipe":
-        """`recipe` (a preset name or QuantRecipe) with this policy's role_overrides added; pass it to quantize.
-        Empty for pi0 / pi0.5; SmolVLA's MLPs need it (see _lerobot_smolvla)."""
+        """`recipe` (a preset name or QuantRecipe) with this policy's overrides added (the caller's own win); pass
+        it to quantize. Nothing is added for pi0 / pi0.5; SmolVLA names its MLPs (see _lerobot_smolvla), GR00T keeps
+        its VL self-attention float (see lerobot_groot)."""
         import dataclasses
 
         from qvla_compiler.recipes import resolve_recipe
 
         base = resolve_recipe(recipe, layout)
-        given = {p for p, _ in base.role_overrides}
-        extra = tuple(o for o in self.role_overrides if o[0] not in given)  # the caller's own overrides win
-        return dataclasses.replace(base, role_overrides=base.role_overrides + extra) if extra else base
+        roles = tuple(o for o in self.role_overrides if o[0] not in {p for p, _ in base.role_overrides})
+        regions = tuple(o for o in self.region_overrides if o[0] not in {p for p, _ in base.region_overrides})
+        skip = tuple(p for p in self.skip if p not in base.skip)
+        if not (roles or regions or skip):
+            return base
+        return dataclasses.replace(base, role_overrides=base.role_overrides + roles,
+                                   region_overrides=base.region_overrides + regions, skip=base.skip + skip)
 
     def _preprocess(self, batch: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         raise NotImplementedError
+
+    @staticmethod
+    def _core(policy: nn.Module) -> nn.Module:
+        return policy.model  # lerobot's inner flow-matching model (PI05Pytorch, VLAFlowMatching, …)
 
     # ---- observation mapping
     def to_lerobot_batch(self, images: Tensor, tokens: Tensor, token_mask: Tensor, state: Tensor) -> dict[str, Tensor]:

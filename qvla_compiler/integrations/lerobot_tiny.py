@@ -11,6 +11,7 @@ keep 8 query heads and 1 KV head of the same head_dim in the VLM and the expert,
 from __future__ import annotations
 
 import contextlib
+import io
 from typing import Iterator
 
 import torch
@@ -121,16 +122,20 @@ def tiny_config(kind: str, **overrides):
 
 
 def randomize(model: nn.Module, seed: int = 0) -> None:
-    """Random weights that carry signal through a tiny network: linears N(0, 1/fan_in) (adaptive-norm `dense`
-    linears 5x smaller, biases 0.02), embeddings N(0, 1); norms keep their init."""
+    """Random weights that carry signal through a tiny network: linears N(0, 1/fan_in), biases N(0, 0.02²),
+    embeddings N(0, 1); norms keep their init. pi0.5's adaRMS `dense` linears (scale, shift, gate) get 5x smaller
+    weights and a gate bias near 1, so the expert's residual branches count (lerobot zero-inits them: gate = bias)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, mod in model.named_modules():
             if isinstance(mod, nn.Linear):
-                std = mod.in_features ** -0.5 * (0.2 if name.endswith("dense") else 1.0)
+                adaptive = name.endswith("dense")
+                std = mod.in_features ** -0.5 * (0.2 if adaptive else 1.0)
                 mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * std)
                 if mod.bias is not None:
                     mod.bias.copy_(torch.randn(mod.bias.shape, generator=gen) * 0.02)
+                    if adaptive:
+                        mod.bias[2 * mod.out_features // 3:] += 1.0
             elif isinstance(mod, nn.Embedding):
                 mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen))
             elif isinstance(mod, nn.Conv2d):
@@ -146,7 +151,7 @@ def build_tiny(kind: str, seed: int = 0, **config_overrides):
               "smolvla": "lerobot.policies.smolvla.modeling_smolvla"}[kind]
     cls = getattr(_import(module), cls_name)
     torch.manual_seed(seed)
-    with tiny_sizes(kind):
+    with tiny_sizes(kind), contextlib.redirect_stdout(io.StringIO()):  # lerobot prints its layer trimming
         policy = cls(cfg)
     randomize(policy.model, seed)
     return policy.eval()

@@ -157,3 +157,22 @@ def test_load_pretrained_folder(tmp_path):
         loaded = load_pretrained(tmp_path)
     obs, noise = w.example_inputs(), w.example_noise(2)
     assert torch.equal(loaded.sample_actions(**obs, noise=noise), w.sample_actions(**obs, noise=noise))
+
+
+@pytest.mark.parametrize("kind", ["pi05", "smolvla"])
+def test_cameras_of_another_size_go_through_lerobots_resize(kind):
+    """Cameras whose size differs from the model's input are resized-with-pad by lerobot's own preprocessing inside
+    embed_prefix; the prefix/denoise split still reproduces lerobot's sampler exactly (eager, no export)."""
+    from qvla_compiler.integrations.lerobot import wrap
+    from qvla_compiler.integrations.lerobot_tiny import CAMERAS, build_tiny, tiny_config
+    from qvla_compiler.models.sampling import euler_sample
+
+    features = dict(tiny_config(kind).input_features)
+    for cam in CAMERAS:
+        features[cam] = type(features[cam])(type=features[cam].type, shape=(3, 40, 48))
+    w = wrap(build_tiny(kind, seed=3, input_features=features))
+    assert w.image_shape == (3, 40, 48)
+    obs, noise = w.example_inputs(), w.example_noise(2, seed=2)
+    with torch.no_grad():
+        split = euler_sample(w.embed_prefix, w.denoise_step, obs, noise, w.schedule)
+    assert torch.equal(split, w.sample_actions(**obs, noise=noise))
