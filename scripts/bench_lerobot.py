@@ -2,6 +2,7 @@
 
     python scripts/bench_lerobot.py                      # pi05, pi0, smolvla × w8a8, w4a8 (quantvla layout)
     python scripts/bench_lerobot.py --kinds pi05 --recipes w8a8 --json
+    PYTHONPATH=<lerobot 0.4.4 folder> python scripts/bench_lerobot.py --kinds groot   # GR00T N1.5
 
 Columns: integer / float linears (call sites, as report.summary() counts them), bf16 → quantized bytes of the
 integer linears, action rel-L2 and SQNR against lerobot's own float sampler on the same noise, quantize wall time, and
@@ -30,8 +31,16 @@ def _time(fn, repeat: int = 5) -> float:
     return (time.perf_counter() - start) / repeat
 
 
+def _build(kind: str):
+    if kind == "groot":
+        from qvla_compiler.integrations.lerobot_groot import build_tiny_groot
+
+        return build_tiny_groot()
+    return build_tiny(kind)
+
+
 def bench(kind: str, recipe: str, layout: str, calib: int) -> dict:
-    w = wrap(build_tiny(kind))
+    w = wrap(_build(kind))
     obs = w.example_inputs()
     start = time.perf_counter()
     qp = qvla_compiler.quantize(w, obs, w.calibration_batches(calib, seed=1), recipe=w.recipe(recipe, layout),
@@ -54,7 +63,8 @@ def bench(kind: str, recipe: str, layout: str, calib: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=(*KINDS, "groot"),
+                    help="groot needs lerobot 0.4.4 on PYTHONPATH (scripts/install_lerobot_groot.sh)")
     ap.add_argument("--recipes", nargs="+", default=["w8a8", "w4a8"])
     ap.add_argument("--layout", default="quantvla")
     ap.add_argument("--calib", type=int, default=8)

@@ -194,6 +194,12 @@ class LerobotAdapter(nn.Module):
         self.policy = policy.eval()
         self.model = self._core(policy)
         cfg = policy.config
+        rtc = getattr(cfg, "rtc_config", None)
+        if rtc is not None and getattr(rtc, "enabled", False):
+            raise LerobotObservationError(
+                f"{type(policy).__name__} has real-time chunking enabled (config.rtc_config.enabled): its guidance "
+                "changes every Euler step with the previous chunk, which a captured denoise step does not see; set "
+                "config.rtc_config.enabled=False to quantize it")
         self.cameras = tuple(k for k in cfg.image_features if ".empty_camera_" not in k)
         if not self.cameras:
             raise LerobotObservationError(f"{type(policy).__name__} has no camera in config.image_features; give "

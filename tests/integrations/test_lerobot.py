@@ -176,3 +176,12 @@ def test_cameras_of_another_size_go_through_lerobots_resize(kind):
     with torch.no_grad():
         split = euler_sample(w.embed_prefix, w.denoise_step, obs, noise, w.schedule)
     assert torch.equal(split, w.sample_actions(**obs, noise=noise))
+
+
+def test_real_time_chunking_is_refused_with_the_fix():
+    from qvla_compiler.integrations.lerobot import LerobotObservationError, _import, wrap
+    from qvla_compiler.integrations.lerobot_tiny import build_tiny
+
+    rtc = _import("lerobot.policies.rtc.configuration_rtc").RTCConfig(enabled=True)
+    with pytest.raises(LerobotObservationError, match="rtc_config.enabled=False"):
+        wrap(build_tiny("pi05", rtc_config=rtc))
