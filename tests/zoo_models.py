@@ -78,6 +78,18 @@ class InplaceAttention(nn.Module):
         return y
 
 
+class CloneResidual(nn.Module):
+    """SmolVLA's layer: the MLP output is added back onto a copy of the stream (`out_emb.clone()`), in a cast."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.mlp = nn.RMSNorm(W), SwiGLU(W, 64)
+
+    def forward(self, x):
+        out = x.clone()
+        return (out + self.mlp(self.norm(x)).to(torch.float32)).to(x.dtype)
+
+
 class ParallelResidual(nn.Module):
     """GPT-J (one norm) then NeoX/PaLM (two norms): x + attn(ln(x)) + mlp(ln(x)), masked_fill causal mask."""
 

@@ -22,6 +22,11 @@ LAYOUT_OPS = frozenset({
     aten.dropout.default, aten.cat.default, aten.index_select.default, aten.lift_fresh_copy.default,
     aten.unbind.int,
 })
+# Ops whose output is their first input's value (a copy, alias or cast): a sum seen through them is still that sum.
+IDENTITY_OPS = frozenset({
+    aten.clone.default, aten.alias.default, aten.detach.default, aten.contiguous.default, aten._to_copy.default,
+    aten.to.dtype, aten.to.dtype_layout, aten.lift_fresh_copy.default,
+})
 # Pointwise ops an MLP puts between its up and down projections (gated activations, tanh-GELU pieces).
 ACTIVATION_OPS = frozenset({
     aten.gelu.default, aten.silu.default, aten.relu.default, aten.sigmoid.default, aten.tanh.default,

@@ -115,7 +115,8 @@ def _adds_back_to_residual(down: fx.Node, block_input: fx.Node) -> bool:
 
 
 def _summands(node: fx.Node, downstream: set[fx.Node]) -> set[fx.Node]:
-    """`node` and, if it is a sum, the terms it adds up (not those computed from the down projection)."""
+    """`node` and, if it is a sum, the terms it adds up (not those computed from the down projection), seen through
+    copies and casts (SmolVLA adds its MLP onto `out_emb.clone()`)."""
     terms, queue = set(), [node]
     while queue:
         n = queue.pop()
@@ -124,6 +125,8 @@ def _summands(node: fx.Node, downstream: set[fx.Node]) -> set[fx.Node]:
         terms.add(n)
         if n.op == "call_function" and n.target in g.ADD_OPS:
             queue.extend(a for a in n.args if isinstance(a, fx.Node) and a not in downstream)
+        elif n.op == "call_function" and n.target in g.IDENTITY_OPS and isinstance(n.args[0], fx.Node):
+            queue.append(n.args[0])
     return terms
 
 

@@ -40,6 +40,7 @@ class ZooCase:
 ZOO = {
     "inplace_attention": ZooCase(zm.InplaceAttention, lambda: (_x(), torch.rand(B, T, T) > 0.3),
                                  {**_ATTN, **_SWIGLU}),
+    "clone_residual": ZooCase(zm.CloneResidual, lambda: (_x(),), _SWIGLU),
     "parallel_residual": ZooCase(zm.ParallelResidual, lambda: (_x(),),
                                  {**_ATTN, "fc_in": "mlp", "fc_out": "mlp"}),
     "einsum_attention": ZooCase(zm.EinsumAttention, lambda: (_x(), torch.randn(B, H, T, T)),
