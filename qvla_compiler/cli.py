@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--layout", choices=sorted(LAYOUTS), help="override the recipe's layout")
     q.add_argument("--rotation", choices=ROTATIONS, help="override the recipe's rotation of integer-linear inputs")
     q.add_argument("--smooth", choices=SMOOTHINGS, help="override the recipe's smoothing (SmoothQuant, folded)")
+    q.add_argument("--lerobot", metavar="DIR", help="a lerobot policy folder (save_pretrained: config.json + "
+                   "model.safetensors; pi05, pi0, smolvla) to quantize instead of --model; needs "
+                   "`bash scripts/install_lerobot.sh`")
     q.add_argument("--outliers", action="store_true", help="inject function-preserving activation outliers first")
     q.add_argument("--calib-steps", type=int, default=8, help="calibration batches (default 8)")
     q.add_argument("--seed", type=int, default=0)
@@ -131,26 +134,27 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_quantize(args) -> int:
     import qvla_compiler
     from qvla_compiler import preflight
-    from qvla_compiler.models import build_policy
 
     # Every option is checked before the model is built: a bad path or name costs nothing.
-    preflight.model_name(args.model)
+    name = preflight.lerobot_source(args) if args.lerobot else preflight.model_name(args.model)
     preflight.positive(args.calib_steps, "--calib-steps")
     recipe, plan = preflight.quantize_options(args)
-    out = None if args.no_save else preflight.output_file(args.out or f"{args.model}-{recipe.name}.pt2", "--out")
+    out = None if args.no_save else preflight.output_file(args.out or f"{name}-{recipe.name}.pt2", "--out")
     if args.dump_dir:
         preflight.output_dir(args.dump_dir, "--dump-dir")
     console = Console(stderr=True)
     started = time.perf_counter()
-    with console.status(f"building {args.model}", spinner="dots"):
-        policy = build_policy(args.model, seed=args.seed)
-    console.log(f"built {args.model}; capturing, calibrating ({args.calib_steps} batches) and lowering")
+    with console.status(f"building {name}", spinner="dots"):
+        policy = _build_policy(args)
+    console.log(f"built {name}; capturing, calibrating ({args.calib_steps} batches) and lowering")
+    if args.lerobot and plan is None:
+        recipe = policy.recipe(recipe)  # the few name overrides a lerobot architecture needs, if any
     if args.outliers:
         from qvla_compiler.models.outliers import inject_outliers
 
         inject_outliers(policy)
     qp = qvla_compiler.quantize(policy, policy.example_inputs(), recipe=recipe, calib_steps=args.calib_steps,
-                                seed=args.seed, progress=not args.json, model_name=args.model,
+                                seed=args.seed, progress=not args.json, model_name=name,
                                 dump_dir=args.dump_dir, plan=plan)
     if out is not None:
         with console.status(f"saving {out}", spinner="dots"):
@@ -162,6 +166,17 @@ def cmd_quantize(args) -> int:
     else:
         _print_summary(summary)
     return 0
+
+
+def _build_policy(args):
+    if args.lerobot:
+        from qvla_compiler.integrations.lerobot import load_pretrained
+
+        with contextlib.redirect_stdout(sys.stderr):  # lerobot prints notices; stdout is for the summary / JSON
+            return load_pretrained(args.lerobot)
+    from qvla_compiler.models import build_policy
+
+    return build_policy(args.model, seed=args.seed)
 
 
 def cmd_calibrate(args) -> int:

@@ -89,3 +89,15 @@ def model_name(name: str) -> str:
 
     get_config(name)  # ModelNotFoundError listing the valid names
     return name
+
+
+def lerobot_source(args) -> str:
+    """`--lerobot DIR`: a folder with config.json, not combined with options that only fit the built-in policies."""
+    folder = Path(args.lerobot)
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"--lerobot {folder}: no config.json there; point it at a folder written by lerobot's "
+                         "policy.save_pretrained(dir)")
+    if args.outliers:
+        raise UsageError("--outliers injects outliers into the built-in reference policies only; drop it with "
+                         "--lerobot")
+    return f"lerobot-{folder.name}"

@@ -43,18 +43,6 @@ class SmolVLAAdapter(LerobotAdapter):
         self.vocab_size = self.model.vlm_with_expert.config.text_config.vocab_size
         m = _import(_SMOLVLA)
         self._make_att_2d_masks = m.make_att_2d_masks
-        self.role_overrides = self._mlp_overrides()
-
-    def _mlp_overrides(self) -> tuple[tuple[str, str], ...]:
-        """SmolVLA's layers add the MLP output back onto `out_emb.clone()` of the residual stream
-        (smolvlm_with_expert.py: `after_first_residual = out_emb.clone()`), which qvla's MLP matcher does not see
-        through (its residual-add check does not look past aten.clone), so every gate/up/down would stay `other`.
-        Name them MLPs explicitly, for the VLM layers SmolVLA keeps and for every expert layer."""
-        vlm = self.model.vlm_with_expert
-        paths = [f"model.vlm_with_expert.vlm.model.text_model.layers.{i}.mlp"
-                 for i in range(len(vlm.get_vlm_model().text_model.layers))]
-        paths += [f"model.vlm_with_expert.lm_expert.layers.{i}.mlp" for i in range(len(vlm.lm_expert.layers))]
-        return tuple((p, "mlp") for p in paths)
 
     @property
     def num_steps(self) -> int:

@@ -229,8 +229,8 @@ class LerobotAdapter(nn.Module):
 
     def recipe(self, recipe: "str | QuantRecipe" = "quantvla-w8a8", layout: str | None = None) -> "QuantRecipe":
         """`recipe` (a preset name or QuantRecipe) with this policy's overrides added (the caller's own win); pass
-        it to quantize. Nothing is added for pi0 / pi0.5; SmolVLA names its MLPs (see _lerobot_smolvla), GR00T keeps
-        its VL self-attention float (see lerobot_groot)."""
+        it to quantize. Nothing is added for pi0 / pi0.5 / SmolVLA; GR00T keeps its VL self-attention float (see
+        lerobot_groot)."""
         import dataclasses
 
         from qvla_compiler.recipes import resolve_recipe

@@ -74,14 +74,11 @@ def test_w8a8_quantvla_layout(kind):
     assert qp.report.bytes_quant < qp.report.bytes_bf16
 
 
-def test_recipe_adds_role_overrides_only_where_needed():
+def test_recipe_adds_no_overrides_where_structure_suffices():
     from qvla_compiler.recipes import resolve_recipe
 
     assert wrapped("pi05").recipe("w8a8") == resolve_recipe("w8a8")
-    smol = wrapped("smolvla").recipe("w4a8", "strict")
-    assert smol.layout == "strict" and smol.w_bits == 4
-    assert {p for p, _ in smol.role_overrides} == {p for p, _ in wrapped("smolvla").role_overrides}
-    assert all(role == "mlp" and p.endswith(".mlp") for p, role in smol.role_overrides)
+    assert wrapped("smolvla").recipe("w4a8", "strict") == resolve_recipe("w4a8", "strict")
 
 
 def test_save_and_load_pi05(tmp_path):
@@ -185,3 +182,19 @@ def test_real_time_chunking_is_refused_with_the_fix():
     rtc = _import("lerobot.policies.rtc.configuration_rtc").RTCConfig(enabled=True)
     with pytest.raises(LerobotObservationError, match="rtc_config.enabled=False"):
         wrap(build_tiny("pi05", rtc_config=rtc))
+
+
+def test_cli_quantizes_a_lerobot_folder(tmp_path, capsys):
+    """`qvla quantize --lerobot DIR` (in-process: the tiny sizes are patched in for the load)."""
+    import json
+
+    from qvla_compiler import cli
+    from qvla_compiler.integrations.lerobot_tiny import tiny_sizes
+
+    wrapped("pi05").policy.save_pretrained(tmp_path / "pi05")
+    with tiny_sizes("pi05"):
+        code = cli.main(["quantize", "--lerobot", str(tmp_path / "pi05"), "--recipe", "w8a8", "--calib-steps", "2",
+                         "--no-save", "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and summary["model"] == "lerobot-pi05" and summary["int_linears"] > 0
+    assert summary["regions"]["action_head"]["int"] > 0 and summary["action_rel_l2"] < 0.05
