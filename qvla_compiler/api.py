@@ -12,7 +12,6 @@ from torch import nn
 from torch.export import Dim
 
 from qvla_compiler import atm_ohb
-from qvla_compiler.artifact import read_archive, write_archive
 from qvla_compiler.errors import ArtifactError, CalibrationError
 from qvla_compiler.calibrate import check_batches
 from qvla_compiler.export import OBS_KEYS, capture_module, capture_policy, widen_batch
@@ -57,6 +56,8 @@ class QuantizedProgram:
                 "recipe": dataclasses.asdict(self.recipe)}
         extra = {"qvla/meta.json": json.dumps(meta, default=str), "qvla/report.json": self.report.to_json(),
                  "qvla/plan.json": json.dumps(self.plan)}
+        from qvla_compiler.artifact import write_archive  # torch's serde imports dynamo: ~2 s, only when used
+
         return write_archive(ep, path, extra)  # byte-reproducible; atomic; no temp file survives
 
 
@@ -181,6 +182,8 @@ def load(path: str | os.PathLike, *, trust: bool = False) -> LoadedProgram:
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"no program at {path}; write one with `qvla quantize --out {path}`")
+    from qvla_compiler.artifact import read_archive  # torch's serde imports dynamo: ~2 s, only when used
+
     ep, extra = read_archive(path, _EXTRA, trust=trust)
     if not extra.get("qvla/meta.json"):
         raise ArtifactError(f"{path} is a torch.export program but not a qvla_compiler one (no qvla/meta.json); "
