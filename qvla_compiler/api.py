@@ -99,9 +99,10 @@ def quantize(module: nn.Module, example_inputs: Any, calib: Iterable | Any = Non
     "quantvla-w8a8", or to the plan's; a different recipe or layout beside a plan is a PlanError).
     """
     recipe, plan = _recipe_and_plan(recipe, layout, plan)
-    check_batches(calib, example_inputs)  # a wrong batch fails here, not after capture
     module = module.eval()
-    if is_policy(module, need_calibration=calib is None and plan is None):
+    as_policy = is_policy(module, need_calibration=calib is None and plan is None)
+    check_batches(calib, example_inputs)  # a wrong batch fails here, not after capture
+    if as_policy:
         return _quantize_policy(module, example_inputs, calib, recipe, calib_steps, seed, progress, model_name,
                                 dump_dir, plan)
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)

@@ -24,12 +24,14 @@ from qvla_compiler.recipes import QuantRecipe
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """Inputs the cases point at: a valid plan and program, corrupt copies, a plain file and a folder."""
+    """Inputs the cases point at: a valid plan (of a policy) and program (of a small module: saving a policy program
+    takes far longer), corrupt copies, a plain file and a folder."""
     root = tmp_path_factory.mktemp("inputs")
     policy = qvla_compiler.models.build_policy("pi05-tiny")
     qp = qvla_compiler.quantize(policy, policy.example_inputs(), recipe="w8a8", calib_steps=1, progress=False)
     QuantPlan.from_program(qp, policy).save(root / "plan")
-    qp.save(root / "good.pt2")
+    module, x = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)), torch.randn(4, 16)
+    qvla_compiler.quantize(module, (x,), [(x,)], "w8a8", layout="all", progress=False).save(root / "good.pt2")
     for name, text in {"bad_json": "{not json", "list_json": "[]", "old_format": '{"format": 99}'}.items():
         (root / name).mkdir()
         (root / name / "plan.json").write_text(text)
