@@ -10,7 +10,7 @@ setup(
     package_data={"qvla_compiler": ["eval/checkpoints/*.safetensors", "eval/checkpoints/*.md"]},
     install_requires=["torch>=2.13,<2.14", "numpy", "safetensors", "tqdm", "rich", "scipy", "pillow"],
     extras_require={
-        "dev": ["pytest", "hypothesis", "pytest-timeout", "triton==3.9.0", "matplotlib"],
+        "dev": ["pytest", "pytest-xdist", "hypothesis", "pytest-timeout", "triton==3.9.0", "matplotlib"],
         "gpu": ["triton>=3.9"],
         "plots": ["matplotlib"],
     },
