@@ -21,9 +21,8 @@ def calibrate(program: Program, batches: Iterable[Any] | Callable[[Callable[[Any
 
     def run(inputs):
         nonlocal count
-        program.check_inputs(inputs, f"calibration batch {count}")  # names the batch; run() checks again, cheaply
         _check_finite(inputs, count)
-        program.run(inputs)
+        program.run(inputs, f"calibration batch {count}")
         count += 1
         bar.update(1)
 

@@ -27,9 +27,9 @@ class Program:
     def is_policy(self) -> bool:
         return self.schedule is not None
 
-    def run(self, inputs: Any) -> torch.Tensor:
+    def run(self, inputs: Any, what: str = "program input") -> torch.Tensor:
         """Policy: inputs = (obs dict, noise) → action chunk. Module: inputs = tuple of args → output."""
-        self.check_inputs(inputs, "program input")
+        self.check_inputs(inputs, what)  # `what` names the inputs in the error (e.g. "calibration batch 3")
         with torch.no_grad():
             return self.as_module()(*self.flat_args(inputs))
 
