@@ -74,7 +74,7 @@ def bench_model(name: str, batch: int, repeats: int) -> dict:
 
 def bench_rotation_ops(repeats: int) -> list[dict]:
     """Per-call cost of the online rotation ops on [50, width] activations, next to a width x width fp32 linear."""
-    from qvla_compiler.hadamard import hadamard_base, hadamard_factors
+    from qvla_compiler.quant.hadamard import hadamard_base, hadamard_factors
 
     rows = []
     for width in (384, 1024, 1536, 4096):

@@ -11,13 +11,14 @@ Example::
     qp.save("pi05-tiny-w8a8.pt2")
     loaded = qvla_compiler.load("pi05-tiny-w8a8.pt2")
 """
-from qvla_compiler import kernels  # noqa: F401 — registers the qvla:: ops before any program is loaded
+from qvla_compiler import _moved, kernels  # noqa: F401 — registers the qvla:: ops before any program is loaded
 from qvla_compiler.api import LoadedProgram, QuantizedProgram, load, quantize
 from qvla_compiler.errors import QvlaError
 from qvla_compiler.recipes import LAYOUTS, RECIPES, QuantRecipe
 
 __all__ = ["LAYOUTS", "RECIPES", "LoadedProgram", "QuantRecipe", "QuantizedProgram", "QvlaError", "load", "quantize"]
 __version__ = "0.1.0"
+_moved.install()  # old module paths (qvla_compiler.hadamard, …) still import, with a DeprecationWarning
 
 
 def __getattr__(name: str):

@@ -19,7 +19,7 @@ from qvla_compiler.pipeline import run_pipeline
 from qvla_compiler.program import Program, with_noise
 from qvla_compiler.recipes import QuantRecipe, resolve_recipe
 from qvla_compiler.protocol import is_policy
-from qvla_compiler.report import Report, collect_warnings, output_fidelity
+from qvla_compiler.inspect.report import Report, collect_warnings, output_fidelity
 
 DEFAULT_RECIPE = "quantvla-w8a8"
 FORMAT_VERSION = 1

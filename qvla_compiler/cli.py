@@ -111,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("b")
     d.add_argument("--json", action="store_true")
     d.add_argument("--trust", action="store_true", help="as for inspect: skip the data-only checks")
-    d.set_defaults(func=lambda a: __import__("qvla_compiler.inspect_cli").inspect_cli.run_diff(a, _console()))
+    d.set_defaults(func=_run_diff)
 
     e = sub.add_parser("eval", help="closed-loop success of float vs quantized on identical episodes")
     e.add_argument("--suite", default="tabletop", choices=["tabletop"])
@@ -204,6 +204,12 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def _run_diff(args) -> int:
+    from qvla_compiler.inspect.commands import run_diff
+
+    return run_diff(args, _console())
+
+
 def _console() -> Console:
     # Piped output (a file, a CI log) gets a wide page instead of rich's 80-column default, so paths stay whole.
     return Console() if sys.stdout.isatty() else Console(width=200)
@@ -232,7 +238,7 @@ def _print_summary(s: dict) -> None:
 
 def cmd_inspect(args) -> int:
     from qvla_compiler import preflight
-    from qvla_compiler.inspect_cli import run_inspect
+    from qvla_compiler.inspect.commands import run_inspect
 
     for flag, path in (("--html", args.html), ("--dot", args.dot)):
         if path:

@@ -15,7 +15,7 @@ from qvla_compiler.passes.check_accumulator_bounds import check_accumulator_boun
 from qvla_compiler.passes.rotate_and_smooth import needs_rotation, replayable, rotate_and_smooth
 from qvla_compiler.program import Program
 from qvla_compiler.recipes import QuantRecipe
-from qvla_compiler.report import LinearReport, linear_reports, param_bytes
+from qvla_compiler.inspect.report import LinearReport, linear_reports, param_bytes
 
 
 def run_pipeline(program: Program, recipe: QuantRecipe, calib, *, calib_total: int | None = None,
@@ -67,7 +67,7 @@ def run_pipeline(program: Program, recipe: QuantRecipe, calib, *, calib_total: i
 
 
 def _dumper(directory: str | None):
-    from qvla_compiler.trace_phases import trace_phase  # files under directory; TORCH_TRACE artifacts when set
+    from qvla_compiler.inspect.trace import trace_phase  # files under directory; TORCH_TRACE artifacts when set
 
     def dump(phase: str, graphs) -> None:
         trace_phase(phase, graphs, directory)

@@ -115,7 +115,7 @@ def test_export_error_names_the_module():
 
 def test_plain_module_quantizes_and_matches_fake_quant_twin():
     """A module program (not a policy): the lowered graph equals a pure-torch fake-quant forward."""
-    from qvla_compiler.quantizers import dequantize_weight, fake_quant_act, quantize_weight
+    from qvla_compiler.quant.quantizers import dequantize_weight, fake_quant_act, quantize_weight
     from toy_models import ToyPolicyNet
 
     net = ToyPolicyNet().eval()

@@ -10,7 +10,7 @@ import qvla_compiler
 from qvla_compiler import api
 from qvla_compiler.models import build_policy
 from qvla_compiler.protocol import REQUIRED, ProtocolError, VLAPolicy, is_policy, missing_members
-from qvla_compiler.report import LinearReport, Report, collect_warnings
+from qvla_compiler.inspect.report import LinearReport, Report, collect_warnings
 
 
 class Plain(nn.Module):

@@ -13,7 +13,7 @@ from qvla_compiler.meta import update
 from qvla_compiler.passes import apply_layout, assign_regions, classify_linears, quantize_linears
 from qvla_compiler.passes.quantize_linears import KEPT_FLOAT
 from qvla_compiler.recipes import resolve_recipe
-from qvla_compiler.report import output_fidelity
+from qvla_compiler.inspect.report import output_fidelity
 
 
 class TwiceHead(nn.Module):

@@ -101,7 +101,7 @@ def _first_chunk_divergence(fn_a, fn_b, families, seeds, kw, noise_seed) -> floa
 
 
 def _write_video(path, fn_fp, fn_q, res_fp, res_q, kw, noise_seed, video_episodes) -> list[dict]:
-    from qvla_compiler.eval.tabletop import run_episode
+    from qvla_compiler.eval.runner import run_episode
     from qvla_compiler.eval.video import write_side_by_side_gif
 
     by_key_q = {(r.family, r.seed): r for r in res_q}

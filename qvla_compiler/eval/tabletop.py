@@ -340,23 +340,3 @@ def _touch_time(start: np.ndarray, move: np.ndarray, centre: np.ndarray, reach: 
 
 def make_episode(family: str, seed: int, image_size: int = IMAGE_SIZE) -> TabletopEnv:
     return TabletopEnv(family, seed, image_size=image_size)
-
-
-# ----------------------------------------------------------------------------- re-exports
-
-# The episode runners moved to qvla_compiler.eval.runner; benchmarks/ and
-# eval/evaluate.py still import them from here.  Resolved lazily (PEP 562)
-# because runner.py imports this module.
-_RUNNER_NAMES = frozenset({"EpisodeResult", "obs_to_batch", "episode_noise", "run_episode",
-                           "run_episodes", "sample_actions_policy", "runner_kwargs"})
-
-
-def __getattr__(name: str):
-    if name in _RUNNER_NAMES:
-        from qvla_compiler.eval import runner
-        return getattr(runner, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | _RUNNER_NAMES)

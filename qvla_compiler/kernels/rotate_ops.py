@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from qvla_compiler.errors import ShapeError
-from qvla_compiler.hadamard import hadamard_butterfly
+from qvla_compiler.quant.hadamard import hadamard_butterfly
 
 
 def _check_hadamard(x: Tensor, had_m: Tensor | None, inner: int) -> None:

@@ -54,11 +54,11 @@ def load_checkpoint(policy: nn.Module, path: str | Path) -> dict:
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         raise QvlaError(f"checkpoint {path} does not fit {type(policy).__name__}: missing {missing[:5]}, "
-                        f"unexpected {unexpected[:5]}; retrain it with benchmarks/train_tabletop.py")
+                        f"unexpected {unexpected[:5]}; retrain it with training/train_tabletop.py")
     for k, v in state.items():
         if v.shape != own[k].shape:
             raise QvlaError(f"checkpoint {path}: {k} has shape {tuple(v.shape)}, the policy {tuple(own[k].shape)}; "
-                            "the preset changed since training, retrain with benchmarks/train_tabletop.py")
+                            "the preset changed since training, retrain with training/train_tabletop.py")
     policy.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})

@@ -18,7 +18,7 @@ _VISION_TINY = VisionConfig(image_size=32, patch_size=8, width=64, layers=2, hea
 _VISION_SMALL = VisionConfig(image_size=112, patch_size=16, width=256, layers=4, heads=4, mlp=1024)
 _SIGLIP_SO400M = VisionConfig(image_size=224, patch_size=14, width=1152, layers=27, heads=16, mlp=4304)
 # tabletop: sized to the closed-loop suite (qvla_compiler/eval: 64x64 images, 10 text tokens, state 8, actions 2) and to
-# train on 2 CPU cores in <= 30 minutes (benchmarks/train_tabletop.py); trained weights in qvla_compiler/eval/checkpoints.
+# train on 2 CPU cores in <= 30 minutes (training/train_tabletop.py); trained weights in qvla_compiler/eval/checkpoints.
 # 16-pixel patches keep 16 image tokens (the transformer costs what it did at 32x32 with 8-pixel patches) while shapes
 # and positions get four times the pixels. pi05-tabletop has 2 query heads of 64 rather than 4 of 32: its expert reads
 # the prefix only through the one shared KV head per layer, and 64 values per token instead of 32 trained to a lower

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from qvla_compiler.observers import ActObserver
+from qvla_compiler.quant.observers import ActObserver
 from qvla_compiler.passes import _graph as g
 
 OBSERVER_PREFIX = "qvla_observer_"

@@ -23,7 +23,7 @@ from qvla_compiler.kernels.ops import qmax_for
 from qvla_compiler.meta import update
 from qvla_compiler.passes import _graph as g
 from qvla_compiler.passes.insert_observers import observer_of
-from qvla_compiler.quantizers import quantize_weight
+from qvla_compiler.quant.quantizers import quantize_weight
 
 STATIC_PERCENTILE = 99.9  # of per-token absmax: one outlier token does not set the whole tensor's scale
 KEPT_FLOAT = "qvla_kept_float"

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch.fx as fx
 
-from qvla_compiler.hadamard import supported_width
+from qvla_compiler.quant.hadamard import supported_width
 from qvla_compiler.meta import update
 from qvla_compiler.passes.rotate_common import observed_groups, reset_observers
 from qvla_compiler.passes.rotate_duquant import rotate_duquant

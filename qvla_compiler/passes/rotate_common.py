@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from qvla_compiler.observers import ActObserver
+from qvla_compiler.quant.observers import ActObserver
 from qvla_compiler.passes.insert_observers import OBSERVER_PREFIX
 from qvla_compiler.passes.quantize_linears import _fetch
 

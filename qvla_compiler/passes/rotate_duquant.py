@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from qvla_compiler.duquant import calibrate_duquant
+from qvla_compiler.quant.duquant import calibrate_duquant
 from qvla_compiler.passes.rotate_common import group_rotation, insert_online, observed_groups, replace_weight, weight_of
 
 BLOCK_ROTATE = torch.ops.qvla.block_rotate.default

@@ -16,7 +16,7 @@ import math
 import torch
 import torch.fx as fx
 
-from qvla_compiler.hadamard import fast_hadamard, hadamard_base, hadamard_factors
+from qvla_compiler.quant.hadamard import fast_hadamard, hadamard_base, hadamard_factors
 from qvla_compiler.passes.rotate_common import group_rotation, insert_online, observed_groups, replace_weight, weight_of
 
 HADAMARD = torch.ops.qvla.hadamard.default

@@ -28,7 +28,7 @@ from collections import deque
 import torch
 import torch.fx as fx
 
-from qvla_compiler.hadamard import fast_hadamard, hadamard_base, hadamard_factors, supported_width
+from qvla_compiler.quant.hadamard import fast_hadamard, hadamard_base, hadamard_factors, supported_width
 from qvla_compiler.meta import info
 from qvla_compiler.passes import _graph as g
 from qvla_compiler.passes.insert_observers import OBSERVER_PREFIX

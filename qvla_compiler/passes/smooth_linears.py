@@ -17,7 +17,7 @@ import torch.fx as fx
 from qvla_compiler.passes import _graph as g
 from qvla_compiler.passes.rotate_common import add_tensor, group_rotation, observed_groups, replace_weight, weight_of
 from qvla_compiler.passes.quantize_linears import _fetch
-from qvla_compiler.smoothquant import smoothquant_scales
+from qvla_compiler.quant.smoothquant import smoothquant_scales
 
 _CASTS = frozenset({g.aten.type_as.default, g.aten.to.dtype, g.aten._to_copy.default})
 

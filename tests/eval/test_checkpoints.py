@@ -18,7 +18,7 @@ from qvla_compiler.models.checkpoints import (
 @pytest.mark.parametrize("name", TRAINED_PRESETS)
 def test_checkpoint_loads_by_name(name):
     if not has_checkpoint(name):
-        pytest.skip(f"no trained checkpoint at {checkpoint_path(name)}; train it with benchmarks/train_tabletop.py")
+        pytest.skip(f"no trained checkpoint at {checkpoint_path(name)}; train it with training/train_tabletop.py")
     policy = build_policy(name)
     assert policy.checkpoint_metadata["model"] == name
     assert not policy.training
@@ -65,7 +65,7 @@ def _documented_commands(text: str) -> list[list[str]]:
     """The `train_tabletop.py` commands in `text`, backslash continuations joined, split into arguments."""
     joined = re.sub(r"\\\n\s*", " ", text)
     return [line.split()[1:] for line in joined.splitlines()
-            if line.strip().startswith("python benchmarks/train_tabletop.py")]
+            if line.strip().startswith("python training/train_tabletop.py")]
 
 
 def _without_out(args: list[str]) -> list[str]:

@@ -4,7 +4,7 @@ import torch
 
 import qvla_compiler
 from qvla_compiler.kernels import ops
-from qvla_compiler.quantizers import quantize_weight
+from qvla_compiler.quant.quantizers import quantize_weight
 
 NAN_ROW, INF_ROW, NEG_INF_ROW = 1, 3, 4
 # (w_bits, a_bits, static): the recipe kinds w8a8 dynamic, w8a8-static, w4a8, w4a4 (and their static variants)

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from qvla_compiler.duquant import calibrate_duquant
+from qvla_compiler.quant.duquant import calibrate_duquant
 from qvla_compiler.errors import ShapeError
-from qvla_compiler.hadamard import fast_hadamard, hadamard_base, hadamard_factors, hadamard_matrix
+from qvla_compiler.quant.hadamard import fast_hadamard, hadamard_base, hadamard_factors, hadamard_matrix
 from qvla_compiler.kernels.rotate_ops import block_rotate_ref, hadamard_ref
 
 SHAPES = [(1, 48), (3, 96), (2, 5, 384), (7, 1536), (1, 1, 6144), (4, 4096), (50, 60)]

@@ -21,7 +21,7 @@ from qvla_compiler.passes.check_schedule import check_schedule
 from qvla_compiler.passes.fold_attention_scales import _get, _set
 from qvla_compiler.program import Program, with_noise
 from qvla_compiler.recipes import QuantRecipe
-from qvla_compiler.report import Report
+from qvla_compiler.inspect.report import Report
 
 WIDE = AtmStyle(0.5, 2.0, 0.0, inclusive=False)
 

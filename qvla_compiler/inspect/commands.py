@@ -1,4 +1,4 @@
-"""`qvla inspect` and `qvla diff`: tables on the terminal, --json / --html / --dot files (see inspect_report)."""
+"""`qvla inspect` and `qvla diff`: tables on the terminal, --json / --html / --dot files (see inspect.summary)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from qvla_compiler.inspect_report import diff_data, fmt_scale, inspect_data, render_dot
+from qvla_compiler.inspect.summary import diff_data, fmt_scale, inspect_data, render_dot
 
 _NUMERIC = ("params", "KiB bf16", "KiB now", "SQNR dB")
 
@@ -15,7 +15,7 @@ def run_inspect(args, console, print_summary) -> int:
     data = inspect_data(args.program, trust=args.trust)
     written = []
     if getattr(args, "html", None):
-        from qvla_compiler.inspect_html import render_html
+        from qvla_compiler.inspect.html import render_html
 
         Path(args.html).write_text(render_html(data), encoding="utf-8")
         written.append(args.html)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qvla_compiler.errors import CalibrationError, ShapeError
-from qvla_compiler.smoothquant import (
+from qvla_compiler.quant.smoothquant import (
     activation_absmax,
     fold_into_consumer,
     fold_into_norm,

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qvla_compiler.errors import UnsupportedWidthError
-from qvla_compiler.hadamard import (
+from qvla_compiler.quant.hadamard import (
     _GS_ROWS,
     _construction,
     fast_hadamard,

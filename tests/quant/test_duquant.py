@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qvla_compiler.duquant import (
+from qvla_compiler.quant.duquant import (
     DuQuantTransform,
     calibrate_duquant,
     duquant_base_rotation,

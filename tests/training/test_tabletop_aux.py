@@ -1,10 +1,10 @@
-"""The training-only grounding heads of benchmarks/tabletop_aux.py: patch indexing and a loss that can be learned."""
+"""The training-only grounding heads of training/tabletop_aux.py: patch indexing and a loss that can be learned."""
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "training"))
 
 from tabletop_aux import (  # noqa: E402
     N_CLASSES, GroundingHeads, _patch_index, aux_loss, prefix_features, readout_features,

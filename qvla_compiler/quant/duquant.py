@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from qvla_compiler.errors import CalibrationError, ShapeError
-from qvla_compiler.smoothquant import activation_absmax, smoothquant_scales
+from qvla_compiler.quant.smoothquant import activation_absmax, smoothquant_scales
 
 
 def _blockwise(x: Tensor, rot: Tensor) -> Tensor:

@@ -4,14 +4,14 @@ One command per model, seeded and reproducible (fixed step count, fixed data, fi
 committed checkpoints came from (one after the other, each alone on both cores: groot in 27 minutes, pi05 in 25;
 see qvla_compiler/eval/checkpoints/README.md)::
 
-    python benchmarks/train_tabletop.py --model pi05 --seed 0 --episodes 14000 --steps 7200 --batch 64 --k-noise 2 \
+    python training/train_tabletop.py --model pi05 --seed 0 --episodes 14000 --steps 7200 --batch 64 --k-noise 2 \
         --threads 1 --workers 2 --save-every 1000 --eval-episodes 30 \
         --out qvla_compiler/eval/checkpoints/pi05-tabletop.safetensors
-    python benchmarks/train_tabletop.py --model groot --seed 0 --episodes 12000 --family-episodes push=24000 \
+    python training/train_tabletop.py --model groot --seed 0 --episodes 12000 --family-episodes push=24000 \
         --steps 8600 --batch 64 --k-noise 2 --threads 1 --workers 2 --save-every 1000 --eval-episodes 30 \
         --out qvla_compiler/eval/checkpoints/groot-tabletop.safetensors
 
-`--workers 2` runs two single-threaded data-parallel processes (`benchmarks/data_parallel.py`): each collects half
+`--workers 2` runs two single-threaded data-parallel processes (`training/data_parallel.py`): each collects half
 of the episodes and computes half of every batch, and the gradients are averaged before each step. That is how one
 model uses both cores; two threads in one process are slower than one here.
 
@@ -36,7 +36,7 @@ t ~ Beta(1.5, 1) mapped so that noisier times are more frequent (as pi0 / GR00T 
 per sample and shared by `--k-noise` (t, noise) draws, which is cheap extra supervision for the action head.
 
 Two stand-ins for what a pretrained VLM would bring (both training-only; the saved policy is the plain architecture):
-`--aux-weight` adds the grounding losses of `benchmarks/tabletop_aux.py` (which object is where, which one the
+`--aux-weight` adds the grounding losses of `training/tabletop_aux.py` (which object is where, which one the
 instruction names), and pi0.5's state-bin token embeddings start ordinal (sinusoidal in the bin value), as a
 pretrained LM's number tokens are, instead of as 256 unrelated random vectors.
 
@@ -62,7 +62,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qvla_compiler.eval.dataset import collect_corrections, collect_demonstrations  # noqa: E402
-from qvla_compiler.eval.tabletop import FAMILIES, run_episodes, runner_kwargs, sample_actions_policy  # noqa: E402
+from qvla_compiler.eval.runner import run_episodes, runner_kwargs, sample_actions_policy  # noqa: E402
+from qvla_compiler.eval.tabletop import FAMILIES  # noqa: E402
 from qvla_compiler.eval.tokenizer import Tokenizer  # noqa: E402
 from qvla_compiler.models.checkpoints import save_checkpoint  # noqa: E402
 from qvla_compiler.models.common import sinusoidal_embedding  # noqa: E402

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from policy_fixtures import quantized_policy
-from qvla_compiler.inspect_html import render_html
-from qvla_compiler.inspect_report import _attention_scales, diff_data, inspect_data, render_dot
+from qvla_compiler.inspect.html import render_html
+from qvla_compiler.inspect.summary import _attention_scales, diff_data, inspect_data, render_dot
 
 QVLA = [sys.executable, "-m", "qvla_compiler.cli"]
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -98,7 +98,7 @@ def test_attention_scales_map_alpha_to_q_and_beta_to_o():
 
 
 def test_phases_are_traced_to_files_and_torch_trace(tmp_path):
-    code = ("import torch, torch.fx as fx; from qvla_compiler.trace_phases import trace_phase; "
+    code = ("import torch, torch.fx as fx; from qvla_compiler.inspect.trace import trace_phase; "
             "gm = fx.symbolic_trace(torch.nn.Linear(4, 3)); "
             f"trace_phase('1-analysed', {{'forward': gm}}, {str(tmp_path / 'dump')!r})")
     env = {**__import__("os").environ, "TORCH_TRACE": str(tmp_path / "trace")}

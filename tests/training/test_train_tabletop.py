@@ -1,4 +1,4 @@
-"""Helpers of benchmarks/train_tabletop.py: the weight average, the temporary swap, the batch mix with DAgger data and
+"""Helpers of training/train_tabletop.py: the weight average, the temporary swap, the batch mix with DAgger data and
 the per-family episode counts."""
 import sys
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "training"))
 
 from train_tabletop import _KEYS, Batches, WeightAverage, averaged, episodes_by_family, main  # noqa: E402
 

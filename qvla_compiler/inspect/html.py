@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 import json
 
-from qvla_compiler.inspect_report import _BITS_COLOURS, _ROLE_COLOURS
+from qvla_compiler.inspect.summary import _BITS_COLOURS, _ROLE_COLOURS
 
 _CSS = """
 body{font:13px/1.4 -apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:16px;color:#222}
@@ -108,7 +108,7 @@ st.textContent=errors.length?'errors: '+errors.join(' | '):'rendered '+st.getAtt
 
 def render_html(data: dict) -> str:
     """The inspect page for one program's data (from inspect_data)."""
-    from qvla_compiler.inspect_report import fmt_scale
+    from qvla_compiler.inspect.summary import fmt_scale
 
     data = {**data, "linears": [{**r, "scale": fmt_scale(r.get("alpha"), r.get("beta"))} for r in data["linears"]]}
     s = data["summary"]

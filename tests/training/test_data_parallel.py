@@ -1,4 +1,4 @@
-"""benchmarks/data_parallel.py: two gloo workers average their gradients, stay identical, and match one process
+"""training/data_parallel.py: two gloo workers average their gradients, stay identical, and match one process
 training on the union of their batches."""
 import argparse
 import sys
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "training"))
 
 from data_parallel import average_gradients, broadcast_parameters, run_workers, sum_over_workers  # noqa: E402
 
