@@ -20,6 +20,10 @@ class ActObserver(nn.Module):
         self.channel_absmax: torch.Tensor | None = None
         self.token_absmax: list[torch.Tensor] = []
         self.sample: torch.Tensor | None = None
+        # GPTQ: set track_hessian before calibration to accumulate H = Σ 2·xᵀx over tokens (one fp32 [K, K])
+        self.track_hessian = False
+        self.hessian: torch.Tensor | None = None
+        self.hessian_tokens = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.detach().reshape(-1, x.shape[-1]).float()
@@ -35,6 +39,8 @@ class ActObserver(nn.Module):
         self.token_absmax.append(per_token[:: max(1, per_token.numel() // _TOKEN_STATS)])
         if self.sample is None:
             self.sample = flat[:_SAMPLE_TOKENS].clone()
+        if self.track_hessian:
+            self._accumulate_hessian(flat)
         self.calls += 1
         return x
 
@@ -44,6 +50,21 @@ class ActObserver(nn.Module):
         values = torch.cat(self.token_absmax)
         top = values.max() if percentile >= 100 else torch.quantile(values, percentile / 100)
         return (top / qmax).clamp_min(1e-8).reshape(1)
+
+    def _accumulate_hessian(self, flat: torch.Tensor) -> None:
+        if self.hessian is None:
+            self.hessian = flat.new_zeros(flat.shape[1], flat.shape[1])
+        self.hessian.addmm_(flat.T, flat, alpha=2.0)
+        self.hessian_tokens += flat.shape[0]
+
+    def hessian_mean(self) -> torch.Tensor:
+        """H = 2·XᵀX / n over every calibration token seen while `track_hessian` was on, fp32 [K, K] (for GPTQ)."""
+        self.require_data()
+        if self.hessian is None or self.hessian_tokens == 0:
+            raise CalibrationError(
+                f"no Hessian was recorded at the input of {self.consumers}; set track_hessian = True on the "
+                "observer before running calibration")
+        return self.hessian / self.hessian_tokens
 
     def require_data(self) -> None:
         if self.calls == 0:
