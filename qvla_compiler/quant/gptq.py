@@ -51,13 +51,13 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, group_size: int = 128, 
     dead = h.diagonal() == 0
     h.diagonal()[dead] = 1  # keeps H invertible; the weights there never met a nonzero input
     w[:, dead] = 0
-    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(k)
+    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(k, device=w.device)
     if bits == 8 or act_order:
         scales = _static_scales(w, bits, group_size, clip)
     else:
-        scales = torch.zeros(n, -(-k // gs), dtype=torch.float32)  # filled in as the sweep reaches each group
+        scales = w.new_zeros(n, -(-k // gs))  # filled in as the sweep reaches each group
     u = _inverse_cholesky(h[perm][:, perm], damp)
-    groups = perm // gs if bits == 4 else torch.zeros(k, dtype=torch.long)
+    groups = perm // gs if bits == 4 else torch.zeros_like(perm)
     codes = _sweep(w[:, perm], u, scales, groups.tolist(), qmax_for(bits),
                    gs if bits == 4 and not act_order else 0, clip, max(1, block_size))
     codes = codes[:, torch.argsort(perm)]
@@ -78,7 +78,7 @@ def _checked(w: Tensor, hessian: Tensor, bits: int, clip: str) -> tuple[Tensor, 
         raise CalibrationError("gptq_quantize: the weight or the Hessian contains NaN/Inf; check the calibration "
                                "data and that the float model is finite on it")
     # clones: the caller's tensors are never modified
-    return w.detach().float().clone(), hessian.detach().to(torch.float64).clone()
+    return w.detach().float().clone(), hessian.detach().to(w.device, torch.float64).clone()
 
 
 def _static_scales(w: Tensor, bits: int, group_size: int, clip: str) -> Tensor:
@@ -90,7 +90,7 @@ def _static_scales(w: Tensor, bits: int, group_size: int, clip: str) -> Tensor:
 def _inverse_cholesky(h: Tensor, damp: float) -> Tensor:
     """Upper Cholesky factor U of (H + λI)⁻¹ (UᵀU = (H + λI)⁻¹), λ = damp·mean(diag H), float64 for stability.
     Retries with λ ×10 when H + λI is not numerically positive definite."""
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     mean_diag = h.diagonal().mean()
     for attempt in range(_DAMP_RETRIES):
         lam = damp * 10 ** attempt * mean_diag
@@ -114,11 +114,11 @@ def _sweep(w: Tensor, u: Tensor, scales: Tensor, groups: list[int], qmax: int, d
     j is a multiple of dynamic_gs. Works on Wᵀ (float64) so that each column is a contiguous row on the CPU."""
     wt = w.T.contiguous().double()  # [K, N], updated in place
     k, n = wt.shape
-    codes = torch.empty(k, n, dtype=torch.int8)
+    codes = torch.empty(k, n, dtype=torch.int8, device=wt.device)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         blk = wt[i1:i2]  # a view: the in-block updates land in wt
-        err = torch.zeros(i2 - i1, n, dtype=wt.dtype)
+        err = wt.new_zeros(i2 - i1, n)
         for i in range(i2 - i1):
             j = i1 + i
             if dynamic_gs and j % dynamic_gs == 0:
