@@ -1,0 +1,1 @@
+"""LIBERO closed-loop evaluation (see evaluate.py)."""
