@@ -104,7 +104,7 @@ def test_identity_hessian_is_plain_rounding(bits, gs, clip):
 
 
 # Measured GPTQ/RTN output-MSE ratios (K=256, N=64, 2048 tokens): iid 0.93-0.94, outliers 0.89-0.96, correlated
-# 0.48-0.52. With independent input channels H is nearly diagonal and error feedback has little to work with;
+# 0.49-0.54. With independent input channels H is nearly diagonal and error feedback has little to work with;
 # correlated channels are where GPTQ pays off. Bounds leave a margin over those numbers.
 _MAX_RATIO = {"iid": 0.97, "outliers": 0.98, "correlated": 0.6}
 
