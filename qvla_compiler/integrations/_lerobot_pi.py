@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qvla_compiler.integrations.lerobot import LerobotAdapter, _import, cache_to_tuple, tuple_to_cache
+from qvla_compiler.integrations._lerobot_base import LerobotAdapter, _import, cache_to_tuple, tuple_to_cache
 
 _PI05 = "lerobot.policies.pi05.modeling_pi05"
 _PI0 = "lerobot.policies.pi0.modeling_pi0"

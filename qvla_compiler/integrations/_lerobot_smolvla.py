@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch
 
-from qvla_compiler.integrations.lerobot import (
+from qvla_compiler.integrations._lerobot_base import (
     LerobotAdapter,
     LerobotObservationError,
     _import,

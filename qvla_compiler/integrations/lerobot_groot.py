@@ -25,7 +25,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from qvla_compiler.integrations.lerobot import (
+from qvla_compiler.integrations._lerobot_base import (
     LerobotAdapter,
     LerobotNotInstalledError,
     LerobotObservationError,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from qvla_compiler.errors import QvlaError
-from qvla_compiler.integrations.lerobot import _import
+from qvla_compiler.integrations._lerobot_base import _import
 
 KINDS = ("pi05", "pi0", "smolvla")
 VOCAB = 512
