@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qvla_compiler  # noqa: E402
-from qvla_compiler.atm_ohb import collect_batches, observe_program  # noqa: E402
+from qvla_compiler.calibration import collect_batches, observe_program  # noqa: E402
 from qvla_compiler.eval.evaluate import calibration_observations, evaluate  # noqa: E402
 from qvla_compiler.models import build_policy  # noqa: E402
 from qvla_compiler.program import with_noise  # noqa: E402

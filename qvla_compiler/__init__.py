@@ -12,11 +12,12 @@ Example::
     loaded = qvla_compiler.load("pi05-tiny-w8a8.pt2")
 """
 from qvla_compiler import _moved, kernels  # noqa: F401 — registers the qvla:: ops before any program is loaded
-from qvla_compiler.api import LoadedProgram, QuantizedProgram, load, quantize
+from qvla_compiler.api import LoadedProgram, QuantizedProgram, calibrate, load, quantize
 from qvla_compiler.errors import QvlaError
 from qvla_compiler.recipes import LAYOUTS, RECIPES, QuantRecipe
 
-__all__ = ["LAYOUTS", "RECIPES", "LoadedProgram", "QuantRecipe", "QuantizedProgram", "QvlaError", "load", "quantize"]
+__all__ = ["LAYOUTS", "RECIPES", "LoadedProgram", "QuantRecipe", "QuantizedProgram", "QvlaError", "calibrate", "load",
+           "quantize"]
 __version__ = "0.1.0"
 _moved.install()  # old module paths (qvla_compiler.hadamard, …) still import, with a DeprecationWarning
 

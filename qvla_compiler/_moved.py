@@ -19,6 +19,7 @@ MOVED = {  # old → new; delete after 0.2
     "qvla_compiler.inspect_html": "qvla_compiler.inspect.html",
     "qvla_compiler.inspect_cli": "qvla_compiler.inspect.commands",
     "qvla_compiler.trace_phases": "qvla_compiler.inspect.trace",
+    "qvla_compiler.atm_ohb": "qvla_compiler.calibration",  # the math is also in quant.attention_scales
 }
 
 

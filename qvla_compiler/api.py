@@ -5,24 +5,27 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import nn
 from torch.export import Dim
 
-from qvla_compiler import atm_ohb
+from qvla_compiler import calibration, pipeline
 from qvla_compiler.errors import ArtifactError, CalibrationError
-from qvla_compiler.calibrate import check_batches
+from qvla_compiler.calibration import check_batches
 from qvla_compiler.export import OBS_KEYS, capture_module, capture_policy, widen_batch
-from qvla_compiler.pipeline import run_pipeline
-from qvla_compiler.program import Program, with_noise
+from qvla_compiler.models.sampling import FlowSchedule
+from qvla_compiler.program import PolicyProgram, Program, with_noise
 from qvla_compiler.recipes import QuantRecipe, resolve_recipe
 from qvla_compiler.protocol import is_policy
 from qvla_compiler.inspect.report import Report, collect_warnings, output_fidelity
 
+if TYPE_CHECKING:
+    from qvla_compiler.plan import QuantPlan
+
 DEFAULT_RECIPE = "quantvla-w8a8"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one exported program per graph (policy: prefix + denoise step); 1: one, loop unrolled
 _EXTRA = ("qvla/meta.json", "qvla/report.json", "qvla/plan.json")
 
 
@@ -33,45 +36,63 @@ class QuantizedProgram:
     program: Program
     recipe: QuantRecipe
     report: Report
-    plan: list[dict]
+    plan: list[dict]  # per call site: graph, module path, region, role, bits (saved in the .pt2)
     example_args: tuple = ()  # what save() traces the whole program with
+    quant_plan: "QuantPlan | None" = None  # the plan the program was built from: save it to compile again without data
 
     def module(self) -> nn.Module:
         """Policy: forward(images, tokens, token_mask, state, noise) -> actions. Module: the forward graph."""
         return self.program.as_module()
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write a self-describing `.pt2` (torch.export.save; integer weights, scales and plan inside).
+        """Write a self-describing `.pt2` (a torch pt2 archive: one exported program per graph, integer weights,
+        scales, plan and flow schedule inside).
 
         Saving the same program twice writes identical bytes. The file appears at `path` only when complete: an
         interrupted save (exception, Ctrl-C) removes its temp file, and the next save removes those of killed runs.
         """
         path = Path(path)
-        mod, args = self.module(), self.example_args
-        shapes = tuple({0: Dim("batch", min=1, max=1024)} for _ in args) if self.program.is_policy else None
-        with torch.no_grad():
-            ep = torch.export.export(mod, args, dynamic_shapes=shapes, strict=False)
+        schedule = self.program.schedule
         meta = {"format": FORMAT_VERSION, "kind": "policy" if self.program.is_policy else "module",
                 "inputs": list(OBS_KEYS) + ["noise"] if self.program.is_policy else None,
-                "recipe": dataclasses.asdict(self.recipe)}
+                "recipe": dataclasses.asdict(self.recipe),
+                "schedule": {"timesteps": list(schedule.timesteps), "dt": schedule.dt} if schedule else None}
         extra = {"qvla/meta.json": json.dumps(meta, default=str), "qvla/report.json": self.report.to_json(),
                  "qvla/plan.json": json.dumps(self.plan)}
         from qvla_compiler.artifact import write_archive  # torch's serde imports dynamo: ~2 s, only when used
 
-        return write_archive(ep, path, extra)  # byte-reproducible; atomic; no temp file survives
+        # one program per graph (policy: prefix + denoise step, the Euler loop stays in Python; module: "model")
+        programs = self.program.export(self.example_args)
+        return write_archive(programs, path, extra)  # byte-reproducible; atomic; no temp file survives
 
 
 @dataclasses.dataclass
 class LoadedProgram:
-    """A program read back by `load`: the torch.export program plus the report, plan and meta saved with it."""
+    """A program read back by `load`: its torch.export programs plus the report, plan and meta saved with it.
 
-    exported_program: torch.export.ExportedProgram
+    `exported_programs`: {"prefix", "denoise"} for a policy (run by the Euler loop over `schedule`), {"model"} for
+    a plain module or a format-1 file (where a policy is one program with the loop unrolled)."""
+
+    exported_programs: dict[str, torch.export.ExportedProgram]
     report: Report
     plan: list[dict]
     meta: dict
+    schedule: FlowSchedule | None = None  # set when the policy's loop runs in Python (format 2)
+
+    @property
+    def exported_program(self) -> torch.export.ExportedProgram:
+        """The one program of a plain module (or of a format-1 file)."""
+        if len(self.exported_programs) != 1:
+            raise ArtifactError(f"this program has {len(self.exported_programs)} graphs "
+                                f"({', '.join(self.exported_programs)}); use exported_programs[name]")
+        return next(iter(self.exported_programs.values()))
 
     def module(self) -> nn.Module:
-        return self.exported_program.module()
+        """Policy: forward(images, tokens, token_mask, state, noise) -> actions. Module: the forward program."""
+        if self.schedule is None:
+            return self.exported_program.module()
+        eps = self.exported_programs
+        return PolicyProgram(eps["prefix"].module(), eps["denoise"].module(), self.schedule)
 
 
 def quantize(module: nn.Module, example_inputs: Any, calib: Iterable | Any = None,
@@ -94,19 +115,26 @@ def quantize(module: nn.Module, example_inputs: Any, calib: Iterable | Any = Non
     tuples; outputs may be any pytree of tensors (tuples of K/V caches, dicts): fidelity is measured over all
     its leaves. `input_roles` (modules only) names what the forward's inputs are (see export.capture_module).
     A module with embed_prefix and denoise_step but not the other VLAPolicy members raises ProtocolError.
-    `plan` (a QuantPlan or a plan folder, see qvla_compiler.plan) skips calibration: its decisions, integer
-    weights and scales are used as they are, and its recipe is the one compiled (`recipe` defaults to
+    quantize = apply(calibrate(...)): with `plan` (a QuantPlan or a plan folder from `calibrate` / `qvla calibrate`)
+    calibration is skipped and the plan is applied as it is; its recipe is the one compiled (`recipe` defaults to
     "quantvla-w8a8", or to the plan's; a different recipe or layout beside a plan is a PlanError).
     """
     recipe, plan = _recipe_and_plan(recipe, layout, plan)
-    module = module.eval()
-    as_policy = is_policy(module, need_calibration=calib is None and plan is None)
-    check_batches(calib, example_inputs)  # a wrong batch fails here, not after capture
-    if as_policy:
-        return _quantize_policy(module, example_inputs, calib, recipe, calib_steps, seed, progress, model_name,
-                                dump_dir, plan)
-    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    return _quantize_module(module, args, calib, recipe, progress, model_name, dump_dir, plan, input_roles)
+    target = _capture(module, example_inputs, calib, calib_steps, seed, model_name, input_roles, need_calib=plan is None)
+    if plan is None:
+        plan = target.calibrate(recipe, progress)
+    return target.apply(plan, dump_dir)
+
+
+def calibrate(module: nn.Module, example_inputs: Any, calib: Iterable | Any = None,
+              recipe: str | QuantRecipe | None = None, *, layout: str | None = None, calib_steps: int = 8,
+              seed: int = 0, progress: bool = True, model_name: str | None = None,
+              input_roles: dict[str, str] | None = None) -> "QuantPlan":
+    """Calibrate once, compile many times: every decision and tensor `quantize` would use, as a QuantPlan (save it
+    with `.save(folder)`; `quantize(..., plan=folder)`, `qvla quantize --plan` and `torch.compile(...,
+    backend="qvla", options={"plan": folder})` apply it without data). Arguments as for `quantize`."""
+    recipe = resolve_recipe(recipe or DEFAULT_RECIPE, layout)
+    return _capture(module, example_inputs, calib, calib_steps, seed, model_name, input_roles).calibrate(recipe, progress)
 
 
 def _recipe_and_plan(recipe, layout, plan):
@@ -126,49 +154,67 @@ def _recipe_and_plan(recipe, layout, plan):
     return planned, plan
 
 
-def _quantize_policy(policy, obs, calib, recipe, calib_steps, seed, progress, model_name, dump_dir, plan=None):
+@dataclasses.dataclass
+class _Captured:
+    """A captured policy or module with everything calibrate and apply need around it."""
+
+    program: Program
+    name: str
+    calib: Any  # program inputs: (obs, noise) pairs for a policy, argument tuples for a module
+    calib_total: int | None
+    reference: Any  # the float module's output on `inputs`
+    inputs: Any  # one program input, to measure fidelity on
+    example_args: tuple  # what save() exports with
+    policy: Any = None  # for the ATM style ("auto": GR00T-style for GR00T policies)
+
+    def calibrate(self, recipe: QuantRecipe, progress: bool):
+        if self.calib is None:
+            raise CalibrationError("a plain module needs calibration data: pass calib=[args_tuple, ...]")
+        return pipeline.calibrate(self.program, recipe, self.calib, model=self.name,
+                                  atm_style=calibration.resolve_style(recipe, self.policy),
+                                  total=self.calib_total, progress=progress)
+
+    def apply(self, plan, dump_dir: str | None) -> QuantizedProgram:
+        applied = pipeline.apply(self.program, plan, dump_dir=dump_dir)
+        recipe, rows = plan.recipe_object(), applied.rows
+        integer = [r for r in rows if r.bits != "float"]
+        after = applied.float_bytes - sum(r.bytes_bf16 for r in integer) + sum(r.bytes_quant for r in integer)
+        rel, sqnr = output_fidelity(self.reference, self.program.run(self.inputs))  # over every tensor leaf
+        report = Report(self.name, recipe.name, recipe.layout, tuple(rows), applied.float_bytes, after,
+                        round(rel, 6), round(sqnr, 2), applied.attention,
+                        collect_warnings(rows, recipe.layout, self.program.is_policy))
+        summary = [{"graph": r.graph, "module_path": r.module_path, "region": r.region, "role": r.role,
+                    "bits": r.bits} for r in rows]
+        return QuantizedProgram(self.program, recipe, report, summary, self.example_args, plan)
+
+
+def _capture(module, example_inputs, calib, calib_steps, seed, model_name, input_roles, need_calib=True) -> _Captured:
+    module = module.eval()
+    as_policy = is_policy(module, need_calibration=calib is None and need_calib)
+    check_batches(calib, example_inputs)  # a wrong batch fails here, not after capture
+    if as_policy:
+        return _capture_policy(module, example_inputs, calib, calib_steps, seed, model_name)
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if calib is None and need_calib:
+        raise CalibrationError("a plain module needs calibration data: pass calib=[args_tuple, ...]")
+    with torch.no_grad():
+        ref = module(*args)
+    program = Program(capture_module(module, args, input_roles=input_roles))
+    return _Captured(program, model_name or type(module).__name__, calib, None, ref, args, args)
+
+
+def _capture_policy(policy, obs, calib, calib_steps, seed, model_name) -> _Captured:
     noise = policy.example_noise(next(iter(obs.values())).shape[0], seed=seed)
     program = Program(capture_policy(policy, obs, noise), policy.schedule)
     if calib is None:
         calib = policy.calibration_batches(calib_steps, seed=seed)
     if not callable(calib):
         calib = with_noise(calib, tuple(noise.shape[1:]), seed)
-    if recipe.atm or recipe.ohb:  # ATM/OHB teacher: the float graphs on the very inputs and noise the student sees
-        calib = atm_ohb.collect_batches(calib)
-        teacher = atm_ohb.observe_teacher(program, recipe, calib)
-    rows, float_bytes = run_pipeline(program, recipe, calib, calib_total=calib_steps, progress=progress,
-                                     dump_dir=dump_dir, plan=plan)
-    scales = None
-    if recipe.atm or recipe.ohb:  # student statistics from the lowered graphs; α/β folded, no op added
-        scales = atm_ohb.match_attention_scales(program, recipe, calib, teacher, atm_ohb.resolve_style(recipe, policy))
     with torch.no_grad():
         ref = policy.sample_actions(*(obs[k] for k in OBS_KEYS), noise=noise)
-    out = program.run((obs, noise))
-    name = model_name or type(policy).__name__
     example = widen_batch((*(obs[k] for k in OBS_KEYS), noise))  # what save re-exports with: batch >= 2
-    return _finish(program, recipe, rows, float_bytes, name, ref, out, example, attention_scales=scales)
-
-
-def _quantize_module(module, args, calib, recipe, progress, model_name, dump_dir, plan=None, input_roles=None):
-    if calib is None and plan is None:
-        raise CalibrationError("a plain module needs calibration data: pass calib=[args_tuple, ...]")
-    program = Program(capture_module(module, args, input_roles=input_roles))
-    rows, float_bytes = run_pipeline(program, recipe, calib, progress=progress, dump_dir=dump_dir, plan=plan)
-    with torch.no_grad():
-        ref = module(*args)
-    return _finish(program, recipe, rows, float_bytes, model_name or type(module).__name__, ref, program.run(args), args)
-
-
-def _finish(program, recipe, rows, float_bytes, name, ref, out, example_args,
-            attention_scales=None) -> QuantizedProgram:
-    integer = [r for r in rows if r.bits != "float"]
-    after = float_bytes - sum(r.bytes_bf16 for r in integer) + sum(r.bytes_quant for r in integer)
-    rel, sqnr = output_fidelity(ref, out)  # over every tensor leaf of the output, concatenated
-    report = Report(name, recipe.name, recipe.layout, tuple(rows), float_bytes, after, round(rel, 6),
-                    round(sqnr, 2), attention_scales, collect_warnings(rows, recipe.layout, program.is_policy))
-    plan = [{"graph": r.graph, "module_path": r.module_path, "region": r.region, "role": r.role, "bits": r.bits}
-            for r in rows]
-    return QuantizedProgram(program, recipe, report, plan, tuple(example_args))
+    return _Captured(program, model_name or type(policy).__name__, calib, calib_steps, ref, (obs, noise), example,
+                     policy)
 
 
 def load(path: str | os.PathLike, *, trust: bool = False) -> LoadedProgram:
@@ -185,18 +231,27 @@ def load(path: str | os.PathLike, *, trust: bool = False) -> LoadedProgram:
         raise ArtifactError(f"no program at {path}; write one with `qvla quantize --out {path}`")
     from qvla_compiler.artifact import read_archive  # torch's serde imports dynamo: ~2 s, only when used
 
-    ep, extra = read_archive(path, _EXTRA, trust=trust)
+    programs, extra = read_archive(path, _EXTRA, trust=trust)
     if not extra.get("qvla/meta.json"):
         raise ArtifactError(f"{path} is a torch.export program but not a qvla_compiler one (no qvla/meta.json); "
                             "write one with `qvla quantize`")
     try:
         meta = json.loads(extra["qvla/meta.json"])
         fmt = meta.get("format")
-        if fmt == FORMAT_VERSION:
-            return LoadedProgram(ep, Report.from_json(extra["qvla/report.json"]), json.loads(extra["qvla/plan.json"]),
-                                 meta)
+        if fmt in (1, FORMAT_VERSION):  # format 1: one program per file, a policy's Euler loop unrolled in it
+            policy = fmt == FORMAT_VERSION and meta.get("kind") == "policy"
+            schedule = FlowSchedule(tuple(map(float, meta["schedule"]["timesteps"])), float(meta["schedule"]["dt"])) \
+                if policy else None
+            loaded = LoadedProgram(programs, Report.from_json(extra["qvla/report.json"]),
+                                   json.loads(extra["qvla/plan.json"]), meta, schedule)
     except Exception as exc:  # noqa: BLE001 - damaged or hand-edited JSON
         raise ArtifactError(f"{path} has unreadable qvla metadata ({type(exc).__name__}: {str(exc)[:200]}); "
                             "re-create it with `qvla quantize`") from exc
-    raise ArtifactError(f"{path} has program format {fmt!r}; this qvla_compiler reads {FORMAT_VERSION}. "
-                        "Re-run `qvla quantize` with this version.")
+    if fmt not in (1, FORMAT_VERSION):
+        raise ArtifactError(f"{path} has program format {fmt!r}; this qvla_compiler reads 1 and {FORMAT_VERSION}. "
+                            "Re-run `qvla quantize` with this version.")
+    want = {"prefix", "denoise"} if schedule else {"model"}
+    if set(programs) != want:
+        raise ArtifactError(f"{path} holds the graphs {sorted(programs)}, but a format-{fmt} {meta.get('kind')} "
+                            f"program has {sorted(want)}; re-create it with `qvla quantize`")
+    return loaded

@@ -1,15 +1,12 @@
 """`torch.compile(model, backend="qvla", options={"plan": plan_or_folder})`: a QuantPlan applied to Dynamo graphs.
 
-Dynamo hands over a torch-IR graph: `torch._C._nn.linear(x, w, b)` calls whose weights are graph inputs (nn modules
-are inlined; placeholder `L_self_modules_layers_modules_0_modules_mlp_modules_up_parameters_weight_`) or get_attr
-nodes. Each weight's name is decoded to a module path (`layers.0.mlp.up`), matched to the plan (exactly, or as a
-dotted suffix when the compiled callable wraps the planned model), and the matched integer linears become
-
-    xq, xs = qvla::quantize_act(x, a_bits, static_scale)      — shared by linears reading the same x
-    y      = qvla::int8_linear / int4_linear(xq, xs, Wq, Ws, b, …)
-
-with the plan's integer weights as constants; the rewritten graph goes to Inductor (`compile_fx`), which keeps the
-qvla:: custom ops as calls. Run the compiled callable under `torch.no_grad()` (the qvla:: ops have no backward).
+Dynamo hands over a torch-IR graph whose parameters are inputs (nn modules are inlined; placeholder
+`L_self_modules_layers_modules_0_modules_mlp_modules_up_parameters_weight_`). Each parameter's name is decoded to a
+module path (`layers.0.mlp.up`) and matched to the plan (exactly, or as a dotted suffix when the compiled callable wraps
+the planned model). The graph is then captured like any module — torch.export with those parameters as named
+constants, the same canonical passes — and the plan is applied by `pipeline.apply`, the one path every program is
+built by: layout, rotations and smoothing, integer weights, ATM/OHB, for every recipe. The lowered graph goes to
+Inductor (`compile_fx`), which keeps the qvla:: custom ops as calls. Run it under `torch.no_grad()`.
 
 Example::
 
@@ -33,8 +30,8 @@ import torch
 import torch.fx as fx
 from torch.nn import functional as F
 
-from qvla_compiler.lowering.lower_linears import LOWERINGS
-from qvla_compiler.plan import ModulePlan, PlanError, QuantPlan, as_plan, check_fingerprint
+from qvla_compiler import pipeline
+from qvla_compiler.plan import PlanError, QuantPlan, as_plan
 
 log = logging.getLogger(__name__)
 _LINEAR_TARGETS = (torch._C._nn.linear, F.linear, torch.ops.aten.linear.default)
@@ -47,9 +44,9 @@ class GraphMatch:
 
     index: int
     linears: int = 0
+    unmatched: list[str] = dataclasses.field(default_factory=list)  # not in the plan: stay float
     quantized: list[str] = dataclasses.field(default_factory=list)
     kept_float: list[str] = dataclasses.field(default_factory=list)  # in the plan, decided float
-    unmatched: list[str] = dataclasses.field(default_factory=list)  # not in the plan: stay float
 
     def line(self) -> str:
         text = (f"qvla graph {self.index}: {self.linears} linears, {len(self.quantized)} integer from the plan, "
@@ -65,29 +62,38 @@ class QvlaBackend:
 
     def __init__(self, plan: QuantPlan | str, *, strict: bool = False, inductor: bool = True):
         self.plan, self.strict, self.inductor = as_plan(plan), strict, inductor
-        self.plan.require_replayable()
         self.graphs: list[GraphMatch] = []
         self.graph_modules: list[fx.GraphModule] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[torch.Tensor]):
-        match = apply_plan_to_dynamo_graph(gm, self.plan, example_inputs, index=len(self.graphs))
+        from qvla_compiler.export import capture_dynamo_graph
+
+        captured = capture_dynamo_graph(gm, example_inputs, self.plan)
+        match = GraphMatch(len(self.graphs), len(captured.linears), unmatched=captured.unmatched)
         self.graphs.append(match)
-        self.graph_modules.append(gm)
         log.info(match.line())
         if len(self.graphs) > 1:
             log.info("qvla: %d graphs so far — a graph break split the callable (see TORCH_LOGS=graph_breaks)",
                      len(self.graphs))
-        if match.unmatched and (self.strict or not match.quantized and not match.kept_float):
+        if match.unmatched and (self.strict or len(match.unmatched) == match.linears):
             raise PlanError(f"{match.line()}. The plan ({self.plan.model}) does not fit this model: plan paths look "
                             f"like {next(iter(self.plan.modules), '?')!r}, graph weights like "
                             f"{match.unmatched[0]!r}")
         if match.unmatched:
             warnings.warn(match.line(), stacklevel=2)
-        if not self.inductor:
-            return gm.forward
-        from torch._inductor.compile_fx import compile_fx
+        program = captured.program
+        applied = pipeline.apply(program, captured.plan)
+        match.quantized = [r.module_path for r in applied.rows if r.bits != "float"]
+        match.kept_float = [r.module_path for r in applied.rows if r.bits == "float"
+                            and r.module_path not in captured.unmatched]
+        lowered = next(iter(program.graphs.values()))
+        self.graph_modules.append(lowered)
+        compiled = lowered
+        if self.inductor:
+            from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, example_inputs)
+            compiled = compile_fx(lowered, list(captured.user_inputs))
+        return captured.wrap(compiled)
 
     def summary(self) -> str:
         return "\n".join(m.line() for m in self.graphs) or "qvla: nothing compiled yet"
@@ -108,91 +114,6 @@ def qvla_backend(gm: fx.GraphModule, example_inputs: list[torch.Tensor], options
         raise PlanError('backend="qvla" needs a plan: torch.compile(fn, backend="qvla", options={"plan": "plan/"}) '
                         "(write one with `qvla calibrate`)")
     return backend(plan, **options)(gm, example_inputs)
-
-
-def apply_plan_to_dynamo_graph(gm: fx.GraphModule, plan: QuantPlan, example_inputs=(), index: int = 0) -> GraphMatch:
-    """Rewrite every planned integer linear of a Dynamo torch-IR graph into qvla:: ops, in place."""
-    match, shared = GraphMatch(index), {}
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    real = {p: t for p, t in zip(placeholders, example_inputs) if isinstance(t, torch.Tensor) and not _is_fake(t)}
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in _LINEAR_TARGETS:
-            continue
-        match.linears += 1
-        name = weight_name(gm, node)
-        entry = _lookup(plan, name)
-        if entry is None:
-            match.unmatched.append(name)
-            continue
-        if not entry.is_quantized:
-            match.kept_float.append(entry.module_path)
-            continue
-        weight = real.get(node.args[1], node.args[1].meta.get("example_value"))
-        if weight is not None and not _is_fake(weight):
-            check_fingerprint(entry, weight, f"Dynamo graph {index}")
-        elif weight is not None:
-            _check_shape(entry, weight)
-        _rewrite(gm, node, entry, shared)
-        match.quantized.append(entry.module_path)
-    if match.quantized and hasattr(gm, "_param_name_to_source"):
-        # AOTAutograd checks every get_attr tensor against Dynamo's sources; ours are constants no user code owns,
-        # so let it treat the graph like an exported one (constants become static inputs).
-        del gm._param_name_to_source
-    gm.graph.lint()
-    gm.recompile()
-    return match
-
-
-def weight_name(gm: fx.GraphModule, node: fx.Node) -> str:
-    """Dotted module path of a linear's weight, decoded from its Dynamo source name."""
-    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-    raw = str(w.target)
-    if w.op == "get_attr":
-        return gm.meta.get("dynamo_flat_name_to_original_fqn", {}).get(raw, raw).removesuffix(".weight")
-    parts = _SOURCE_SPLIT.split(raw.strip("_").removeprefix("L_").removeprefix("l_"))
-    return ".".join(parts[1:]).removesuffix(".weight")  # parts[0] is the local name (`self`, `model`)
-
-
-def _lookup(plan: QuantPlan, path: str) -> ModulePlan | None:
-    if path in plan.modules:
-        return plan.modules[path]
-    hits = [m for p, m in plan.modules.items() if path.endswith("." + p) or p.endswith("." + path)]
-    return hits[0] if len(hits) == 1 else None
-
-
-def _rewrite(gm: fx.GraphModule, node: fx.Node, entry: ModulePlan, shared: dict) -> None:
-    spec, graph = entry.spec, gm.graph
-    x = node.args[0]
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    base = "qvla_" + entry.module_path.replace(".", "_")
-    gm.register_buffer(base + "_wq", entry.tensors["weight_q"].clone())
-    gm.register_buffer(base + "_ws", entry.tensors["weight_scale"].clone())
-    static = entry.act_scale() if spec.act_mode == "static" else None
-    if static is not None:
-        gm.register_buffer(base + "_xs", static.clone())
-    key = (x, spec.a_bits, base + "_xs" if static is not None else None)
-    with graph.inserting_before(node):
-        if key not in shared:
-            scale = graph.get_attr(key[2]) if key[2] else None
-            q = graph.call_function(torch.ops.qvla.quantize_act.default, (x, spec.a_bits, scale))
-            shared[key] = (graph.call_function(operator.getitem, (q, 0)), graph.call_function(operator.getitem, (q, 1)))
-        xq, xs = shared[key]
-        rule = LOWERINGS[spec.w_bits]
-        dtype = node.meta["example_value"].dtype if "example_value" in node.meta else torch.float32
-        new = graph.call_function(rule.op, (xq, xs, graph.get_attr(base + "_wq"), graph.get_attr(base + "_ws"), bias,
-                                            *rule.extra_args(spec), dtype))
-    node.replace_all_uses_with(new)
-    graph.erase_node(node)
-
-
-def _is_fake(t: torch.Tensor) -> bool:
-    return isinstance(t, torch._subclasses.fake_tensor.FakeTensor)
-
-
-def _check_shape(entry: ModulePlan, w) -> None:
-    if tuple(w.shape) != (entry.out_features, entry.in_features):
-        raise PlanError(f"the plan's {entry.module_path} is [{entry.out_features}, {entry.in_features}] but the "
-                        f"compiled model's weight is {list(w.shape)}: the plan was made for another model")
 
 
 def _register() -> None:

@@ -1,105 +1,90 @@
-"""The compiler, phase by phase: analyse → observe and calibrate → quantize → lower → check.
+"""The compiler in two verbs: calibrate a QuantPlan on data, then apply it. Applying a plan is the only way a program
+is built (`quantize` = apply ∘ calibrate; `--plan` and the torch.compile backend apply a saved one).
 
+calibrate, on a fork:  0 teacher (ATM/OHB: attention statistics of the float graphs) → 1 analyse (roles, regions,
+  layout) → 2 observe → 2b fit rotations/smoothing, rewrite, observe again → 3 quantize → the plan → 5 match
+  attention: apply the plan to another fork (the student), α/β from teacher vs student, into the plan.
+apply, pure rewriting:  1 analyse, decisions from the plan → 2 the plan's tensors → 2b rotate/smooth from the plan
+  → 4 lower to qvla:: ops, check bounds and schedule → 5 fold the plan's α/β into existing tensors.
 Set `QVLA_DUMP=<dir>` (or pass dump_dir) to write every graph's code after each phase as `<phase>-<graph>.py`.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
-from qvla_compiler.calibrate import calibrate
+from qvla_compiler import calibration as cal
+from qvla_compiler.inspect.report import LinearReport, linear_reports, param_bytes, planned_sqnr
+from qvla_compiler.inspect.trace import trace_phase
 from qvla_compiler.lowering import lower_linears
 from qvla_compiler.passes import (apply_layout, assign_regions, check_schedule, classify_linears, insert_observers,
                                   quantize_linears, record_schedule, remove_observers)
+from qvla_compiler.passes.apply_plan import apply_plan
 from qvla_compiler.passes.check_accumulator_bounds import check_accumulator_bounds
-from qvla_compiler.passes.rotate_and_smooth import needs_rotation, replayable, rotate_and_smooth
+from qvla_compiler.passes.fold_attention_scales import fold_attention_scales
+from qvla_compiler.passes.load_plan_tensors import load_plan_tensors
+from qvla_compiler.passes.quantize_linears import keep_unquantizable_float
+from qvla_compiler.passes.record_plan import linear_fingerprints, record_plan
+from qvla_compiler.passes.rotate_and_smooth import fit_transforms, needs_rotation, rotate_and_smooth
+from qvla_compiler.passes.rotate_common import reset_observers, track_hessians
+from qvla_compiler.plan import QuantPlan
 from qvla_compiler.program import Program
-from qvla_compiler.recipes import QuantRecipe
-from qvla_compiler.inspect.report import LinearReport, linear_reports, param_bytes
 
 
-def run_pipeline(program: Program, recipe: QuantRecipe, calib, *, calib_total: int | None = None,
-                 progress: bool = True, dump_dir: str | None = None, plan=None) -> tuple[list[LinearReport], int]:
-    """Quantize `program`'s graphs in place; returns the per-linear report rows and the float bf16 bytes.
-    With a QuantPlan (`plan`), its decisions and integer tensors replace layout, calibration and quantization."""
-    if plan is not None:
-        return run_planned(program, recipe, plan, dump_dir=dump_dir)
-    graphs, dump = program.graphs, _dumper(dump_dir or os.environ.get("QVLA_DUMP"))
-    dump("0-captured", graphs)
+def calibrate(program: Program, recipe, calib, *, model: str, atm_style=None, total: int | None = None,
+              progress: bool = True) -> QuantPlan:
+    """Every decision and tensor for `program` under `recipe`, fitted on `calib`; `program` itself is not changed."""
+    work, batches = program.fork(), cal.replayable(calib, needs_rotation(recipe), recipe.atm or recipe.ohb)
+    teacher = cal.observe_teacher(work, recipe, batches) if recipe.atm or recipe.ohb else None
+    fingerprints = {}
+    for gm in work.graphs.values():
+        classify_linears(gm, recipe.role_overrides)
+        assign_regions(gm, recipe.region_overrides)
+        keep_unquantizable_float(apply_layout(gm, recipe))
+        fingerprints.update(linear_fingerprints(gm))
+        track_hessians(insert_observers(gm), recipe.weight_method == "gptq")
+    cal.run_calibration(work, batches, total=total, progress=progress)
+    if needs_rotation(recipe):
+        for gm in work.graphs.values():
+            reset_observers(rotate_and_smooth(fit_transforms(gm, recipe), recipe))
+        cal.run_calibration(work, batches, total=total, progress=progress)
+    for gm in work.graphs.values():
+        quantize_linears(gm, recipe.weight_method)
+    plan = record_plan(work.graphs, recipe, model, fingerprints)
+    if teacher is not None:
+        student = program.fork()
+        apply(student, plan)
+        plan.attention = cal.match_attention_scales(student, recipe, batches, teacher, atm_style)
+    return plan
 
-    # Phase 1: analyse — decide what every linear is and whether it becomes integer (annotations only).
-    for gm in graphs.values():
+
+@dataclasses.dataclass
+class Applied:
+    rows: list[LinearReport]  # per call site, SQNR from calibration
+    float_bytes: int  # bf16 bytes of the float program's tensors
+    attention: dict | None  # the plan's ATM/OHB record
+
+
+def apply(program: Program, plan: QuantPlan, *, dump_dir: str | None = None) -> Applied:
+    """Rewrite `program`'s graphs in place into the plan's integer program; deterministic, reads no data."""
+    recipe = plan.recipe_object()
+    dump = functools.partial(trace_phase, directory=dump_dir or os.environ.get("QVLA_DUMP"))
+    dump("0-captured", program.graphs)
+    for name, gm in program.graphs.items():
         record_schedule(gm)
         classify_linears(gm, recipe.role_overrides)
         assign_regions(gm, recipe.region_overrides)
-        apply_layout(gm, recipe)
-    dump("1-analysed", graphs)
-
-    # Phase 2: observe and calibrate — identity observers on integer linears' inputs, then run the data.
-    calib = replayable(calib, recipe)
-    for gm in graphs.values():
-        insert_observers(gm)
-    calibrate(program, calib, total=calib_total, progress=progress)
-    dump("2-observed", graphs)
-
-    # Phase 2b: rotate and smooth — exact float rewrites fitted on the observers (an online qvla:: op or a folded
-    # norm gain on each input, the inverse folded into the weights), then re-observe the transformed inputs.
-    if needs_rotation(recipe):
-        for gm in graphs.values():
-            rotate_and_smooth(gm, recipe)
-        calibrate(program, calib, total=calib_total, progress=progress)
-        dump("2b-rotated", graphs)
-
-    # Phase 3: quantize — integer weights and scales as buffers; measure each linear's SQNR on its sample.
-    for gm in graphs.values():
-        quantize_linears(gm)
-    rows = [row for name, gm in graphs.items() for row in linear_reports(name, gm)]
-    float_bytes = param_bytes(graphs.values())
-
-    # Phase 4: lower — observers out, qvla:: ops in; the operator schedule must be the original one.
-    for gm in graphs.values():
+        insert_observers(apply_plan(gm, plan, name))
+        rotate_and_smooth(load_plan_tensors(gm, plan, name), recipe)
+    dump("2-planned", program.graphs)
+    rows = [planned_sqnr(row, plan) for name, gm in program.graphs.items() for row in linear_reports(name, gm)]
+    float_bytes = param_bytes(program.graphs.values())
+    for name, gm in program.graphs.items():
         remove_observers(gm)
         check_accumulator_bounds(gm)  # int32 accumulators proved safe or K-split recorded; refuses what cannot split
         lower_linears(gm)
         check_schedule(gm)
-    dump("4-lowered", graphs)
-    return rows, float_bytes
-
-
-def _dumper(directory: str | None):
-    from qvla_compiler.inspect.trace import trace_phase  # files under directory; TORCH_TRACE artifacts when set
-
-    def dump(phase: str, graphs) -> None:
-        trace_phase(phase, graphs, directory)
-    return dump
-
-
-def run_planned(program: Program, recipe: QuantRecipe, plan, *, dump_dir: str | None = None):
-    """run_pipeline with a saved QuantPlan: the same phases, minus observe/calibrate (calibrated once, elsewhere)."""
-    from qvla_compiler.passes.apply_plan import apply_plan
-    from qvla_compiler.passes.load_plan_tensors import load_plan_tensors
-
-    plan.require_replayable()
-    graphs, dump = program.graphs, _dumper(dump_dir or os.environ.get("QVLA_DUMP"))
-    dump("0-captured", graphs)
-    # Phase 1: analyse, then take every decision from the plan instead of the layout.
-    for name, gm in graphs.items():
-        record_schedule(gm)
-        classify_linears(gm, recipe.role_overrides)
-        assign_regions(gm, recipe.region_overrides)
-        apply_plan(gm, plan, name)
-    dump("1-analysed", graphs)
-    # Phase 3: the plan's integer weights and scales; per-linear SQNR is the one measured at calibration.
-    for name, gm in graphs.items():
-        load_plan_tensors(gm, plan, name)
-    rows = [dataclasses.replace(r, sqnr_db=plan.modules[r.module_path].extra.get("sqnr_db") if r.bits != "float"
-                                else r.sqnr_db)
-            for name, gm in graphs.items() for r in linear_reports(name, gm)]
-    float_bytes = param_bytes(graphs.values())
-    # Phase 4: lower and check, exactly as without a plan.
-    for gm in graphs.values():
-        check_accumulator_bounds(gm)
-        lower_linears(gm)
-        check_schedule(gm)
-    dump("4-lowered", graphs)
-    return rows, float_bytes
+        fold_attention_scales(gm, *cal.planned_attention_scales(plan.attention, name))
+    dump("4-lowered", program.graphs)
+    return Applied(rows, float_bytes, plan.attention)

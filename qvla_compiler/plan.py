@@ -1,9 +1,12 @@
 """QuantPlan: what calibration decided, as data — calibrate once, compile many times.
 
-A plan holds, per module path (e.g. `language_model.layers.0.mlp.up_proj`; stable across re-export because it is the
-nn.Module path, never an FX node name): the region, role and QuantSpec (None = stays float), the integer weight and
-its scales, the static activation scale (per graph), and optional extra tensors and JSON that other passes attach
-(rotations, ATM α / OHB β, ...). On disk it is a folder:
+Every program is built by applying a plan (pipeline.apply); calibration (pipeline.calibrate) is what makes one. A plan
+holds, per module path (e.g. `language_model.layers.0.mlp.up_proj`; stable across re-export because it is the
+nn.Module path, never an FX node name): the region, role, QuantSpec (None = stays float, with the reason when the
+layout wanted it integer), the rotation label of its input, the integer weight and its scales, the static activation
+scale (per graph), the fitted tensors of its input group's transforms (on the group's first linear: SmoothQuant s,
+DuQuant Λ, R₁, P, R₂) and a fingerprint of the float weight it was computed from; and, for the whole program, the
+ATM/OHB record (α per action-head attention head, β per layer, with the statistics they came from). On disk:
 
     plan/plan.json            format, model, recipe, and one JSON object per module path
     plan/tensors.safetensors  "<module path>::<tensor name>" → tensor
@@ -12,10 +15,9 @@ Nothing is pickled. `quantize(..., plan=...)` and the `qvla` torch.compile backe
 
 Example::
 
-    qp = qvla_compiler.quantize(policy, policy.example_inputs(), recipe="w4a8")
-    plan = QuantPlan.from_program(qp, policy)   # or: qvla calibrate --model pi05-tiny --recipe w4a8 --out plan/
-    plan.save("plan/")
-    qp2 = qvla_compiler.quantize(policy, policy.example_inputs(), plan=QuantPlan.load("plan/"))  # no calibration
+    plan = qvla_compiler.calibrate(policy, policy.example_inputs(), recipe="quantvla-w4a8")
+    plan.save("plan/")   # or: qvla calibrate --model pi05-tiny --recipe quantvla-w4a8 --out plan/
+    qp = qvla_compiler.quantize(policy, policy.example_inputs(), plan=QuantPlan.load("plan/"))  # no calibration
 """
 from __future__ import annotations
 
@@ -29,13 +31,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qvla_compiler.errors import QvlaError
-from qvla_compiler.meta import QVLA_META, LinearInfo, QuantSpec
+from qvla_compiler.meta import QuantSpec
 
-PLAN_FORMAT = 1
+PLAN_FORMAT = 2  # 1: linears only (no rotations, smoothing or ATM/OHB); refused
 PLAN_JSON, PLAN_TENSORS = "plan.json", "tensors.safetensors"
 _SEP = "::"
 # The tensors quantize_linears produces; "act_scale@<graph>" holds a static activation scale per graph.
 WEIGHT_Q, WEIGHT_SCALE, ACT_SCALE = "weight_q", "weight_scale", "act_scale"
+# A group's fitted transforms, on its first linear's entry.
+SMOOTH, DUQUANT = "smooth", ("duquant_smooth", "duquant_rot1", "duquant_perm", "duquant_rot2")
 
 
 class PlanError(QvlaError, ValueError):
@@ -54,7 +58,7 @@ class ModulePlan:
     spec: QuantSpec | None  # None: the linear stays float
     graphs: tuple[str, ...] = ()  # graphs of the program that read it ("prefix", "denoise", "forward")
     tensors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # JSON: sqnr_db, fingerprint, out_scale, ...
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # JSON: sqnr_db, fingerprint, rotation, ...
 
     @property
     def is_quantized(self) -> bool:
@@ -78,6 +82,7 @@ class QuantPlan:
     model: str
     recipe: dict  # dataclasses.asdict(QuantRecipe)
     modules: dict[str, ModulePlan]
+    attention: dict | None = None  # calibration.match_attention_scales' record: α/β per graph and block
     format: int = PLAN_FORMAT
 
     def __getitem__(self, path: str) -> ModulePlan:
@@ -99,36 +104,11 @@ class QuantPlan:
                   for k, v in self.recipe.items() if k in known}
         return QuantRecipe(**fields)
 
-    def require_replayable(self) -> None:
-        """Plans carry linears' integer form only: rotations, smoothing and ATM/OHB change other tensors and ops
-        (online rotations, norm gains, folded α/β), which a plan cannot replay yet."""
-        r = self.recipe
-        used = [k for k, off in (("rotation", "none"), ("smooth", "none")) if r.get(k, off) != off]
-        used += [k for k in ("atm", "ohb") if r.get(k)]
-        if used:
-            raise PlanError(f"this plan was calibrated with {', '.join(used)}, which a QuantPlan cannot replay yet "
-                            "(only layout, integer weights and scales); quantize with the recipe directly")
-
     # ---------------------------------------------------------------------------------------------- building
     @classmethod
     def from_program(cls, qp, model: torch.nn.Module | None = None) -> "QuantPlan":
-        """Read the decisions and integer tensors out of a QuantizedProgram. With `model`, each entry also
-        records a fingerprint of the float weight, so applying the plan to other weights fails loudly."""
-        sqnr = {(r.graph, r.module_path): r.sqnr_db for r in qp.report.linears}
-        modules: dict[str, ModulePlan] = {}
-        for graph, gm in qp.program.graphs.items():
-            for node in gm.graph.nodes:
-                info = node.meta.get(QVLA_META)
-                if node.op != "call_function" or not isinstance(info, LinearInfo):
-                    continue
-                entry = modules.get(info.module_path)
-                if entry is None:
-                    entry = modules[info.module_path] = _entry(info, sqnr.get((graph, info.module_path)), model)
-                if graph not in entry.graphs:
-                    entry.graphs = (*entry.graphs, graph)
-                _collect_tensors(entry, gm, node, graph)
-        recipe = json.loads(json.dumps(dataclasses.asdict(qp.recipe), default=str))
-        return cls(qp.report.model, recipe, modules)
+        """The plan a QuantizedProgram was built from (kept for callers of the pre-0.2 API)."""
+        return qp.quant_plan
 
     # ---------------------------------------------------------------------------------------------- files
     def save(self, directory: str | os.PathLike) -> Path:
@@ -138,7 +118,7 @@ class QuantPlan:
         tensors = {f"{path}{_SEP}{name}": t.detach().contiguous().cpu()
                    for path, m in self.modules.items() for name, t in m.tensors.items()}
         save_file(tensors, str(directory / PLAN_TENSORS), metadata={"format": str(self.format)})
-        doc = {"format": self.format, "model": self.model, "recipe": self.recipe,
+        doc = {"format": self.format, "model": self.model, "recipe": self.recipe, "attention": self.attention,
                "modules": {path: m.to_json() for path, m in self.modules.items()}}
         (directory / PLAN_JSON).write_text(json.dumps(doc, indent=1, default=_json_default))
         return directory
@@ -154,11 +134,12 @@ class QuantPlan:
         doc = _read_json(directory / PLAN_JSON)
         if doc.get("format") != PLAN_FORMAT:
             raise PlanError(f"{directory} has plan format {doc.get('format')}; this qvla_compiler reads "
-                            f"{PLAN_FORMAT}. Re-run `qvla calibrate`.")
+                            f"{PLAN_FORMAT} (format 1 plans carried no rotations, smoothing or ATM/OHB and cannot be "
+                            f"replayed exactly). Re-run `qvla calibrate ... --out {directory}`.")
         flat = _read_tensors(directory / PLAN_TENSORS)
         try:
             modules = {mpath: _module_from_json(mpath, m, flat, directory) for mpath, m in doc["modules"].items()}
-            return cls(doc["model"], doc["recipe"], modules, doc["format"])
+            return cls(doc["model"], doc["recipe"], modules, doc.get("attention"), doc["format"])
         except PlanError:
             raise
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
@@ -222,30 +203,6 @@ def check_fingerprint(entry: ModulePlan, w: torch.Tensor, where: str) -> None:
     if any(abs(a - b) > 1e-6 * max(1.0, abs(b)) for a, b in zip(got, want)):
         raise PlanError(f"{where}: {entry.module_path}'s weights differ from the ones the plan was calibrated "
                         f"on (fingerprint {got} vs {want}); re-run `qvla calibrate` on this checkpoint")
-
-
-def _entry(info: LinearInfo, sqnr, model) -> ModulePlan:
-    extra: dict[str, Any] = {"block": info.block, "heads": info.heads, "head_dim": info.head_dim,
-                             "mlp_part": info.mlp_part, "sqnr_db": sqnr}
-    if info.out_scale is not None:
-        extra["out_scale"] = list(info.out_scale)
-    if model is not None:
-        try:
-            extra["fingerprint"] = weight_fingerprint(model.get_parameter(info.module_path + ".weight"))
-        except AttributeError:
-            pass
-    return ModulePlan(info.module_path, info.region.value if info.region else "backbone", info.role.value,
-                      info.in_features, info.out_features, info.spec, (), {}, extra)
-
-
-def _collect_tensors(entry: ModulePlan, gm, node, graph: str) -> None:
-    names = node.meta.get("qvla_tensors")
-    if names is None:
-        return
-    entry.tensors.setdefault(WEIGHT_Q, getattr(gm, names.weight).detach().clone())
-    entry.tensors.setdefault(WEIGHT_SCALE, getattr(gm, names.weight_scale).detach().clone())
-    if names.act_scale:
-        entry.tensors[f"{ACT_SCALE}@{graph}"] = getattr(gm, names.act_scale).detach().clone()
 
 
 def _json_default(value):

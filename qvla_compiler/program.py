@@ -6,12 +6,14 @@ lowered integer graphs, so every comparison (SQNR, action fidelity) uses identic
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Iterable, Iterator
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.export import Dim
 
 from qvla_compiler.errors import CalibrationError
 from qvla_compiler.export import OBS_KEYS
@@ -58,14 +60,42 @@ class Program:
         for name, got, want in zip(names, leaves, wants):
             _check_like(name, got, want, what)
 
+    def fork(self) -> "Program":
+        """A copy whose graphs can be rewritten independently; tensors are shared, not copied (passes never change a
+        tensor in place: a rewritten weight is a new buffer), so a fork costs graph structure only."""
+        forks = {}
+        for name, gm in self.graphs.items():
+            memo = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
+            forks[name] = copy.deepcopy(gm, memo)
+        return Program(forks, self.schedule)
+
     def as_module(self) -> nn.Module:
         if self.is_policy:
             return PolicyProgram(self.graphs["prefix"], self.graphs["denoise"], self.schedule)
         return self.graphs["forward"]
 
+    def export(self, example_args: tuple) -> dict[str, torch.export.ExportedProgram]:
+        """The graphs as torch.export programs, what a saved program stores. Each is exported from its (lowered) flat
+        graph, so the float model is not traced again and the Euler loop is not unrolled: a policy gives
+        {"prefix", "denoise"} with the batch dynamic (1..1024), run by PolicyProgram; a module gives {"model"} at the
+        example shapes. `example_args`: the flat inputs, (images, tokens, token_mask, state, noise) for a policy."""
+        with torch.no_grad():
+            if not self.is_policy:
+                return {"model": torch.export.export(self.graphs["forward"], tuple(example_args), strict=False)}
+            *obs, noise = example_args
+            prefix = tuple(self.graphs["prefix"](*obs))
+            t = torch.full((noise.shape[0],), self.schedule.timesteps[0], dtype=noise.dtype, device=noise.device)
+            batch = Dim("batch", min=1, max=1024)
+            shapes = (tuple({0: batch} for _ in prefix), {0: batch}, {0: batch})  # what euler_sample feeds
+            return {"prefix": torch.export.export(self.graphs["prefix"], tuple(obs), strict=False,
+                                                  dynamic_shapes=tuple({0: batch} for _ in obs)),
+                    "denoise": torch.export.export(self.graphs["denoise"], (prefix, noise, t), strict=False,
+                                                   dynamic_shapes=shapes)}
+
 
 class PolicyProgram(nn.Module):
-    """The whole sampler as one module: forward(images, tokens, token_mask, state, noise) -> actions."""
+    """The whole sampler as one module: forward(images, tokens, token_mask, state, noise) -> actions. The prefix and
+    denoise modules are the program's graphs, or the same graphs read back from a saved program."""
 
     def __init__(self, prefix: nn.Module, denoise: nn.Module, schedule: FlowSchedule):
         super().__init__()

@@ -25,6 +25,7 @@ LAYOUTS: Mapping[str, frozenset[tuple[Region, Role]]] = {
 
 ROTATIONS = ("none", "hadamard", "duquant", "quarot")
 SMOOTHINGS = ("none", "smoothquant")
+WEIGHT_METHODS = ("rtn", "gptq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,7 @@ class QuantRecipe:
     group_size: int = 128
     act_mode: str = "dynamic"
     weight_clip: str = "absmax"
+    weight_method: str = "rtn"  # "rtn": round to nearest; "gptq": error-compensating rounding on the input Hessian
     region_overrides: tuple[tuple[str, Region], ...] = ()
     role_overrides: tuple[tuple[str, Role], ...] = ()
     skip: tuple[str, ...] = ()
@@ -63,6 +65,8 @@ class QuantRecipe:
                  f"group_size must be -1 (per channel) or an even number >= 2, got {self.group_size}")
         _require(self.act_mode in ("dynamic", "static"), f"act_mode must be 'dynamic' or 'static', got {self.act_mode!r}")
         _require(self.weight_clip in ("absmax", "mse"), f"weight_clip must be 'absmax' or 'mse', got {self.weight_clip!r}")
+        _require(self.weight_method in WEIGHT_METHODS,
+                 f"weight_method must be one of {WEIGHT_METHODS}, got {self.weight_method!r}")
         _require(self.rotation in ROTATIONS, f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
         _require(self.smooth in SMOOTHINGS, f"smooth must be one of {SMOOTHINGS}, got {self.smooth!r}")
         _require(0.0 <= self.smooth_alpha <= 1.0, f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
@@ -97,6 +101,8 @@ RECIPES: Mapping[str, QuantRecipe] = {
     "w4a4": QuantRecipe("w4a4", w_bits=4, a_bits=4, group_size=128),
     "w8a8-static": QuantRecipe("w8a8-static", w_bits=8, a_bits=8, act_mode="static"),
     "w4a8-mse": QuantRecipe("w4a8-mse", w_bits=4, a_bits=8, weight_clip="mse"),
+    "w4a8-gptq": QuantRecipe("w4a8-gptq", w_bits=4, a_bits=8, weight_method="gptq"),
+    "w4a4-gptq": QuantRecipe("w4a4-gptq", w_bits=4, a_bits=4, weight_method="gptq"),
 }
 RECIPES = {**RECIPES, **{f"quantvla-{k}": dataclasses.replace(v, name=f"quantvla-{k}") for k, v in RECIPES.items()
                          if k in ("w8a8", "w4a8", "w4a4")}}

@@ -22,10 +22,11 @@ def policy_args(policy, batch=3, seed=1):
 def rotate_policy(policy, recipe, calib_steps: int = 1):
     """Phases 1, 2 and 2b of the pipeline on a captured policy (no quantization): returns (program, obs, noise),
     observers still in and re-calibrated on the rotated activations."""
-    from qvla_compiler.calibrate import calibrate
+    from qvla_compiler.calibration import run_calibration as calibrate
     from qvla_compiler.export import capture_policy
     from qvla_compiler.passes import apply_layout, assign_regions, classify_linears, insert_observers, record_schedule
-    from qvla_compiler.passes.rotate_and_smooth import rotate_and_smooth
+    from qvla_compiler.passes.rotate_and_smooth import fit_transforms, rotate_and_smooth
+    from qvla_compiler.passes.rotate_common import reset_observers
     from qvla_compiler.program import Program, with_noise
 
     obs, noise = policy.example_inputs(), policy.example_noise()
@@ -39,6 +40,7 @@ def rotate_policy(policy, recipe, calib_steps: int = 1):
     calib = list(with_noise(policy.calibration_batches(calib_steps), tuple(noise.shape[1:]), 0))
     calibrate(program, calib, progress=False)
     for gm in program.graphs.values():
-        rotate_and_smooth(gm, recipe)
+        rotate_and_smooth(fit_transforms(gm, recipe), recipe)
+        reset_observers(gm)
     calibrate(program, calib, progress=False)
     return program, obs, noise

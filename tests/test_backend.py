@@ -1,4 +1,5 @@
 """torch.compile(backend="qvla"): the plan applied to Dynamo graphs matches the AOT program on both policies."""
+import copy
 import warnings
 from importlib.metadata import entry_points
 
@@ -32,7 +33,7 @@ def test_backend_is_registered_by_import_and_by_entry_point():
 def test_rewritten_dynamo_graphs_are_bit_identical_to_the_aot_program(name, recipe):
     """Without Inductor, the rewritten torch-IR graphs compute exactly what the exported program computes."""
     policy, qp = quantized_policy(name, recipe)
-    plan = QuantPlan.from_program(qp, policy)
+    plan = copy.deepcopy(qp.quant_plan)
     be = qvla_compiler.backend(plan=plan, inductor=False)
     denoise = torch.compile(policy.denoise_step, backend=be, fullgraph=True)
     prefix = torch.compile(policy.embed_prefix, backend=be)
@@ -48,7 +49,7 @@ def test_rewritten_dynamo_graphs_are_bit_identical_to_the_aot_program(name, reci
 @pytest.mark.parametrize("name,recipe", [("pi05-tiny", "w8a8"), ("groot-tiny", "w4a8")])
 def test_inductor_compiled_policy_matches_the_aot_program(tmp_path, name, recipe):
     policy, qp = quantized_policy(name, recipe)
-    QuantPlan.from_program(qp, policy).save(tmp_path / "plan")
+    copy.deepcopy(qp.quant_plan).save(tmp_path / "plan")
     opts = {"plan": str(tmp_path / "plan")}
     torch._dynamo.reset()
     denoise = torch.compile(policy.denoise_step, backend="qvla", options=opts, fullgraph=True)
@@ -69,11 +70,11 @@ def test_plan_that_does_not_fit_is_named():
     other, qp_other = quantized_policy("groot-tiny", "w4a8")
     prefix = policy_args(policy)[:4]
     # same module paths and shapes, other weights: the fingerprint says so
-    be = qvla_compiler.backend(plan=QuantPlan.from_program(qp_other, other), inductor=False)
+    be = qvla_compiler.backend(plan=copy.deepcopy(qp_other.quant_plan), inductor=False)
     with pytest.raises(Exception, match="differ from the ones the plan was calibrated on"), torch.no_grad():
         torch.compile(policy.embed_prefix, backend=be)(*prefix)
     # no module path in common: how many matched, and what both sides' names look like
-    plan = QuantPlan.from_program(qp, policy)
+    plan = copy.deepcopy(qp.quant_plan)
     plan.modules = {"enc_" + k.replace(".", "_"): v for k, v in plan.modules.items()}
     with pytest.raises(Exception, match="does not fit this model") as info, torch.no_grad():
         torch.compile(policy.embed_prefix, backend=qvla_compiler.backend(plan=plan, inductor=False))(*prefix)
@@ -84,7 +85,7 @@ def test_plan_that_does_not_fit_is_named():
 
 def test_partial_plan_warns_with_the_unmatched_linears():
     policy, qp = quantized_policy("pi05-tiny", "w8a8")
-    plan = QuantPlan.from_program(qp, policy)
+    plan = copy.deepcopy(qp.quant_plan)
     dropped = plan.quantized[0].module_path
     del plan.modules[dropped]
     be = qvla_compiler.backend(plan=plan, inductor=False)

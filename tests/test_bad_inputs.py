@@ -6,6 +6,7 @@ cases, which need a real process, are in test_cli.py.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -29,7 +30,7 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs")
     policy = qvla_compiler.models.build_policy("pi05-tiny")
     qp = qvla_compiler.quantize(policy, policy.example_inputs(), recipe="w8a8", calib_steps=1, progress=False)
-    QuantPlan.from_program(qp, policy).save(root / "plan")
+    copy.deepcopy(qp.quant_plan).save(root / "plan")
     module, x = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)), torch.randn(4, 16)
     qvla_compiler.quantize(module, (x,), [(x,)], "w8a8", layout="all", progress=False).save(root / "good.pt2")
     for name, text in {"bad_json": "{not json", "list_json": "[]", "old_format": '{"format": 99}'}.items():

@@ -1,4 +1,5 @@
 """QuantPlan: calibrate → save → load → quantize is bit-identical to calibrate → quantize; misfits are named."""
+import copy
 import json
 import subprocess
 import sys
@@ -27,7 +28,7 @@ def _assert_programs_identical(a, b):
 @pytest.mark.parametrize("recipe", ["w4a8", "w8a8-static"])
 def test_plan_round_trip_is_bit_identical_on_pi05_tiny(tmp_path, recipe):
     policy, qp = quantized_policy("pi05-tiny", recipe)
-    QuantPlan.from_program(qp, policy).save(tmp_path / "plan")
+    copy.deepcopy(qp.quant_plan).save(tmp_path / "plan")
     assert sorted(p.name for p in (tmp_path / "plan").iterdir()) == [PLAN_JSON, PLAN_TENSORS]  # no pickle
     plan = QuantPlan.load(tmp_path / "plan")
     qp2 = qvla_compiler.quantize(policy, policy.example_inputs(), plan=plan, progress=False, model_name="pi05-tiny")
@@ -38,7 +39,7 @@ def test_plan_round_trip_is_bit_identical_on_pi05_tiny(tmp_path, recipe):
 
 def test_plan_is_keyed_by_module_path_and_carries_extras(tmp_path):
     policy, qp = quantized_policy("pi05-tiny", "w4a8")
-    plan = QuantPlan.from_program(qp, policy)
+    plan = copy.deepcopy(qp.quant_plan)
     assert {r.module_path for r in qp.report.linears} == set(plan.modules)
     entry = plan.quantized[0]
     assert entry.spec.w_bits == 4 and entry.tensors["weight_q"].dtype == torch.int8
@@ -55,7 +56,7 @@ def test_plan_is_keyed_by_module_path_and_carries_extras(tmp_path):
 
 def test_plan_that_does_not_fit_is_named(tmp_path):
     policy, qp = quantized_policy("pi05-tiny", "w4a8")
-    QuantPlan.from_program(qp, policy).save(tmp_path / "plan")
+    copy.deepcopy(qp.quant_plan).save(tmp_path / "plan")
     other = build_policy("groot-tiny")
     with pytest.raises(PlanError, match="does not cover|another model"):
         qvla_compiler.quantize(other, other.example_inputs(), plan=tmp_path / "plan", progress=False)

@@ -93,11 +93,11 @@ def rotate_toy(model: nn.Module, batches: list, recipe):
 
     Returns (graph module, compute schedule and code before phase 2b) for the rotation / smoothing tests.
     """
-    from qvla_compiler.calibrate import calibrate
+    from qvla_compiler.calibration import run_calibration as calibrate
     from qvla_compiler.export import capture_module
     from qvla_compiler.passes import apply_layout, assign_regions, classify_linears, insert_observers, remove_observers
     from qvla_compiler.passes.check_schedule import compute_schedule
-    from qvla_compiler.passes.rotate_and_smooth import rotate_and_smooth
+    from qvla_compiler.passes.rotate_and_smooth import fit_transforms, rotate_and_smooth
     from qvla_compiler.program import Program
 
     program = Program(capture_module(model, batches[0]))
@@ -108,6 +108,6 @@ def rotate_toy(model: nn.Module, batches: list, recipe):
     apply_layout(gm, recipe)
     insert_observers(gm)
     calibrate(program, batches, progress=False)
-    rotate_and_smooth(gm, recipe)
+    rotate_and_smooth(fit_transforms(gm, recipe), recipe)
     remove_observers(gm)
     return gm, before, code

@@ -148,6 +148,12 @@ def linear_reports(name: str, gm: fx.GraphModule) -> list[LinearReport]:
     return rows
 
 
+def planned_sqnr(row: LinearReport, plan) -> LinearReport:
+    """The row with the SQNR its linear had on its calibration sample (a plan's program has no samples of its own)."""
+    sqnr = plan.modules[row.module_path].extra.get("sqnr_db", {}).get(row.graph) if row.bits != "float" else None
+    return dataclasses.replace(row, sqnr_db=sqnr)
+
+
 def _weight_identity(node: fx.Node) -> str:
     tensors, w = node.meta.get("qvla_tensors"), node.args[1]
     if tensors is not None:

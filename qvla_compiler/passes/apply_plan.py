@@ -1,7 +1,8 @@
 """Apply a saved QuantPlan's decisions instead of the recipe's layout (the plan replaces apply_layout).
 
 Before: linears classified (role, region) by classify_linears / assign_regions.
-After:  every linear's region, role, spec and out_scale are the plan's entry for its module path; the graph is
+After:  every linear's region, role, spec, out_scale, rotation label and kept-float reason are the plan's entry for
+        its module path; the graph is
         unchanged. A linear the plan does not know, a plan entry no graph uses, or a weight of another shape or
         value than the plan was calibrated on raises PlanError naming them.
 Why:    calibration decided once; recompiling must not re-derive (and possibly change) any decision.
@@ -12,7 +13,7 @@ import torch.fx as fx
 
 from qvla_compiler.meta import Region, Role, update
 from qvla_compiler.passes import _graph as g
-from qvla_compiler.passes.quantize_linears import _fetch
+from qvla_compiler.passes.quantize_linears import KEPT_FLOAT, KeptFloat, _fetch
 from qvla_compiler.plan import PlanError, QuantPlan, check_fingerprint
 
 
@@ -29,5 +30,7 @@ def apply_plan(gm: fx.GraphModule, plan: QuantPlan, graph: str) -> fx.GraphModul
         check_fingerprint(entry, _fetch(gm, node.args[1]), f"graph {graph!r}")
         out_scale = entry.extra.get("out_scale")
         update(node, region=Region(entry.region), role=Role(entry.role), spec=entry.spec,
-               out_scale=tuple(out_scale) if out_scale is not None else None)
+               out_scale=tuple(out_scale) if out_scale is not None else None, rotation=entry.extra.get("rotation"))
+        if entry.extra.get("kept_float"):
+            node.meta[KEPT_FLOAT] = KeptFloat(entry.extra["kept_float"])
     return gm

@@ -8,6 +8,8 @@ After:  for each distinct weight read by integer linears, one integer weight and
 Decides first: a linear whose weight or bias is computed from graph inputs (not a buffer), or whose weight is shared
         with a call site the layout keeps float, stays float; the reason is recorded as KeptFloat in
         node.meta[KEPT_FLOAT] and reported.
+Weights: round to nearest (absmax or MSE clip), or GPTQ (`weight_method="gptq"`) on the input Hessian the observer
+        accumulated; the integer format is the same.
 Invariant: dequantize_weight(tensors) reproduces W up to the quantization grid; a weight is quantized once.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from qvla_compiler.kernels.ops import qmax_for
 from qvla_compiler.meta import update
 from qvla_compiler.passes import _graph as g
 from qvla_compiler.passes.insert_observers import observer_of
+from qvla_compiler.quant.gptq import gptq_quantize
 from qvla_compiler.quant.quantizers import quantize_weight
 
 STATIC_PERCENTILE = 99.9  # of per-token absmax: one outlier token does not set the whole tensor's scale
@@ -49,8 +52,8 @@ class KeptFloat:
     reason: str
 
 
-def quantize_linears(gm: fx.GraphModule) -> fx.GraphModule:
-    _keep_unquantizable_float(gm)
+def quantize_linears(gm: fx.GraphModule, weight_method: str = "rtn") -> fx.GraphModule:
+    keep_unquantizable_float(gm)
     weights: dict[tuple, tuple[str, torch.Tensor]] = {}  # (weight target, weight spec) → (buffer base, fp32 scale)
     scales: dict[tuple, str] = {}  # (weight target, weight spec, out_scale) → dequant scale buffer
     for node in g.linear_nodes(gm):
@@ -60,7 +63,7 @@ def quantize_linears(gm: fx.GraphModule) -> fx.GraphModule:
         spec = info.spec
         key = (node.args[1].target, spec.w_bits, spec.group_size, spec.weight_clip)
         if key not in weights:  # one integer weight per weight tensor, however many call sites read it
-            wq, ws = quantize_weight(_fetch(gm, node.args[1]), spec.w_bits, spec.group_size, spec.weight_clip)
+            wq, ws = _quantize_weight(gm, node, weight_method)
             base = _free(gm, "qvla_" + re.sub(r"\W", "_", info.module_path), "_wq")
             gm.register_buffer(base + "_wq", wq)
             weights[key] = (base, ws)
@@ -77,7 +80,17 @@ def quantize_linears(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _keep_unquantizable_float(gm: fx.GraphModule) -> None:
+def _quantize_weight(gm: fx.GraphModule, node: fx.Node, method: str):
+    """RTN, or GPTQ on the Hessian the call site's observer accumulated (of the rotated/smoothed input when a
+    rotation is on: this runs after phase 2b). Call sites sharing a weight use the first one's Hessian."""
+    spec, w = node.meta["qvla"].spec, _fetch(gm, node.args[1])
+    if method == "gptq":
+        return gptq_quantize(w, observer_of(node, gm).hessian_mean(), spec.w_bits, spec.group_size,
+                             clip=spec.weight_clip)
+    return quantize_weight(w, spec.w_bits, spec.group_size, spec.weight_clip)
+
+
+def keep_unquantizable_float(gm: fx.GraphModule) -> None:
     """Decide, before any buffer is made, which integer linears cannot be integer; record why."""
     sites: dict[str, list[fx.Node]] = {}
     for node in g.linear_nodes(gm):

@@ -1,13 +1,13 @@
 """Decide and apply the recipe's smoothing and rotation on every observed integer-linear input.
 
-Before: calibrated observers on integer linears' inputs (phase 2).
-After:  decisions first: every linear of a group gets LinearInfo.rotation, e.g. "smoothquant+duquant", or None —
-        SmoothQuant only where find_norm_fold finds a constant gain to fold 1/s into, Hadamard only for supported
-        widths, DuQuant everywhere; "quarot" first tags the foldable residual streams (rotate_residual), its
+Before: observers on integer linears' inputs (calibrated, for fit_transforms).
+After:  fit_transforms decides: every linear of a group gets LinearInfo.rotation, e.g. "smoothquant+duquant", or
+        None — SmoothQuant only where find_norm_fold finds a constant gain to fold 1/s into, Hadamard only for
+        supported widths, DuQuant everywhere; "quarot" first tags the foldable residual streams (rotate_residual), its
         readers get "quarot" (no online op, no SmoothQuant: the fold resets the norm gain) and every other group the
-        per-input "hadamard". Then the rewrites run in order (smooth_linears, then the rotation passes from
-        ROTATION_PASSES) and the observers are reset: the caller re-calibrates so activation scales and the report's
-        per-linear samples describe the transformed inputs.
+        per-input "hadamard". The data-fitted tensors (SmoothQuant s, DuQuant Λ, R₁, P, R₂) go into each group's
+        GroupTransform. rotate_and_smooth then rewrites from those annotations only (smooth_linears, then the
+        rotation pass from ROTATION_PASSES), so a plan that carries them replays the same rewrite without data.
 Invariant: the float program computes the same function (every rewrite is exact in real arithmetic).
 """
 from __future__ import annotations
@@ -16,21 +16,27 @@ from typing import Any, Callable
 
 import torch.fx as fx
 
-from qvla_compiler.quant.hadamard import supported_width
 from qvla_compiler.meta import update
-from qvla_compiler.passes.rotate_common import observed_groups, reset_observers
-from qvla_compiler.passes.rotate_duquant import rotate_duquant
+from qvla_compiler.passes.rotate_common import observed_groups
+from qvla_compiler.passes.rotate_duquant import fit_duquant, rotate_duquant
 from qvla_compiler.passes.rotate_hadamard import rotate_hadamard
 from qvla_compiler.passes.rotate_residual import StreamRole, annotate_residual_streams, residual_tag, rotate_residual
-from qvla_compiler.passes.smooth_linears import find_norm_fold, smooth_linears
+from qvla_compiler.passes.smooth_linears import find_norm_fold, fit_smoothing, smooth_linears
+from qvla_compiler.quant.hadamard import supported_width
 from qvla_compiler.recipes import QuantRecipe
 
+
+def _quarot(gm: fx.GraphModule) -> fx.GraphModule:
+    annotate_residual_streams(gm)  # structural and deterministic: the same streams as when the labels were decided
+    return rotate_hadamard(rotate_residual(gm))
+
+
 # rotation name → (can this input width take it?, the pass applying it)
-ROTATION_PASSES: dict[str, tuple[Callable[[int], bool], Callable[[fx.GraphModule, QuantRecipe], Any]]] = {
-    "hadamard": (supported_width, lambda gm, r: rotate_hadamard(gm)),
-    "duquant": (lambda width: True, lambda gm, r: rotate_duquant(gm, r.rotation_block, r.smooth_alpha)),
+ROTATION_PASSES: dict[str, tuple[Callable[[int], bool], Callable[[fx.GraphModule], Any]]] = {
+    "hadamard": (supported_width, rotate_hadamard),
+    "duquant": (lambda width: True, rotate_duquant),
     # QuaRot: the residual stream R1 folded into the weights, then the per-input pair for every other group
-    "quarot": (supported_width, lambda gm, r: rotate_hadamard(rotate_residual(gm))),
+    "quarot": (supported_width, _quarot),
 }
 
 
@@ -38,8 +44,8 @@ def needs_rotation(recipe: QuantRecipe) -> bool:
     return recipe.rotation != "none" or recipe.smooth != "none"
 
 
-def rotate_and_smooth(gm: fx.GraphModule, recipe: QuantRecipe) -> fx.GraphModule:
-    """Annotate, smooth, rotate; leaves the observers empty for a second calibration."""
+def fit_transforms(gm: fx.GraphModule, recipe: QuantRecipe) -> fx.GraphModule:
+    """Decide every group's transforms and fit their tensors from the calibrated observers (annotations only)."""
     if not needs_rotation(recipe):
         return gm
     if recipe.rotation == "quarot":
@@ -49,10 +55,18 @@ def rotate_and_smooth(gm: fx.GraphModule, recipe: QuantRecipe) -> fx.GraphModule
         for lin in linears:
             update(lin, rotation="+".join(parts) or None)
     if recipe.smooth == "smoothquant":
-        smooth_linears(gm, recipe.smooth_alpha)
+        fit_smoothing(gm, recipe.smooth_alpha)
+    if recipe.rotation == "duquant":
+        fit_duquant(gm, recipe.rotation_block, recipe.smooth_alpha)
+    return gm
+
+
+def rotate_and_smooth(gm: fx.GraphModule, recipe: QuantRecipe) -> fx.GraphModule:
+    """Rewrite every group as its annotations say: smoothing folded, then the recipe's rotation pass."""
+    if recipe.smooth == "smoothquant":
+        smooth_linears(gm)
     if recipe.rotation in ROTATION_PASSES:
-        ROTATION_PASSES[recipe.rotation][1](gm, recipe)
-    reset_observers(gm)
+        ROTATION_PASSES[recipe.rotation][1](gm)
     return gm
 
 
@@ -66,10 +80,3 @@ def _group_parts(recipe: QuantRecipe, obs_node, linears) -> list[str]:
     if recipe.rotation in ROTATION_PASSES and ROTATION_PASSES[recipe.rotation][0](linears[0].meta["qvla"].in_features):
         parts.append("hadamard" if recipe.rotation == "quarot" else recipe.rotation)
     return parts
-
-
-def replayable(calib, recipe: QuantRecipe):
-    """Calibration data that can run twice (once to fit the transforms, once to observe their outputs)."""
-    if not needs_rotation(recipe) or callable(calib) or isinstance(calib, (list, tuple)):
-        return calib
-    return list(calib)

@@ -1,18 +1,48 @@
 """Helpers shared by the rotation and smoothing passes: observed input groups, online ops, weight replacement.
 
-A group is one observer node and the integer linears reading it (q/k/v share one, gate/up share one). An online
+A group is one observer node and the integer linears reading it (q/k/v share one, gate/up share one). What was
+fitted for a group (SmoothQuant's s, DuQuant's Λ, R₁, P, R₂) is a GroupTransform in the observer node's meta, set by
+rotate_and_smooth.fit_transforms during calibration or by load_plan_tensors from a plan; the rewrites read it. An online
 transform goes between the observed value and its observer (x → op(x) → obs → linears), so only the group's
 linears see it and a re-calibration observes the transformed activation. Weights are never changed in place (the
 captured graph shares its tensors with the float policy): a transformed weight becomes a new buffer.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.fx as fx
 
+from qvla_compiler.errors import QvlaError
+from qvla_compiler.quant.duquant import DuQuantTransform
 from qvla_compiler.quant.observers import ActObserver
 from qvla_compiler.passes.insert_observers import OBSERVER_PREFIX
 from qvla_compiler.passes.quantize_linears import _fetch
+
+
+TRANSFORM = "qvla_transform"
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupTransform:
+    """The fitted tensors of one observed group's transforms (None: that transform is not applied)."""
+
+    smooth: torch.Tensor | None = None  # SmoothQuant s [K], float64
+    duquant: DuQuantTransform | None = None
+
+
+def group_transform(obs_node: fx.Node, linears: list[fx.Node]) -> GroupTransform:
+    """The group's fitted transforms; a group labelled for one that was never fitted is a bug or a bad plan."""
+    found = obs_node.meta.get(TRANSFORM)
+    if found is None:
+        raise QvlaError(f"no fitted transform for the input of {linears[0].meta['qvla'].module_path} "
+                        f"({group_rotation(linears)}): fit_transforms or the plan must set it before the rewrite")
+    return found
+
+
+def set_group_transform(obs_node: fx.Node, **fields) -> None:
+    obs_node.meta[TRANSFORM] = dataclasses.replace(obs_node.meta.get(TRANSFORM, GroupTransform()), **fields)
 
 
 def observed_groups(gm: fx.GraphModule) -> list[tuple[fx.Node, ActObserver, list[fx.Node]]]:
@@ -74,7 +104,15 @@ def replace_input(gm: fx.GraphModule, node: fx.Node, old: fx.Node, value: torch.
             delattr(gm.get_submodule(owner) if owner else gm, attr)
 
 
+def track_hessians(gm: fx.GraphModule, on: bool = True) -> fx.GraphModule:
+    """Let every observer accumulate its input's Hessian 2·XᵀX (for GPTQ); one K×K fp32 each."""
+    for _, obs, _ in observed_groups(gm):
+        obs.track_hessian = on
+    return gm
+
+
 def reset_observers(gm: fx.GraphModule) -> None:
     """Forget every observer's statistics, so a second calibration sees the transformed activations."""
     for _, obs, _ in observed_groups(gm):
         obs.calls, obs.channel_absmax, obs.token_absmax, obs.sample = 0, None, [], None
+        obs.hessian, obs.hessian_tokens = None, 0

@@ -24,7 +24,7 @@ HADAMARD = torch.ops.qvla.hadamard.default
 
 def rotate_hadamard(gm: fx.GraphModule) -> fx.GraphModule:
     """Rotate every group annotated "hadamard"; see the module docstring."""
-    for obs_node, obs, linears in observed_groups(gm):
+    for obs_node, _, linears in observed_groups(gm):
         if "hadamard" not in group_rotation(linears).split("+"):
             continue
         n = linears[0].meta["qvla"].in_features
@@ -34,8 +34,6 @@ def rotate_hadamard(gm: fx.GraphModule) -> fx.GraphModule:
         for lin in linears:
             # W' = W·Hᵀ, x' = x·Hᵀ  ⇒  x'W'ᵀ = x·HᵀH·Wᵀ = xWᵀ
             replace_weight(gm, lin, fast_hadamard(weight_of(gm, lin).double(), dim=-1))
-        if obs.sample is not None:
-            obs.sample = fast_hadamard(obs.sample.double(), dim=-1).float()
     gm.graph.lint()
     gm.recompile()
     return gm

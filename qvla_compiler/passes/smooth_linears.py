@@ -6,7 +6,8 @@ After:  the gain reads a new buffer γ/s (Gemma: (1 + w)/s − 1; LayerNorm: wei
         group reads W·diag(s): s_j = max|X_j|^α / max|W_:j|^(1−α). No op is added: where the input is not such a
         gain (AdaLN/adaRMS modulation, LayerNorm without affine, o_proj/down_proj inputs), rotate_and_smooth never
         annotates the group, since an online multiply would change the operator schedule.
-Invariant: exact in real arithmetic; the observer's sample and channel maxima are divided by s as well.
+Decides first: fit_smoothing stores s (GroupTransform.smooth) from the observer; smooth_linears only rewrites.
+Invariant: exact in real arithmetic.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import dataclasses
 import torch.fx as fx
 
 from qvla_compiler.passes import _graph as g
-from qvla_compiler.passes.rotate_common import add_tensor, group_rotation, observed_groups, replace_weight, weight_of
+from qvla_compiler.passes.rotate_common import (add_tensor, group_rotation, group_transform, observed_groups,
+                                               replace_weight, set_group_transform, weight_of)
 from qvla_compiler.passes.quantize_linears import _fetch
 from qvla_compiler.quant.smoothquant import smoothquant_scales
 
@@ -69,28 +71,34 @@ def _attr(node, width: int) -> bool:
     return isinstance(node, fx.Node) and node.op == "get_attr" and tuple(node.meta["val"].shape) == (width,)
 
 
-def smooth_linears(gm: fx.GraphModule, alpha: float = 0.5) -> fx.GraphModule:
-    """Fold SmoothQuant scales into the norm and the weights of every group annotated "smoothquant"."""
+def fit_smoothing(gm: fx.GraphModule, alpha: float = 0.5) -> fx.GraphModule:
+    """Decide s for every group annotated "smoothquant", from its calibrated observer (GroupTransform.smooth)."""
     for obs_node, obs, linears in observed_groups(gm):
+        if "smoothquant" in group_rotation(linears).split("+"):
+            obs.require_data()
+            weights = [weight_of(gm, lin).double() for lin in linears]
+            set_group_transform(obs_node, smooth=smoothquant_scales(obs.channel_absmax.double(), weights, alpha))
+    return gm
+
+
+def smooth_linears(gm: fx.GraphModule) -> fx.GraphModule:
+    """Fold each "smoothquant" group's fitted s into the norm and the weights; see the module docstring."""
+    for obs_node, _, linears in observed_groups(gm):
         if "smoothquant" not in group_rotation(linears).split("+"):
             continue
+        s = group_transform(obs_node, linears).smooth
         fold = find_norm_fold(obs_node.args[0])
-        weights = [weight_of(gm, lin).double() for lin in linears]
-        s = smoothquant_scales(obs.channel_absmax.double(), weights, alpha)
         gain = _fetch(gm, fold.gain).double()
         # y = (x/s)(W·diag(s))ᵀ = xWᵀ: the norm emits x/s, each consumer's column j is scaled by s_j
         new_gain = (1 + gain) / s - 1 if fold.unit_offset else gain / s
         _replace_constant(gm, fold.reader, fold.gain, new_gain)
         if fold.bias is not None:
             _replace_constant(gm, fold.reader, fold.bias, _fetch(gm, fold.bias).double() / s)
-        for lin, w in zip(linears, weights):
-            replace_weight(gm, lin, w * s)
-        obs.sample = None if obs.sample is None else (obs.sample / s).float()
-        obs.channel_absmax = (obs.channel_absmax / s).float()
+        for lin in linears:
+            replace_weight(gm, lin, weight_of(gm, lin).double() * s)
     gm.graph.lint()
     gm.recompile()
     return gm
-
 
 
 def _replace_constant(gm: fx.GraphModule, reader: fx.Node, old: fx.Node, value) -> None:

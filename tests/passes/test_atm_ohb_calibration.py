@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import qvla_compiler
-from qvla_compiler.atm_ohb import (ATM_STYLES, AtmStyle, atm_alpha, collect_batches, observe_program,
-                                   observe_teacher, ohb_beta)
+from qvla_compiler.calibration import (ATM_STYLES, AtmStyle, atm_alpha, collect_batches, observe_program,
+                                       observe_teacher, ohb_beta)
 from qvla_compiler.export import capture_policy
 from qvla_compiler.models import build_policy
 from qvla_compiler.passes._attention_sites import attention_sites

@@ -1,0 +1,214 @@
+"""Running data through programs: calibration batches (with a progress bar), and the ATM/OHB teacher and student
+statistics. The math of α and β is quant.attention_scales; folding them is passes.fold_attention_scales."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx as fx
+from tqdm.auto import tqdm
+
+from qvla_compiler.errors import CalibrationError, ScheduleError
+from qvla_compiler.meta import Region
+from qvla_compiler.passes import assign_regions, classify_linears
+from qvla_compiler.passes._attention_sites import attention_sites
+from qvla_compiler.passes.fold_attention_scales import alpha_target
+from qvla_compiler.passes.observe_attention import (BlockStats, attention_stats, observe_attention,
+                                                     remove_attention_observers)
+from qvla_compiler.program import Program
+from qvla_compiler.quant.attention_scales import (ATM_STYLES, AtmStyle, atm_alpha,  # noqa: F401 — re-exported
+                                                  ohb_beta)
+
+SCOPE = (Region.ACTION_HEAD,)  # the paper applies ATM and OHB only in the DiT / action expert
+
+
+def run_calibration(program: Program, batches: Iterable[Any] | Callable[[Callable[[Any], Any]], None], *,
+              total: int | None = None, progress: bool = True) -> int:
+    """Run every batch (or call `forward_loop(run)` once) through `program`; returns the number of batches.
+
+    `batches` is an iterable of program inputs, or a callable `forward_loop(run)` that calls `run(inputs)` itself
+    (the ModelOpt style). Raises CalibrationError when no batch ran or a batch holds NaN/Inf.
+    """
+    count = 0
+
+    def run(inputs):
+        nonlocal count
+        _check_finite(inputs, count)
+        program.run(inputs, f"calibration batch {count}")
+        count += 1
+        bar.update(1)
+
+    with tqdm(total=total, desc="calibrating", unit="batch", disable=not progress, leave=False) as bar:
+        if callable(batches):
+            batches(run)
+        else:
+            for inputs in batches:
+                run(inputs)
+    if count == 0:
+        raise CalibrationError("the calibration data was empty: pass at least one batch (e.g. "
+                               "policy.calibration_batches(8)) or a forward_loop that calls run(inputs)")
+    return count
+
+
+def check_batches(calib: Any, example: Any) -> None:
+    """Before any capture: an empty list, or a listed batch whose structure, dtypes, ranks or trailing shapes differ
+    from the example inputs', is a CalibrationError. Lazy iterables and forward loops are checked as they run."""
+    if not isinstance(calib, (list, tuple)):
+        return
+    if not calib:
+        raise CalibrationError("the calibration data was empty: pass at least one batch (e.g. "
+                               "policy.calibration_batches(8)) or a forward_loop that calls run(inputs)")
+    want, want_spec = _flat(example)
+    for index, batch in enumerate(calib):
+        got, spec = _flat(batch)
+        if spec != want_spec:
+            raise CalibrationError(f"calibration batch {index} {_structure_gap(batch, example)}; build batches "
+                                   "like the example inputs")
+        _check_finite(batch, index)
+        for i, (g, w) in enumerate(zip(got, want)):
+            if isinstance(w, torch.Tensor) and not _same_kind(g, w):
+                raise CalibrationError(f"calibration batch {index}, input {i}: {_describe(g)} but the example is "
+                                       f"{_describe(w)}; convert or reshape the batch to match the example inputs")
+
+
+def _structure_gap(batch: Any, example: Any) -> str:
+    if isinstance(batch, dict) and isinstance(example, dict):
+        missing, extra = sorted(set(example) - set(batch)), sorted(set(batch) - set(example))
+        return f"lacks keys {missing} and has extra keys {extra} (the example has {sorted(example)})"
+    return (f"has {len(_flat(batch)[0])} inputs where the example inputs have {len(_flat(example)[0])}, or "
+            "another nesting")
+
+
+def _flat(tree: Any):
+    tree = (tree,) if isinstance(tree, torch.Tensor) else tree
+    return torch.utils._pytree.tree_flatten(tree)
+
+
+def _same_kind(got: Any, want: torch.Tensor) -> bool:
+    return isinstance(got, torch.Tensor) and got.dtype == want.dtype and got.dim() == want.dim() \
+        and got.shape[1:] == want.shape[1:]
+
+
+def _describe(t: Any) -> str:
+    if not isinstance(t, torch.Tensor):
+        return f"a {type(t).__name__}"
+    return f"{str(t.dtype).replace('torch.', '')} [{'x'.join(map(str, t.shape))}]"
+
+
+def _check_finite(inputs: Any, index: int) -> None:
+    for leaf in torch.utils._pytree.tree_leaves(inputs):
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and not torch.isfinite(leaf).all():
+            raise CalibrationError(f"calibration batch {index} contains NaN or Inf; clean or re-normalise the data")
+
+
+# ------------------------------------------------------------------------------------- ATM / OHB statistics
+def resolve_style(recipe, policy=None) -> AtmStyle:
+    """The recipe's ATM style ("auto": GR00T-style for GR00T policies, π0.5-style otherwise) with its overrides."""
+    name = recipe.atm_style
+    if name == "auto":
+        from qvla_compiler.models.groot import GrootPolicy
+        name = "groot" if isinstance(policy, GrootPolicy) else "pi05"
+    style = ATM_STYLES[name]
+    lo, hi = recipe.atm_clip if recipe.atm_clip is not None else (style.lo, style.hi)
+    neutral = recipe.atm_neutral if recipe.atm_neutral is not None else style.neutral
+    return AtmStyle(lo, hi, neutral, style.inclusive)
+
+
+def replayable(calib: Iterable[Any] | Callable, again: bool, same_inputs: bool):
+    """Calibration data that can run more than once. `same_inputs` (ATM/OHB: teacher and student must see the very
+    same inputs and noise) materialises it once; `again` (rotations: fit, then observe the rotated inputs) keeps lists
+    and forward loops as they are and lists a one-shot iterable."""
+    if same_inputs:
+        return collect_batches(calib)
+    if not again or callable(calib) or isinstance(calib, (list, tuple)):
+        return calib
+    return list(calib)
+
+
+def collect_batches(calib: Iterable[Any] | Callable) -> list:
+    """Materialise calibration inputs once, so teacher, quantizer calibration and student see the very same ones."""
+    if callable(calib):
+        batches: list = []
+        calib(batches.append)
+        return batches
+    return list(calib)
+
+
+def observe_program(program: Program, batches: list, regions: tuple[Region, ...] | None = SCOPE
+                    ) -> dict[str, dict[int, BlockStats]]:
+    """Run `batches` through `program` with attention observers in place; the graphs are restored afterwards."""
+    before = {name: gm.code for name, gm in program.graphs.items()}
+    for gm in program.graphs.values():
+        observe_attention(gm, regions)
+    try:
+        for inputs in batches:
+            program.run(inputs)
+        stats = {name: attention_stats(gm) for name, gm in program.graphs.items()}
+    finally:
+        for gm in program.graphs.values():
+            remove_attention_observers(gm)
+    _require_unchanged(program, before, "observe_attention")
+    return stats
+
+
+def observe_teacher(program: Program, recipe, batches: list) -> dict[str, dict[int, BlockStats]]:
+    """Teacher statistics from the float (captured, not yet quantized) program; annotates its linears first."""
+    for gm in program.graphs.values():
+        classify_linears(gm, recipe.role_overrides)
+        assign_regions(gm, recipe.region_overrides)
+    return observe_program(program, batches)
+
+
+def match_attention_scales(program: Program, recipe, batches: list, teacher: dict[str, dict[int, BlockStats]],
+                           style: AtmStyle) -> dict:
+    """Observe the lowered student, compute α/β against `teacher`; returns the record a plan carries (and the report
+    shows). Folding is the plan's: pipeline.apply reads `planned_attention_scales(record, graph)`."""
+    student = observe_program(program, batches)
+    record = {"atm": recipe.atm, "ohb": recipe.ohb, "atm_style": dataclasses.asdict(style),
+              "ohb_log_clip": recipe.ohb_log_clip, "ohb_neutral": recipe.ohb_neutral, "batches": len(batches),
+              "graphs": {}}
+    for name, gm in program.graphs.items():
+        rows = []
+        for site in attention_sites(gm, SCOPE):
+            t, s = teacher.get(name, {}).get(site.block), student[name].get(site.block)
+            if t is not None and s is not None:
+                rows.append(_site_row(gm, site, t, s, recipe, style))
+        if rows:
+            record["graphs"][name] = rows
+    return record
+
+
+def planned_attention_scales(record: dict | None, graph: str) -> tuple[dict[int, list[float]], dict[int, float]]:
+    """(α per block, β per block) of `graph` to fold, from a match_attention_scales record."""
+    alphas, betas = {}, {}
+    for row in (record or {}).get("graphs", {}).get(graph, []):
+        if record["atm"] and row["alpha_fold"] in ("q_proj", "q_norm"):
+            alphas[row["block"]] = row["alpha"]
+        if record["ohb"] and row["o_proj"]:
+            betas[row["block"]] = row["beta"]
+    return alphas, betas
+
+
+def _site_row(gm: fx.GraphModule, site, t: BlockStats, s: BlockStats, recipe, style: AtmStyle) -> dict:
+    target = alpha_target(gm, site)
+    fold = target if isinstance(target, str) else ("q_proj" if target.kind == "linear" else "q_norm")
+    heads = len(t.logit_std or [])
+    alpha = [1.0] * heads
+    if recipe.atm and t.logit_std and s.logit_std and not isinstance(target, str):
+        alpha = atm_alpha(t.logit_std, s.logit_std, style)
+    beta = 1.0
+    if recipe.ohb and t.energy_rms is not None and s.energy_rms is not None:
+        beta = ohb_beta(t.energy_rms, s.energy_rms, recipe.ohb_log_clip, recipe.ohb_neutral)
+    return {"block": site.block,
+            "q_proj": [n.meta["qvla"].module_path for n in site.q_linears],
+            "o_proj": [n.meta["qvla"].module_path for n in site.o_linears],
+            "alpha": alpha, "beta": beta, "alpha_fold": fold,
+            "logit_std_teacher": t.logit_std, "logit_std_student": s.logit_std,
+            "rms_teacher": t.energy_rms, "rms_student": s.energy_rms}
+
+
+def _require_unchanged(program: Program, before: dict[str, str], what: str) -> None:
+    for name, gm in program.graphs.items():
+        if gm.code != before[name]:
+            raise ScheduleError(f"{what} left graph '{name}' changed after its observers were removed")

@@ -1,0 +1,82 @@
+"""One path: every program is apply(plan). A plan calibrated for any recipe — rotations, smoothing, ATM/OHB included —
+replays bit for bit after a save/load round trip, and `quantize(recipe=…)` equals `quantize(plan=…)`."""
+import functools
+
+import pytest
+import torch
+
+import qvla_compiler
+from qvla_compiler import pipeline
+from qvla_compiler.calibration import resolve_style
+from qvla_compiler.export import capture_policy
+from qvla_compiler.models import build_policy
+from qvla_compiler.plan import QuantPlan
+from qvla_compiler.program import Program, with_noise
+from qvla_compiler.recipes import RECIPES
+
+# every preset of `qvla recipes`, and the rotations only reachable through options (--rotation / --smooth)
+VARIANTS = {**RECIPES, "w4a8+quarot": RECIPES["w4a8"].with_(rotation="quarot"),
+            "w4a4+hadamard+smoothquant": RECIPES["w4a4"].with_(rotation="hadamard", smooth="smoothquant")}
+
+
+@functools.lru_cache(maxsize=None)
+def _captured(name: str):
+    policy = build_policy(name)
+    obs = policy.example_inputs()
+    noise = policy.example_noise(next(iter(obs.values())).shape[0])
+    batches = list(with_noise(policy.calibration_batches(2, seed=0), tuple(noise.shape[1:]), 0))
+    return policy, Program(capture_policy(policy, obs, noise), policy.schedule), batches, (obs, noise)
+
+
+def _same_program(a: Program, b: Program) -> None:
+    assert a.graphs.keys() == b.graphs.keys()
+    for name, ga in a.graphs.items():
+        gb = b.graphs[name]
+        assert ga.code == gb.code, name
+        sa, sb = ga.state_dict(), gb.state_dict()
+        assert sa.keys() == sb.keys(), name
+        for key in sa:
+            assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), (name, key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted(VARIANTS))
+@pytest.mark.parametrize("name", ["pi05-tiny", "groot-tiny"])
+def test_every_recipe_replays_bit_identically_from_a_saved_plan(tmp_path, name, recipe):
+    policy, program, batches, inputs = _captured(name)
+    rec = VARIANTS[recipe]
+    plan = pipeline.calibrate(program, rec, batches, model=name, atm_style=resolve_style(rec, policy), progress=False)
+    direct = program.fork()
+    pipeline.apply(direct, plan)
+    plan.save(tmp_path / "plan")
+    replayed = program.fork()
+    pipeline.apply(replayed, QuantPlan.load(tmp_path / "plan"))
+    _same_program(direct, replayed)
+    out, ref = direct.run(inputs), program.run(inputs)
+    assert torch.equal(out, replayed.run(inputs))
+    assert 0 < float((out - ref).norm() / ref.norm()) < 0.5  # quantized (not the float program), and sane
+    if rec.rotation != "none" or rec.smooth != "none":
+        assert any(m.extra.get("rotation") for m in plan.modules.values())
+    if rec.atm or rec.ohb:
+        assert plan.attention and plan.attention["graphs"], "ATM/OHB recipes carry their α/β in the plan"
+
+
+def test_quantize_with_a_recipe_equals_quantize_with_its_saved_plan(tmp_path):
+    policy, _, _, _ = _captured("groot-tiny")
+    qp = qvla_compiler.quantize(policy, policy.example_inputs(), recipe="quantvla-w4a8", calib_steps=2,
+                                progress=False, model_name="groot-tiny")
+    qp.quant_plan.save(tmp_path / "plan")
+    again = qvla_compiler.quantize(policy, policy.example_inputs(), plan=tmp_path / "plan", progress=False,
+                                   model_name="groot-tiny")
+    _same_program(qp.program, again.program)
+    assert qp.report == again.report and qp.plan == again.plan
+    assert qp.report.attention_scales is not None  # ATM/OHB ran, and the replay reports the same α/β
+
+
+def test_format_1_plans_are_refused_with_the_fix(tmp_path):
+    policy, program, batches, _ = _captured("pi05-tiny")
+    plan = pipeline.calibrate(program, RECIPES["w8a8"], batches[:1], model="pi05-tiny", progress=False)
+    plan.format = 1
+    plan.save(tmp_path / "old")
+    with pytest.raises(qvla_compiler.QvlaError, match="format 1.*Re-run `qvla calibrate"):
+        QuantPlan.load(tmp_path / "old")
