@@ -125,8 +125,9 @@ def _import_ray():
         import ray
         from ray.util import ActorPool
     except ImportError as exc:
-        raise RayNotInstalledError(f"--ray needs Ray ({exc}); install it with `pip install ray` (or `pip install -e ".[ray]"`) on every "
-                                   "machine of the cluster, or drop --ray to run on this machine") from exc
+        raise RayNotInstalledError(f"--ray needs Ray ({exc}); install it with `pip install ray` (or "
+                                   "`pip install -e '.[ray]'`) on every machine of the cluster, or drop --ray to run "
+                                   "on this machine") from exc
     return ray, ActorPool
 
 
