@@ -114,13 +114,23 @@ def _parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_run_diff)
 
     e = sub.add_parser("eval", help="closed-loop success of float vs quantized on identical episodes")
-    e.add_argument("--suite", default="tabletop", choices=["tabletop"])
+    e.add_argument("--suite", default="tabletop", choices=["tabletop", "libero"],
+                   help="tabletop (built-in policies, --model) or libero (a lerobot policy folder, --lerobot)")
     e.add_argument("--model", default="pi05-tabletop")
     e.add_argument("--recipe", default=DEFAULT_RECIPE)
     e.add_argument("--layout", choices=sorted(LAYOUTS))
-    e.add_argument("--episodes", type=int, default=200, help="episodes per task family (default 200)")
+    e.add_argument("--episodes", type=int, help="episodes per task family (tabletop, default 200) or per LIBERO task "
+                   "(default 10; init states 0..N-1)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--save-video", help="write a side-by-side GIF here")
+    e.add_argument("--lerobot", metavar="DIR", help="libero: a lerobot policy folder with its processors")
+    e.add_argument("--tasks", help="libero: suites and/or suite/task-id items, comma-separated (default "
+                   "libero_spatial,libero_object,libero_goal,libero_10)")
+    e.add_argument("--max-steps", type=int, help="libero: steps per episode (default: lerobot's per-suite limit)")
+    e.add_argument("--calib-steps", type=int, help="libero: calibration batches of LIBERO observations (default 4)")
+    e.add_argument("--jobs", type=int, help="libero: episode pairs run in this many worker processes (default 1)")
+    e.add_argument("--ray", metavar="ADDRESS", help="libero: run episode pairs as tasks on this Ray cluster "
+                   "(host:port, or 'local'); needs `pip install ray`")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
 
@@ -249,6 +259,18 @@ def cmd_inspect(args) -> int:
 def cmd_eval(args) -> int:
     from qvla_compiler import preflight
 
+    if args.suite == "libero":
+        from qvla_compiler.eval.libero.command import run_libero_eval
+
+        return run_libero_eval(args, _console())
+    libero_only = [f for f, v in (("--lerobot", args.lerobot), ("--tasks", args.tasks), ("--max-steps", args.max_steps),
+                                  ("--calib-steps", args.calib_steps), ("--jobs", args.jobs), ("--ray", args.ray))
+                   if v is not None]
+    if libero_only:
+        from qvla_compiler.errors import UsageError
+
+        raise UsageError(f"{', '.join(libero_only)} only apply to --suite libero")
+    args.episodes = 200 if args.episodes is None else args.episodes
     preflight.model_name(args.model)
     preflight.positive(args.episodes, "--episodes")
     if args.recipe not in ("none", "float", "fp32"):  # evaluate's float names
