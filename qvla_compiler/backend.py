@@ -17,9 +17,9 @@ Example::
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
-import operator
 import re
 import sys
 import types
@@ -28,16 +28,14 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.nn import functional as F
+from torch import nn
 
 from qvla_compiler import pipeline
-from qvla_compiler.plan import PlanError, QuantPlan, as_plan
+from qvla_compiler.export import capture_module
+from qvla_compiler.plan import ModulePlan, PlanError, QuantPlan, as_plan
+from qvla_compiler.program import Program
 
 log = logging.getLogger(__name__)
-_LINEAR_TARGETS = (torch._C._nn.linear, F.linear, torch.ops.aten.linear.default)
-_SOURCE_SPLIT = re.compile(r"_(?:modules|parameters|buffers)_")
-
-
 @dataclasses.dataclass
 class GraphMatch:
     """What the backend did with one Dynamo graph."""
@@ -66,8 +64,6 @@ class QvlaBackend:
         self.graph_modules: list[fx.GraphModule] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[torch.Tensor]):
-        from qvla_compiler.export import capture_dynamo_graph
-
         captured = capture_dynamo_graph(gm, example_inputs, self.plan)
         match = GraphMatch(len(self.graphs), len(captured.linears), unmatched=captured.unmatched)
         self.graphs.append(match)
@@ -114,6 +110,101 @@ def qvla_backend(gm: fx.GraphModule, example_inputs: list[torch.Tensor], options
         raise PlanError('backend="qvla" needs a plan: torch.compile(fn, backend="qvla", options={"plan": "plan/"}) '
                         "(write one with `qvla calibrate`)")
     return backend(plan, **options)(gm, example_inputs)
+
+
+# ------------------------------------------------------------------------------------------- capturing a Dynamo graph
+_SOURCE_SPLIT = re.compile(r"_(?:modules|parameters|buffers)_")
+
+
+@dataclasses.dataclass
+class DynamoCapture:
+    """A Dynamo graph captured like any module: its parameters named by module path, ready for pipeline.apply."""
+
+    program: Any  # Program with one graph, named after the plan graph its linears come from
+    plan: Any  # the plan, plus float entries for linears it does not cover
+    linears: list[str]
+    unmatched: list[str]
+    user_inputs: tuple
+    user_index: list[int]
+
+    def wrap(self, fn):
+        """`fn` takes the user inputs only; Dynamo calls with parameters too."""
+        index = self.user_index
+
+        def run(*args):
+            return fn(*[args[i] for i in index])
+        return run
+
+
+def capture_dynamo_graph(gm: fx.GraphModule, example_inputs, plan) -> DynamoCapture:
+    """Export a Dynamo torch-IR graph with its parameter inputs as constants named by (plan) module path."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    params, user_index = {}, []
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        fqn = _source_fqn(str(node.target)) if _SOURCE_SPLIT.search(str(node.target)) else None
+        if fqn is None or not isinstance(value, torch.Tensor):
+            user_index.append(i)
+        else:
+            params[i] = _plan_fqn(fqn, plan)
+    holder = _ParameterHolder(gm, {i: (fqn, example_inputs[i]) for i, fqn in params.items()}, len(placeholders))
+    user = tuple(example_inputs[i] for i in user_index)
+    graph = capture_module(holder, user)["forward"]
+    linears = [n.args[1].target.removesuffix(".weight") for n in graph.graph.nodes
+               if n.op == "call_function" and n.target is torch.ops.aten.linear.default and n.args[1].op == "get_attr"]
+    unmatched = [p for p in linears if p not in plan.modules]
+    counts = collections.Counter(g for p in linears if p in plan.modules for g in plan.modules[p].graphs)
+    name = counts.most_common(1)[0][0] if counts else "forward"
+    extra = {}
+    for path in unmatched:
+        out_f, in_f = _attr(graph, path + ".weight").shape
+        extra[path] = ModulePlan(path, "backbone", "other", in_f, out_f, None, (name,))
+    full = QuantPlan(plan.model, plan.recipe, {**plan.modules, **extra}, plan.attention)
+    return DynamoCapture(Program({name: graph}), full, linears, unmatched, user, user_index)
+
+
+def _source_fqn(raw: str) -> str:
+    """`L_self_modules_layers_modules_0_modules_up_parameters_weight_` → `layers.0.up.weight`."""
+    parts = _SOURCE_SPLIT.split(raw.strip("_").removeprefix("L_").removeprefix("l_"))
+    return ".".join(parts[1:])  # parts[0] is the local name (`self`, `model`)
+
+
+def _plan_fqn(fqn: str, plan) -> str:
+    """The tensor's name with its module path as the plan spells it (exact, or a unique dotted-suffix match)."""
+    module, _, attr = fqn.rpartition(".")
+    if module in plan.modules:
+        return fqn
+    hits = [p for p in plan.modules if module.endswith("." + p) or p.endswith("." + module)]
+    return f"{hits[0]}.{attr}" if len(hits) == 1 else fqn
+
+
+def _attr(module: nn.Module, fqn: str):
+    for part in fqn.split("."):
+        module = getattr(module, part)
+    return module
+
+
+class _ParameterHolder(nn.Module):
+    """forward(*user inputs) = the Dynamo graph with its parameter inputs read from buffers named by module path."""
+
+    def __init__(self, gm: fx.GraphModule, tensors: dict[int, tuple[str, torch.Tensor]], arity: int):
+        super().__init__()
+        object.__setattr__(self, "_graph", gm)  # not a submodule: its own names must not prefix the tensors
+        self._slots, self._arity = {}, arity
+        for i, (fqn, value) in tensors.items():
+            owner, _, attr = fqn.rpartition(".")
+            module = self
+            for part in owner.split(".") if owner else ():
+                if not hasattr(module, part):
+                    module.add_module(part, nn.Module())
+                module = getattr(module, part)
+            module.register_buffer(attr, value.detach())
+            self._slots[i] = fqn
+
+    def forward(self, *user):
+        inputs, it = [], iter(user)
+        for i in range(self._arity):
+            inputs.append(_attr(self, self._slots[i]) if i in self._slots else next(it))
+        return self._graph(*inputs)
 
 
 def _register() -> None:

@@ -7,10 +7,7 @@ assignment reads. A model that will not export raises ExportError naming the mod
 """
 from __future__ import annotations
 
-import collections
-import dataclasses
 import inspect
-import re
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -18,13 +15,12 @@ import torch.fx as fx
 from torch import nn
 from torch.export import Dim
 
-from qvla_compiler.errors import ExportError, QvlaError
+from qvla_compiler.errors import ExportError
+from qvla_compiler.meta import INPUT_ROLES, INPUTS_KEY, InputRoleError  # noqa: F401 — re-exported
 
-INPUTS_KEY = "qvla_inputs"
 SCHEDULE_KEY = "qvla_schedule"
 _OBS_ROLES = {"images": "image", "tokens": "text", "token_mask": "text", "state": "state"}
 OBS_KEYS = tuple(_OBS_ROLES)
-INPUT_ROLES = ("image", "text", "state", "prefix", "action", "time", "input")  # what assign_regions reads
 _ROLE_ALIASES = {"vision": "image", "backbone": "prefix", "action_head": "action"}  # region names, accepted too
 # Forward-argument names (lower-cased) that say what a plain module's input is, when capture_module is not told.
 _ROLE_BY_ARG_NAME = {
@@ -36,10 +32,6 @@ _ROLE_BY_ARG_NAME = {
     **dict.fromkeys(("past_key_values", "prefix", "kv", "prefix_kv", "kv_cache", "encoder_hidden_states",
                      "context", "prefix_features", "backbone_features"), "prefix"),
 }
-
-
-class InputRoleError(QvlaError, ValueError):
-    """capture_module's input_roles names an argument forward does not take, or a role that does not exist."""
 
 
 class PrefixStep(nn.Module):
@@ -200,101 +192,3 @@ def _failing_op(exc: Exception) -> str:
         if token.startswith(("aten.", "torch.ops.")):
             return token.rstrip(".,:")
     return type(exc).__name__
-
-
-# ----------------------------------------------------------------------------------------- Dynamo graphs (backend)
-_SOURCE_SPLIT = re.compile(r"_(?:modules|parameters|buffers)_")
-
-
-@dataclasses.dataclass
-class DynamoCapture:
-    """A Dynamo graph captured like any module: its parameters named by module path, ready for pipeline.apply."""
-
-    program: Any  # Program with one graph, named after the plan graph its linears come from
-    plan: Any  # the plan, plus float entries for linears it does not cover
-    linears: list[str]
-    unmatched: list[str]
-    user_inputs: tuple
-    user_index: list[int]
-
-    def wrap(self, fn):
-        """`fn` takes the user inputs only; Dynamo calls with parameters too."""
-        index = self.user_index
-
-        def run(*args):
-            return fn(*[args[i] for i in index])
-        return run
-
-
-def capture_dynamo_graph(gm: fx.GraphModule, example_inputs, plan) -> DynamoCapture:
-    """Export a Dynamo torch-IR graph with its parameter inputs as constants named by (plan) module path."""
-    from qvla_compiler.plan import ModulePlan, QuantPlan
-    from qvla_compiler.program import Program
-
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    params, user_index = {}, []
-    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
-        fqn = _source_fqn(str(node.target)) if _SOURCE_SPLIT.search(str(node.target)) else None
-        if fqn is None or not isinstance(value, torch.Tensor):
-            user_index.append(i)
-        else:
-            params[i] = _plan_fqn(fqn, plan)
-    holder = _ParameterHolder(gm, {i: (fqn, example_inputs[i]) for i, fqn in params.items()}, len(placeholders))
-    user = tuple(example_inputs[i] for i in user_index)
-    graph = capture_module(holder, user)["forward"]
-    linears = [n.args[1].target.removesuffix(".weight") for n in graph.graph.nodes
-               if n.op == "call_function" and n.target is torch.ops.aten.linear.default and n.args[1].op == "get_attr"]
-    unmatched = [p for p in linears if p not in plan.modules]
-    counts = collections.Counter(g for p in linears if p in plan.modules for g in plan.modules[p].graphs)
-    name = counts.most_common(1)[0][0] if counts else "forward"
-    extra = {}
-    for path in unmatched:
-        out_f, in_f = _attr(graph, path + ".weight").shape
-        extra[path] = ModulePlan(path, "backbone", "other", in_f, out_f, None, (name,))
-    full = QuantPlan(plan.model, plan.recipe, {**plan.modules, **extra}, plan.attention)
-    return DynamoCapture(Program({name: graph}), full, linears, unmatched, user, user_index)
-
-
-def _source_fqn(raw: str) -> str:
-    """`L_self_modules_layers_modules_0_modules_up_parameters_weight_` → `layers.0.up.weight`."""
-    parts = _SOURCE_SPLIT.split(raw.strip("_").removeprefix("L_").removeprefix("l_"))
-    return ".".join(parts[1:])  # parts[0] is the local name (`self`, `model`)
-
-
-def _plan_fqn(fqn: str, plan) -> str:
-    """The tensor's name with its module path as the plan spells it (exact, or a unique dotted-suffix match)."""
-    module, _, attr = fqn.rpartition(".")
-    if module in plan.modules:
-        return fqn
-    hits = [p for p in plan.modules if module.endswith("." + p) or p.endswith("." + module)]
-    return f"{hits[0]}.{attr}" if len(hits) == 1 else fqn
-
-
-def _attr(module: nn.Module, fqn: str):
-    for part in fqn.split("."):
-        module = getattr(module, part)
-    return module
-
-
-class _ParameterHolder(nn.Module):
-    """forward(*user inputs) = the Dynamo graph with its parameter inputs read from buffers named by module path."""
-
-    def __init__(self, gm: fx.GraphModule, tensors: dict[int, tuple[str, torch.Tensor]], arity: int):
-        super().__init__()
-        object.__setattr__(self, "_graph", gm)  # not a submodule: its own names must not prefix the tensors
-        self._slots, self._arity = {}, arity
-        for i, (fqn, value) in tensors.items():
-            owner, _, attr = fqn.rpartition(".")
-            module = self
-            for part in owner.split(".") if owner else ():
-                if not hasattr(module, part):
-                    module.add_module(part, nn.Module())
-                module = getattr(module, part)
-            module.register_buffer(attr, value.detach())
-            self._slots[i] = fqn
-
-    def forward(self, *user):
-        inputs, it = [], iter(user)
-        for i in range(self._arity):
-            inputs.append(_attr(self, self._slots[i]) if i in self._slots else next(it))
-        return self._graph(*inputs)

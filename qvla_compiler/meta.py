@@ -11,7 +11,16 @@ import enum
 
 import torch.fx as fx
 
+from qvla_compiler.errors import QvlaError
+
 QVLA_META = "qvla"
+INPUTS_KEY = "qvla_inputs"  # graph.meta: one role per flat input, set at capture, read by assign_regions
+INPUT_ROLES = ("image", "text", "state", "prefix", "action", "time", "input")
+
+
+class InputRoleError(QvlaError, ValueError):
+    """capture_module's input_roles names an argument forward does not take, or a role that does not exist."""
+
 
 
 class Role(str, enum.Enum):

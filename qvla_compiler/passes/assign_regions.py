@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from qvla_compiler.export import INPUT_ROLES, INPUTS_KEY, InputRoleError
-from qvla_compiler.meta import Region, Role, update
+from qvla_compiler.meta import INPUT_ROLES, INPUTS_KEY, InputRoleError, Region, Role, update
 from qvla_compiler.passes import _graph as g
 from qvla_compiler.passes.classify_linears import _override
 
