@@ -17,11 +17,23 @@ K = 133,144). Both backends therefore accumulate in int32 only up to `max_exact_
 results in int64: the output is int32 when K <= max_exact_k() (the common case, unchanged) and int64 above it.
 
 The backend is chosen once from the CPU's capability; QVLA_CPU_GEMM=int_mm|fp32_exact overrides it.
+
+Prepared weights are cached: the fp32 operand of a weight (int8, or int4 unpacked and laid out per K-group) is made
+at its first call and reused while the weight tensor lives and is unchanged (`weight_operand`), so no call converts
+or unpacks a whole weight. QVLA_CPU_WEIGHT_CACHE=0 turns the cache off (only the integer weights stay resident).
+
+Why no int8 GEMM instruction on AVX2 (measured in RESULTS §1): AVX2's int8 multiply (vpmaddubsw, u8 x s8) adds pairs
+of products into a saturating int16, so full-range int8 operands are inexact (255 * 128 * 2 > 32767; fbgemm and
+oneDNN u8s8 both gave wrong sums here). Splitting the activation into two 7-bit halves (a = max(a, 0) - max(-a, 0))
+makes both fbgemm and oneDNN exact, but doubles the GEMM, and one u8s8 GEMM is at best ~0.7-1.0x an fp32 GEMM on
+this CPU: the split costs 1.4-2x fp32. The fp32 units with exact integer chunks are the fastest exact choice here.
 """
 from __future__ import annotations
 
 import functools
 import os
+import weakref
+from typing import Callable
 
 import torch
 
@@ -125,3 +137,58 @@ def grouped_int_matmul(a: torch.Tensor, b_t: torch.Tensor, group: int, which: st
     xa = torch.nn.functional.pad(a, (0, pad)).float().reshape(a.shape[0], n_groups, group).transpose(0, 1)
     wb = torch.nn.functional.pad(b_t, (0, pad)).float().reshape(b_t.shape[0], n_groups, group).permute(1, 2, 0)
     return torch.bmm(xa, wb).to(torch.int32)  # group <= 1024: every group sum is exact in fp32 (|.| <= 2^24)
+
+
+_WEIGHT_CACHE: dict[int, tuple[weakref.ref, dict]] = {}  # id(weight) -> (weak ref to it, {key: (version, op)})
+
+
+def _forget(wid: int, ref: weakref.ref) -> None:
+    if _WEIGHT_CACHE.get(wid, (None,))[0] is ref:
+        del _WEIGHT_CACHE[wid]
+
+
+def weight_cache_enabled() -> bool:
+    return os.environ.get("QVLA_CPU_WEIGHT_CACHE", "1") != "0"
+
+
+def weight_operand(w: torch.Tensor, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """`make()` (a prepared operand of weight `w`: its fp32 copy, its unpacked int4, ...) cached per (w, key).
+
+    An entry lives as long as `w` and is rebuilt when `w` is modified in place (its version counter moves).
+    Uncached when the cache is off, for tensors without a version counter (inference mode) and while tracing."""
+    if not weight_cache_enabled() or w.requires_grad or type(w) is not torch.Tensor or w.device.type != "cpu":
+        return make()
+    try:
+        version = w._version
+    except RuntimeError:  # inference tensors have no version counter
+        return make()
+    slot = _WEIGHT_CACHE.get(id(w))
+    if slot is None or slot[0]() is not w:
+        slot = _WEIGHT_CACHE[id(w)] = (weakref.ref(w, functools.partial(_forget, id(w))), {})
+    entries = slot[1]
+    hit = entries.get(key)
+    if hit is not None and hit[0] == version:
+        return hit[1]
+    value = make()
+    entries[key] = (version, value)
+    return value
+
+
+def int_matmul_prepared(a: torch.Tensor, b_t: torch.Tensor, which: str | None = None) -> torch.Tensor:
+    """int_matmul with the weight's fp32 operand cached (fp32_exact), as fp32 holding the exact accumulator value
+    (what `int_matmul(a, b_t).float()` is, bit for bit)."""
+    m, k, n = a.shape[0], a.shape[1], b_t.shape[0]
+    if (which or backend()) == "int_mm" or m == 0 or n == 0 or k == 0 or k > EXACT_CHUNK:
+        return int_matmul(a, b_t, which).float()
+    wf = weight_operand(b_t, ("fp32_t",), lambda: b_t.float().t())
+    return a.float() @ wf  # one chunk: every partial sum is an integer <= 2^24, exact in fp32
+
+
+def grouped_operand(b_t: torch.Tensor, group: int, k: int, make_int8: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The fp32 [G, group, N] layout of an int weight [N, K] (zero-padded to whole groups), cached on `b_t`."""
+    def make():
+        w = make_int8()
+        n_groups = -(-k // group)
+        wp = torch.nn.functional.pad(w, (0, n_groups * group - k)).float()
+        return wp.reshape(w.shape[0], n_groups, group).permute(1, 2, 0).contiguous()
+    return weight_operand(b_t, ("grouped_fp32", group, k), make)

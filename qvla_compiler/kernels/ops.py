@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from qvla_compiler.errors import ShapeError
+from qvla_compiler.kernels import cpu_gemm
 from qvla_compiler.kernels.cpu_gemm import grouped_int_matmul, int_matmul
 
 _LIB = "qvla"
@@ -108,10 +109,10 @@ def int8_linear(
     k = xq.shape[-1]
     _check_linear("int8_linear", xq, x_scale, w_q.shape[1])
     lead = xq.shape[:-1]
-    acc = int_matmul(xq.reshape(-1, k), w_q)
-    out = acc.float() * x_scale.reshape(-1, 1) * w_scale
+    out = cpu_gemm.int_matmul_prepared(xq.reshape(-1, k), w_q)  # = int32 accumulator .float(), fresh tensor
+    out.mul_(x_scale.reshape(-1, 1)).mul_(w_scale)
     if bias is not None:
-        out = out + bias.float()
+        out.add_(bias.float())
     return out.reshape(*lead, w_q.shape[0]).to(out_dtype)
 
 
@@ -146,17 +147,27 @@ def int4_linear(
     k = xq.shape[-1]
     # the packed weight holds ceil(K/2) bytes per row, so K and K+1 (odd K) both fit; report the even one
     _check_linear("int4_linear", xq, x_scale, k if (k + 1) // 2 == w_packed.shape[1] else 2 * w_packed.shape[1])
-    lead = xq.shape[:-1]
+    lead, n = xq.shape[:-1], w_packed.shape[0]
     x = xq.reshape(-1, k).contiguous()
-    w = unpack_int4(w_packed, k)
+    # the weight is unpacked once per packed weight and cached (cpu_gemm.weight_operand), not at every call
+    def unpacked():
+        return cpu_gemm.weight_operand(w_packed, ("unpack_int4", k), lambda: unpack_int4(w_packed, k))
+
     if w_scale.shape[1] == 1:
-        out = int_matmul(x, w).float() * w_scale[:, 0]
+        out = cpu_gemm.int_matmul_prepared(x, unpacked()) * w_scale[:, 0]
+    elif cpu_gemm.backend() == "fp32_exact" and group_size <= cpu_gemm.EXACT_CHUNK and x.shape[0] and n:
+        # one batched fp32 GEMM over the K-groups; each group's sum (<= 1024 terms) is an exact integer
+        n_groups = -(-k // group_size)
+        xa = torch.nn.functional.pad(x, (0, n_groups * group_size - k)).float()
+        xa = xa.reshape(x.shape[0], n_groups, group_size).transpose(0, 1)
+        wb = cpu_gemm.grouped_operand(w_packed, group_size, k, lambda: unpack_int4(w_packed, k))
+        out = (torch.bmm(xa, wb) * w_scale.t()[:, None, :]).sum(0)
     else:  # exact int32 sum per group, then the group's scale: sum_g acc_g * s[:, g]
-        out = (grouped_int_matmul(x, w, group_size).float() * w_scale.t()[:, None, :]).sum(0)
+        out = (grouped_int_matmul(x, unpacked(), group_size).float() * w_scale.t()[:, None, :]).sum(0)
     out = out * x_scale.reshape(-1, 1)
     if bias is not None:
         out = out + bias.float()
-    return out.reshape(*lead, w.shape[0]).to(out_dtype)
+    return out.reshape(*lead, n).to(out_dtype)
 
 
 @int4_linear.register_fake

@@ -46,3 +46,26 @@ def test_backend_override(monkeypatch):
     with pytest.raises(Exception, match="QVLA_CPU_GEMM"):
         cpu_gemm.backend()
     cpu_gemm.backend.cache_clear()
+
+
+def test_prepared_weight_is_cached_and_follows_in_place_changes(monkeypatch):
+    monkeypatch.setenv("QVLA_CPU_WEIGHT_CACHE", "1")
+    a = torch.randint(-128, 128, (4, 64), dtype=torch.int8)
+    w = torch.randint(-128, 128, (8, 64), dtype=torch.int8)
+    calls = []
+    make = lambda: calls.append(1) or w.float()  # noqa: E731
+    first = cpu_gemm.weight_operand(w, ("t",), make)
+    assert cpu_gemm.weight_operand(w, ("t",), make) is first and len(calls) == 1
+    w.add_(1)  # in place: the version counter moves, the operand is rebuilt
+    assert torch.equal(cpu_gemm.weight_operand(w, ("t",), make), w.float()) and len(calls) == 2
+    assert torch.equal(cpu_gemm.int_matmul_prepared(a, w, "fp32_exact"), _exact(a, w).float())
+    assert torch.equal(cpu_gemm.int_matmul_prepared(a, w, "fp32_exact"), _exact(a, w).float())  # cached path
+    wid = id(w)
+    del w, first
+    assert wid not in cpu_gemm._WEIGHT_CACHE  # dies with its weight
+
+
+def test_weight_cache_off(monkeypatch):
+    monkeypatch.setenv("QVLA_CPU_WEIGHT_CACHE", "0")
+    w = torch.randint(-128, 128, (8, 64), dtype=torch.int8)
+    assert cpu_gemm.weight_operand(w, ("t",), lambda: w.float()) is not cpu_gemm.weight_operand(w, ("t",), lambda: w.float())

@@ -1,0 +1,144 @@
+"""Make the `qvla::` integer program compile: Inductor/AOTInductor decompositions of the qvla:: ops on CPU.
+
+The ops stay opaque custom ops in the saved program (one schema, CPU integer kernels, Triton kernels for CUDA). When
+a program is compiled with Inductor (`compile_program`, or any `torch.compile` after `register()`), each op on a CPU
+tensor is decomposed into aten primitives that Inductor fuses with its neighbours:
+
+* quantize_act -> abs / amax / div / round / clamp / cast: one fused reduction + pointwise kernel, which Inductor
+  merges into the producer of x (the layer norm, the GELU, the residual add before it);
+* int8_linear  -> the exact integer GEMM of `cpu_gemm.backend()` (`_int_mm` on AVX512-VNNI/AMX, which Inductor may
+  turn into oneDNN's quantized linear; on AVX2 the int8 operands as fp32 in K chunks of <= 1024, every partial sum an
+  exactly represented integer), then acc * x_scale * w_scale + bias as one fused epilogue;
+* int4_linear  -> the nibble unpack (a constant under freezing: done once at compile time, never per call), then the
+  same GEMM per K-group (one batched GEMM, each group's sum an exact integer) and the per-group scales summed in the
+  fused epilogue.
+
+The decompositions compute exactly what the eager CPU kernels compute (same integer accumulators, same float
+epilogue order), so the compiled program equals the eager one; the tests assert it against the *_ref semantics.
+On any other device the decomposition declines (returns NotImplemented) and the op's own kernel runs (Triton on CUDA).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from qvla_compiler.kernels import cpu_gemm
+from qvla_compiler.kernels.ops import quantize_act_ref, unpack_int4
+
+
+def _cpu(*tensors) -> bool:
+    return all(t is None or t.device.type == "cpu" for t in tensors)
+
+
+def _int_acc_as_float(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """Exact int8 [M, K] @ int8 [N, K]^T as fp32 holding the integer accumulator (the value `acc.float()` has in the
+    eager kernel), written with aten ops Inductor can lower."""
+    k = a.shape[1]
+    if cpu_gemm.backend() == "int_mm":
+        if k <= cpu_gemm.max_exact_k():
+            return torch._int_mm(a.contiguous(), b_t.t().contiguous()).float()
+        acc = None
+        for start, stop in cpu_gemm.k_chunks(k, cpu_gemm.max_exact_k()):
+            part = torch._int_mm(a[:, start:stop].contiguous(), b_t[:, start:stop].t().contiguous()).long()
+            acc = part if acc is None else acc + part
+        return acc.float()
+    chunks = cpu_gemm.k_chunks(k, cpu_gemm.EXACT_CHUNK)
+    if len(chunks) == 1:  # the fp32 product of one chunk is the exact integer: no int round trip needed
+        return a.float() @ b_t.float().t()
+    acc_dtype = torch.int32 if k <= cpu_gemm.max_exact_k() else torch.int64
+    acc = None
+    for start, stop in chunks:
+        part = (a[:, start:stop].float() @ b_t[:, start:stop].float().t()).to(acc_dtype)
+        acc = part if acc is None else acc + part
+    return acc.float()
+
+
+def quantize_act_decomp(x, bits, static_scale=None):
+    if not _cpu(x, static_scale) or bits not in (4, 8):
+        return NotImplemented
+    return quantize_act_ref(x, bits, static_scale)
+
+
+def int8_linear_decomp(xq, x_scale, w_q, w_scale, bias, out_dtype):
+    if not _cpu(xq, x_scale, w_q, w_scale, bias) or xq.shape[-1] != w_q.shape[1] or xq.numel() == 0:
+        return NotImplemented
+    k, lead = xq.shape[-1], xq.shape[:-1]
+    out = _int_acc_as_float(xq.reshape(-1, k), w_q) * x_scale.reshape(-1, 1) * w_scale
+    if bias is not None:
+        out = out + bias.float()
+    return out.reshape(*lead, w_q.shape[0]).to(out_dtype)
+
+
+def int4_linear_decomp(xq, x_scale, w_packed, w_scale, bias, group_size, out_dtype):
+    k = xq.shape[-1]
+    if not _cpu(xq, x_scale, w_packed, w_scale, bias) or (k + 1) // 2 != w_packed.shape[1] or xq.numel() == 0:
+        return NotImplemented
+    lead, n = xq.shape[:-1], w_packed.shape[0]
+    x = xq.reshape(-1, k)
+    w = unpack_int4(w_packed, k)  # constant-folded under freezing: unpacked once, at compile time
+    if w_scale.shape[1] == 1:
+        out = _int_acc_as_float(x, w) * w_scale[:, 0]
+    elif group_size > cpu_gemm.EXACT_CHUNK or cpu_gemm.backend() == "int_mm":
+        groups = [_int_acc_as_float(x[:, s:s + group_size], w[:, s:s + group_size]) for s in range(0, k, group_size)]
+        out = (torch.stack(groups) * w_scale.t()[:, None, :]).sum(0)
+    else:  # one batched fp32 GEMM over the groups; every group sum (<= 1024 terms) is an exact integer
+        n_groups = -(-k // group_size)
+        pad = n_groups * group_size - k
+        xa = torch.nn.functional.pad(x, (0, pad)).float().reshape(x.shape[0], n_groups, group_size).transpose(0, 1)
+        wb = torch.nn.functional.pad(w, (0, pad)).float().reshape(n, n_groups, group_size).permute(1, 2, 0)
+        out = (torch.bmm(xa, wb) * w_scale.t()[:, None, :]).sum(0)
+    out = out * x_scale.reshape(-1, 1)
+    if bias is not None:
+        out = out + bias.float()
+    return out.reshape(*lead, n).to(out_dtype)
+
+
+DECOMPOSITIONS = {
+    "quantize_act": quantize_act_decomp,
+    "int8_linear": int8_linear_decomp,
+    "int4_linear": int4_linear_decomp,
+}
+
+
+@functools.lru_cache(maxsize=1)
+def register() -> tuple[str, ...]:
+    """Add the CPU decompositions to Inductor's table (idempotent). Imports Inductor (seconds), so it runs only when
+    a program is compiled, never on `import qvla_compiler`."""
+    from torch._inductor.decomposition import decompositions
+
+    done = []
+    for name, fn in DECOMPOSITIONS.items():
+        op = getattr(torch.ops.qvla, name).default
+        decompositions[op] = fn
+        done.append(f"qvla::{name}")
+    return tuple(done)
+
+
+class CompiledProgram(torch.nn.Module):
+    """A torch.compile'd program that traces and runs under its Inductor settings. Freezing is read by Dynamo when
+    it traces (to treat the weights as constants), which happens at the first call and at every recompilation, not
+    at `torch.compile` time, so the setting is applied around each call."""
+
+    def __init__(self, module: torch.nn.Module, compiled, config: dict):
+        super().__init__()
+        self.module = module  # keeps the weights (and their integer form) owned here
+        self._compiled, self._config = compiled, config
+
+    def forward(self, *args, **kwargs):
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(self._config), torch.no_grad():
+            return self._compiled(*args, **kwargs)
+
+
+def compile_program(module: torch.nn.Module, *, freezing: bool = True, dynamic: bool | None = None,
+                    options: dict | None = None) -> CompiledProgram:
+    """torch.compile a qvla program (a loaded `.pt2`'s module, a lowered graph) with Inductor and the qvla
+    decompositions, for inference (no_grad). `freezing` makes the weights constants: Inductor folds the integer
+    weights' conversions (int4 unpack, int8 -> fp32 GEMM operand) once, at compile time, and prepacks the GEMM
+    operands (4 bytes a weight resident instead of 1 or 0.5); `freezing=False` keeps only the integer weights
+    resident and converts them inside the compiled kernels at every call."""
+    register()
+    config = {"freezing": freezing, **(options or {})}
+    return CompiledProgram(module, torch.compile(module, backend="inductor", dynamic=dynamic), config)

@@ -1,0 +1,110 @@
+"""The Inductor decompositions of the qvla:: ops compute what the eager CPU kernels compute (bit for bit when run
+as plain aten ops), stay close to the *_ref semantics, and compile: no qvla:: op is left opaque in the CPU code."""
+import pytest
+import torch
+
+from qvla_compiler.kernels import cpu_gemm, inductor, ops
+
+qvla = torch.ops.qvla
+
+
+def _int8_case(m, k, n, seed=0, bias=True):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, m, k, generator=gen)
+    xq, xs = qvla.quantize_act(x, 8, None)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    ws = torch.rand(n, generator=gen) * 0.01 + 1e-3
+    b = torch.randn(n, generator=gen) if bias else None
+    return x, xq, xs, w, ws, b
+
+
+@pytest.mark.parametrize("which", ["int_mm", "fp32_exact"])
+@pytest.mark.parametrize("m,k,n", [(1, 5, 3), (7, 256, 33), (5, 1025, 9), (3, 2100, 17)])
+def test_int8_linear_decomp_equals_eager(monkeypatch, which, m, k, n):
+    monkeypatch.setattr(cpu_gemm, "backend", lambda: which)
+    _, xq, xs, w, ws, b = _int8_case(m, k, n)
+    got = inductor.int8_linear_decomp(xq, xs, w, ws, b, torch.float32)
+    assert torch.equal(got, qvla.int8_linear(xq, xs, w, ws, b, torch.float32))
+    torch.testing.assert_close(got, ops.int8_linear_ref(xq, xs, w, ws, b), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_linear_decomp_bf16_out_and_no_bias():
+    _, xq, xs, w, ws, _ = _int8_case(4, 64, 8, bias=False)
+    got = inductor.int8_linear_decomp(xq, xs, w, ws, None, torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, qvla.int8_linear(xq, xs, w, ws, None, torch.bfloat16))
+
+
+@pytest.mark.parametrize("which", ["int_mm", "fp32_exact"])
+@pytest.mark.parametrize("k,group", [(64, -1), (256, 128), (300, 128), (255, 32), (2100, 2048)])
+def test_int4_linear_decomp_equals_eager(monkeypatch, which, k, group):
+    monkeypatch.setattr(cpu_gemm, "backend", lambda: which)
+    gen = torch.Generator().manual_seed(1)
+    xq, xs = qvla.quantize_act(torch.randn(3, 5, k, generator=gen), 8, None)
+    w = torch.randint(-8, 8, (12, k), dtype=torch.int8, generator=gen)
+    n_groups = 1 if group == -1 else -(-k // group)
+    ws = torch.rand(12, n_groups, generator=gen) * 0.1 + 1e-3
+    b = torch.randn(12, generator=gen)
+    packed, gs = ops.pack_int4(w), (k if group == -1 else group)
+    got = inductor.int4_linear_decomp(xq, xs, packed, ws, b, gs, torch.float32)
+    want = qvla.int4_linear(xq, xs, packed, ws, b, gs, torch.float32)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)  # group sums added in another order: float only
+    torch.testing.assert_close(got, ops.int4_linear_ref(xq, xs, packed, ws, b, gs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_quantize_act_decomp_equals_eager(static):
+    x = torch.randn(3, 17, 40) * 3
+    x[1, 2, 5] = float("nan")
+    scale = torch.tensor(0.05) if static else None
+    q1, s1 = inductor.quantize_act_decomp(x, 8, scale)
+    q2, s2 = qvla.quantize_act(x, 8, scale)
+    finite = s2.isfinite().squeeze(-1)
+    assert torch.equal(q1[finite], q2[finite])
+    torch.testing.assert_close(s1, s2, rtol=0, atol=0, equal_nan=True)
+
+
+def test_decompositions_decline_off_cpu():
+    meta = torch.empty(2, 8, dtype=torch.int8, device="meta")
+    scale = torch.empty(2, 1, device="meta")
+    w = torch.empty(4, 8, dtype=torch.int8, device="meta")
+    assert inductor.int8_linear_decomp(meta, scale, w, torch.empty(4, device="meta"), None,
+                                       torch.float32) is NotImplemented
+    assert inductor.quantize_act_decomp(torch.empty(2, 8, device="meta"), 8) is NotImplemented
+
+
+class _TinyQuantized(torch.nn.Module):
+    """norm -> quantize_act -> int8 linear -> gelu -> quantize_act -> int4 linear (grouped)."""
+
+    def __init__(self, k=96, n=64, group=32):
+        super().__init__()
+        gen = torch.Generator().manual_seed(2)
+        self.register_buffer("w8", torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen))
+        self.register_buffer("s8", torch.rand(n, generator=gen) * 0.01 + 1e-3)
+        self.register_buffer("b8", torch.randn(n, generator=gen))
+        self.register_buffer("w4", ops.pack_int4(torch.randint(-8, 8, (k, n), dtype=torch.int8, generator=gen)))
+        self.register_buffer("s4", torch.rand(k, n // group, generator=gen) * 0.1 + 1e-3)
+        self.group = group
+
+    def forward(self, x):
+        x = torch.nn.functional.layer_norm(x, x.shape[-1:])
+        xq, xs = qvla.quantize_act(x, 8, None)
+        h = torch.nn.functional.gelu(qvla.int8_linear(xq, xs, self.w8, self.s8, self.b8, torch.float32))
+        hq, hs = qvla.quantize_act(h, 8, None)
+        return qvla.int4_linear(hq, hs, self.w4, self.s4, None, self.group, torch.float32)
+
+
+@pytest.mark.parametrize("freezing", [True, False])
+def test_compiled_program_has_no_opaque_qvla_op_and_matches_eager(freezing):
+    from torch._inductor.utils import run_and_get_code
+
+    m = _TinyQuantized().eval()
+    x = torch.randn(2, 10, 96)
+    with torch.no_grad():
+        want = m(x)
+        compiled = inductor.compile_program(m, freezing=freezing)
+        got, codes = run_and_get_code(compiled, x)
+    assert not any("torch.ops.qvla" in code for code in codes), "a qvla:: op stayed opaque to Inductor"
+    # upstream float ops (layer norm, gelu) are compiled too, so a quantized activation may move by one step
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    assert inductor.register() == ("qvla::quantize_act", "qvla::int8_linear", "qvla::int4_linear")
