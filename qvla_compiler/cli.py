@@ -62,7 +62,7 @@ def _signals_as_exceptions():
 
 
 def _parser() -> argparse.ArgumentParser:
-    from qvla_compiler.recipes import LAYOUTS, RECIPES, ROTATIONS, SMOOTHINGS
+    from qvla_compiler.recipes import LAYOUTS, RECIPES, ROTATIONS, SMOOTHINGS, WEIGHT_METHODS
 
     p = argparse.ArgumentParser(prog="qvla", description="QuantVLA as a compiler: VLA policies → integer programs.")
     sub = p.add_subparsers(dest="command")
@@ -73,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--recipe", help=f"one of {', '.join(RECIPES)} (default {DEFAULT_RECIPE}, or the plan's)")
     q.add_argument("--layout", choices=sorted(LAYOUTS), help="override the recipe's layout")
     q.add_argument("--rotation", choices=ROTATIONS, help="override the recipe's rotation of integer-linear inputs")
-    q.add_argument("--smooth", choices=SMOOTHINGS, help="override the recipe's smoothing (SmoothQuant, folded)")
+    q.add_argument("--smooth", choices=SMOOTHINGS, help="override the recipe's smoothing (SmoothQuant or AWQ, folded)")
+    q.add_argument("--weights", choices=WEIGHT_METHODS, help="override the recipe's weight rounding (rtn, gptq)")
     q.add_argument("--lerobot", metavar="DIR", help="a lerobot policy folder (save_pretrained: config.json + "
                    "model.safetensors; pi05, pi0, smolvla) to quantize instead of --model; needs "
                    "`bash scripts/install_lerobot.sh`")
@@ -193,7 +194,6 @@ def cmd_calibrate(args) -> int:
     import qvla_compiler
     from qvla_compiler import preflight
     from qvla_compiler.models import build_policy
-    from qvla_compiler.plan import QuantPlan
     from qvla_compiler.recipes import resolve_recipe
 
     preflight.model_name(args.model)
@@ -201,15 +201,13 @@ def cmd_calibrate(args) -> int:
     recipe = resolve_recipe(args.recipe, args.layout)
     preflight.output_dir(args.out, "--out")
     policy = build_policy(args.model, seed=args.seed)
-    qp = qvla_compiler.quantize(policy, policy.example_inputs(), recipe=recipe,
-                                calib_steps=args.calib_steps, seed=args.seed, progress=not args.json,
-                                model_name=args.model)
-    plan = QuantPlan.from_program(qp, policy)
+    plan = qvla_compiler.calibrate(policy, policy.example_inputs(), recipe=recipe, calib_steps=args.calib_steps,
+                                   seed=args.seed, progress=not args.json, model_name=args.model)
     out = str(plan.save(args.out))
-    summary = {"out": out, "model": args.model, "recipe": qp.recipe.name, "modules": len(plan.modules),
-               "quantized": len(plan.quantized), "action_sqnr_db": qp.report.action_sqnr_db}
+    summary = {"out": out, "model": args.model, "recipe": recipe.name, "modules": len(plan.modules),
+               "quantized": len(plan.quantized)}
     print(json.dumps(summary) if args.json else f"wrote plan {out}: {summary['quantized']} of "
-          f"{summary['modules']} linears integer ({qp.recipe.name}); reuse it with `qvla quantize --plan {out}` "
+          f"{summary['modules']} linears integer ({recipe.name}); reuse it with `qvla quantize --plan {out}` "
           f"or torch.compile(..., backend=\"qvla\", options={{\"plan\": {out!r}}})")
     return 0
 
@@ -326,7 +324,8 @@ def cmd_recipes(args) -> int:
         print(json.dumps({k: dataclasses.asdict(v) for k, v in RECIPES.items()}, default=str))
     else:
         for name, r in RECIPES.items():
-            print(f"{name:16s} W{r.w_bits}A{r.a_bits} layout={r.layout} act={r.act_mode} clip={r.weight_clip}")
+            print(f"{name:16s} W{r.w_bits}A{r.a_bits} layout={r.layout} act={r.act_mode} clip={r.weight_clip} "
+                  f"weights={r.weight_method}")
     return 0
 
 

@@ -18,16 +18,11 @@ from qvla_compiler import calibration as cal
 from qvla_compiler.inspect.report import LinearReport, linear_reports, param_bytes, planned_sqnr
 from qvla_compiler.inspect.trace import trace_phase
 from qvla_compiler.lowering import lower_linears
-from qvla_compiler.passes import (apply_layout, assign_regions, check_schedule, classify_linears, insert_observers,
-                                  quantize_linears, record_schedule, remove_observers)
-from qvla_compiler.passes.apply_plan import apply_plan
-from qvla_compiler.passes.check_accumulator_bounds import check_accumulator_bounds
-from qvla_compiler.passes.fold_attention_scales import fold_attention_scales
-from qvla_compiler.passes.load_plan_tensors import load_plan_tensors
-from qvla_compiler.passes.quantize_linears import keep_unquantizable_float
-from qvla_compiler.passes.record_plan import linear_fingerprints, record_plan
-from qvla_compiler.passes.rotate_and_smooth import fit_transforms, needs_rotation, rotate_and_smooth
-from qvla_compiler.passes.rotate_common import reset_observers, track_hessians
+from qvla_compiler.passes import (apply_layout, apply_plan, assign_regions, check_accumulator_bounds, check_schedule,
+                                  classify_linears, fit_transforms, fold_attention_scales, insert_observers,
+                                  keep_unquantizable_float, linear_fingerprints, load_plan_tensors, needs_rotation,
+                                  quantize_linears, record_plan, record_schedule, remove_observers, reset_observers,
+                                  rotate_and_smooth, track_hessians)
 from qvla_compiler.plan import QuantPlan
 from qvla_compiler.program import Program
 
@@ -60,10 +55,10 @@ def calibrate(program: Program, recipe, calib, *, model: str, atm_style=None, to
 
 
 @dataclasses.dataclass
-class Applied:
-    rows: list[LinearReport]  # per call site, SQNR from calibration
-    float_bytes: int  # bf16 bytes of the float program's tensors
-    attention: dict | None  # the plan's ATM/OHB record
+class Applied:  # per call site rows (SQNR from calibration), bf16 bytes of the float tensors, the ATM/OHB record
+    rows: list[LinearReport]
+    float_bytes: int
+    attention: dict | None
 
 
 def apply(program: Program, plan: QuantPlan, *, dump_dir: str | None = None) -> Applied:

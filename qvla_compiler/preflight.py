@@ -56,7 +56,7 @@ def _writable_ancestor(folder: Path, flag: str, target: Path) -> None:
 def quantize_options(args):
     """Resolve --recipe / --layout / --plan of `qvla quantize` into (recipe, plan), refusing contradictions.
 
-    A plan fixes the recipe and every decision, so a --recipe, --layout, --rotation or --smooth that differs from
+    A plan fixes the recipe and every decision, so a --recipe, --layout, --rotation, --smooth or --weights that differs from
     the plan's would be silently ignored (and mislabel the program): that is an error, not a preference."""
     from qvla_compiler.plan import PlanError, as_plan
     from qvla_compiler.recipes import resolve_recipe
@@ -67,7 +67,8 @@ def quantize_options(args):
     planned = plan.recipe_object()
     conflicts = [f"{flag} {given} (the plan says {want})" for flag, given, want in (
         ("--recipe", args.recipe, planned.name), ("--layout", args.layout, planned.layout),
-        ("--rotation", args.rotation, planned.rotation), ("--smooth", args.smooth, planned.smooth))
+        ("--rotation", args.rotation, planned.rotation), ("--smooth", args.smooth, planned.smooth),
+        ("--weights", args.weights, planned.weight_method))
         if given is not None and given != want]
     if conflicts:
         raise PlanError(f"--plan {args.plan} was calibrated with recipe {planned.name} (layout {planned.layout}), "
@@ -77,11 +78,11 @@ def quantize_options(args):
 
 
 def _rotated(recipe, args):
-    """The recipe with --rotation / --smooth applied; the name says what was overridden."""
-    if not (args.rotation or args.smooth):
+    """The recipe with --rotation / --smooth / --weights applied; the name says what was overridden."""
+    if not (args.rotation or args.smooth or args.weights):
         return recipe
-    name = recipe.name + "".join(f"+{v}" for v in (args.smooth, args.rotation) if v)
-    return recipe.with_(rotation=args.rotation, smooth=args.smooth, name=name)
+    name = recipe.name + "".join(f"+{v}" for v in (args.smooth, args.rotation, args.weights) if v)
+    return recipe.with_(rotation=args.rotation, smooth=args.smooth, weight_method=args.weights, name=name)
 
 
 def model_name(name: str) -> str:

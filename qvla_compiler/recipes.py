@@ -24,7 +24,7 @@ LAYOUTS: Mapping[str, frozenset[tuple[Region, Role]]] = {
 
 
 ROTATIONS = ("none", "hadamard", "duquant", "quarot")
-SMOOTHINGS = ("none", "smoothquant")
+SMOOTHINGS = ("none", "smoothquant", "awq")
 WEIGHT_METHODS = ("rtn", "gptq")
 
 
@@ -46,7 +46,7 @@ class QuantRecipe:
     skip: tuple[str, ...] = ()
     rotation: str = "none"  # "none" | "hadamard" | "duquant" per quantized input, or "quarot": the RMSNorm residual
     # stream rotated and folded into the weights, "hadamard" on the other inputs; all exact in float (passes/rotate_*)
-    smooth: str = "none"  # "none" | "smoothquant": scales folded into the preceding norm where exact
+    smooth: str = "none"  # "none" | "smoothquant" | "awq" (scales searched for 4-bit weights): folded into the norm
     smooth_alpha: float = 0.5  # migration strength of SmoothQuant and of DuQuant's own smoothing
     rotation_block: int = 128  # DuQuant block size (the largest divisor of the width that is <= this)
     atm: bool = False  # Attention Temperature Matching: per action-head attention head α folded into q_proj

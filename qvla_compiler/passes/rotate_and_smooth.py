@@ -54,7 +54,7 @@ def fit_transforms(gm: fx.GraphModule, recipe: QuantRecipe) -> fx.GraphModule:
         parts = _group_parts(recipe, obs_node, linears)
         for lin in linears:
             update(lin, rotation="+".join(parts) or None)
-    if recipe.smooth == "smoothquant":
+    if recipe.smooth != "none":
         fit_smoothing(gm, recipe.smooth_alpha)
     if recipe.rotation == "duquant":
         fit_duquant(gm, recipe.rotation_block, recipe.smooth_alpha)
@@ -63,7 +63,7 @@ def fit_transforms(gm: fx.GraphModule, recipe: QuantRecipe) -> fx.GraphModule:
 
 def rotate_and_smooth(gm: fx.GraphModule, recipe: QuantRecipe) -> fx.GraphModule:
     """Rewrite every group as its annotations say: smoothing folded, then the recipe's rotation pass."""
-    if recipe.smooth == "smoothquant":
+    if recipe.smooth != "none":
         smooth_linears(gm)
     if recipe.rotation in ROTATION_PASSES:
         ROTATION_PASSES[recipe.rotation][1](gm)
@@ -75,8 +75,8 @@ def _group_parts(recipe: QuantRecipe, obs_node, linears) -> list[str]:
     if recipe.rotation == "quarot" and tag is not None and tag.role is StreamRole.READER:
         return ["quarot"]  # reads a folded residual stream: nothing online
     parts = []
-    if recipe.smooth == "smoothquant" and find_norm_fold(obs_node.args[0]) is not None:
-        parts.append("smoothquant")
+    if recipe.smooth != "none" and find_norm_fold(obs_node.args[0]) is not None:
+        parts.append(recipe.smooth)
     if recipe.rotation in ROTATION_PASSES and ROTATION_PASSES[recipe.rotation][0](linears[0].meta["qvla"].in_features):
         parts.append("hadamard" if recipe.rotation == "quarot" else recipe.rotation)
     return parts

@@ -1,7 +1,8 @@
 """SmoothQuant (quantvla.md §11): migrate activation outliers into the weights, folded into the preceding norm.
 
 Before: norm → [type_as] → x → obs → {linears}, the norm's output scaled by a constant gain (RMSNorm `· w` or
-        Gemma's `· (1 + w)`, or LayerNorm's affine weight/bias), for groups annotated "smoothquant".
+        Gemma's `· (1 + w)`, or LayerNorm's affine weight/bias), for groups annotated "smoothquant" or "awq"
+        (AWQ-style scales, searched on the observer's sample, folded the same way).
 After:  the gain reads a new buffer γ/s (Gemma: (1 + w)/s − 1; LayerNorm: weight/s, bias/s) and every linear of the
         group reads W·diag(s): s_j = max|X_j|^α / max|W_:j|^(1−α). No op is added: where the input is not such a
         gain (AdaLN/adaRMS modulation, LayerNorm without affine, o_proj/down_proj inputs), rotate_and_smooth never
@@ -19,6 +20,7 @@ from qvla_compiler.passes import _graph as g
 from qvla_compiler.passes.rotate_common import (add_tensor, group_rotation, group_transform, observed_groups,
                                                replace_weight, set_group_transform, weight_of)
 from qvla_compiler.passes.quantize_linears import _fetch
+from qvla_compiler.quant.awq import awq_search_scales
 from qvla_compiler.quant.smoothquant import smoothquant_scales
 
 _CASTS = frozenset({g.aten.type_as.default, g.aten.to.dtype, g.aten._to_copy.default})
@@ -72,19 +74,26 @@ def _attr(node, width: int) -> bool:
 
 
 def fit_smoothing(gm: fx.GraphModule, alpha: float = 0.5) -> fx.GraphModule:
-    """Decide s for every group annotated "smoothquant", from its calibrated observer (GroupTransform.smooth)."""
+    """Decide s for every group annotated "smoothquant" (s_j = max|X_j|^α / max|W_:j|^(1−α)) or "awq" (s = mean|X|^α
+    with α searched per group for the least output error of the rounded weights), from its calibrated observer."""
     for obs_node, obs, linears in observed_groups(gm):
-        if "smoothquant" in group_rotation(linears).split("+"):
+        parts = group_rotation(linears).split("+")
+        if "smoothquant" in parts or "awq" in parts:
             obs.require_data()
             weights = [weight_of(gm, lin).double() for lin in linears]
-            set_group_transform(obs_node, smooth=smoothquant_scales(obs.channel_absmax.double(), weights, alpha))
+            if "awq" in parts:
+                spec, x = linears[0].meta["qvla"].spec, obs.sample.double()
+                s, _ = awq_search_scales(weights, x.abs().mean(0), x, spec.w_bits, spec.group_size)
+            else:
+                s = smoothquant_scales(obs.channel_absmax.double(), weights, alpha)
+            set_group_transform(obs_node, smooth=s)
     return gm
 
 
 def smooth_linears(gm: fx.GraphModule) -> fx.GraphModule:
-    """Fold each "smoothquant" group's fitted s into the norm and the weights; see the module docstring."""
+    """Fold each "smoothquant" / "awq" group's fitted s into the norm and the weights; see the module docstring."""
     for obs_node, _, linears in observed_groups(gm):
-        if "smoothquant" not in group_rotation(linears).split("+"):
+        if not {"smoothquant", "awq"} & set(group_rotation(linears).split("+")):
             continue
         s = group_transform(obs_node, linears).smooth
         fold = find_norm_fold(obs_node.args[0])
