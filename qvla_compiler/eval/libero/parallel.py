@@ -162,9 +162,15 @@ def _run_pool(units: Iterable[Unit], spec: WorkerSpec, on_row, jobs: int) -> Non
 
 def _run_ray(units: list[Unit], spec: WorkerSpec, on_row, jobs: int, address: str) -> None:
     ray, ActorPool = _import_ray()
+    runtime_env = None
+    if address == "local":  # a Ray started here: its workers import this very qvla_compiler (a cluster installs it)
+        import qvla_compiler
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(qvla_compiler.__file__)))
+        runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}}
     with contextlib.redirect_stdout(sys.stderr):
         ray.init(address=None if address == "local" else address, ignore_reinit_error=True, log_to_driver=False,
-                 include_dashboard=False)
+                 include_dashboard=False, runtime_env=runtime_env)
     try:
         n = jobs if jobs > 1 else int(ray.cluster_resources().get("CPU", 1))
         actor = ray.remote(num_cpus=1)(_RayWorker)
