@@ -164,8 +164,10 @@ def test_bad_options_are_named_errors_before_anything_loads(tmp_path):
     from qvla_compiler.recipes import RecipeError
 
     missing = tmp_path / "nowhere"
-    with pytest.raises(QvlaError, match="episodes must be >= 1"):
+    with pytest.raises(QvlaError, match="episodes must be in 1..50"):
         evaluate_libero(missing, episodes=0)
+    with pytest.raises(QvlaError, match="episodes must be in 1..50"):
+        evaluate_libero(missing, episodes=51)
     with pytest.raises(QvlaError, match="ending in .gif"):
         evaluate_libero(missing, save_video=str(tmp_path / "v.mp4"))
     with pytest.raises(RecipeError, match="unknown recipe"):
@@ -207,3 +209,16 @@ def test_cli_usage_errors(argv, message, tmp_path, capsys):
     code = cli.main([a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--json"])
     out = json.loads(capsys.readouterr().out)
     assert code == 2 and out["error"] == "UsageError" and message in out["message"]
+
+
+def test_calibration_never_uses_an_evaluated_init_state():
+    from qvla_compiler.eval.libero.evaluate import calibration_sources
+
+    tasks = [("libero_spatial", 0, "a"), ("libero_object", 3, "b")]
+    assert calibration_sources(tasks, episodes=2, n_obs=4) == [
+        ("libero_spatial", 0, 49), ("libero_object", 3, 49), ("libero_spatial", 0, 48), ("libero_object", 3, 48)]
+    assert calibration_sources(tasks, episodes=49, n_obs=3)[2] == ("libero_90", 0, 49)  # held-out ones run out
+    every = [("libero_90", t, "") for t in range(90)]
+    assert calibration_sources(every, episodes=49, n_obs=90) == [("libero_90", t, 49) for t in range(90)]
+    with pytest.raises(QvlaError, match="lower calib_steps or episodes"):
+        calibration_sources(every, episodes=49, n_obs=91)

@@ -8,7 +8,7 @@ Example::
 
 Episode e of a task starts from LIBERO's init state e (episodes 0..N-1); the quantized program is calibrated on the
 settled first observations of init states counted down from the last one (49, 48, …), disjoint from the evaluated
-ones. Float and quantized policies see the same init states and the same noise at every call (rollout.py); pairs run
+ones (LIBERO-90's when all 50 are evaluated). Float and quantized policies see the same init states and the same noise at every call (rollout.py); pairs run
 in this process, in `jobs` worker processes or on a Ray cluster (parallel.py); report.py aggregates them.
 """
 from __future__ import annotations
@@ -23,10 +23,11 @@ import torch
 from qvla_compiler.errors import QvlaError
 from qvla_compiler.eval.libero.env import MAX_STEPS, SUITES, LiberoTaskError, suite_tasks
 
-__all__ = ["evaluate_libero", "parse_tasks", "FLOAT_RECIPES"]
+__all__ = ["evaluate_libero", "parse_tasks", "calibration_sources", "FLOAT_RECIPES"]
 
 FLOAT_RECIPES = ("none", "float", "fp32")
 CALIB_BATCH = 2
+INIT_STATES = 50  # every task of the LIBERO suites ships 50 init states
 
 
 def parse_tasks(tasks: Sequence[str] | str) -> list[tuple[str, int, str]]:
@@ -50,8 +51,8 @@ def parse_tasks(tasks: Sequence[str] | str) -> list[tuple[str, int, str]]:
 
 
 def _check(episodes, jobs, calib_steps, max_steps, separation_m, save_video, recipe, layout) -> bool:
-    if episodes < 1:
-        raise QvlaError(f"episodes must be >= 1 (per task), got {episodes}")
+    if not 1 <= episodes <= INIT_STATES:
+        raise QvlaError(f"episodes must be in 1..{INIT_STATES} per task (LIBERO's init states), got {episodes}")
     if jobs < 1:
         raise QvlaError(f"jobs must be >= 1, got {jobs}")
     if calib_steps < 1:
@@ -70,30 +71,37 @@ def _check(episodes, jobs, calib_steps, max_steps, separation_m, save_video, rec
     return is_float
 
 
+def calibration_sources(tasks, episodes: int, n_obs: int) -> list[tuple[str, int, int]]:
+    """(suite, task, init state) of `n_obs` calibration observations, none of them an evaluated episode: the
+    evaluated tasks' init states counted down from the last (round robin over tasks), then, when evaluation uses
+    them all (50 episodes), LIBERO-90's (same robot and scenes, tasks the four test suites do not hold)."""
+    evaluated = {(s, t) for s, t, _ in tasks}
+    sources = [(s, t, INIT_STATES - 1 - d) for d in range(INIT_STATES - episodes) for s, t, _ in tasks]
+    sources += [("libero_90", t, INIT_STATES - 1 - d) for d in range(INIT_STATES) for t in range(90)
+                if ("libero_90", t) not in evaluated]
+    if len(sources) < n_obs:
+        raise QvlaError(f"{n_obs} calibration observations do not fit beside {episodes} episodes of every task "
+                        "(LIBERO has 50 init states per task); lower calib_steps or episodes")
+    return sources[:n_obs]
+
+
 def _calibration(policy, tasks, episodes: int, calib_steps: int) -> tuple[list[dict], list[list]]:
-    """calib_steps batches of CALIB_BATCH settled first observations, init states counted down from the last."""
+    """calib_steps batches of CALIB_BATCH settled first observations from `calibration_sources`, in that order."""
     from qvla_compiler.eval.libero.env import LiberoTaskEnv
 
-    n_obs = calib_steps * CALIB_BATCH
-    picks = [(tasks[i % len(tasks)][:2], i // len(tasks)) for i in range(n_obs)]
-    observations, used = [], []
-    for key in sorted({k for k, _ in picks}):
+    sources = calibration_sources(tasks, episodes, calib_steps * CALIB_BATCH)
+    observations: dict[int, dict] = {}
+    for key in sorted({src[:2] for src in sources}):
         env = LiberoTaskEnv(*key, policy.render_sizes)
         try:
-            for k, depth in picks:
-                if k != key:
-                    continue
-                state = env.n_episodes - 1 - depth
-                if state < episodes:
-                    raise QvlaError(f"{key[0]} task {key[1]} has {env.n_episodes} init states: {episodes} episodes "
-                                    f"plus {depth + 1} calibration observations do not fit; lower calib_steps or "
-                                    "episodes")
-                obs = env.reset(state)
-                observations.append(policy.observation(env.frames(), obs, env.instruction))
-                used.append([*key, state])
+            for i, (suite, task_id, state) in enumerate(sources):
+                if (suite, task_id) == key:
+                    obs = env.reset(state)
+                    observations[i] = policy.observation(env.frames(), obs, env.instruction)
         finally:
             env.close()
-    return policy.calibration_batches(observations, CALIB_BATCH), used
+    ordered = [observations[i] for i in range(len(sources))]
+    return policy.calibration_batches(ordered, CALIB_BATCH), [list(src) for src in sources]
 
 
 def _video(path, runner, rows, chosen_n: int, frame_every: int) -> list[dict]:
