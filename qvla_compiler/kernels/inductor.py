@@ -142,3 +142,13 @@ def compile_program(module: torch.nn.Module, *, freezing: bool = True, dynamic: 
     register()
     config = {"freezing": freezing, **(options or {})}
     return CompiledProgram(module, torch.compile(module, backend="inductor", dynamic=dynamic), config)
+
+
+def aot_package(ep: torch.export.ExportedProgram, path: str, *, runtime_constant_folding: bool = True) -> str:
+    """Compile an exported qvla program ahead of time with AOTInductor into a `.pt2` package (C++ kernels + weights;
+    load it with `torch._inductor.aoti_load_package`, no Python graph at run time). The qvla:: ops are decomposed as
+    in `compile_program`. `runtime_constant_folding` keeps the integer weights in the package and folds their fp32
+    GEMM operands once, when the package first runs, instead of storing fp32 copies."""
+    register()
+    options = {"aot_inductor.use_runtime_constant_folding": runtime_constant_folding}
+    return torch._inductor.aoti_compile_and_package(ep, package_path=path, inductor_configs=options)

@@ -108,3 +108,15 @@ def test_compiled_program_has_no_opaque_qvla_op_and_matches_eager(freezing):
     # upstream float ops (layer norm, gelu) are compiled too, so a quantized activation may move by one step
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
     assert inductor.register() == ("qvla::quantize_act", "qvla::int8_linear", "qvla::int4_linear")
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("QVLA_AOT_TEST"),
+                    reason="AOTInductor compiles C++ for minutes on 2 cores; QVLA_AOT_TEST=1 runs it")
+def test_aot_package_runs_the_decomposed_program(tmp_path):
+    m = _TinyQuantized().eval()
+    x = torch.randn(2, 10, 96)
+    with torch.no_grad():
+        want = m(x)
+        path = inductor.aot_package(torch.export.export(m, (x,)), str(tmp_path / "tiny.pt2"))
+        got = torch._inductor.aoti_load_package(path)(x)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
