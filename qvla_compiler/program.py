@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -66,7 +67,9 @@ class Program:
         forks = {}
         for name, gm in self.graphs.items():
             memo = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
-            forks[name] = copy.deepcopy(gm, memo)
+            with warnings.catch_warnings():  # torch's pytree specs in the graph's meta warn when copied (LeafSpec)
+                warnings.simplefilter("ignore", FutureWarning)
+                forks[name] = copy.deepcopy(gm, memo)
         return Program(forks, self.schedule)
 
     def as_module(self) -> nn.Module:
