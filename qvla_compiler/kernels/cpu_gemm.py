@@ -178,10 +178,17 @@ def int_matmul_prepared(a: torch.Tensor, b_t: torch.Tensor, which: str | None = 
     """int_matmul with the weight's fp32 operand cached (fp32_exact), as fp32 holding the exact accumulator value
     (what `int_matmul(a, b_t).float()` is, bit for bit)."""
     m, k, n = a.shape[0], a.shape[1], b_t.shape[0]
-    if (which or backend()) == "int_mm" or m == 0 or n == 0 or k == 0 or k > EXACT_CHUNK:
+    if (which or backend()) == "int_mm" or m == 0 or n == 0 or k == 0:
         return int_matmul(a, b_t, which).float()
     wf = weight_operand(b_t, ("fp32_t",), lambda: b_t.float().t())
-    return a.float() @ wf  # one chunk: every partial sum is an integer <= 2^24, exact in fp32
+    af = a.float()
+    if k <= EXACT_CHUNK:
+        return af @ wf  # one chunk: every partial sum is an integer <= 2^24, exact in fp32
+    acc = None  # chunks of <= 1024 terms, each exact; summed as integers (int64 past max_exact_k)
+    for start, stop in k_chunks(k, EXACT_CHUNK):
+        part = (af[:, start:stop] @ wf[start:stop]).to(torch.int32 if k <= max_exact_k() else torch.int64)
+        acc = part if acc is None else acc.add_(part)
+    return acc.float()
 
 
 def grouped_operand(b_t: torch.Tensor, group: int, k: int, make_int8: Callable[[], torch.Tensor]) -> torch.Tensor:

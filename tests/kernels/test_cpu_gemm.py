@@ -69,3 +69,12 @@ def test_weight_cache_off(monkeypatch):
     monkeypatch.setenv("QVLA_CPU_WEIGHT_CACHE", "0")
     w = torch.randint(-128, 128, (8, 64), dtype=torch.int8)
     assert cpu_gemm.weight_operand(w, ("t",), lambda: w.float()) is not cpu_gemm.weight_operand(w, ("t",), lambda: w.float())
+
+
+@pytest.mark.parametrize("which", BACKENDS)
+@pytest.mark.parametrize("k", [1, 1024, 1025, 3000])
+def test_prepared_matmul_is_the_exact_accumulator(which, k):
+    a = torch.randint(-128, 128, (6, k), dtype=torch.int8)
+    b = torch.randint(-128, 128, (5, k), dtype=torch.int8)
+    got = cpu_gemm.int_matmul_prepared(a, b, which)
+    assert got.dtype == torch.float32 and torch.equal(got, _exact(a, b).float())
