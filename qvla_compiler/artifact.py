@@ -1,8 +1,9 @@
 """The `.pt2` program archive: byte-reproducible, atomic writes and data-only reads.
 
-Layout (torch.export.save of one program named "model", every member under one root folder):
-  models/model.json                  the graph, JSON       data/sample_inputs/model.pt   torch.save'd (args, kwargs)
-  data/weights/model_weights_config.json, data/constants/model_constants_config.json   fqn -> file, dtype, shape
+Layout (torch's pt2 archive of one or more exported programs, each under a model name <m> — "model" for a plain
+module, "prefix" and "denoise" for a policy — every member under one root folder):
+  models/<m>.json                    the graph, JSON       data/sample_inputs/<m>.pt   torch.save'd (args, kwargs)
+  data/weights/<m>_weights_config.json, data/constants/<m>_constants_config.json   fqn -> file, dtype, shape
   data/weights/weight_<i>, data/constants/tensor_<i>   raw tensor bytes      extra/<name>   UTF-8 text (qvla/*.json)
   archive_format, archive_version, byteorder, .data/version, .data/serialization_id     bookkeeping
 
@@ -11,11 +12,13 @@ constants flagged use_pickle, custom/opaque objects, legacy members), dlopens AO
 (eval) shape expressions from the JSON. read_archive reads the members itself, admits only raw tensors, JSON and a
 weights_only=True pickle of the sample inputs, checks every shape expression, and hands torch's deserializer
 ready-made tensors, so none of those paths can be reached. (A graph node calling a Python function instead of an
-operator is refused by torch's own ExportedProgram verifier.) `trust=True` uses torch.export.load as is.
+operator is refused by torch's own ExportedProgram verifier.) `trust=True` uses torch's load_pt2 as is.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import glob
 import io
 import json
@@ -23,6 +26,8 @@ import logging
 import os
 import re
 import secrets
+import types
+import typing
 import warnings
 import zipfile
 from pathlib import Path
@@ -32,18 +37,18 @@ import torch
 import torch.utils._sympy.functions as sympy_functions
 from sympy.core.assumptions import _assume_defined
 from torch._export.serde import schema, serialize
+from torch._export.serde.union import _Union
 from torch.export.pt2_archive import PT2ArchiveWriter
 from torch.export.pt2_archive import constants as pt2
+from torch.export.pt2_archive._package import load_pt2, package_pt2
 
 from qvla_compiler.errors import ArtifactError
 
-_MODEL = "model"
+_MODEL = "model"  # the name torch.export.save gives a single program
 _TMP_SUFFIX = ".tmp.pt2"
-_WEIGHTS = (pt2.WEIGHTS_DIR, pt2.WEIGHTS_CONFIG_FILENAME_FORMAT.format(_MODEL), pt2.WEIGHT_FILENAME_PREFIX)
-_CONSTANTS = (pt2.CONSTANTS_DIR, pt2.CONSTANTS_CONFIG_FILENAME_FORMAT.format(_MODEL),
-              pt2.TENSOR_CONSTANT_FILENAME_PREFIX)
-_GRAPH = pt2.MODELS_FILENAME_FORMAT.format(_MODEL)
-_SAMPLE_INPUTS = pt2.SAMPLE_INPUTS_FILENAME_FORMAT.format(_MODEL)
+_WEIGHTS = (pt2.WEIGHTS_DIR, pt2.WEIGHTS_CONFIG_FILENAME_FORMAT, pt2.WEIGHT_FILENAME_PREFIX)
+_CONSTANTS = (pt2.CONSTANTS_DIR, pt2.CONSTANTS_CONFIG_FILENAME_FORMAT, pt2.TENSOR_CONSTANT_FILENAME_PREFIX)
+_MODEL_GRAPH = re.compile(re.escape(pt2.MODELS_DIR) + r"([A-Za-z_][A-Za-z0-9_]{0,63})\.json")
 _BOOKKEEPING = (pt2.ARCHIVE_FORMAT_PATH, pt2.ARCHIVE_VERSION_PATH, "byteorder", ".data/version",
                 ".data/serialization_id")
 _WRITER_OWNED = (".data/version", "byteorder", ".data/serialization_id")  # PT2ArchiveWriter writes these itself
@@ -67,22 +72,30 @@ _HOW_TO_FIX = ("Re-create it with `qvla quantize`; load it with trust=True (`qvl
                "wrote this file yourself.")
 
 
-def write_archive(ep: torch.export.ExportedProgram, path: str | os.PathLike, extra_files: dict[str, str]) -> Path:
-    """Write `ep` to `path` byte-reproducibly and atomically.
+Programs = dict[str, torch.export.ExportedProgram]
 
-    The archive is serialized in memory (so its root folder is always "archive", not a random temp name; the graph
-    ids torch records as provenance, which are memory addresses, are renumbered), written
-    to `<path>.<pid>.<random>.tmp.pt2` and renamed over `path`; any exception, KeyboardInterrupt included, removes
-    the temp file and leaves a previous `path` untouched. Temp files of dead processes (SIGKILL) are removed first.
+
+def write_archive(programs: torch.export.ExportedProgram | Programs, path: str | os.PathLike,
+                  extra_files: dict[str, str]) -> Path:
+    """Write one exported program (stored as "model") or several ({name: program}) to `path`, byte-reproducibly
+    and atomically.
+
+    The archive is packed straight into `<path>.<pid>.<random>.tmp.pt2` with its root folder always "archive", not
+    the temp name, and the graph ids torch records as provenance (memory addresses) renumbered; then it is renamed
+    over `path`. Any exception, KeyboardInterrupt included, removes the temp file and leaves a previous `path`
+    untouched. Temp files of dead processes (SIGKILL) are removed first.
     """
     path = Path(path)
-    data = _serialize(ep, extra_files)
+    if isinstance(programs, torch.export.ExportedProgram):
+        programs = {_MODEL: programs}
+    raw = io.BytesIO()
+    package_pt2(raw, exported_programs=programs, extra_files=extra_files)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            _repack(raw, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -92,17 +105,14 @@ def write_archive(ep: torch.export.ExportedProgram, path: str | os.PathLike, ext
     return path
 
 
-def _serialize(ep: torch.export.ExportedProgram, extra_files: dict[str, str]) -> bytes:
-    """torch.export.save into memory, then re-pack with provenance graph ids (memory addresses) renumbered."""
-    raw, out = io.BytesIO(), io.BytesIO()
-    torch.export.save(ep, raw, extra_files=extra_files)
+def _repack(raw: io.BytesIO, out) -> None:
+    """Copy torch's archive member by member under the root "archive", graph ids renumbered (see _stable_graph_ids)."""
     with zipfile.ZipFile(raw) as archive, PT2ArchiveWriter(out) as writer:
         for info in archive.infolist():
             name = info.filename.split("/", 1)[1]
             if name not in _WRITER_OWNED:
                 data = archive.read(info)
-                writer.write_bytes(name, _stable_graph_ids(data) if name == _GRAPH else data)
-    return out.getvalue()
+                writer.write_bytes(name, _stable_graph_ids(data) if _MODEL_GRAPH.fullmatch(name) else data)
 
 
 def _stable_graph_ids(graph_json: bytes) -> bytes:
@@ -135,17 +145,20 @@ def _alive(pid: int) -> bool:
 
 
 def read_archive(path: str | os.PathLike, extra_names: Iterable[str], *, trust: bool = False
-                 ) -> tuple[torch.export.ExportedProgram, dict[str, str]]:
-    """Load the program and the named extra files (missing ones are absent from the dict).
+                 ) -> tuple[Programs, dict[str, str]]:
+    """Load every program in the archive ({model name: ExportedProgram}, in archive order) and the named extra files
+    (missing ones are absent from the dict).
 
     Data only unless `trust`: a member that would need unpickling arbitrary objects, an unknown member or a shape
     expression that is not arithmetic raises ArtifactError, as does any damage to the archive.
     """
     path = Path(path)
     with _quiet_torch():
-        if trust:
-            return _read_trusted(path, extra_names)
         try:
+            if trust:
+                contents = load_pt2(path)
+                return contents.exported_programs, {k: v for k, v in contents.extra_files.items()
+                                                    if k in set(extra_names) and v}
             return _read_data_only(path, tuple(extra_names))
         except ArtifactError:
             raise
@@ -154,19 +167,9 @@ def read_archive(path: str | os.PathLike, extra_names: Iterable[str], *, trust: 
                                 f"{str(exc)[:300]}). Re-create it with `qvla quantize`.") from exc
 
 
-def _read_trusted(path: Path, extra_names: Iterable[str]):
-    extra = dict.fromkeys(extra_names, "")
-    try:
-        ep = torch.export.load(path, extra_files=extra)
-    except Exception as exc:  # noqa: BLE001
-        raise ArtifactError(f"{path} is not a readable .pt2 program ({type(exc).__name__}: {str(exc)[:300]}). "
-                            "Re-create it with `qvla quantize`.") from exc
-    return ep, {k: v for k, v in extra.items() if v}
-
-
-def _read_data_only(path: Path, extra_names: tuple[str, ...]):
+def _read_data_only(path: Path, extra_names: tuple[str, ...]) -> tuple[Programs, dict[str, str]]:
     with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
-        root = _check_members(zf, path, extra_names)
+        root, models = _check_members(zf, path, extra_names)
         names = {info.filename[len(root):] for info in zf.infolist()}
 
         def read(name: str) -> bytes:
@@ -177,23 +180,71 @@ def _read_data_only(path: Path, extra_names: tuple[str, ...]):
         if read(pt2.ARCHIVE_VERSION_PATH) != pt2.ARCHIVE_VERSION_VALUE.encode():
             raise ArtifactError(f"{path} has .pt2 archive version {read(pt2.ARCHIVE_VERSION_PATH)[:20]!r}; this "
                                 f"torch reads {pt2.ARCHIVE_VERSION_VALUE!r}. Re-create it with `qvla quantize`.")
-        graph = json.loads(read(_GRAPH))
-        _check_expressions(graph, path)
-        state_dict = _tensors(read, names, _WEIGHTS, path)
-        constants = _tensors(read, names, _CONSTANTS, path)
-        inputs = _sample_inputs(read(_SAMPLE_INPUTS), path) if _SAMPLE_INPUTS in names else None
+        parts = {}
+        for model in models:
+            graph_name, inputs_name = pt2.MODELS_FILENAME_FORMAT.format(model), _sample_inputs_name(model)
+            graph = json.loads(read(graph_name))
+            _check_expressions(graph, path, graph_name)
+            parts[model] = (graph, _tensors(read, names, _WEIGHTS, model, path),
+                            _tensors(read, names, _CONSTANTS, model, path),
+                            _sample_inputs(read(inputs_name), path, inputs_name) if inputs_name in names else None)
         extras = {n: read(pt2.EXTRA_DIR + n).decode("utf-8") for n in extra_names if pt2.EXTRA_DIR + n in names}
-    serialized = serialize._dict_to_dataclass(schema.ExportedProgram, graph)
-    ep = serialize.ExportedProgramDeserializer().deserialize(serialized, state_dict, constants, inputs)
-    return ep, extras
+    programs = {}
+    for model, (graph, state_dict, constants, inputs) in parts.items():
+        serialized = _to_dataclass(schema.ExportedProgram, graph)
+        programs[model] = serialize.ExportedProgramDeserializer().deserialize(serialized, state_dict, constants, inputs)
+    return programs, extras
 
 
-def _check_members(zf: zipfile.ZipFile, path: Path, extra_names: tuple[str, ...]) -> str:
-    """Every member sits under one root, appears once, is stored uncompressed and is one we know how to read."""
+def _to_dataclass(cls, data):
+    """torch's serialize._dict_to_dataclass (JSON -> schema dataclasses), with each class's type hints computed once
+    instead of once per object (that lookup is ~40% of reading a program)."""
+    cls = serialize._resolve_schema_cls(cls)
+    if isinstance(cls, str):
+        raise ArtifactError(f"the graph JSON names an unknown schema type {cls!r}")
+    origin = typing.get_origin(cls)
+    if origin is typing.Annotated:
+        return _to_dataclass(cls.__origin__, data)
+    if origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(cls):
+        inner, _ = typing.get_args(cls)  # Optional[X]
+        return None if data is None else _to_dataclass(inner, data)
+    if isinstance(cls, type) and issubclass(cls, _Union):
+        [(kind, value)] = data.items()  # a tagged union: exactly one field is set
+        return cls.create(**{kind: _to_dataclass(_type_hints(cls)[kind], value)})
+    if dataclasses.is_dataclass(cls):
+        hints = _type_hints(cls)
+        return cls(**{f.name: _to_dataclass(hints[f.name], data[f.name]) for f in dataclasses.fields(cls)
+                      if f.name in data})
+    if isinstance(data, list):
+        return [_to_dataclass(typing.get_args(cls)[0], d) for d in data] if data else data
+    if isinstance(data, dict):
+        return {k: _to_dataclass(typing.get_args(cls)[1], v) for k, v in data.items()}
+    return float(data) if cls is float else data
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict:
+    return typing.get_type_hints(cls, globalns=vars(schema))
+
+
+def _sample_inputs_name(model: str) -> str:
+    return pt2.SAMPLE_INPUTS_FILENAME_FORMAT.format(model)
+
+
+def _model_members(model: str) -> tuple[str, str, str]:
+    """The members a program needs: its graph, weights config and constants config."""
+    return (pt2.MODELS_FILENAME_FORMAT.format(model), _WEIGHTS[1].format(model), _CONSTANTS[1].format(model))
+
+
+def _check_members(zf: zipfile.ZipFile, path: Path, extra_names: tuple[str, ...]) -> tuple[str, list[str]]:
+    """Every member sits under one root, appears once, is stored uncompressed and is one we know how to read; returns
+    the root and the model names (one per models/<name>.json), in archive order."""
     infos = zf.infolist()
     root = infos[0].filename.split("/", 1)[0] + "/" if infos else ""
-    allowed = {_GRAPH, _SAMPLE_INPUTS, _WEIGHTS[1], _CONSTANTS[1], *_BOOKKEEPING,
-               *(pt2.EXTRA_DIR + n for n in extra_names)}
+    present = [info.filename[len(root):] for info in infos]
+    models = [m[1] for m in map(_MODEL_GRAPH.fullmatch, present) if m]
+    allowed = {*_BOOKKEEPING, *(pt2.EXTRA_DIR + n for n in extra_names),
+               *(name for m in models for name in (*_model_members(m), _sample_inputs_name(m)))}
     seen = set()
     for info in infos:
         name = info.filename[len(root):]
@@ -207,18 +258,18 @@ def _check_members(zf: zipfile.ZipFile, path: Path, extra_names: tuple[str, ...]
         if info.compress_type != zipfile.ZIP_STORED:
             raise ArtifactError(f"{path}: member {name!r} is compressed; programs store members uncompressed. "
                                 f"{_HOW_TO_FIX}")
-    present = {info.filename[len(root):] for info in infos}
-    for name in (pt2.ARCHIVE_FORMAT_PATH, pt2.ARCHIVE_VERSION_PATH, _GRAPH, _WEIGHTS[1], _CONSTANTS[1]):
+    needed = (pt2.ARCHIVE_FORMAT_PATH, pt2.ARCHIVE_VERSION_PATH, *(n for m in models for n in _model_members(m)))
+    for name in needed if models else (*needed, pt2.MODELS_FILENAME_FORMAT.format(_MODEL)):
         if name not in present:
             raise ArtifactError(f"{path} is not a complete .pt2 program: member {name!r} is missing. "
                                 "Re-create it with `qvla quantize`.")
-    return root
+    return root, models
 
 
-def _tensors(read, names: set[str], kind: tuple[str, str, str], path: Path) -> dict[str, torch.Tensor]:
-    """Raw tensors named by a payload config; aliasing entries share one storage as torch's loader does."""
-    directory, config_name, prefix = kind
-    config = serialize._dict_to_dataclass(schema.PayloadConfig, json.loads(read(config_name)))
+def _tensors(read, names: set[str], kind: tuple[str, str, str], model: str, path: Path) -> dict[str, torch.Tensor]:
+    """Raw tensors named by a model's payload config; aliasing entries share one storage as torch's loader does."""
+    directory, config_format, prefix = kind
+    config = _to_dataclass(schema.PayloadConfig, json.loads(read(config_format.format(model))))
     storages: dict[str, torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
     for fqn, meta in config.config.items():
@@ -242,19 +293,19 @@ def _tensors(read, names: set[str], kind: tuple[str, str, str], path: Path) -> d
     return out
 
 
-def _sample_inputs(data: bytes, path: Path) -> tuple:
+def _sample_inputs(data: bytes, path: Path, member: str) -> tuple:
     try:
         inputs = torch.load(io.BytesIO(data), weights_only=True)
     except Exception as exc:  # noqa: BLE001 - UnpicklingError, or anything a damaged stream raises
-        raise ArtifactError(f"{path}: member {_SAMPLE_INPUTS!r} is not plain tensor data (weights_only load "
+        raise ArtifactError(f"{path}: member {member!r} is not plain tensor data (weights_only load "
                             f"failed: {type(exc).__name__}); refusing to unpickle it. {_HOW_TO_FIX}") from exc
     if not (isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[1], dict)):
-        raise ArtifactError(f"{path}: member {_SAMPLE_INPUTS!r} holds {type(inputs).__name__}, not (args, kwargs). "
+        raise ArtifactError(f"{path}: member {member!r} holds {type(inputs).__name__}, not (args, kwargs). "
                             f"{_HOW_TO_FIX}")
     return inputs
 
 
-def _check_expressions(node, path: Path) -> None:
+def _check_expressions(node, path: Path, member: str) -> None:
     """torch sympify()s every `expr_str` in the graph JSON; only plain arithmetic on shape symbols may pass."""
     stack = [node]
     while stack:
@@ -264,7 +315,7 @@ def _check_expressions(node, path: Path) -> None:
         elif isinstance(item, dict):
             for key, value in item.items():
                 if key == "expr_str" and not (isinstance(value, str) and _is_arithmetic(value)):
-                    raise ArtifactError(f"{path}: shape expression {str(value)[:80]!r} in {_GRAPH} is not plain "
+                    raise ArtifactError(f"{path}: shape expression {str(value)[:80]!r} in {member} is not plain "
                                         f"arithmetic and would be evaluated as Python; refusing it. {_HOW_TO_FIX}")
                 stack.append(value)
 

@@ -183,6 +183,7 @@ def test_valid_program_round_trips_data_only(base):
     args, kwargs = loaded.exported_program.example_inputs
     assert torch.equal(args[0], x) and kwargs == {}
     assert torch.equal(qvla_compiler.load(path, trust=True).module()(x), qp.module()(x))
+    assert torch.equal(torch.export.load(path).module()(x), qp.module()(x))  # a module's program: plain torch reads it
 
 
 def test_dynamic_shapes_round_trip_data_only(tmp_path):
@@ -192,10 +193,10 @@ def test_dynamic_shapes_round_trip_data_only(tmp_path):
     ep = torch.export.export(module, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=2, max=64)},))
     path = artifact.write_archive(ep, tmp_path / "dyn.pt2", {})
     assert b"Symbol(" in _members(path)[ROOT + "models/model.json"]
-    loaded, extras = artifact.read_archive(path, ["qvla/meta.json"])
-    assert extras == {}
+    programs, extras = artifact.read_archive(path, ["qvla/meta.json"])
+    assert extras == {} and list(programs) == ["model"]
     x5 = torch.randn(5, 8)
-    assert torch.equal(loaded.module()(x5), module(x5))
+    assert torch.equal(programs["model"].module()(x5), module(x5))
 
 
 @pytest.mark.parametrize("expr,ok", [
@@ -302,3 +303,118 @@ def test_interrupted_save_leaves_no_temp_and_keeps_the_old_program(base, tmp_pat
     assert target.read_bytes() == b"previous program"
     qp.save(target)
     assert _sha(target) == _sha(path)
+
+
+# ---------------------------------------------------------------------------------------------- policy programs
+# A policy is stored as two programs, "prefix" and "denoise" (one Euler step), exported from the lowered graphs; the
+# loaded module runs the Euler loop in Python over the schedule in qvla/meta.json.
+
+@pytest.fixture(scope="module")
+def policies(tmp_path_factory):
+    from policy_fixtures import quantized_policy
+
+    out = tmp_path_factory.mktemp("policies")
+    return {name: (*quantized_policy(name, recipe), quantized_policy(name, recipe)[1].save(out / f"{name}.pt2"))
+            for name, recipe in (("pi05-tiny", "w8a8"), ("groot-tiny", "w4a8"))}
+
+
+@pytest.mark.parametrize("name", ["pi05-tiny", "groot-tiny"])
+def test_policy_round_trips_bitwise_at_any_batch(policies, name):
+    from policy_fixtures import policy_args
+
+    policy, qp, path = policies[name]
+    names = set(_members(path))
+    assert {ROOT + "models/prefix.json", ROOT + "models/denoise.json"} <= names
+    assert ROOT + "models/model.json" not in names
+    loaded = qvla_compiler.load(path)
+    assert loaded.meta["format"] == 2 and loaded.schedule == policy.schedule
+    assert list(loaded.exported_programs) == ["prefix", "denoise"]
+    module = loaded.module()
+    for batch in (1, 3):
+        args = policy_args(policy, batch=batch)
+        assert torch.equal(module(*args), qp.module()(*args))
+    # the denoise graph holds one step: each denoise linear is called once, not once per Euler step
+    calls = [str(n.target) for n in loaded.exported_programs["denoise"].graph.nodes if n.op == "call_function"]
+    linears = sum(r.graph == "denoise" for r in qp.report.linears)
+    assert sum(c in ("aten.linear.default", "qvla.int8_linear.default", "qvla.int4_linear.default")
+               for c in calls) <= linears
+    with pytest.raises(ArtifactError, match="exported_programs"):
+        loaded.exported_program
+    args = policy_args(policy, batch=2)
+    assert torch.equal(qvla_compiler.load(path, trust=True).module()(*args), qp.module()(*args))
+
+
+def test_policy_saves_are_byte_reproducible(policies, tmp_path):
+    _, qp, path = policies["pi05-tiny"]
+    assert _sha(qp.save(tmp_path / "again.pt2")) == _sha(path)
+
+
+def test_format_1_policy_still_loads(policies, tmp_path):
+    """Format 1 stored one program with the Euler loop unrolled in it (here a 1-step schedule, cheap to export)."""
+    from policy_fixtures import policy_args
+
+    from qvla_compiler.models.sampling import FlowSchedule
+    from qvla_compiler.program import PolicyProgram
+
+    policy, qp, path = policies["pi05-tiny"]
+    one_step = PolicyProgram(qp.program.graphs["prefix"], qp.program.graphs["denoise"], FlowSchedule((1.0,), -1.0))
+    args = policy_args(policy, batch=2)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    with torch.no_grad():
+        ep = torch.export.export(one_step, args, dynamic_shapes=tuple({0: batch} for _ in args), strict=False)
+    meta = json.loads(_members(path)[ROOT + "extra/qvla/meta.json"])
+    meta.update(format=1)
+    del meta["schedule"]
+    extra = {name: _members(path)[ROOT + "extra/" + name].decode() for name in ("qvla/report.json", "qvla/plan.json")}
+    old = artifact.write_archive(ep, tmp_path / "v1.pt2", {**extra, "qvla/meta.json": json.dumps(meta)})
+    loaded = qvla_compiler.load(old)
+    assert loaded.schedule is None and list(loaded.exported_programs) == ["model"]
+    args3 = policy_args(policy, batch=3)
+    assert torch.equal(loaded.module()(*args3), one_step(*args3))
+    assert len(qvla_compiler.inspect.summary.inspect_data(old)["linears"]) == len(qp.report.linears)
+
+
+def _policy_members(policies):
+    return _members(policies["pi05-tiny"][2])
+
+
+def test_policy_payloads_never_run(policies, tmp_path):
+    """The data-only checks hold for every program in the archive, not only the first."""
+    marker = tmp_path / "PWNED"
+    cases = {}
+    m = _policy_members(policies)
+    m[ROOT + "data/sample_inputs/denoise.pt"] = _torch_pickle(((), {"x": _Payload(marker)}))
+    cases["denoise sample inputs"] = (m, "data/sample_inputs/denoise.pt.*weights_only")
+    m = _policy_members(policies)
+    config = json.loads(m[ROOT + "data/weights/denoise_weights_config.json"])
+    fqn, entry = next(iter(config["config"].items()))
+    m[ROOT + "data/weights/" + entry["path_name"]] = _torch_pickle(_Payload(marker))
+    _edit_json(m, "data/weights/denoise_weights_config.json", lambda d: d["config"][fqn].update(use_pickle=True))
+    cases["denoise weight"] = (m, "use_pickle")
+    m = _policy_members(policies)
+    _edit_json(m, "models/denoise.json", lambda d: d["graph_module"]["graph"]["tensor_values"].update(
+        x={"sizes": [{"as_expr": {"expr_str": f"open({str(marker)!r}, 'w')", "hint": {"as_int": 4}}}]}))
+    cases["denoise shape expression"] = (m, "not plain arithmetic")
+    m = _policy_members(policies)
+    m[ROOT + "models/a.b.json"] = m[ROOT + "models/prefix.json"]
+    cases["odd model name"] = (m, "models/a.b.json")
+    for i, (what, (members, match)) in enumerate(cases.items()):
+        with pytest.raises(ArtifactError, match=match):
+            qvla_compiler.load(_write(tmp_path / f"evil{i}.pt2", members))
+        assert not marker.exists(), what
+
+
+def test_policy_with_missing_or_extra_graphs_is_refused(policies, tmp_path):
+    members = _policy_members(policies)
+    for name in ("models/prefix.json", "data/weights/prefix_weights_config.json",
+                 "data/constants/prefix_constants_config.json", "data/sample_inputs/prefix.pt"):
+        members[ROOT + name.replace("prefix", "extra")] = members[ROOT + name]
+    with pytest.raises(ArtifactError, match=r"holds the graphs \['denoise', 'extra', 'prefix'\]"):
+        qvla_compiler.load(_write(tmp_path / "extra.pt2", members))
+    members = {k: v for k, v in _policy_members(policies).items() if "/prefix" not in k}
+    with pytest.raises(ArtifactError, match="holds the graphs"):
+        qvla_compiler.load(_write(tmp_path / "missing.pt2", members))
+    members = _policy_members(policies)
+    _edit_json(members, "extra/qvla/meta.json", lambda d: d.update(schedule=None))
+    with pytest.raises(ArtifactError, match="unreadable qvla metadata"):
+        qvla_compiler.load(_write(tmp_path / "no-schedule.pt2", members))

@@ -11,7 +11,9 @@
     tensors       every stored tensor (parameters, buffers, constants): sha256 of its bytes, dtype, shape and the
                   linear it belongs to, if any — what `qvla diff` compares, so changed weights never hide
 
-The exported program unrolls the Euler loop, so every denoise linear appears once per step; the graph shows it once.
+A policy is stored as one program per graph (prefix, denoise step), a module as one; tensor names carry the graph
+(`prefix.<name>`, `denoise.<name>`) as in format-1 files, whose one program unrolls the Euler loop (the graph then
+shows each denoise linear once, not once per step).
 """
 from __future__ import annotations
 
@@ -35,11 +37,12 @@ def inspect_data(path: str | Path, loaded=None, trust: bool = False) -> dict[str
 
     loaded = loaded or load(path, trust=trust)
     report = json.loads(loaded.report.to_json())
-    ep = loaded.exported_program
+    # "model": the whole program (a module, or a format-1 policy whose names already start with the graph's)
+    programs = {("" if name == "model" else f"{name}."): ep for name, ep in loaded.exported_programs.items()}
     rows: dict[tuple, dict] = {}
     for r in report["linears"]:  # a weight called at several sites: its first row holds the bytes
         rows.setdefault((r["graph"], r["module_path"]), dict(r))
-    nodes, edges, rotation = _linear_graph(ep, rows)
+    nodes, edges, rotation = _linear_graph(programs, rows)
     scales = _attention_scales(report.get("attention_scales"))
     for key, row in rows.items():
         row["rotation"] = rotation.get(key)
@@ -49,31 +52,50 @@ def inspect_data(path: str | Path, loaded=None, trust: bool = False) -> dict[str
     summary = {k: v for k, v in report.items() if k not in ("linears", "attention_scales")}
     return {"program": str(path), "meta": loaded.meta, "summary": summary, "linears": linears,
             "graph": {"nodes": nodes, "edges": edges}, "attention": report.get("attention_scales"),
-            "tensors": _tensor_digests(ep, rows),
+            "tensors": _tensor_digests(programs, rows),
             "int_linears": summary["int_linears"], "float_linears": summary["float_linears"]}
 
 
 # ------------------------------------------------------------------------------------------------------ graph
-def _linear_graph(ep: torch.export.ExportedProgram, rows: dict) -> tuple[list, list, dict]:
-    sig = ep.graph_signature
-    state = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+def _linear_graph(programs: dict[str, torch.export.ExportedProgram], rows: dict) -> tuple[list, list, dict]:
+    """Linear nodes and the dataflow edges between them, over every program ({tensor-name prefix: program})."""
     by_state = _rows_by_state_name(rows)
-    key_of: dict[torch.fx.Node, tuple] = {}
     rotation: dict[tuple, str] = {}
-    for node in ep.graph.nodes:
-        pos = _LINEAR_OPS.get(str(node.target)) if node.op == "call_function" else None
-        if pos is None or not isinstance(node.args[pos], torch.fx.Node):
-            continue
-        key = by_state.get(state.get(node.args[pos].name, ""))
-        if key is not None:
-            key_of[node] = key
-            rot = _online_rotation(node.args[0])
-            if rot:
-                rotation[key] = rot
-    nearest: dict[torch.fx.Node, list[tuple[int, tuple]]] = {}
-    order = {n: i for i, n in enumerate(ep.graph.nodes)}
     edges: dict[tuple, None] = {}
-    for node in ep.graph.nodes:
+    carried: list = []  # what a program's outputs hold: the next one's inputs (a policy's prefix feeds its denoise)
+    for prefix, ep in programs.items():
+        sig = ep.graph_signature
+        state = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+        key_of: dict[torch.fx.Node, tuple] = {}
+        for node in ep.graph.nodes:
+            pos = _LINEAR_OPS.get(str(node.target)) if node.op == "call_function" else None
+            if pos is None or not isinstance(node.args[pos], torch.fx.Node) or node.args[pos].name not in state:
+                continue
+            key = by_state.get(prefix + state[node.args[pos].name])
+            if key is not None:
+                key_of[node] = key
+                rot = _online_rotation(node.args[0])
+                if rot:
+                    rotation[key] = rot
+        from_prefix, carried = carried, _add_edges(ep, key_of, edges, carried)
+    if list(programs) == ["prefix.", "denoise."]:  # Euler loop: a step's output is the next step's x_t (after KV)
+        _add_edges(ep, key_of, edges, [*from_prefix, *carried, []])
+    nodes = [{"id": _node_id(k), "graph": k[0], "module_path": k[1], "role": r["role"], "bits": r["bits"],
+              "region": r["region"], "cluster": _cluster(*k), "sqnr_db": r.get("sqnr_db")} for k, r in rows.items()]
+    return nodes, [{"source": _node_id(a), "target": _node_id(b)} for a, b in edges], rotation
+
+
+def _add_edges(ep: torch.export.ExportedProgram, key_of: dict[torch.fx.Node, tuple], edges: dict[tuple, None],
+               carried: list) -> list:
+    """Each linear's _MAX_PARENTS most recent linear producers, through any non-linear ops between them; the user
+    inputs start from `carried` (the previous program's user outputs, older than any node here). Returns what the
+    user outputs carry."""
+    graph, sig = ep.graph, ep.graph_signature
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    user_inputs, user_outputs = set(sig.user_inputs), set(sig.user_outputs)
+    inputs = [n for n in graph.nodes if n.op == "placeholder" and n.name in user_inputs]
+    nearest: dict[torch.fx.Node, list[tuple[int, tuple]]] = dict(zip(inputs, carried))
+    for node in graph.nodes:
         parents: dict[tuple, int] = {}
         for inp in node.all_input_nodes:
             for idx, key in ([(order[inp], key_of[inp])] if inp in key_of else nearest.get(inp, [])):
@@ -83,11 +105,11 @@ def _linear_graph(ep: torch.export.ExportedProgram, rows: dict) -> tuple[list, l
             for _, src in latest:
                 if src != key_of[node]:
                     edges[(src, key_of[node])] = None
-        else:
+        elif node not in nearest:
             nearest[node] = latest
-    nodes = [{"id": _node_id(k), "graph": k[0], "module_path": k[1], "role": r["role"], "bits": r["bits"],
-              "region": r["region"], "cluster": _cluster(*k), "sqnr_db": r.get("sqnr_db")} for k, r in rows.items()]
-    return nodes, [{"source": _node_id(a), "target": _node_id(b)} for a, b in edges], rotation
+    outputs = [a for a in torch.utils._pytree.tree_leaves(graph.output_node().args) if isinstance(a, torch.fx.Node)]
+    return [[(i - len(order), k) for i, k in ([(order[a], key_of[a])] if a in key_of else nearest.get(a, []))]
+            for a in outputs if a.name in user_outputs]
 
 
 def _rows_by_state_name(rows: dict) -> dict[str, tuple]:
@@ -102,11 +124,13 @@ def _rows_by_state_name(rows: dict) -> dict[str, tuple]:
     return out
 
 
-def _tensor_digests(ep: torch.export.ExportedProgram, rows: dict) -> dict[str, dict]:
+def _tensor_digests(programs: dict[str, torch.export.ExportedProgram], rows: dict) -> dict[str, dict]:
     """name → {sha256, dtype, shape, linear}: the exact bytes of every tensor the program carries."""
     owners = _tensor_owners(rows)
     out = {}
-    for name, t in sorted({**ep.state_dict, **ep.constants}.items()):
+    tensors = {prefix + name: t for prefix, ep in programs.items()
+               for name, t in {**ep.state_dict, **ep.constants}.items()}
+    for name, t in sorted(tensors.items()):
         if not isinstance(t, torch.Tensor):
             continue
         data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
