@@ -110,6 +110,28 @@ def test_compiled_program_has_no_opaque_qvla_op_and_matches_eager(freezing):
     assert inductor.register() == ("qvla::quantize_act", "qvla::int8_linear", "qvla::int4_linear")
 
 
+class _QuantThenLinear(torch.nn.Module):
+    def forward(self, x, w, s, b):
+        xq, xs = qvla.quantize_act(x, 8, None)
+        return xq, xs, qvla.int8_linear(xq, xs, w, s, b, torch.float32)
+
+
+def test_compiled_ops_are_bit_identical_to_eager():
+    """Alone (no float op before them), the compiled quantize_act and int8_linear equal the eager kernels bit for
+    bit: same rounding of ties (x.5 -> even), same scales, same accumulator and epilogue."""
+    x = torch.randn(64, 300) * 4
+    x[:, 0] = 127.0
+    x[:, 1:50] = torch.arange(49).float() + 0.5  # scale 1: every one of these is a rounding tie
+    w = torch.randint(-127, 128, (40, 300), dtype=torch.int8)
+    s, b = torch.rand(40), torch.randn(40)
+    m = _QuantThenLinear()
+    with torch.no_grad():
+        want = m(x, w, s, b)
+        got = inductor.compile_program(m, freezing=False)(x, w, s, b)
+    for g, e in zip(got, want):
+        assert torch.equal(g, e)
+
+
 @pytest.mark.skipif(not __import__("os").environ.get("QVLA_AOT_TEST"),
                     reason="AOTInductor compiles C++ for minutes on 2 cores; QVLA_AOT_TEST=1 runs it")
 def test_aot_package_runs_the_decomposed_program(tmp_path):
