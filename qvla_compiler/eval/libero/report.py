@@ -67,8 +67,8 @@ def print_libero(r: dict, console) -> None:
     def ci(c):
         return f"{c[0]:.0%}–{c[1]:.0%}"
 
-    table = Table(title=f"LIBERO · {r['policy']} · {r['recipe']} (layout {r['layout']}) · "
-                        f"{r['episodes_per_task']} episodes per task")
+    layout = f" (layout {r['layout']})" if r["layout"] else ""
+    table = Table(title=f"LIBERO · {r['policy']} · {r['recipe']}{layout} · {r['episodes_per_task']} episodes per task")
     for col in ("suite / task", "float", "95% CI", "quantized", "95% CI", "McNemar p", "chunk L2", "EE max (m)",
                 "separated"):
         table.add_column(col)
