@@ -222,3 +222,20 @@ def test_calibration_never_uses_an_evaluated_init_state():
     assert calibration_sources(every, episodes=49, n_obs=90) == [("libero_90", t, 49) for t in range(90)]
     with pytest.raises(QvlaError, match="lower calib_steps or episodes"):
         calibration_sources(every, episodes=49, n_obs=91)
+
+
+def test_table_names_every_task_and_suite():
+    import io
+
+    from rich.console import Console
+
+    from qvla_compiler.eval.libero.report import print_libero, summarize_pairs
+
+    rows = [_row("libero_goal", t, e, fp=True, q=e == 0) for t in (3, 5) for e in range(2)]
+    r = {**summarize_pairs(rows, ["libero_goal"]), "policy": "tiny", "recipe": "w8a8", "layout": "quantvla",
+         "episodes_per_task": 2, "env_steps": 88, "seconds_per_step": 0.3, "seconds_per_episode": 3.3, "seconds": 30}
+    buf = io.StringIO()
+    print_libero(r, Console(file=buf, width=200))
+    text = buf.getvalue()
+    assert "libero_goal/3 t3" in text and "libero_goal/5 t5" in text and "w8a8 (layout quantvla)" in text
+    assert "4 paired episodes: float 100%, quantized 50%" in text
