@@ -23,9 +23,8 @@ import torch
 
 from qvla_compiler.errors import QvlaError
 from qvla_compiler.eval.stats import paired_summary
-from qvla_compiler.eval.tabletop import (
-    FAMILIES, EpisodeResult, TabletopEnv, episode_noise, obs_to_batch, run_episodes, runner_kwargs,
-)
+from qvla_compiler.eval.runner import EpisodeResult, episode_noise, obs_to_batch, run_episodes, runner_kwargs
+from qvla_compiler.eval.tabletop import FAMILIES, TabletopEnv
 
 __all__ = ["FLOAT_RECIPES", "EVAL_NOISE_SEED", "CALIB_SEED", "N_EXEC", "calibration_observations", "evaluate"]
 
