@@ -13,6 +13,7 @@ in this process, in `jobs` worker processes or on a Ray cluster (parallel.py); r
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -176,7 +177,8 @@ def evaluate_libero(policy_dir: str | os.PathLike, recipe: str = "quantvla-w8a8"
             rep = program.report
             out.update(layout=program.recipe.layout, quantize_seconds=round(time.time() - t_q, 1),
                        calibration={"observations": len(used), "init_states": used},
-                       report={"action_rel_l2": rep.action_rel_l2, "action_sqnr_db": rep.action_sqnr_db,
+                       report={"action_rel_l2": rep.action_rel_l2,  # JSON has no Infinity: layout none → null
+                               "action_sqnr_db": rep.action_sqnr_db if math.isfinite(rep.action_sqnr_db) else None,
                                "int_linears": rep.int_linears, "float_linears": rep.float_linears,
                                "policy_bytes_bf16": rep.policy_bytes_bf16,
                                "policy_bytes_quant": rep.policy_bytes_quant})
