@@ -201,7 +201,7 @@ def _to_dataclass(cls, data):
     instead of once per object (that lookup is ~40% of reading a program)."""
     cls = serialize._resolve_schema_cls(cls)
     if isinstance(cls, str):
-        raise ArtifactError(f"the graph JSON names an unknown schema type {cls!r}")
+        raise TypeError(f"unresolved schema type {cls!r}")
     origin = typing.get_origin(cls)
     if origin is typing.Annotated:
         return _to_dataclass(cls.__origin__, data)

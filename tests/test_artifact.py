@@ -405,6 +405,7 @@ def test_policy_payloads_never_run(policies, tmp_path):
 
 
 def test_policy_with_missing_or_extra_graphs_is_refused(policies, tmp_path):
+    """An archive whose programs are not the ones its format and kind name (prefix + denoise; model) is refused."""
     members = _policy_members(policies)
     for name in ("models/prefix.json", "data/weights/prefix_weights_config.json",
                  "data/constants/prefix_constants_config.json", "data/sample_inputs/prefix.pt"):
@@ -412,9 +413,7 @@ def test_policy_with_missing_or_extra_graphs_is_refused(policies, tmp_path):
     with pytest.raises(ArtifactError, match=r"holds the graphs \['denoise', 'extra', 'prefix'\]"):
         qvla_compiler.load(_write(tmp_path / "extra.pt2", members))
     members = {k: v for k, v in _policy_members(policies).items() if "/prefix" not in k}
-    with pytest.raises(ArtifactError, match="holds the graphs"):
+    _edit_json(members, "extra/qvla/meta.json", lambda d: d.update(format=1))  # a v1 file holds one "model"
+    with pytest.raises(ArtifactError, match=r"holds the graphs \['denoise'\], but a format-1 policy program has "
+                                            r"\['model'\]"):
         qvla_compiler.load(_write(tmp_path / "missing.pt2", members))
-    members = _policy_members(policies)
-    _edit_json(members, "extra/qvla/meta.json", lambda d: d.update(schedule=None))
-    with pytest.raises(ArtifactError, match="unreadable qvla metadata"):
-        qvla_compiler.load(_write(tmp_path / "no-schedule.pt2", members))
