@@ -105,6 +105,7 @@ def test_layout_none_diverges_by_exactly_zero_and_float_reruns_are_bit_identical
 
     r = evaluate_libero(folder, "w8a8", layout="none", **COMMON)
     assert r["layout"] == "none" and r["report"]["int_linears"] == 0
+    assert r["report"]["action_sqnr_db"] is None and json.dumps(r, allow_nan=False)  # strict JSON
     first = rows(w8a8[0])
     for key, e in rows(r).items():
         assert e["digest_q"] == e["digest_fp"]                         # quantized rollout == float rollout
