@@ -340,8 +340,9 @@ def test_policy_round_trips_bitwise_at_any_batch(policies, name):
                for c in calls) <= linears
     with pytest.raises(ArtifactError, match="exported_programs"):
         loaded.exported_program
-    args = policy_args(policy, batch=2)
-    assert torch.equal(qvla_compiler.load(path, trust=True).module()(*args), qp.module()(*args))
+    if name == "pi05-tiny":  # trust=True (torch's own loader) reads the same programs
+        args = policy_args(policy, batch=2)
+        assert torch.equal(qvla_compiler.load(path, trust=True).module()(*args), qp.module()(*args))
 
 
 def test_policy_saves_are_byte_reproducible(policies, tmp_path):
