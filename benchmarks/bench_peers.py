@@ -276,7 +276,7 @@ def build_qvla(recipe: str, compiled: bool):
         qp, loaded, file_bytes = _qvla_program(policy, ctx["model"], recipe, ctx)
         graphs = qp.program.graphs
         label = f"qvla {recipe}" + (" inductor" if compiled else "")
-        nbytes = _ep_bytes(loaded.exported_program)
+        nbytes = sum(_ep_bytes(ep) for ep in loaded.exported_programs.values())
         if compiled:
             return _from_modules(label, compile_program(graphs["prefix"]),
                                  compile_program(lambda *a: graphs["denoise"](tuple(a[:-2]), a[-2], a[-1])),

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import nn
-from torch.export import Dim
 
 from qvla_compiler import calibration, pipeline
 from qvla_compiler.errors import ArtifactError, CalibrationError
