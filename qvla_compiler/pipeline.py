@@ -46,7 +46,8 @@ def calibrate(program: Program, recipe, calib, *, model: str, atm_style=None, to
         cal.run_calibration(work, batches, total=total, progress=progress)
     for gm in work.graphs.values():
         quantize_linears(gm, recipe.weight_method)
-    plan = record_plan(work.graphs, recipe, model, fingerprints)
+    rows = [row for name, gm in work.graphs.items() for row in linear_reports(name, gm)]
+    plan = record_plan(work.graphs, recipe, model, fingerprints, rows)
     if teacher is not None:
         student = program.fork()
         apply(student, plan)

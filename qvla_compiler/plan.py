@@ -36,10 +36,15 @@ from qvla_compiler.meta import QuantSpec
 PLAN_FORMAT = 2  # 1: linears only (no rotations, smoothing or ATM/OHB); refused
 PLAN_JSON, PLAN_TENSORS = "plan.json", "tensors.safetensors"
 _SEP = "::"
-# The tensors quantize_linears produces; "act_scale@<graph>" holds a static activation scale per graph.
+# The tensors quantize_linears produces; "act_scale@<graph>[#k]" holds the static activation scale of the k-th call
+# site (k > 0 only for a weight read more than once, e.g. a shared head) in one graph.
 WEIGHT_Q, WEIGHT_SCALE, ACT_SCALE = "weight_q", "weight_scale", "act_scale"
 # A group's fitted transforms, on its first linear's entry.
 SMOOTH, DUQUANT = "smooth", ("duquant_smooth", "duquant_rot1", "duquant_perm", "duquant_rot2")
+
+
+def act_scale_key(graph: str, site: int = 0) -> str:
+    return f"{ACT_SCALE}@{graph}" + (f"#{site}" if site else "")
 
 
 class PlanError(QvlaError, ValueError):
@@ -64,11 +69,14 @@ class ModulePlan:
     def is_quantized(self) -> bool:
         return self.spec is not None
 
-    def act_scale(self, graph: str | None = None) -> torch.Tensor | None:
-        """Static activation scale for `graph` (any graph's when None: the backend has no graph names)."""
-        if graph is not None and f"{ACT_SCALE}@{graph}" in self.tensors:
-            return self.tensors[f"{ACT_SCALE}@{graph}"]
-        return next((t for k, t in self.tensors.items() if k.startswith(ACT_SCALE + "@")), None)
+    def act_scale(self, graph: str | None = None, site: int = 0) -> torch.Tensor | None:
+        """Static activation scale of call site `site` in `graph` (when the plan has no such graph — the backend's
+        graphs have no names — the first graph's scale of that call site)."""
+        if graph is not None and act_scale_key(graph, site) in self.tensors:
+            return self.tensors[act_scale_key(graph, site)]
+        suffix = f"#{site}" if site else ""
+        return next((t for k, t in self.tensors.items() if k.startswith(ACT_SCALE + "@")
+                     and (k.endswith(suffix) if site else "#" not in k)), None)
 
     def to_json(self) -> dict:
         spec = dataclasses.asdict(self.spec) if self.spec is not None else None

@@ -62,7 +62,7 @@ CLI_CASES = [
     (["quantize", "--model", "pi05-tiny", "--plan", "{d}/missing"], PlanError, "qvla calibrate"),
     (["quantize", "--model", "pi05-tiny", "--plan", "{d}/bad_json"], PlanError, "re-run `qvla calibrate`"),
     (["quantize", "--model", "pi05-tiny", "--plan", "{d}/list_json"], PlanError, "re-run `qvla calibrate`"),
-    (["quantize", "--model", "pi05-tiny", "--plan", "{d}/old_format"], PlanError, "re-run `qvla calibrate`"),
+    (["quantize", "--model", "pi05-tiny", "--plan", "{d}/old_format"], PlanError, "re-run `qvla calibrate"),
     (["quantize", "--model", "pi05-tiny", "--plan", "{d}/truncated"], PlanError, "re-run `qvla calibrate`"),
     (["quantize", "--model", "pi05-tiny", "--plan", "{d}/plan", "--recipe", "w4a4"], PlanError, "drop those"),
     (["quantize", "--model", "pi05-tiny", "--plan", "{d}/plan", "--layout", "all"], PlanError, "drop those"),

@@ -142,9 +142,10 @@ def grouped_int_matmul(a: torch.Tensor, b_t: torch.Tensor, group: int, which: st
 _WEIGHT_CACHE: dict[int, tuple[weakref.ref, dict]] = {}  # id(weight) -> (weak ref to it, {key: (version, op)})
 
 
-def _forget(wid: int, ref: weakref.ref) -> None:
-    if _WEIGHT_CACHE.get(wid, (None,))[0] is ref:
-        del _WEIGHT_CACHE[wid]
+def _forget(wid: int, ref: weakref.ref, cache: dict = _WEIGHT_CACHE) -> None:
+    # The cache is bound as a default: weakref callbacks can run at interpreter exit, after module globals are None.
+    if cache.get(wid, (None,))[0] is ref:
+        del cache[wid]
 
 
 def weight_cache_enabled() -> bool:

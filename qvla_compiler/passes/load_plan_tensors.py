@@ -18,10 +18,12 @@ from qvla_compiler.plan import WEIGHT_Q, WEIGHT_SCALE, PlanError, QuantPlan
 
 
 def load_plan_tensors(gm: fx.GraphModule, plan: QuantPlan, graph: str) -> fx.GraphModule:
+    sites: dict[str, int] = {}  # module path → call sites seen so far (record_plan counts them the same way)
     for node in g.linear_nodes(gm):
         info = node.meta["qvla"]
+        site = sites[info.module_path] = sites.get(info.module_path, -1) + 1
         if info.is_quantized:
-            _attach_integer(gm, node, plan.modules[info.module_path], graph)
+            _attach_integer(gm, node, plan.modules[info.module_path], graph, site)
     for obs_node, _, linears in observed_groups(gm):
         fields = planned_transform(plan.modules[linears[0].meta["qvla"].module_path])
         if fields:
@@ -29,7 +31,7 @@ def load_plan_tensors(gm: fx.GraphModule, plan: QuantPlan, graph: str) -> fx.Gra
     return gm
 
 
-def _attach_integer(gm: fx.GraphModule, node: fx.Node, entry, graph: str) -> None:
+def _attach_integer(gm: fx.GraphModule, node: fx.Node, entry, graph: str, site: int) -> None:
     info = node.meta["qvla"]
     if WEIGHT_Q not in entry.tensors or WEIGHT_SCALE not in entry.tensors:
         raise PlanError(f"the plan marks {info.module_path} as {info.bits_label} but holds no integer weight")
@@ -38,10 +40,10 @@ def _attach_integer(gm: fx.GraphModule, node: fx.Node, entry, graph: str) -> Non
     gm.register_buffer(base + "_ws", entry.tensors[WEIGHT_SCALE].clone())
     act = None
     if info.spec.act_mode == "static":
-        scale = entry.act_scale(graph)
+        scale = entry.act_scale(graph, site)
         if scale is None:
-            raise PlanError(f"{info.module_path} uses static activation scales but the plan has none for "
-                            f"graph {graph!r}")
-        gm.register_buffer(base + "_xs", scale.clone())
-        act = base + "_xs"
+            raise PlanError(f"{info.module_path} uses static activation scales but the plan has none for call "
+                            f"site {site} of graph {graph!r}")
+        act = base + ("_xs" if site == 0 else f"_{site}_xs")
+        gm.register_buffer(act, scale.clone())
     node.meta["qvla_tensors"] = QuantTensors(base + "_wq", base + "_ws", act)

@@ -13,12 +13,11 @@ import json
 
 import torch.fx as fx
 
-from qvla_compiler.inspect.report import linear_reports
 from qvla_compiler.meta import LinearInfo
 from qvla_compiler.passes import _graph as g
 from qvla_compiler.passes.quantize_linears import KEPT_FLOAT, _fetch
 from qvla_compiler.passes.rotate_common import TRANSFORM, observed_groups
-from qvla_compiler.plan import (ACT_SCALE, DUQUANT, SMOOTH, WEIGHT_Q, WEIGHT_SCALE, ModulePlan, QuantPlan,
+from qvla_compiler.plan import (DUQUANT, SMOOTH, WEIGHT_Q, WEIGHT_SCALE, ModulePlan, QuantPlan, act_scale_key,
                                 weight_fingerprint)
 
 
@@ -28,22 +27,25 @@ def linear_fingerprints(gm: fx.GraphModule) -> dict[str, list[float]]:
             for n in g.linear_nodes(gm) if n.args[1].op == "get_attr"}
 
 
-def record_plan(graphs: dict[str, fx.GraphModule], recipe, model: str,
-                fingerprints: dict[str, list[float]]) -> QuantPlan:
+def record_plan(graphs: dict[str, fx.GraphModule], recipe, model: str, fingerprints: dict[str, list[float]],
+                rows) -> QuantPlan:
+    """`rows`: the inspect.report LinearReports of `graphs` (their SQNR is kept per module path and graph)."""
     modules: dict[str, ModulePlan] = {}
+    first_sqnr: dict[tuple[str, str], float | None] = {}
+    for row in rows:
+        first_sqnr.setdefault((row.graph, row.module_path), row.sqnr_db)
     for graph, gm in graphs.items():
-        sqnr = {}
-        for row in linear_reports(graph, gm):
-            sqnr.setdefault(row.module_path, row.sqnr_db)
+        sites: dict[str, int] = {}  # module path → call sites seen so far in this graph
         for node in g.linear_nodes(gm):
             info = node.meta["qvla"]
+            site = sites[info.module_path] = sites.get(info.module_path, -1) + 1
             entry = modules.get(info.module_path)
             if entry is None:
                 entry = modules[info.module_path] = _entry(info, node, fingerprints.get(info.module_path))
             if graph not in entry.graphs:
                 entry.graphs = (*entry.graphs, graph)
-                entry.extra["sqnr_db"][graph] = sqnr.get(info.module_path)
-            _collect_tensors(entry, gm, node, graph)
+                entry.extra["sqnr_db"][graph] = first_sqnr.get((graph, info.module_path))
+            _collect_tensors(entry, gm, node, act_scale_key(graph, site))
         for obs_node, _, linears in observed_groups(gm):
             _collect_transform(modules[linears[0].meta["qvla"].module_path], obs_node.meta.get(TRANSFORM))
     recipe_json = json.loads(json.dumps(dataclasses.asdict(recipe), default=str))
@@ -62,14 +64,14 @@ def _entry(info: LinearInfo, node: fx.Node, fingerprint) -> ModulePlan:
                       info.in_features, info.out_features, info.spec, (), {}, extra)
 
 
-def _collect_tensors(entry: ModulePlan, gm: fx.GraphModule, node: fx.Node, graph: str) -> None:
+def _collect_tensors(entry: ModulePlan, gm: fx.GraphModule, node: fx.Node, act_key: str) -> None:
     names = node.meta.get("qvla_tensors")
     if names is None:
         return
     entry.tensors.setdefault(WEIGHT_Q, getattr(gm, names.weight).detach().clone())
     entry.tensors.setdefault(WEIGHT_SCALE, getattr(gm, names.weight_scale).detach().clone())
     if names.act_scale:
-        entry.tensors[f"{ACT_SCALE}@{graph}"] = getattr(gm, names.act_scale).detach().clone()
+        entry.tensors[act_key] = getattr(gm, names.act_scale).detach().clone()
 
 
 def _collect_transform(entry: ModulePlan, transform) -> None:

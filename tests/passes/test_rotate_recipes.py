@@ -8,7 +8,7 @@ from qvla_compiler.passes.check_schedule import check_schedule
 from qvla_compiler.recipes import RECIPES, QuantRecipe
 
 
-@pytest.mark.parametrize("bad", [dict(rotation="spin"), dict(smooth="awq"), dict(smooth_alpha=1.5),
+@pytest.mark.parametrize("bad", [dict(rotation="spin"), dict(smooth="gptq"), dict(smooth_alpha=1.5),
                                  dict(rotation_block=1)])
 def test_recipe_rejects_bad_rotation_fields(bad):
     with pytest.raises(RecipeError):
