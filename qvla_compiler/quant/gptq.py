@@ -26,7 +26,8 @@ _DAMP_RETRIES = 4  # a non-positive-definite H is retried with damping ×10 each
 
 
 def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, group_size: int = 128, *, damp: float = 0.01,
-                  block_size: int = 128, act_order: bool = False, clip: str = "absmax") -> tuple[Tensor, Tensor]:
+                  block_size: int = 128, act_order: bool = False, clip: str = "absmax", static_groups: bool = False,
+                  refit_scales: bool = False) -> tuple[Tensor, Tensor]:
     """W [N, K] and the input Hessian H [K, K] (2·XᵀX/n; any positive multiple gives the same result) ->
     (integer weight, fp32 scales), in the format of `quantize_weight(w, bits, group_size, clip)`:
     bits 8: int8 [N, K] and scales [N] (per output channel; group_size ignored);
@@ -35,8 +36,11 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, group_size: int = 128, 
     Dead inputs (H_jj = 0: the channel was always zero in calibration) get H_jj = 1 and W[:, j] = 0, and
     damp·mean(diag H) is added to the diagonal. Scales: int8 per row from W (absmax or `clip="mse"` search);
     int4 groups from the current, error-updated weights when the sweep reaches the group's first column
-    (AutoGPTQ), or, with `act_order` (columns in order of decreasing H_jj), static per-group scales from W so that
-    groups stay contiguous in the original column order.
+    (AutoGPTQ), or, with `static_groups` or `act_order` (columns in order of decreasing H_jj), static per-group
+    scales from W chosen before the sweep, so that groups stay contiguous in the original column order.
+    `refit_scales`: after the sweep, with the integers fixed, every row's scales are re-solved by least squares
+    under the damped Hessian (min_s (w − Q s)(H + λI)(w − Q s)ᵀ, one G×G system per row; a scale that would not
+    be positive keeps its value), which never increases that objective.
 
     Example::
 
@@ -52,15 +56,18 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, group_size: int = 128, 
     h.diagonal()[dead] = 1  # keeps H invertible; the weights there never met a nonzero input
     w[:, dead] = 0
     perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(k, device=w.device)
-    if bits == 8 or act_order:
+    if bits == 8 or act_order or static_groups:
         scales = _static_scales(w, bits, group_size, clip)
     else:
         scales = w.new_zeros(n, -(-k // gs))  # filled in as the sweep reaches each group
-    u = _inverse_cholesky(h[perm][:, perm], damp)
+    u, lam = _inverse_cholesky(h[perm][:, perm], damp)
     groups = perm // gs if bits == 4 else torch.zeros_like(perm)
     codes = _sweep(w[:, perm], u, scales, groups.tolist(), qmax_for(bits),
-                   gs if bits == 4 and not act_order else 0, clip, max(1, block_size))
+                   gs if bits == 4 and not (act_order or static_groups) else 0, clip, max(1, block_size))
     codes = codes[:, torch.argsort(perm)]
+    if refit_scales:
+        h.diagonal().add_(lam)
+        scales = _refit_scales(w, h, codes, scales, gs)
     if bits == 8:
         return codes.contiguous(), scales[:, 0].contiguous()
     return pack_int4(codes), scales.contiguous()
@@ -87,9 +94,9 @@ def _static_scales(w: Tensor, bits: int, group_size: int, clip: str) -> Tensor:
     return scale.reshape(w.shape[0], -1).clone()
 
 
-def _inverse_cholesky(h: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor U of (H + λI)⁻¹ (UᵀU = (H + λI)⁻¹), λ = damp·mean(diag H), float64 for stability.
-    Retries with λ ×10 when H + λI is not numerically positive definite."""
+def _inverse_cholesky(h: Tensor, damp: float) -> tuple[Tensor, float]:
+    """(U, λ): the upper Cholesky factor U of (H + λI)⁻¹ (UᵀU = (H + λI)⁻¹), λ = damp·mean(diag H), float64 for
+    stability. Retries with λ ×10 when H + λI is not numerically positive definite."""
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     mean_diag = h.diagonal().mean()
     for attempt in range(_DAMP_RETRIES):
@@ -100,11 +107,34 @@ def _inverse_cholesky(h: Tensor, damp: float) -> Tensor:
         if info == 0:
             upper = torch.linalg.solve_triangular(lower.flip(0, 1), eye, upper=True)
             if torch.isfinite(upper).all():
-                return upper
+                return upper, lam.item()
     raise CalibrationError(
         f"gptq_quantize: the Hessian is not positive definite even with damping {damp * 10 ** (_DAMP_RETRIES - 1):g}"
         f"·mean(diag H) (mean diag {mean_diag.item():.3g}); it should be 2·XᵀX/n of real inputs — check the "
         "calibration data, or pass a larger damp")
+
+
+def _refit_scales(w: Tensor, h: Tensor, codes: Tensor, scales: Tensor, gs: int) -> Tensor:
+    """Per row i, the scales s [G] minimising (w_i − Q_i s) H (w_i − Q_i s)ᵀ with Q_i [K, G] the row's integers
+    spread over its groups: the normal equations (Q_iᵀ H Q_i) s = Q_iᵀ H w_i, float64. A tiny ridge towards the
+    old scales (1e-9 of the mean diagonal) keeps an all-zero group's scale; a non-positive or non-finite solution
+    keeps the old scales of that row."""
+    n, k = w.shape
+    g = scales.shape[1]
+    pad = g * gs - k
+    q = torch.nn.functional.pad(codes.double(), (0, pad)).reshape(n, g, gs)
+    hp = torch.nn.functional.pad(h, (0, pad, 0, pad))
+    hw = (torch.nn.functional.pad(w.double(), (0, pad)) @ hp).reshape(n, g, gs)
+    rhs = (q * hw).sum(-1)  # [N, G]
+    lhs = w.new_empty(n, g, g, dtype=torch.float64)
+    for a in range(g):  # row block a of Q H Qᵀ restricted to group pairs: N·gs·K flops each
+        lhs[:, a] = ((q[:, a] @ hp[a * gs: (a + 1) * gs]).reshape(n, g, gs) * q).sum(-1)
+    old = scales.double()
+    ridge = 1e-9 * lhs.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-300)
+    lhs = lhs + ridge[:, None, None] * torch.eye(g, dtype=lhs.dtype, device=lhs.device)
+    new = torch.linalg.solve(lhs, (rhs + ridge[:, None] * old)[..., None])[..., 0]
+    ok = (torch.isfinite(new) & (new > 0)).all(1, keepdim=True)
+    return torch.where(ok, new, old).float()
 
 
 def _sweep(w: Tensor, u: Tensor, scales: Tensor, groups: list[int], qmax: int, dynamic_gs: int, clip: str,

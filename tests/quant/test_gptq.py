@@ -33,9 +33,11 @@ def _deq(w, q, s, bits, gs):
     return dequantize_weight(q, s, bits, w.shape[1], gs)
 
 
-def _slow_gptq(w, h, bits, gs, damp=0.01, act_order=False, clip="absmax"):
+def _slow_gptq(w, h, bits, gs, damp=0.01, act_order=False, clip="absmax", static_groups=False, refit=False):
     """Textbook OBQ loop, float64: one column at a time in the chosen order, update of every not-yet-quantized
-    column with the full inverse Hessian, then the explicit downdate H⁻¹ ← H⁻¹ − H⁻¹_{:,j} H⁻¹_{j,:} / H⁻¹_jj."""
+    column with the full inverse Hessian, then the explicit downdate H⁻¹ ← H⁻¹ − H⁻¹_{:,j} H⁻¹_{j,:} / H⁻¹_jj.
+    `refit`: then, row by row, the scales of the groups holding a nonzero integer re-solved by least squares under
+    H + λI with the integers fixed (an explicit K×G design matrix per row)."""
     w, h = w.double().clone(), h.double().clone()
     n, k = w.shape
     qmax = qmax_for(bits)
@@ -45,17 +47,32 @@ def _slow_gptq(w, h, bits, gs, damp=0.01, act_order=False, clip="absmax"):
     w[:, dead] = 0
     hinv = torch.linalg.inv(h + damp * h.diagonal().mean() * torch.eye(k, dtype=h.dtype))
     order = torch.argsort(h.diagonal(), descending=True, stable=True).tolist() if act_order else range(k)
-    static = bits == 8 or act_order
+    static = bits == 8 or act_order or static_groups
     scales = quantize_weight(w.float(), bits, gs, clip)[1].reshape(n, -1).clone() if static else torch.zeros(n, -(-k // g))
-    out = torch.zeros_like(w)
+    out, codes, w0 = torch.zeros_like(w), torch.zeros_like(w), w.clone()
     for j in order:
         if not static and j % g == 0:
             scales[:, j // g] = _scales(w[:, j: j + g].float()[:, None, :], qmax, clip)[:, 0]
         s = scales[:, j // g].double()
-        out[:, j] = torch.clamp(torch.round(w[:, j] / s), -qmax, qmax) * s
+        codes[:, j] = torch.clamp(torch.round(w[:, j] / s), -qmax, qmax)
+        out[:, j] = codes[:, j] * s
         err = (w[:, j] - out[:, j]) / hinv[j, j]
         w -= err[:, None] * hinv[j][None, :]  # row j of H⁻¹ is zero on columns already quantized
         hinv = hinv - hinv[:, j: j + 1] @ hinv[j: j + 1, :] / hinv[j, j]
+    if not refit:
+        return out
+    hd = h + damp * h.diagonal().mean() * torch.eye(k, dtype=h.dtype)
+    group_of = torch.arange(k) // g
+    for i in range(n):
+        design = torch.zeros(k, scales.shape[1], dtype=torch.float64)
+        design[torch.arange(k), group_of] = codes[i]
+        live = (design != 0).any(0)
+        a = design[:, live]
+        new = torch.linalg.solve(a.T @ hd @ a, a.T @ hd @ w0[i])
+        s_row = scales[i].double().clone()
+        if (new > 0).all():
+            s_row[live] = new
+        out[i] = codes[i] * s_row[group_of].float().double()
     return out
 
 
@@ -63,7 +80,7 @@ def _out_mse(x, w, w_hat):
     return ((x @ w.T - x @ w_hat.T) ** 2).mean().item()
 
 
-@pytest.mark.parametrize("bits,gs,n,k,block,act_order,clip", [
+_SLOW_CASES = [
     (4, 32, 24, 72, 128, False, "absmax"),  # K=72, group 32: short last group
     (4, 16, 8, 37, 12, False, "absmax"),  # odd K; groups start mid-block and straddle blocks
     (4, 16, 8, 40, 5, False, "mse"),
@@ -74,13 +91,58 @@ def _out_mse(x, w, w_hat):
     (4, 32, 24, 72, 16, True, "absmax"),  # act order, static groups
     (4, 16, 8, 37, 128, True, "mse"),
     (8, -1, 16, 72, 32, True, "absmax"),
-])
+]
+
+
+@pytest.mark.parametrize("bits,gs,n,k,block,act_order,clip", _SLOW_CASES)
 def test_matches_slow_obq_loop(bits, gs, n, k, block, act_order, clip):
     x, w = _inputs(4 * k, k, outliers=True), _weight(n, k)
     h = _hessian(x)
     q, s = gptq_quantize(w, h, bits, gs, block_size=block, act_order=act_order, clip=clip)
     ref = _slow_gptq(w, h, bits, gs, act_order=act_order, clip=clip)
     torch.testing.assert_close(_deq(w, q, s, bits, gs), ref.float(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bits,gs,n,k,block,act_order,clip", _SLOW_CASES)
+@pytest.mark.parametrize("static_groups,refit", [(True, False), (False, True), (True, True)])
+def test_static_groups_and_refit_match_slow_loop(bits, gs, n, k, block, act_order, clip, static_groups, refit):
+    x, w = _inputs(4 * k, k, outliers=True), _weight(n, k)
+    x[:, 3] = 0  # a dead channel: its column is zero, its group's other scales still refit
+    h = _hessian(x)
+    q, s = gptq_quantize(w, h, bits, gs, block_size=block, act_order=act_order, clip=clip,
+                         static_groups=static_groups, refit_scales=refit)
+    ref = _slow_gptq(w, h, bits, gs, act_order=act_order, clip=clip, static_groups=static_groups, refit=refit)
+    torch.testing.assert_close(_deq(w, q, s, bits, gs), ref.float(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bits,gs,act_order", [(4, 32, False), (4, 32, True), (4, -1, False), (8, -1, False)])
+def test_refit_never_raises_the_damped_objective(bits, gs, act_order):
+    k = 96
+    x, w = _inputs(3 * k, k, correlated=True), _weight(16, k)
+    h = _hessian(x)
+    hd = h + 0.01 * h.diagonal().mean() * torch.eye(k, dtype=h.dtype)
+
+    def per_row(refit):
+        q, s = gptq_quantize(w, h, bits, gs, act_order=act_order, refit_scales=refit)
+        d = (w - _deq(w, q, s, bits, gs)).double()
+        return q, ((d @ hd) * d).sum(1)
+
+    (q0, e0), (q1, e1) = per_row(False), per_row(True)
+    assert torch.equal(q0, q1)  # the integers are those of the sweep; only the scales move
+    assert (e1 <= e0 * (1 + 1e-9)).all() and e1.sum() < e0.sum()
+
+
+def test_production_options_beat_plain_gptq_and_rounding():
+    # the options quantize_linears uses for weight_method="gptq" (MSE-searched group scales, refit)
+    from qvla_compiler.passes.quantize_linears import GPTQ_OPTIONS
+
+    k = 256
+    x, w = _inputs(2048, k, correlated=True), _weight(64, k)
+    h = _hessian(x)
+    plain = _out_mse(x, w, _deq(w, *gptq_quantize(w, h, 4, 128), 4, 128))
+    tuned = _out_mse(x, w, _deq(w, *gptq_quantize(w, h, 4, 128, **GPTQ_OPTIONS), 4, 128))
+    rtn = _out_mse(x, w, _deq(w, *quantize_weight(w, 4, 128), 4, 128))
+    assert tuned < plain < rtn, (tuned, plain, rtn)
 
 
 @pytest.mark.parametrize("bits,gs,n,k", [(4, 32, 24, 72), (4, 128, 1, 40), (4, 32, 5, 33), (4, -1, 3, 7),
