@@ -39,9 +39,10 @@ class QuantizedProgram:
     example_args: tuple = ()  # what save() traces the whole program with
     quant_plan: "QuantPlan | None" = None  # the plan the program was built from: save it to compile again without data
 
-    def module(self) -> nn.Module:
-        """Policy: forward(images, tokens, token_mask, state, noise) -> actions. Module: the forward graph."""
-        return self.program.as_module()
+    def module(self, compiled: bool | None = None) -> nn.Module:
+        """Policy: forward(images, tokens, token_mask, state, noise) -> actions. Module: the forward graph.
+        Compiled with Inductor by default (see `LoadedProgram.module`); `compiled=False` gives the eager graphs."""
+        return _runnable(self.program.as_module(), compiled)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write a self-describing `.pt2` (a torch pt2 archive: one exported program per graph, integer weights,
@@ -86,12 +87,31 @@ class LoadedProgram:
                                 f"({', '.join(self.exported_programs)}); use exported_programs[name]")
         return next(iter(self.exported_programs.values()))
 
-    def module(self) -> nn.Module:
-        """Policy: forward(images, tokens, token_mask, state, noise) -> actions. Module: the forward program."""
+    def module(self, compiled: bool | None = None) -> nn.Module:
+        """Policy: forward(images, tokens, token_mask, state, noise) -> actions. Module: the forward program.
+
+        The fast program by default: each graph compiled with Inductor and the qvla:: decompositions
+        (`kernels.inductor.compile_program`, freezing on), lazily, at its first call (which takes a while: seconds to
+        minutes by model size; later calls, and new batch sizes after one recompile, are fast). Where Inductor cannot
+        compile (no C++ compiler, …) it warns once and runs the eager program. `compiled=False`, or the environment
+        variable QVLA_COMPILE=0, gives the eager program (torch.export's modules, as saved)."""
         if self.schedule is None:
-            return self.exported_program.module()
+            return _runnable(self.exported_program.module(), compiled)
         eps = self.exported_programs
-        return PolicyProgram(eps["prefix"].module(), eps["denoise"].module(), self.schedule)
+        return _runnable(PolicyProgram(eps["prefix"].module(), eps["denoise"].module(), self.schedule), compiled)
+
+
+def _runnable(module: nn.Module, compiled: bool | None) -> nn.Module:
+    """`module` as is (compiled=False, or None under QVLA_COMPILE=0), or compiled lazily with one shared fallback."""
+    from qvla_compiler.kernels.inductor import Fallback, LazyCompiled, compile_by_default
+
+    if not (compile_by_default() if compiled is None else compiled):
+        return module
+    fallback = Fallback()
+    if isinstance(module, PolicyProgram):
+        return PolicyProgram(LazyCompiled(module.prefix, fallback), LazyCompiled(module.denoise, fallback),
+                             module.schedule)
+    return LazyCompiled(module, fallback)
 
 
 def quantize(module: nn.Module, example_inputs: Any, calib: Iterable | Any = None,

@@ -6,7 +6,8 @@ module path (`layers.0.mlp.up`) and matched to the plan (exactly, or as a dotted
 the planned model). The graph is then captured like any module — torch.export with those parameters as named
 constants, the same canonical passes — and the plan is applied by `pipeline.apply`, the one path every program is
 built by: layout, rotations and smoothing, integer weights, ATM/OHB, for every recipe. The lowered graph goes to
-Inductor (`compile_fx`), which keeps the qvla:: custom ops as calls. Run it under `torch.no_grad()`.
+Inductor (`compile_fx`) with the qvla:: ops' CPU decompositions registered (kernels/inductor.py), so they fuse with
+their neighbours as in `compile_program`. Run it under `torch.no_grad()`.
 
 Example::
 
@@ -88,6 +89,9 @@ class QvlaBackend:
         if self.inductor:
             from torch._inductor.compile_fx import compile_fx
 
+            from qvla_compiler.kernels.inductor import register
+
+            register()  # the qvla:: ops decompose into aten and fuse with their neighbours (kernels/inductor.py)
             compiled = compile_fx(lowered, list(captured.user_inputs))
         return captured.wrap(compiled)
 

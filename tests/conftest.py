@@ -3,6 +3,10 @@ import os
 import sys
 import warnings
 
+# module() compiles with Inductor by default (minutes of C++ compiles on this box): the suite runs the eager programs;
+# tests/test_compiled_default.py unsets this to test the default.
+os.environ.setdefault("QVLA_COMPILE", "0")
+
 # Without a GPU, Triton kernels run in its interpreter; the variable must be set before anything imports triton.
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")

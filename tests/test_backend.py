@@ -50,7 +50,11 @@ def test_rewritten_dynamo_graphs_are_bit_identical_to_the_aot_program(name, reci
 
 
 @pytest.mark.parametrize("name,recipe", CASES)
-def test_inductor_compiled_policy_matches_the_aot_program(tmp_path, name, recipe):
+def test_inductor_compiled_policy_matches_the_aot_program(tmp_path, name, recipe, monkeypatch):
+    from qvla_compiler.kernels import inductor
+
+    registered, real = [], inductor.register
+    monkeypatch.setattr(inductor, "register", lambda: registered.append(real.__wrapped__()))
     policy, qp = quantized_policy(name, recipe)
     copy.deepcopy(qp.quant_plan).save(tmp_path / "plan")
     opts = {"plan": str(tmp_path / "plan")}
@@ -66,6 +70,8 @@ def test_inductor_compiled_policy_matches_the_aot_program(tmp_path, name, recipe
     # (measured: pi05 W8A8 1e-7, groot W4A8 2.3e-3), and far below the quantization error itself.
     rel = float((out - ref).norm() / ref.norm())
     assert rel < 5e-3 and rel < 0.1 * qp.report.action_rel_l2, (rel, qp.report.action_rel_l2)
+    # the backend registered the qvla:: decompositions before each compile_fx, so the ops fused there too
+    assert registered and all("qvla::int8_linear" in r for r in registered)
 
 
 def test_plan_that_does_not_fit_is_named():

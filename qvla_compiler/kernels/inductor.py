@@ -20,6 +20,8 @@ On any other device the decomposition declines (returns NotImplemented) and the 
 from __future__ import annotations
 
 import functools
+import os
+import warnings
 
 import torch
 
@@ -144,11 +146,66 @@ def compile_program(module: torch.nn.Module, *, freezing: bool = True, dynamic: 
     return CompiledProgram(module, torch.compile(module, backend="inductor", dynamic=dynamic), config)
 
 
-def aot_package(ep: torch.export.ExportedProgram, path: str, *, runtime_constant_folding: bool = True) -> str:
-    """Compile an exported qvla program ahead of time with AOTInductor into a `.pt2` package (C++ kernels + weights;
-    load it with `torch._inductor.aoti_load_package`, no Python graph at run time). The qvla:: ops are decomposed as
-    in `compile_program`. `runtime_constant_folding` keeps the integer weights in the package and folds their fp32
-    GEMM operands once, when the package first runs, instead of storing fp32 copies."""
+def compile_by_default() -> bool:
+    """Whether `module()` returns the compiled program: yes unless the environment sets QVLA_COMPILE=0 (or false/off/no)."""
+    return os.environ.get("QVLA_COMPILE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+class Fallback:
+    """Shared by the lazily compiled parts of one program: once Inductor fails here, all of them run eager, and the
+    user is told once."""
+
+    def __init__(self):
+        self.reason: str | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        if self.reason is None:
+            self.reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+            warnings.warn(f"qvla: Inductor could not compile this program on this machine ({self.reason}); running "
+                          "the eager program instead (same results, slower). Set QVLA_COMPILE=0 or call "
+                          "module(compiled=False) to skip compiling.", RuntimeWarning, stacklevel=4)
+
+
+class LazyCompiled(torch.nn.Module):
+    """`module` compiled with `compile_program` at its first call (so building it costs nothing). If compiling or
+    running the compiled program fails where the eager one runs, it warns once (through `fallback`) and stays eager;
+    an error the eager program raises too is the caller's, and is raised as is."""
+
+    def __init__(self, module: torch.nn.Module, fallback: Fallback | None = None, **compile_options):
+        super().__init__()
+        self.eager, self.fallback, self._options = module, fallback or Fallback(), compile_options
+        self.compiled: CompiledProgram | None = None
+
+    def forward(self, *args, **kwargs):
+        if self.fallback.reason is not None:
+            return self.eager(*args, **kwargs)
+        try:
+            if self.compiled is None:
+                self.compiled = compile_program(self.eager, **self._options)
+            return self.compiled(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - Inductor fails in many ways (no C++ compiler, unsupported op)
+            with torch.no_grad():
+                out = self.eager(*args, **kwargs)  # raises here if the inputs are what is wrong
+            self.fallback.fail(exc)
+            return out
+
+
+def aot_package(programs: torch.export.ExportedProgram | dict[str, torch.export.ExportedProgram], path: str, *,
+                runtime_constant_folding: bool = True, extra_files: dict[str, str] | None = None) -> str:
+    """Compile exported qvla programs ahead of time with AOTInductor into one `.pt2` package (C++ kernels + weights;
+    load it with `torch._inductor.aoti_load_package(path, model_name=...)` or torch's `load_pt2`, no Python graph at
+    run time). One program is stored as "model"; a dict, e.g. a policy's {"prefix", "denoise"}, under its names.
+    The qvla:: ops are decomposed as in `compile_program`. `runtime_constant_folding` keeps the integer weights in
+    the package and folds their fp32 GEMM operands once, when the package first runs, instead of storing fp32 copies.
+    `extra_files` (name -> text) are stored beside the programs, as `QuantizedProgram.save` stores qvla/*.json."""
+    from torch.export.pt2_archive._package import package_pt2
+
     register()
-    options = {"aot_inductor.use_runtime_constant_folding": runtime_constant_folding}
-    return torch._inductor.aoti_compile_and_package(ep, package_path=path, inductor_configs=options)
+    options = {"aot_inductor.use_runtime_constant_folding": runtime_constant_folding, "aot_inductor.package": True}
+    if isinstance(programs, torch.export.ExportedProgram):
+        programs = {"model": programs}
+    files = {}
+    for name, ep in programs.items():
+        args, kwargs = ep.example_inputs
+        files[name] = torch._inductor.aot_compile(ep.module(check_guards=False), args, kwargs, options=dict(options))
+    return package_pt2(path, aoti_files=files, extra_files=extra_files or {})
