@@ -1,9 +1,11 @@
 """Weight rounding at 4 bits: RTN vs MSE clip vs GPTQ, per recipe, on the reference policies (issue 20).
 
 For each model × recipe: action rel-L2 and SQNR of the quantized sampler against float (same inputs and noise as
-`quantize` measures), and the compile time. `recipe+gptq` is the recipe with weight_method="gptq".
+`quantize` measures), and the compile time. A name is a preset plus options joined by "+": `gptq` (weight_method
+"gptq"), `mse` (weight_clip "mse": RTN with the MSE clip search), `awq` (smooth "awq"); e.g. `quantvla-w4a8+gptq+awq`.
 
     python benchmarks/bench_gptq.py --models pi05-small groot-small --calib-steps 8
+    python benchmarks/bench_gptq.py --table --models pi05-small groot-small   # rtn / mse / gptq / gptq+awq, W4A8, W4A4
 """
 from __future__ import annotations
 
@@ -25,12 +27,17 @@ from qvla_compiler.models import build_policy  # noqa: E402
 from qvla_compiler.recipes import RECIPES  # noqa: E402
 
 DEFAULT_RECIPES = ("w4a8", "w4a8-mse", "w4a8-gptq", "w4a4", "w4a4-gptq", "quantvla-w4a8", "quantvla-w4a8+gptq")
+TABLE = tuple(f"quantvla-{r}{m}" for r in ("w4a8", "w4a4") for m in ("", "+mse", "+gptq", "+gptq+awq"))
+_OPTIONS = {"gptq": dict(weight_method="gptq"), "rtn": dict(weight_method="rtn"), "mse": dict(weight_clip="mse"),
+            "awq": dict(smooth="awq")}
 
 
 def recipe_of(name: str):
-    base, _, method = name.partition("+")
-    recipe = RECIPES[base]
-    return recipe.with_(weight_method=method) if method else recipe
+    base, *options = name.split("+")
+    changes = {}
+    for option in options:
+        changes.update(_OPTIONS[option])
+    return RECIPES[base].with_(**changes, name=name) if changes else RECIPES[base]
 
 
 def main() -> None:
@@ -38,7 +45,10 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["pi05-small", "groot-small"])
     ap.add_argument("--recipes", nargs="+", default=list(DEFAULT_RECIPES))
     ap.add_argument("--calib-steps", type=int, default=8)
+    ap.add_argument("--table", action="store_true", help=f"run the issue-20 table: {' '.join(TABLE)}")
     args = ap.parse_args()
+    if args.table:
+        args.recipes = list(TABLE)
     print(f"# {datetime.date.today()} · {platform.machine()} · CPU {torch.backends.cpu.get_cpu_capability()} "
           f"(GEMM {gemm_backend()}) · "
           f"torch {torch.__version__} · load {os.getloadavg()[0]:.1f} · calib steps {args.calib_steps}")
