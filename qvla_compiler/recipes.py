@@ -26,6 +26,7 @@ LAYOUTS: Mapping[str, frozenset[tuple[Region, Role]]] = {
 ROTATIONS = ("none", "hadamard", "duquant", "quarot")
 SMOOTHINGS = ("none", "smoothquant", "awq")
 WEIGHT_METHODS = ("rtn", "gptq")
+FLOAT_DTYPES = ("fp32", "bf16")  # what the linears the layout keeps float run in (bf16: only fast with native bf16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,7 @@ class QuantRecipe:
     atm_neutral: float | None = None  # overrides the style's neutral band
     ohb_log_clip: float = 0.3  # |log β| <= this
     ohb_neutral: float = 0.03  # β = 1 when |log β| < this
+    float_dtype: str = "fp32"  # "bf16": the float linears stored and run in bf16 (lowering.cast_float_linears)
 
     def __post_init__(self):
         _require(self.layout in LAYOUTS, f"unknown layout {self.layout!r}; choose one of {sorted(LAYOUTS)}")
@@ -78,6 +80,8 @@ class QuantRecipe:
         _require(0 <= self.ohb_log_clip <= 2, f"ohb_log_clip must be in [0, 2], got {self.ohb_log_clip}")
         _require(0 <= self.ohb_neutral <= self.ohb_log_clip or self.ohb_log_clip == 0,
                  f"ohb_neutral must be in [0, ohb_log_clip], got {self.ohb_neutral}")
+        _require(self.float_dtype in FLOAT_DTYPES,
+                 f"float_dtype must be one of {FLOAT_DTYPES}, got {self.float_dtype!r}")
 
     @property
     def spec(self) -> QuantSpec:

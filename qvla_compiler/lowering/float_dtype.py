@@ -8,12 +8,15 @@ AVX2-only CPU bf16 GEMMs are emulated and slower than fp32 (RESULTS §1, bf16 in
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.fx as fx
 
 from qvla_compiler.passes import _graph as g
 
 aten = torch.ops.aten
+FLOAT_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # a recipe's float_dtype -> the dtype the float linears run in
 
 
 def native_bf16() -> bool:
@@ -21,8 +24,15 @@ def native_bf16() -> bool:
     return bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
 
 
-def cast_float_linears(gm: fx.GraphModule, dtype: torch.dtype = torch.bfloat16) -> list[str]:
-    """Run every remaining float aten.linear in `dtype`; returns the weight names cast (stored in `dtype`)."""
+def cast_float_linears(gm: fx.GraphModule, dtype: torch.dtype | str = torch.bfloat16) -> list[str]:
+    """Run every remaining float aten.linear in `dtype` (a torch dtype, or a recipe's float_dtype: "fp32" leaves the
+    graph as it is); returns the weight names cast (stored in `dtype`)."""
+    dtype = FLOAT_DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if dtype is None:
+        return []
+    if dtype == torch.bfloat16 and not native_bf16():
+        warnings.warn("float linears in bf16 on a CPU without native bf16 (AVX512-BF16 / AMX): bf16 GEMMs are emulated "
+                      "here and run slower than fp32; use float_dtype 'fp32' on this machine", stacklevel=2)
     cast: list[str] = []
     done: set[str] = set()
     for node in g.linear_nodes(gm):
