@@ -51,19 +51,37 @@ class QuantizedProgram:
         Saving the same program twice writes identical bytes. The file appears at `path` only when complete: an
         interrupted save (exception, Ctrl-C) removes its temp file, and the next save removes those of killed runs.
         """
-        path = Path(path)
-        schedule = self.program.schedule
-        meta = {"format": FORMAT_VERSION, "kind": "policy" if self.program.is_policy else "module",
-                "inputs": list(OBS_KEYS) + ["noise"] if self.program.is_policy else None,
-                "recipe": dataclasses.asdict(self.recipe),
-                "schedule": {"timesteps": list(schedule.timesteps), "dt": schedule.dt} if schedule else None}
-        extra = {"qvla/meta.json": json.dumps(meta, default=str), "qvla/report.json": self.report.to_json(),
-                 "qvla/plan.json": json.dumps(self.plan)}
         from qvla_compiler.artifact import write_archive  # torch's serde imports dynamo: ~2 s, only when used
 
         # one program per graph (policy: prefix + denoise step, the Euler loop stays in Python; module: "model")
         programs = self.program.export(self.example_args)
-        return write_archive(programs, path, extra)  # byte-reproducible; atomic; no temp file survives
+        return write_archive(programs, Path(path), self._extra_files())  # byte-reproducible; atomic
+
+    def save_aot(self, path: str | os.PathLike) -> Path:
+        """Write an AOTInductor package (`qvla quantize --aot`): the same programs compiled ahead of time to native
+        code (C++ kernels, the qvla:: ops decomposed as in `module()`), with the same qvla/*.json. Loading it runs
+        that native code, so `load` reads it only with trust=True; its module() needs no compiler and no warm-up.
+        Compiling takes minutes (a C++ build per graph)."""
+        from qvla_compiler.kernels.inductor import aot_package
+
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.pt2")
+        try:
+            aot_package(self.program.export(self.example_args), str(tmp), extra_files=self._extra_files(aot=True))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    def _extra_files(self, aot: bool = False) -> dict[str, str]:
+        schedule = self.program.schedule
+        meta = {"format": FORMAT_VERSION, "kind": "policy" if self.program.is_policy else "module",
+                "inputs": list(OBS_KEYS) + ["noise"] if self.program.is_policy else None,
+                "recipe": dataclasses.asdict(self.recipe),
+                "schedule": {"timesteps": list(schedule.timesteps), "dt": schedule.dt} if schedule else None,
+                **({"aot_inductor": True} if aot else {})}
+        return {"qvla/meta.json": json.dumps(meta, default=str), "qvla/report.json": self.report.to_json(),
+                "qvla/plan.json": json.dumps(self.plan)}
 
 
 @dataclasses.dataclass
@@ -78,6 +96,7 @@ class LoadedProgram:
     plan: list[dict]
     meta: dict
     schedule: FlowSchedule | None = None  # set when the policy's loop runs in Python (format 2)
+    aoti_runners: dict | None = None  # an AOTInductor package (`qvla quantize --aot`): compiled native programs
 
     @property
     def exported_program(self) -> torch.export.ExportedProgram:
@@ -95,6 +114,9 @@ class LoadedProgram:
         minutes by model size; later calls, and new batch sizes after one recompile, are fast). Where Inductor cannot
         compile (no C++ compiler, …) it warns once and runs the eager program. `compiled=False`, or the environment
         variable QVLA_COMPILE=0, gives the eager program (torch.export's modules, as saved)."""
+        if self.aoti_runners:  # already native code: nothing to compile, no eager form
+            run = self.aoti_runners
+            return PolicyProgram(run["prefix"], run["denoise"], self.schedule) if self.schedule else run["model"]
         if self.schedule is None:
             return _runnable(self.exported_program.module(), compiled)
         eps = self.exported_programs
@@ -243,14 +265,16 @@ def load(path: str | os.PathLike, *, trust: bool = False) -> LoadedProgram:
     Data only: tensors, JSON and a weights_only pickle of the sample inputs are read; an archive holding anything
     that would run code on load (a pickled object, a native library, an eval'd expression, a graph calling a
     Python function) raises ArtifactError before any of it runs. `trust=True` skips these checks and loads with
-    torch.export.load; use it only for files you wrote yourself.
+    torch.export.load; use it only for files you wrote yourself. An AOTInductor package (`qvla quantize --aot`,
+    `QuantizedProgram.save_aot`) is native code: it loads only with trust=True, and its module() runs that code.
     """
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"no program at {path}; write one with `qvla quantize --out {path}`")
     from qvla_compiler.artifact import read_archive  # torch's serde imports dynamo: ~2 s, only when used
 
-    programs, extra = read_archive(path, _EXTRA, trust=trust)
+    runners = _aoti_runners(path, trust)
+    programs, extra = (runners, runners.extra) if runners else read_archive(path, _EXTRA, trust=trust)
     if not extra.get("qvla/meta.json"):
         raise ArtifactError(f"{path} is a torch.export program but not a qvla_compiler one (no qvla/meta.json); "
                             "write one with `qvla quantize`")
@@ -261,8 +285,8 @@ def load(path: str | os.PathLike, *, trust: bool = False) -> LoadedProgram:
             policy = fmt == FORMAT_VERSION and meta.get("kind") == "policy"
             schedule = FlowSchedule(tuple(map(float, meta["schedule"]["timesteps"])), float(meta["schedule"]["dt"])) \
                 if policy else None
-            loaded = LoadedProgram(programs, Report.from_json(extra["qvla/report.json"]),
-                                   json.loads(extra["qvla/plan.json"]), meta, schedule)
+            loaded = LoadedProgram({} if runners else programs, Report.from_json(extra["qvla/report.json"]),
+                                   json.loads(extra["qvla/plan.json"]), meta, schedule, runners or None)
     except Exception as exc:  # noqa: BLE001 - damaged or hand-edited JSON
         raise ArtifactError(f"{path} has unreadable qvla metadata ({type(exc).__name__}: {str(exc)[:200]}); "
                             "re-create it with `qvla quantize`") from exc
@@ -274,3 +298,38 @@ def load(path: str | os.PathLike, *, trust: bool = False) -> LoadedProgram:
         raise ArtifactError(f"{path} holds the graphs {sorted(programs)}, but a format-{fmt} {meta.get('kind')} "
                             f"program has {sorted(want)}; re-create it with `qvla quantize`")
     return loaded
+
+
+class _Runners(dict):
+    """An AOTInductor package's compiled programs by name, and its extra files."""
+
+    extra: dict[str, str] = {}
+
+
+def _aoti_runners(path: Path, trust: bool) -> _Runners:
+    """The compiled programs of an AOTInductor package (empty for a plain program). Loading one dlopens its native
+    libraries, which run code: refused unless `trust`."""
+    native = _native_member(path)
+    if native is None:
+        return _Runners()
+    if not trust:
+        raise ArtifactError(f"{path} is an AOTInductor package (`qvla quantize --aot`): it holds compiled native code "
+                            f"({native}), and loading it runs that code. Load it with trust=True (`--trust`) only if "
+                            "you wrote it yourself, or load the plain .pt2 beside it (data only).")
+    from torch.export.pt2_archive._package import load_pt2
+
+    contents = load_pt2(path)
+    runners = _Runners(contents.aoti_runners)
+    runners.extra = {k: v for k, v in contents.extra_files.items() if k in _EXTRA}
+    return runners
+
+
+def _native_member(path: Path) -> str | None:
+    """The first AOTInductor member (compiled code) of the archive, if any."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return next((name for name in zf.namelist() if "/data/aotinductor/" in name), None)
+    except (zipfile.BadZipFile, OSError):
+        return None  # not a zip: read_archive says what is wrong with it

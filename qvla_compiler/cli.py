@@ -62,7 +62,7 @@ def _signals_as_exceptions():
 
 
 def _parser() -> argparse.ArgumentParser:
-    from qvla_compiler.recipes import LAYOUTS, RECIPES, ROTATIONS, SMOOTHINGS, WEIGHT_METHODS
+    from qvla_compiler.recipes import FLOAT_DTYPES, LAYOUTS, RECIPES, ROTATIONS, SMOOTHINGS, WEIGHT_METHODS
 
     p = argparse.ArgumentParser(prog="qvla", description="QuantVLA as a compiler: VLA policies → integer programs.")
     sub = p.add_subparsers(dest="command")
@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--rotation", choices=ROTATIONS, help="override the recipe's rotation of integer-linear inputs")
     q.add_argument("--smooth", choices=SMOOTHINGS, help="override the recipe's smoothing (SmoothQuant or AWQ, folded)")
     q.add_argument("--weights", choices=WEIGHT_METHODS, help="override the recipe's weight rounding (rtn, gptq)")
+    q.add_argument("--float-dtype", choices=FLOAT_DTYPES, help="what the linears the layout keeps float run in "
+                   "(default fp32; bf16 is faster only on CPUs with native bf16: AVX512-BF16 / AMX)")
     q.add_argument("--lerobot", metavar="DIR", help="a lerobot policy folder (save_pretrained: config.json + "
                    "model.safetensors; pi05, pi0, smolvla) to quantize instead of --model; needs "
                    "`bash scripts/install_lerobot.sh`")
@@ -83,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", help="where to write the .pt2 (default <model>-<recipe>.pt2)")
     q.add_argument("--no-save", action="store_true", help="skip writing the program")
+    q.add_argument("--aot", action="store_true", help="also write an AOTInductor package (native code, compiled "
+                   "ahead of time; minutes) beside --out as <out>.aoti.pt2; load it with load(path, trust=True)")
     q.add_argument("--dump-dir", help="write every graph's code after each phase here")
     q.add_argument("--plan", help="a plan folder from `qvla calibrate`: skip calibration, use its decisions")
     q.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -150,11 +154,25 @@ def cmd_quantize(args) -> int:
     name = preflight.lerobot_source(args) if args.lerobot else preflight.model_name(args.model)
     preflight.positive(args.calib_steps, "--calib-steps")
     recipe, plan = preflight.quantize_options(args)
+    recipe = _with_float_dtype(recipe, plan, args.float_dtype)
     out = None if args.no_save else preflight.output_file(args.out or f"{name}-{recipe.name}.pt2", "--out")
+    if args.aot and out is None:
+        from qvla_compiler.errors import UsageError
+
+        raise UsageError("--aot writes its package beside the program; drop --no-save")
+    aot = None if not args.aot else preflight.output_file(str(out.with_name(out.name.removesuffix(".pt2"))) +
+                                                          ".aoti.pt2", "--aot")
     if args.dump_dir:
         preflight.output_dir(args.dump_dir, "--dump-dir")
     console = Console(stderr=True)
     started = time.perf_counter()
+    if recipe.float_dtype == "bf16":
+        from qvla_compiler.lowering import native_bf16
+
+        if not native_bf16():
+            console.print("[yellow]note[/]: --float-dtype bf16 on a CPU without native bf16 (AVX512-BF16 / AMX): the "
+                          "float linears will run slower than in fp32 here", highlight=False)
+        warnings.filterwarnings("ignore", message="float linears in bf16 on a CPU without native bf16")
     with console.status(f"building {name}", spinner="dots"):
         policy = _build_policy(args)
     console.log(f"built {name}; capturing, calibrating ({args.calib_steps} batches) and lowering")
@@ -170,13 +188,29 @@ def cmd_quantize(args) -> int:
     if out is not None:
         with console.status(f"saving {out}", spinner="dots"):
             qp.save(out)
+    if aot is not None:
+        with console.status(f"compiling the AOTInductor package {aot} (minutes)", spinner="dots"):
+            qp.save_aot(aot)
     summary = {**qp.report.summary(), "out": None if out is None else str(out),
+               "aot": None if aot is None else str(aot), "float_dtype": recipe.float_dtype,
                "seconds": round(time.perf_counter() - started, 1)}
     if args.json:
         print(json.dumps(summary))
     else:
         _print_summary(summary)
     return 0
+
+
+def _with_float_dtype(recipe, plan, float_dtype):
+    """--float-dtype on the recipe; a plan fixes it (a different one is a PlanError, as for --layout)."""
+    if float_dtype is None or float_dtype == recipe.float_dtype:
+        return recipe
+    if plan is not None:
+        from qvla_compiler.plan import PlanError
+
+        raise PlanError(f"the plan was calibrated with float_dtype {recipe.float_dtype}, not {float_dtype}; drop "
+                        "--float-dtype, or re-run `qvla calibrate`")
+    return recipe.with_(float_dtype=float_dtype, name=f"{recipe.name}+{float_dtype}")
 
 
 def _build_policy(args):
@@ -242,6 +276,8 @@ def _print_summary(s: dict) -> None:
         console.print(f"[yellow]warning[/]: {warning}", highlight=False)
     if s.get("out"):
         console.print(f"wrote {s['out']} in {s['seconds']} s")
+    if s.get("aot"):
+        console.print(f"wrote the AOTInductor package {s['aot']} (native code: qvla_compiler.load(path, trust=True))")
 
 
 def cmd_inspect(args) -> int:

@@ -128,3 +128,35 @@ def test_float_dtype_bf16_runs_the_float_linears_in_bf16_and_plans_replay_it(sav
     with torch.no_grad():
         got, want = qp16.module(compiled=False)(*args), qp.module(compiled=False)(*args)
     assert got.dtype == torch.float32 and float((got - want).norm() / want.norm()) < 0.02
+
+
+@pytest.mark.slow_compile
+def test_aot_package_loads_only_when_trusted_and_matches_eager(saved, tmp_path):
+    from qvla_compiler.errors import ArtifactError
+
+    policy, qp, path = saved
+    aot = qp.save_aot(tmp_path / "pi05-tiny-w8a8.aoti.pt2")
+    with pytest.raises(ArtifactError, match="AOTInductor package.*trust=True"):
+        qvla_compiler.load(aot)  # native code: never by default
+    loaded = qvla_compiler.load(aot, trust=True)
+    assert loaded.aoti_runners and loaded.meta["aot_inductor"] and loaded.report.to_json() == qp.report.to_json()
+    args = policy_args(policy)
+    with torch.no_grad():
+        got, want = loaded.module()(*args), qvla_compiler.load(path).module(compiled=False)(*args)
+    rel = float((got - want).norm() / want.norm())  # reordering tolerance, as for the compiled module()
+    assert rel < 5e-3 and rel < 0.1 * qp.report.action_rel_l2, (rel, qp.report.action_rel_l2)
+
+
+def test_cli_aot_needs_a_saved_program_and_float_dtype_conflicts_with_a_plan(saved, tmp_path, capsys):
+    import copy
+    import json
+
+    from qvla_compiler.cli import main
+
+    assert main(["quantize", "--model", "pi05-tiny", "--aot", "--no-save", "--json"]) == 2
+    assert "drop --no-save" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["message"]
+    _, qp, _ = saved
+    copy.deepcopy(qp.quant_plan).save(tmp_path / "plan")
+    assert main(["quantize", "--model", "pi05-tiny", "--plan", str(tmp_path / "plan"), "--float-dtype", "bf16",
+                 "--no-save", "--json"]) == 2
+    assert "float_dtype" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["message"]

@@ -147,7 +147,8 @@ def compile_program(module: torch.nn.Module, *, freezing: bool = True, dynamic: 
 
 
 def compile_by_default() -> bool:
-    """Whether `module()` returns the compiled program: yes unless the environment sets QVLA_COMPILE=0 (or false/off/no)."""
+    """Whether `module()` returns the compiled program: yes unless the environment sets QVLA_COMPILE=0 (or
+    false/off/no)."""
     return os.environ.get("QVLA_COMPILE", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
@@ -163,7 +164,7 @@ class Fallback:
             self.reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
             warnings.warn(f"qvla: Inductor could not compile this program on this machine ({self.reason}); running "
                           "the eager program instead (same results, slower). Set QVLA_COMPILE=0 or call "
-                          "module(compiled=False) to skip compiling.", RuntimeWarning, stacklevel=4)
+                          "module(compiled=False) to skip compiling.", RuntimeWarning, stacklevel=2)
 
 
 class LazyCompiled(torch.nn.Module):
