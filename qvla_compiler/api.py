@@ -330,6 +330,6 @@ def _native_member(path: Path) -> str | None:
 
     try:
         with zipfile.ZipFile(path) as zf:
-            return next((name for name in zf.namelist() if "/data/aotinductor/" in name), None)
+            return next((n for n in zf.namelist() if ("/" + n).find("/data/aotinductor/") >= 0), None)
     except (zipfile.BadZipFile, OSError):
         return None  # not a zip: read_archive says what is wrong with it
