@@ -32,7 +32,8 @@ import torch.fx as fx
 from torch import nn
 
 from qvla_compiler import pipeline
-from qvla_compiler.export import capture_module
+from qvla_compiler.export import ROLE_BY_ARG_NAME, capture_module
+from qvla_compiler.meta import INPUTS_KEY
 from qvla_compiler.plan import ModulePlan, PlanError, QuantPlan, as_plan
 from qvla_compiler.program import Program
 
@@ -153,6 +154,7 @@ def capture_dynamo_graph(gm: fx.GraphModule, example_inputs, plan) -> DynamoCapt
     holder = _ParameterHolder(gm, {i: (fqn, example_inputs[i]) for i, fqn in params.items()}, len(placeholders))
     user = tuple(example_inputs[i] for i in user_index)
     graph = capture_module(holder, user)["forward"]
+    _tag_time_input(graph, [str(placeholders[i].target) for i in user_index])
     linears = [n.args[1].target.removesuffix(".weight") for n in graph.graph.nodes
                if n.op == "call_function" and n.target is torch.ops.aten.linear.default and n.args[1].op == "get_attr"]
     unmatched = [p for p in linears if p not in plan.modules]
@@ -162,8 +164,21 @@ def capture_dynamo_graph(gm: fx.GraphModule, example_inputs, plan) -> DynamoCapt
     for path in unmatched:
         out_f, in_f = _attr(graph, path + ".weight").shape
         extra[path] = ModulePlan(path, "backbone", "other", in_f, out_f, None, (name,))
-    full = QuantPlan(plan.model, plan.recipe, {**plan.modules, **extra}, plan.attention)
+    full = QuantPlan(plan.model, plan.recipe, {**plan.modules, **extra}, plan.attention, step_bounds=plan.step_bounds)
     return DynamoCapture(Program({name: graph}), full, linears, unmatched, user, user_index)
+
+
+def _tag_time_input(graph: fx.GraphModule, names: list[str]) -> None:
+    """Dynamo names a user input after its local variable (`L_t_`): tag the flow time as capture_policy does, so
+    per-step activation scales find it. Other inputs keep their roles (the plan decides regions)."""
+    roles = list(graph.meta.get(INPUTS_KEY, ()))
+    if len(roles) != len(names):
+        return
+    for j, raw in enumerate(names):
+        local = _SOURCE_SPLIT.split(raw.strip("_").removeprefix("L_").removeprefix("l_"))[0].lower()
+        if ROLE_BY_ARG_NAME.get(local) == "time":
+            roles[j] = "time"
+    graph.meta[INPUTS_KEY] = tuple(roles)
 
 
 def _source_fqn(raw: str) -> str:

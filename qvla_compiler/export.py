@@ -23,7 +23,7 @@ _OBS_ROLES = {"images": "image", "tokens": "text", "token_mask": "text", "state"
 OBS_KEYS = tuple(_OBS_ROLES)
 _ROLE_ALIASES = {"vision": "image", "backbone": "prefix", "action_head": "action"}  # region names, accepted too
 # Forward-argument names (lower-cased) that say what a plain module's input is, when capture_module is not told.
-_ROLE_BY_ARG_NAME = {
+ROLE_BY_ARG_NAME = {
     **dict.fromkeys(("pixel_values", "images", "image", "img", "rgb"), "image"),
     **dict.fromkeys(("input_ids", "tokens", "token_ids", "attention_mask", "token_mask", "lang_tokens"), "text"),
     **dict.fromkeys(("state", "states", "proprio", "proprioception", "robot_state"), "state"),
@@ -101,7 +101,7 @@ def input_roles_of(module: nn.Module, args: tuple, given: Mapping[str, str]) -> 
                              f"inputs; its arguments are {list(bound)}")
     roles = []
     for name, value in bound.items():
-        role = _checked_role(name, given[name]) if name in given else _ROLE_BY_ARG_NAME.get(name.lower(), "input")
+        role = _checked_role(name, given[name]) if name in given else ROLE_BY_ARG_NAME.get(name.lower(), "input")
         roles += [role] * len(torch.utils._pytree.tree_leaves(value))
     return tuple(roles)
 

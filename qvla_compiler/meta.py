@@ -14,6 +14,7 @@ import torch.fx as fx
 from qvla_compiler.errors import QvlaError
 
 QVLA_META = "qvla"
+STEP_BOUNDS = "qvla_step_bounds"  # graph buffer, fp32 [S-1]: the flow-time bounds per-step scale tables are indexed by
 INPUTS_KEY = "qvla_inputs"  # graph.meta: one role per flat input, set at capture, read by assign_regions
 INPUT_ROLES = ("image", "text", "state", "prefix", "action", "time", "input")
 
@@ -50,7 +51,8 @@ class QuantSpec:
     w_bits: int  # 8: int8 per output channel; 4: int4 per group, two per byte
     a_bits: int  # 8 or 4, symmetric
     group_size: int = 128  # int4 weights only; -1 = one group per output channel
-    act_mode: str = "dynamic"  # "dynamic" per-token scales at run time, or "static" per-tensor from calibration
+    act_mode: str = "dynamic"  # "dynamic" per token at run time; "static" per tensor or "per_step" per flow step,
+    # both from calibration
     weight_clip: str = "absmax"  # or "mse": grid search of the clipping ratio per output channel
 
 

@@ -25,6 +25,7 @@ from qvla_compiler.passes import (apply_layout, apply_plan, assign_regions, chec
                                   rotate_and_smooth, track_hessians)
 from qvla_compiler.plan import QuantPlan
 from qvla_compiler.program import Program
+from qvla_compiler.quant.step_scales import step_bounds
 
 
 def calibrate(program: Program, recipe, calib, *, model: str, atm_style=None, total: int | None = None,
@@ -44,10 +45,11 @@ def calibrate(program: Program, recipe, calib, *, model: str, atm_style=None, to
         for gm in work.graphs.values():
             reset_observers(rotate_and_smooth(fit_transforms(gm, recipe), recipe))
         cal.run_calibration(work, batches, total=total, progress=progress)
+    bounds = step_bounds(program.schedule.timesteps) if program.schedule and recipe.act_mode == "per_step" else None
     for gm in work.graphs.values():
-        quantize_linears(gm, recipe.weight_method)
+        quantize_linears(gm, recipe.weight_method, bounds)
     rows = [row for name, gm in work.graphs.items() for row in linear_reports(name, gm)]
-    plan = record_plan(work.graphs, recipe, model, fingerprints, rows)
+    plan = record_plan(work.graphs, recipe, model, fingerprints, rows, bounds)
     if teacher is not None:
         student = program.fork()
         apply(student, plan)

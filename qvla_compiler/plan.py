@@ -6,7 +6,8 @@ nn.Module path, never an FX node name): the region, role, QuantSpec (None = stay
 layout wanted it integer), the rotation label of its input, the integer weight and its scales, the static activation
 scale (per graph), the fitted tensors of its input group's transforms (on the group's first linear: SmoothQuant s,
 DuQuant Λ, R₁, P, R₂) and a fingerprint of the float weight it was computed from; and, for the whole program, the
-ATM/OHB record (α per action-head attention head, β per layer, with the statistics they came from). On disk:
+ATM/OHB record (α per action-head attention head, β per layer, with the statistics they came from) and, for
+act_mode "per_step", the flow-time bounds of the steps its activation-scale tables are indexed by. On disk:
 
     plan/plan.json            format, model, recipe, and one JSON object per module path
     plan/tensors.safetensors  "<module path>::<tensor name>" → tensor
@@ -92,6 +93,7 @@ class QuantPlan:
     modules: dict[str, ModulePlan]
     attention: dict | None = None  # calibration.match_attention_scales' record: α/β per graph and block
     format: int = PLAN_FORMAT
+    step_bounds: list[float] | None = None  # act_mode per_step: the flow-step buckets (quant/step_scales.py)
 
     def __getitem__(self, path: str) -> ModulePlan:
         return self.modules[path]
@@ -127,7 +129,7 @@ class QuantPlan:
                    for path, m in self.modules.items() for name, t in m.tensors.items()}
         save_file(tensors, str(directory / PLAN_TENSORS), metadata={"format": str(self.format)})
         doc = {"format": self.format, "model": self.model, "recipe": self.recipe, "attention": self.attention,
-               "modules": {path: m.to_json() for path, m in self.modules.items()}}
+               "step_bounds": self.step_bounds, "modules": {path: m.to_json() for path, m in self.modules.items()}}
         (directory / PLAN_JSON).write_text(json.dumps(doc, indent=1, default=_json_default))
         return directory
 
@@ -147,7 +149,8 @@ class QuantPlan:
         flat = _read_tensors(directory / PLAN_TENSORS)
         try:
             modules = {mpath: _module_from_json(mpath, m, flat, directory) for mpath, m in doc["modules"].items()}
-            return cls(doc["model"], doc["recipe"], modules, doc.get("attention"), doc["format"])
+            return cls(doc["model"], doc["recipe"], modules, doc.get("attention"), doc["format"],
+                       doc.get("step_bounds"))
         except PlanError:
             raise
         except (KeyError, TypeError, AttributeError, ValueError) as exc:

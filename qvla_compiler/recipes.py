@@ -10,6 +10,9 @@ from qvla_compiler.meta import QuantSpec, Region, Role
 _ATTN = frozenset({Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.ATTN_O, Role.ATTN_QKV})
 _BLOCK = _ATTN | {Role.MLP}
 
+# How activation scales are set: per token at run time; one static scale per call site from calibration; or one
+# static scale per flow step of the action head, picked from the step's time at run time (quant/step_scales.py).
+ACT_MODES = ("dynamic", "static", "per_step")
 # A layout is the set of (region, role) pairs that become integer; everything else stays float.
 LAYOUTS: Mapping[str, frozenset[tuple[Region, Role]]] = {
     # QuantVLA: every language-backbone linear and the action head's MLPs; action-head attention, the vision
@@ -65,7 +68,7 @@ class QuantRecipe:
         _require(self.a_bits in (4, 8), f"a_bits must be 4 or 8, got {self.a_bits}")
         _require(self.group_size == -1 or self.group_size >= 2 and self.group_size % 2 == 0,
                  f"group_size must be -1 (per channel) or an even number >= 2, got {self.group_size}")
-        _require(self.act_mode in ("dynamic", "static"), f"act_mode must be 'dynamic' or 'static', got {self.act_mode!r}")
+        _require(self.act_mode in ACT_MODES, f"act_mode must be one of {ACT_MODES}, got {self.act_mode!r}")
         _require(self.weight_clip in ("absmax", "mse"), f"weight_clip must be 'absmax' or 'mse', got {self.weight_clip!r}")
         _require(self.weight_method in WEIGHT_METHODS,
                  f"weight_method must be one of {WEIGHT_METHODS}, got {self.weight_method!r}")
@@ -104,6 +107,7 @@ RECIPES: Mapping[str, QuantRecipe] = {
     "w4a8": QuantRecipe("w4a8", w_bits=4, a_bits=8, group_size=128),
     "w4a4": QuantRecipe("w4a4", w_bits=4, a_bits=4, group_size=128),
     "w8a8-static": QuantRecipe("w8a8-static", w_bits=8, a_bits=8, act_mode="static"),
+    "w8a8-perstep": QuantRecipe("w8a8-perstep", w_bits=8, a_bits=8, act_mode="per_step"),
     "w4a8-mse": QuantRecipe("w4a8-mse", w_bits=4, a_bits=8, weight_clip="mse"),
     "w4a8-gptq": QuantRecipe("w4a8-gptq", w_bits=4, a_bits=8, weight_method="gptq"),
     "w4a4-gptq": QuantRecipe("w4a4-gptq", w_bits=4, a_bits=4, weight_method="gptq"),

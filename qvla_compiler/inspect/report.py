@@ -11,9 +11,11 @@ import torch.fx as fx
 from qvla_compiler.errors import ShapeError
 from qvla_compiler.kernels.ops import quantize_act
 from qvla_compiler.lowering.lower_linears import LOWERINGS
+from qvla_compiler.meta import STEP_BOUNDS
 from qvla_compiler.passes import _graph as g
 from qvla_compiler.passes.insert_observers import observer_of
 from qvla_compiler.passes.quantize_linears import KEPT_FLOAT, _fetch
+from qvla_compiler.quant.step_scales import bucket_of
 
 BF16 = 2
 
@@ -220,6 +222,9 @@ def _linear_sqnr(gm: fx.GraphModule, node: fx.Node) -> float | None:
 def _integer_output(gm: fx.GraphModule, node: fx.Node, x: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     spec, tensors = node.meta["qvla"].spec, node.meta["qvla_tensors"]
     static = getattr(gm, tensors.act_scale) if tensors.act_scale else None
+    if static is not None and static.numel() > 1:  # a per-step table: the scale of the sample's flow step
+        step = bucket_of(torch.tensor([observer_of(node, gm).sample_time]), getattr(gm, STEP_BOUNDS))
+        static = static[step]
     xq, xs = quantize_act(x, spec.a_bits, static)
     wq, ws = getattr(gm, tensors.weight), getattr(gm, tensors.weight_scale)
     rule = LOWERINGS[spec.w_bits]

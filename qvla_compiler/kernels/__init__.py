@@ -2,6 +2,7 @@
 kernels when Triton and a GPU are available)."""
 from qvla_compiler.kernels import ops  # noqa: F401 — registers qvla::quantize_act / int8_linear / int4_linear
 from qvla_compiler.kernels import rotate_ops  # noqa: F401,E402 — registers qvla::hadamard / qvla::block_rotate
+from qvla_compiler.kernels import step_scale  # noqa: F401,E402 — registers qvla::step_scale
 
 
 def _register_gpu_kernels() -> None:

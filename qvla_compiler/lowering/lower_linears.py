@@ -1,7 +1,8 @@
 """Lower quantized linears to `qvla::` ops.
 
 Before: y = aten.linear(x, W, b) with LinearInfo.spec set and QuantTensors in node.meta["qvla_tensors"].
-After:  xq, xs = qvla::quantize_act(x, a_bits, static_scale)     — one per (x, a_bits, static scale), shared
+After:  xq, xs = qvla::quantize_act(x, a_bits, static_scale)     — one per (x, a_bits, static scale), shared;
+        a per-step scale table [S] is read as static_scale = qvla::step_scale(table, bounds, t, rank)
         y = qvla::int8_linear(xq, xs, Wq, Ws, b, dtype)           — W8
         y = qvla::int4_linear(xq, xs, Wp, Ws, b, group, dtype)    — W4 (packed, per-group scales)
         and the float weight W is deleted from the module once no node reads it (the saved program carries only
@@ -17,7 +18,8 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from qvla_compiler.meta import QuantSpec
+from qvla_compiler.errors import ShapeError
+from qvla_compiler.meta import STEP_BOUNDS, QuantSpec
 from qvla_compiler.passes import _graph as g
 
 qvla = torch.ops.qvla
@@ -81,6 +83,8 @@ def _quantize_act(gm: fx.GraphModule, x: fx.Node, bits: int, static: str | None)
     # Placed right after x so every consumer, wherever it sits in the graph, sees it defined.
     with gm.graph.inserting_after(x):
         scale = gm.graph.get_attr(static) if static else None
+    if scale is not None and getattr(gm, static).numel() > 1:  # a per-step table: pick the step's scale from t
+        scale = _step_scale(gm, x, scale)
     with gm.graph.inserting_after(scale if scale is not None else x):
         q = gm.graph.call_function(qvla.quantize_act.default, (x, bits, scale))
     with gm.graph.inserting_after(q):
@@ -88,6 +92,21 @@ def _quantize_act(gm: fx.GraphModule, x: fx.Node, bits: int, static: str | None)
     with gm.graph.inserting_after(xq):
         xs = gm.graph.call_function(operator.getitem, (q, 1))
     return xq, xs
+
+
+def _step_scale(gm: fx.GraphModule, x: fx.Node, table: fx.Node) -> fx.Node:
+    t, x_val = g.time_input(gm), x.meta.get("val")
+    t_val = t.meta.get("val") if t is not None else None
+    if t is None or not hasattr(gm, STEP_BOUNDS) or x_val is None or t_val is None:
+        raise ShapeError(f"{x.name} has a per-step activation scale table but the graph lacks its time input or "
+                         f"{STEP_BOUNDS}; apply the plan with pipeline.apply")
+    if t_val.dim() > 0 and str(x_val.shape[0]) != str(t_val.numel()):
+        raise ShapeError(f"{x.name} of shape {tuple(x_val.shape)} does not lead with the batch of the time input "
+                         f"{tuple(t_val.shape)}, so its flow step per row is unknown; use act_mode 'static'")
+    with gm.graph.inserting_after(table):
+        bounds = gm.graph.get_attr(STEP_BOUNDS)
+    with gm.graph.inserting_after(bounds):
+        return gm.graph.call_function(qvla.step_scale.default, (table, bounds, t, x_val.dim()))
 
 
 def _delete_attr(gm: fx.GraphModule, target: str) -> None:

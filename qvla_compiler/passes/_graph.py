@@ -8,6 +8,8 @@ from typing import Callable, Iterable
 import torch
 import torch.fx as fx
 
+from qvla_compiler.meta import INPUTS_KEY
+
 aten = torch.ops.aten
 LINEAR = aten.linear.default
 
@@ -133,3 +135,10 @@ def _reach(node: fx.Node, step: Callable[[fx.Node], Iterable[fx.Node]]) -> set[f
 def is_constant(node: fx.Node) -> bool:
     """True when no graph input reaches `node` (parameters, literals and values made from them)."""
     return not any(n.op == "placeholder" for n in ancestors(node))
+
+
+def time_input(gm: fx.GraphModule) -> fx.Node | None:
+    """The placeholder tagged with the "time" role at capture (the flow time of a denoise step), if any."""
+    roles = gm.meta.get(INPUTS_KEY, ())
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return next((p for p, role in zip(placeholders, roles) if role == "time"), None)

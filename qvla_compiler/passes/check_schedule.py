@@ -1,7 +1,7 @@
 """Check that lowering preserved the operator schedule.
 
 Before/after: unchanged graph (a check, not a rewrite).
-Rule:   drop the qvla:: quantize/rotate ops and their getitems, map each qvla:: linear back to aten.linear; the
+Rule:   drop the qvla:: quantize/rotate/step-scale ops and their getitems, map each qvla:: linear back to aten.linear; the
         remaining sequence of call_function targets must equal the one recorded at capture
         (`gm.meta["qvla_schedule"]`, taken by `record_schedule`). A violation raises ScheduleError.
 """
@@ -15,7 +15,7 @@ import torch.fx as fx
 from qvla_compiler.errors import ScheduleError
 
 SCHEDULE_KEY = "qvla_schedule"
-_TRANSPARENT_PREFIXES = ("qvla.quantize_act", "qvla.hadamard", "qvla.block_rotate")
+_TRANSPARENT_PREFIXES = ("qvla.quantize_act", "qvla.hadamard", "qvla.block_rotate", "qvla.step_scale")
 _LINEAR_OPS = ("qvla.int8_linear", "qvla.int4_linear")
 
 

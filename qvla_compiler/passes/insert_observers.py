@@ -2,7 +2,8 @@
 
 Before: x → linear(x, W) for linears whose spec is set (possibly several linears reading the same x).
 After:  x → obs_i(x) → linear(obs_i(x), W): `obs_i` is a call_module node of an ActObserver (identity), shared by
-        all integer linears reading x, so q/k/v (and gate/up) see one set of statistics.
+        all integer linears reading x, so q/k/v (and gate/up) see one set of statistics. In a graph with a flow-time
+        input t (a denoise step) every observer is obs_i(x, t), so statistics can be kept per step.
 Invariant: the program computes exactly what it computed before (observers return their input).
 """
 from __future__ import annotations
@@ -20,11 +21,12 @@ def insert_observers(gm: fx.GraphModule) -> fx.GraphModule:
     for node in g.linear_nodes(gm):
         if node.meta["qvla"].is_quantized:
             readers.setdefault(node.args[0], []).append(node)
+    t = g.time_input(gm)
     for i, (x, linears) in enumerate(readers.items()):
         name = f"{OBSERVER_PREFIX}{i}"
         gm.add_submodule(name, ActObserver(", ".join(n.meta["qvla"].module_path for n in linears)))
         with gm.graph.inserting_after(x):
-            obs = gm.graph.call_module(name, (x,))
+            obs = gm.graph.call_module(name, (x,) if t is None else (x, t))
         obs.meta["val"] = x.meta.get("val")
         for lin in linears:
             lin.replace_input_with(x, obs)

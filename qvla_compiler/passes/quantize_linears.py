@@ -3,8 +3,8 @@
 Before: linears with a spec, observers (calibrated) on their inputs.
 After:  for each distinct weight read by integer linears, one integer weight and one fp32 scale buffer on the graph
         module; every call site of that weight names them in node.meta["qvla_tensors"] (QuantTensors). Static
-        activation scales (act_mode "static") come from each call site's own observer, so call sites fed different
-        inputs keep different scales. The graph's nodes are unchanged: lower_linears does the rewrite.
+        activation scales (act_mode "static": [1]; "per_step": [S], one per flow-step bucket, in graphs with a time
+        input) come from each call site's own observer, so call sites fed different inputs keep different scales. The graph's nodes are unchanged: lower_linears does the rewrite.
 Decides first: a linear whose weight or bias is computed from graph inputs (not a buffer), or whose weight is shared
         with a call site the layout keeps float, stays float; the reason is recorded as KeptFloat in
         node.meta[KEPT_FLOAT] and reported.
@@ -22,12 +22,13 @@ import torch.fx as fx
 
 from qvla_compiler.errors import QvlaError
 from qvla_compiler.kernels.ops import qmax_for
-from qvla_compiler.meta import update
+from qvla_compiler.meta import STEP_BOUNDS, update
 from qvla_compiler.passes import _graph as g
 from qvla_compiler.passes.insert_observers import observer_of
 from qvla_compiler.quant.gptq import gptq_quantize
 from qvla_compiler.quant.quantizers import quantize_weight
 
+STATIC_MODES = ("static", "per_step")  # activation modes whose scales come from calibration
 STATIC_PERCENTILE = 99.9  # of per-token absmax: one outlier token does not set the whole tensor's scale
 KEPT_FLOAT = "qvla_kept_float"
 GPTQ_OPTIONS = dict(clip="mse", refit_scales=True, damp=0.01)  # see _quantize_weight
@@ -53,7 +54,9 @@ class KeptFloat:
     reason: str
 
 
-def quantize_linears(gm: fx.GraphModule, weight_method: str = "rtn") -> fx.GraphModule:
+def quantize_linears(gm: fx.GraphModule, weight_method: str = "rtn",
+                     step_bounds: torch.Tensor | None = None) -> fx.GraphModule:
+    """`step_bounds`: the flow-step buckets (quant/step_scales.py) for act_mode "per_step"."""
     keep_unquantizable_float(gm)
     weights: dict[tuple, tuple[str, torch.Tensor]] = {}  # (weight target, weight spec) → (buffer base, fp32 scale)
     scales: dict[tuple, str] = {}  # (weight target, weight spec, out_scale) → dequant scale buffer
@@ -74,11 +77,25 @@ def quantize_linears(gm: fx.GraphModule, weight_method: str = "rtn") -> fx.Graph
                 ws = ws * torch.tensor(info.out_scale, dtype=ws.dtype).reshape(-1, *([1] * (ws.dim() - 1)))
             scales[(*key, info.out_scale)] = _register(gm, _free(gm, base, "_ws") + "_ws", ws)
         act = None
-        if spec.act_mode == "static":  # per call site: each one's observer saw its own inputs
-            scale = observer_of(node, gm).tensor_scale(qmax_for(spec.a_bits), STATIC_PERCENTILE)
-            act = _register(gm, _free(gm, base, "_xs") + "_xs", scale)
+        if spec.act_mode in STATIC_MODES:  # per call site: each one's observer saw its own inputs
+            act = _register(gm, _free(gm, base, "_xs") + "_xs", _act_scale(observer_of(node, gm), spec, step_bounds))
         node.meta["qvla_tensors"] = QuantTensors(base + "_wq", scales[(*key, info.out_scale)], act)
+    _register_bounds(gm, step_bounds)
     return gm
+
+
+def _act_scale(observer, spec, step_bounds: torch.Tensor | None) -> torch.Tensor:
+    """fp32 [1] static scale, or [S] per flow step (an input without a time gets [1] under per_step too)."""
+    qmax = qmax_for(spec.a_bits)
+    if spec.act_mode == "per_step" and step_bounds is not None:
+        return observer.step_scales(qmax, STATIC_PERCENTILE, step_bounds)
+    return observer.tensor_scale(qmax, STATIC_PERCENTILE)
+
+
+def _register_bounds(gm: fx.GraphModule, step_bounds: torch.Tensor | None) -> None:
+    """The buckets per-step tables are indexed by, once per graph that holds a table (as load_plan_tensors does)."""
+    if not hasattr(gm, STEP_BOUNDS) and any(b.numel() > 1 for n, b in gm.named_buffers() if n.endswith("_xs")):
+        gm.register_buffer(STEP_BOUNDS, step_bounds.clone())
 
 
 def _quantize_weight(gm: fx.GraphModule, node: fx.Node, method: str):

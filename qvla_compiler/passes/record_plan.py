@@ -28,8 +28,9 @@ def linear_fingerprints(gm: fx.GraphModule) -> dict[str, list[float]]:
 
 
 def record_plan(graphs: dict[str, fx.GraphModule], recipe, model: str, fingerprints: dict[str, list[float]],
-                rows) -> QuantPlan:
-    """`rows`: the inspect.report LinearReports of `graphs` (their SQNR is kept per module path and graph)."""
+                rows, step_bounds=None) -> QuantPlan:
+    """`rows`: the inspect.report LinearReports of `graphs` (their SQNR is kept per module path and graph);
+    `step_bounds`: the flow-step buckets the per-step scale tables were calibrated on (act_mode per_step)."""
     modules: dict[str, ModulePlan] = {}
     first_sqnr: dict[tuple[str, str], float | None] = {}
     for row in rows:
@@ -49,7 +50,8 @@ def record_plan(graphs: dict[str, fx.GraphModule], recipe, model: str, fingerpri
         for obs_node, _, linears in observed_groups(gm):
             _collect_transform(modules[linears[0].meta["qvla"].module_path], obs_node.meta.get(TRANSFORM))
     recipe_json = json.loads(json.dumps(dataclasses.asdict(recipe), default=str))
-    return QuantPlan(model, recipe_json, modules)
+    bounds = step_bounds.tolist() if step_bounds is not None else None
+    return QuantPlan(model, recipe_json, modules, step_bounds=bounds)
 
 
 def _entry(info: LinearInfo, node: fx.Node, fingerprint) -> ModulePlan:

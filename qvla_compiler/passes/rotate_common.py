@@ -114,5 +114,4 @@ def track_hessians(gm: fx.GraphModule, on: bool = True) -> fx.GraphModule:
 def reset_observers(gm: fx.GraphModule) -> None:
     """Forget every observer's statistics, so a second calibration sees the transformed activations."""
     for _, obs, _ in observed_groups(gm):
-        obs.calls, obs.channel_absmax, obs.token_absmax, obs.sample = 0, None, [], None
-        obs.hessian, obs.hessian_tokens = None, 0
+        obs.reset()
