@@ -212,3 +212,63 @@ def _require_unchanged(program: Program, before: dict[str, str], what: str) -> N
     for name, gm in program.graphs.items():
         if gm.code != before[name]:
             raise ScheduleError(f"{what} left graph '{name}' changed after its observers were removed")
+
+
+# ---- action-guided mixed precision (layout "auto"): measure, then allocate (quant/mixed_precision.py) -----------
+def choose_weight_bits(program: Program, recipe, batches: list, *, progress: bool = True):
+    """The recipe with one weight width per candidate linear (`weight_bits`), chosen for `recipe.bpw` from each
+    linear's measured action error on the first calibration batch; `program` itself is not changed."""
+    from qvla_compiler.passes import apply_layout
+    from qvla_compiler.quant.mixed_precision import allocate_bits
+
+    work = program.fork()
+    for gm in work.graphs.values():
+        classify_linears(gm, recipe.role_overrides)
+        apply_layout(assign_regions(gm, recipe.region_overrides), recipe)
+    errors, params = measure_weight_sensitivity(work, recipe, batches[0], progress=progress)
+    widths = allocate_bits(errors, params, recipe.bpw)
+    return recipe.with_(weight_bits=tuple(sorted(widths.items())))
+
+
+def measure_weight_sensitivity(program: Program, recipe, batch, widths=(4, 8), *, progress: bool = True):
+    """({module path: {width: action rel-L2}}, {module path: weight params}) for every linear the layout makes
+    integer: the whole sampler's output error when only that linear's weight is rounded (RTN, the recipe's group
+    size and clip) to each width, activations float. The weights are restored after each measurement."""
+    from qvla_compiler.passes import _graph as g
+    from qvla_compiler.quant.quantizers import dequantize_weight, quantize_weight
+
+    sites: dict[str, list[tuple[fx.GraphModule, str]]] = {}
+    for gm in program.graphs.values():
+        for node in g.linear_nodes(gm):
+            if node.meta["qvla"].is_quantized and node.args[1].op == "get_attr":
+                sites.setdefault(node.meta["qvla"].module_path, []).append((gm, node.args[1].target))
+    ref = program.run(batch)
+    errors, params = {}, {}
+    for path, where in tqdm(sites.items(), desc="sensitivity", disable=not progress, unit="linear"):
+        w = _get_tensor(*where[0])
+        params[path] = w.numel()
+        errors[path] = {}
+        for bits in widths:
+            q, s = quantize_weight(w, bits, recipe.group_size, recipe.weight_clip)
+            rounded = dequantize_weight(q, s, bits, w.shape[1], recipe.group_size).to(w.dtype)
+            for gm, target in where:
+                _set_tensor(gm, target, rounded)
+            out = program.run(batch)
+            errors[path][bits] = float((out - ref).norm() / ref.norm().clamp_min(1e-12))
+        for gm, target in where:
+            _set_tensor(gm, target, w)
+    return errors, params
+
+
+def _get_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def _set_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
+    owner_path, _, name = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    if name in owner._parameters:
+        owner._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[name] = value

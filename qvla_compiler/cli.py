@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name (default {DEFAULT_MODEL}); see `qvla models`")
     q.add_argument("--recipe", help=f"one of {', '.join(RECIPES)} (default {DEFAULT_RECIPE}, or the plan's)")
     q.add_argument("--layout", choices=sorted(LAYOUTS), help="override the recipe's layout")
+    q.add_argument("--bpw", type=float, help="with --layout auto: average weight bits per linear (4-16) to allocate "
+                   "by each linear's measured action error")
     q.add_argument("--rotation", choices=ROTATIONS, help="override the recipe's rotation of integer-linear inputs")
     q.add_argument("--smooth", choices=SMOOTHINGS, help="override the recipe's smoothing (SmoothQuant or AWQ, folded)")
     q.add_argument("--weights", choices=WEIGHT_METHODS, help="override the recipe's weight rounding (rtn, gptq)")
@@ -96,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default=DEFAULT_MODEL)
     c.add_argument("--recipe", default=DEFAULT_RECIPE)
     c.add_argument("--layout", choices=sorted(LAYOUTS))
+    c.add_argument("--bpw", type=float, help="with --layout auto: average weight bits per linear (4-16)")
     c.add_argument("--calib-steps", type=int, default=8)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", required=True, help="plan folder to write (plan.json, tensors.safetensors)")
@@ -232,7 +235,7 @@ def cmd_calibrate(args) -> int:
 
     preflight.model_name(args.model)
     preflight.positive(args.calib_steps, "--calib-steps")
-    recipe = resolve_recipe(args.recipe, args.layout)
+    recipe = resolve_recipe(args.recipe, args.layout, args.bpw)
     preflight.output_dir(args.out, "--out")
     policy = build_policy(args.model, seed=args.seed)
     plan = qvla_compiler.calibrate(policy, policy.example_inputs(), recipe=recipe, calib_steps=args.calib_steps,

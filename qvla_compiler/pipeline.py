@@ -1,7 +1,8 @@
 """The compiler in two verbs: calibrate a QuantPlan on data, then apply it. Applying a plan is the only way a program
 is built (`quantize` = apply ∘ calibrate; `--plan` and the torch.compile backend apply a saved one).
 
-calibrate, on a fork:  0 teacher (ATM/OHB: attention statistics of the float graphs) → 1 analyse (roles, regions,
+calibrate, on a fork:  (layout "auto": measure each linear's action error per weight width, allocate the widths)
+  0 teacher (ATM/OHB: attention statistics of the float graphs) → 1 analyse (roles, regions,
   layout) → 2 observe → 2b fit rotations/smoothing, rewrite, observe again → 3 quantize → the plan → 5 match
   attention: apply the plan to another fork (the student), α/β from teacher vs student, into the plan.
 apply, pure rewriting:  1 analyse, decisions from the plan → 2 the plan's tensors → 2b rotate/smooth from the plan
@@ -31,6 +32,9 @@ from qvla_compiler.quant.step_scales import step_bounds
 def calibrate(program: Program, recipe, calib, *, model: str, atm_style=None, total: int | None = None,
               progress: bool = True) -> QuantPlan:
     """Every decision and tensor for `program` under `recipe`, fitted on `calib`; `program` itself is not changed."""
+    if recipe.needs_bit_allocation:  # layout "auto": a weight width per linear, from its measured action error
+        calib = cal.collect_batches(calib)
+        recipe = cal.choose_weight_bits(program, recipe, calib, progress=progress)
     work, batches = program.fork(), cal.replayable(calib, needs_rotation(recipe), recipe.atm or recipe.ohb)
     teacher = cal.observe_teacher(work, recipe, batches) if recipe.atm or recipe.ohb else None
     fingerprints = {}

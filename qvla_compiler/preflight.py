@@ -62,13 +62,13 @@ def quantize_options(args):
     from qvla_compiler.recipes import resolve_recipe
 
     if args.plan is None:
-        return _rotated(resolve_recipe(args.recipe or "w8a8", args.layout), args), None
+        return _rotated(resolve_recipe(args.recipe or "w8a8", args.layout, args.bpw), args), None
     plan = as_plan(args.plan)
     planned = plan.recipe_object()
     conflicts = [f"{flag} {given} (the plan says {want})" for flag, given, want in (
         ("--recipe", args.recipe, planned.name), ("--layout", args.layout, planned.layout),
         ("--rotation", args.rotation, planned.rotation), ("--smooth", args.smooth, planned.smooth),
-        ("--weights", args.weights, planned.weight_method))
+        ("--weights", args.weights, planned.weight_method), ("--bpw", args.bpw, planned.bpw))
         if given is not None and given != want]
     if conflicts:
         raise PlanError(f"--plan {args.plan} was calibrated with recipe {planned.name} (layout {planned.layout}), "

@@ -9,6 +9,7 @@ from qvla_compiler.meta import QuantSpec, Region, Role
 
 _ATTN = frozenset({Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.ATTN_O, Role.ATTN_QKV})
 _BLOCK = _ATTN | {Role.MLP}
+_UNIFORM = frozenset({(region, r) for region in (Region.BACKBONE, Region.ACTION_HEAD) for r in _BLOCK})
 
 # How activation scales are set: per token at run time; one static scale per call site from calibration; or one
 # static scale per flow step of the action head, picked from the step's time at run time (quant/step_scales.py).
@@ -20,6 +21,12 @@ LAYOUTS: Mapping[str, frozenset[tuple[Region, Role]]] = {
     "quantvla": frozenset({(Region.BACKBONE, r) for r in _BLOCK} | {(Region.ACTION_HEAD, Role.MLP)}),
     # Conservative: only MLPs (backbone and action head); every attention projection float.
     "strict": frozenset({(Region.BACKBONE, Role.MLP), (Region.ACTION_HEAD, Role.MLP)}),
+    # Ω-QVLA's uniform layout: every transformer-block linear of the language backbone and of the action head,
+    # attention included; the vision tower and the small conditioning/projection linears (Role.OTHER) stay float.
+    "uniform": _UNIFORM,
+    # Action-guided mixed precision: the uniform layout's linears, each with the weight width calibration allocated
+    # under the recipe's bits-per-weight budget (QuantRecipe.bpw → weight_bits; quant/mixed_precision.py).
+    "auto": _UNIFORM,
     # The naive baseline: every linear in the graph, whatever it is.
     "all": frozenset({(region, role) for region in Region for role in Role}),
     "none": frozenset(),
@@ -61,6 +68,8 @@ class QuantRecipe:
     ohb_log_clip: float = 0.3  # |log β| <= this
     ohb_neutral: float = 0.03  # β = 1 when |log β| < this
     float_dtype: str = "fp32"  # "bf16": the float linears stored and run in bf16 (lowering.cast_float_linears)
+    bpw: float | None = None  # layout "auto": average weight bits over the candidate linears (>= 4; 16 = float)
+    weight_bits: tuple[tuple[str, int], ...] = ()  # module path → weight width (4, 8; 16 = float), set by "auto"
 
     def __post_init__(self):
         _require(self.layout in LAYOUTS, f"unknown layout {self.layout!r}; choose one of {sorted(LAYOUTS)}")
@@ -83,12 +92,27 @@ class QuantRecipe:
         _require(0 <= self.ohb_log_clip <= 2, f"ohb_log_clip must be in [0, 2], got {self.ohb_log_clip}")
         _require(0 <= self.ohb_neutral <= self.ohb_log_clip or self.ohb_log_clip == 0,
                  f"ohb_neutral must be in [0, ohb_log_clip], got {self.ohb_neutral}")
+        _require(self.layout != "auto" or self.weight_bits or self.bpw is not None,
+                 "layout 'auto' allocates weight bits under a budget: give bpw (e.g. --bpw 4.5)")
+        _require(self.bpw is None or 4 <= self.bpw <= 16,
+                 f"bpw must be in [4, 16] (the kernels have 4- and 8-bit weights; 16 = float), got {self.bpw}")
+        _require(all(w in (4, 8, 16) for _, w in self.weight_bits),
+                 f"weight_bits widths must be 4, 8 or 16, got {sorted({w for _, w in self.weight_bits})}")
         _require(self.float_dtype in FLOAT_DTYPES,
                  f"float_dtype must be one of {FLOAT_DTYPES}, got {self.float_dtype!r}")
 
     @property
     def spec(self) -> QuantSpec:
         return QuantSpec(self.w_bits, self.a_bits, self.group_size, self.act_mode, self.weight_clip)
+
+    def spec_for(self, module_path: str) -> QuantSpec | None:
+        """The spec of one linear the layout makes integer: weight_bits may narrow or widen it, or keep it float."""
+        width = dict(self.weight_bits).get(module_path, self.w_bits)
+        return None if width == 16 else dataclasses.replace(self.spec, w_bits=width)
+
+    @property
+    def needs_bit_allocation(self) -> bool:
+        return self.layout == "auto" and not self.weight_bits
 
     def integer_pairs(self) -> frozenset[tuple[Region, Role]]:
         return LAYOUTS[self.layout]
@@ -121,10 +145,11 @@ RECIPES["quantvla-w4a4"] = QuantRecipe("quantvla-w4a4", w_bits=4, a_bits=4, rota
                                        atm=True, ohb=True)
 
 
-def resolve_recipe(recipe: str | QuantRecipe, layout: str | None = None) -> QuantRecipe:
-    """A recipe object or preset name, with the layout optionally replaced."""
+def resolve_recipe(recipe: str | QuantRecipe, layout: str | None = None, bpw: float | None = None) -> QuantRecipe:
+    """A recipe object or preset name, with the layout (and the bits-per-weight budget of layout "auto") optionally
+    replaced."""
     if isinstance(recipe, str):
         if recipe not in RECIPES:
             raise RecipeError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)} or pass a QuantRecipe")
         recipe = RECIPES[recipe]
-    return recipe.with_(layout=layout)
+    return recipe.with_(layout=layout, bpw=bpw)

@@ -69,6 +69,8 @@ CLI_CASES = [
     (["quantize", "--model", "pi05-tiny", "--plan", "{d}/plan", "--rotation", "hadamard"], PlanError, "drop those"),
     (["quantize", "--model", "pi05-tiny", "--plan", "{d}/plan", "--smooth", "smoothquant"], PlanError, "drop those"),
     (["calibrate", "--model", "pi05-tiny", "--recipe", "w2a2", "--out", "{d}/p2"], RecipeError, "choose one of"),
+    (["quantize", "--model", "pi05-tiny", "--layout", "auto"], RecipeError, "--bpw"),
+    (["calibrate", "--model", "pi05-tiny", "--layout", "auto", "--bpw", "3", "--out", "{d}/p2"], RecipeError, "[4, 16]"),
     (["calibrate", "--model", "nope", "--out", "{d}/p2"], ModelNotFoundError, "valid names are"),
     (["calibrate", "--model", "pi05-tiny", "--out", "{d}/a_file"], UsageError, "give a folder path"),
     (["calibrate", "--model", "pi05-tiny", "--calib-steps", "0", "--out", "{d}/p2"], UsageError, "at least 1"),

@@ -4,7 +4,8 @@ Before: linears with a spec, observers (calibrated) on their inputs.
 After:  for each distinct weight read by integer linears, one integer weight and one fp32 scale buffer on the graph
         module; every call site of that weight names them in node.meta["qvla_tensors"] (QuantTensors). Static
         activation scales (act_mode "static": [1]; "per_step": [S], one per flow-step bucket, in graphs with a time
-        input) come from each call site's own observer, so call sites fed different inputs keep different scales. The graph's nodes are unchanged: lower_linears does the rewrite.
+        input) come from each call site's own observer, so call sites fed different inputs keep different scales.
+        The graph's nodes are unchanged: lower_linears does the rewrite.
 Decides first: a linear whose weight or bias is computed from graph inputs (not a buffer), or whose weight is shared
         with a call site the layout keeps float, stays float; the reason is recorded as KeptFloat in
         node.meta[KEPT_FLOAT] and reported.

@@ -1,0 +1,76 @@
+"""Action-guided mixed precision: the allocation against exhaustive search, the budget, and the auto layout."""
+import itertools
+
+import pytest
+import torch
+
+import qvla_compiler
+from qvla_compiler.errors import RecipeError
+from qvla_compiler.quant.mixed_precision import WIDTHS, allocate_bits, average_bits
+from qvla_compiler.recipes import RECIPES, QuantRecipe
+
+
+def _random_problem(n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    params = {f"l{i}": int(torch.randint(1, 20, (1,), generator=gen)) * 64 for i in range(n)}
+    errors = {}
+    for p in params:
+        e4 = float(torch.rand(1, generator=gen)) + 0.01
+        errors[p] = {4: e4, 8: e4 / float(torch.randint(8, 40, (1,), generator=gen))}
+    return errors, params
+
+
+def _cost(widths, errors):
+    return sum(0.0 if w == 16 else errors[p][w] for p, w in widths.items())
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("bpw", [4.0, 5.0, 6.5, 9.0, 16.0])
+def test_allocation_keeps_the_budget_and_equals_exhaustive_search(seed, bpw):
+    errors, params = _random_problem(6, seed)
+    widths = allocate_bits(errors, params, bpw)
+    assert average_bits(widths, params) <= bpw + 1e-9
+    best = min(_cost(dict(zip(params, combo)), errors) for combo in itertools.product(WIDTHS, repeat=len(params))
+               if average_bits(dict(zip(params, combo)), params) <= bpw + 1e-9)
+    assert _cost(widths, errors) == pytest.approx(best, abs=1e-12)  # the DP is exact: costs are multiples of its unit
+    if bpw == 4.0:
+        assert set(widths.values()) == {4}
+    if bpw == 16.0:
+        assert set(widths.values()) == {16} and _cost(widths, errors) == 0
+
+
+def test_more_sensitive_linears_get_the_bits_first():
+    params = {"a": 100, "b": 100, "c": 100}
+    errors = {"a": {4: 0.5, 8: 0.01}, "b": {4: 0.05, 8: 0.001}, "c": {4: 0.2, 8: 0.004}}
+    assert allocate_bits(errors, params, 16 / 3) == {"a": 8, "b": 4, "c": 4}
+    assert allocate_bits(errors, params, 20 / 3) == {"a": 8, "b": 4, "c": 8}
+
+
+def test_budgets_below_the_kernels_narrowest_width_are_refused():
+    with pytest.raises(RecipeError, match="bpw must be in \\[4, 16\\]"):
+        RECIPES["w4a8"].with_(layout="auto", bpw=3.0)
+    with pytest.raises(RecipeError, match="give bpw"):
+        QuantRecipe("x", layout="auto")
+
+
+def test_auto_layout_measures_allocates_and_replays_from_its_plan(tmp_path):
+    from qvla_compiler.models import build_policy
+
+    policy = build_policy("pi05-tiny")
+    recipe = RECIPES["w4a8"].with_(layout="auto", bpw=6.0)
+    qp = qvla_compiler.quantize(policy, policy.example_inputs(), recipe=recipe, calib_steps=1, progress=False)
+    chosen = qp.quant_plan.recipe_object()
+    widths = dict(chosen.weight_bits)
+    params = {r.module_path: r.params for r in qp.report.linears if r.call_site == 0 and r.module_path in widths}
+    assert widths and average_bits(widths, params) <= 6.0 + 1e-9 and {4, 8} <= set(widths.values())
+    rows = {r.module_path: r.bits for r in qp.report.linears}
+    for path, width in widths.items():  # the plan compiled exactly the widths it chose
+        assert rows[path] == ("float" if width == 16 else f"W{width}A8")
+    qp.quant_plan.save(tmp_path / "plan")
+    again = qvla_compiler.quantize(policy, policy.example_inputs(), plan=tmp_path / "plan", progress=False)
+    args = (*policy.example_inputs().values(), policy.example_noise())
+    with torch.no_grad():
+        assert torch.equal(again.module()(*args), qp.module()(*args))
+    uniform = qvla_compiler.quantize(policy, policy.example_inputs(), recipe="w4a8", layout="uniform", calib_steps=1,
+                                     progress=False)
+    assert qp.report.action_rel_l2 < uniform.report.action_rel_l2  # the extra bits went where they buy accuracy
