@@ -27,12 +27,13 @@ def run_inspect(args, console, print_summary) -> int:
         return 0
     s = data["summary"]
     table = Table(title=f"{args.program}: {s['model']} · {s['recipe']} · layout {s['layout']}")
-    for col in ("graph", "module path", "region", "role", "bits", "rotation", "α/β", "params", "KiB bf16", "KiB now",
+    for col in ("graph", "module path", "region", "role", "bits", "act", "rotation", "α/β", "params", "KiB bf16", "KiB now",
                 "SQNR dB"):
         table.add_column(col, justify="right" if col in _NUMERIC else "left")
     for r in data["linears"]:
         sq = "" if r["sqnr_db"] is None else str(r["sqnr_db"])
-        table.add_row(r["graph"], r["module_path"], r["region"], r["role"], r["bits"], r["rotation"] or "",
+        table.add_row(r["graph"], r["module_path"], r["region"], r["role"], r["bits"], r.get("act_scales") or "",
+                      r["rotation"] or "",
                       fmt_scale(r["alpha"], r["beta"]), f"{r['params']:,}", f"{r['bytes_bf16'] / 1024:.1f}",
                       f"{r['bytes_quant'] / 1024:.1f}", sq)
     console.print(table)

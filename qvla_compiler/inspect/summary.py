@@ -3,8 +3,8 @@
 `inspect_data(path)` reads a `.pt2` written by QuantizedProgram.save and returns plain JSON data:
 
     summary       the report's totals (bytes, saving, action fidelity) and the recipe
-    linears       one row per linear: graph, module path, region, role, bits, rotation (the online qvla:: op on its
-                  input, if any), α (per head) / β (ATM/OHB, when present), bytes, output SQNR vs float
+    linears       one row per linear: graph, module path, region, role, bits, act_scales (dynamic, static or
+                  per-step ×S), rotation (the online qvla:: op on its input, if any), α (per head) / β (ATM/OHB, when present), bytes, output SQNR vs float
     graph         nodes = linears (coloured by role and bits, clustered per layer), edges = dataflow between them
                   through non-linear ops (each linear keeps its _MAX_PARENTS most recent linear producers)
     attention     the ATM/OHB record (α per head, β per block), when present
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import re
 from pathlib import Path
 from typing import Any
@@ -42,10 +43,11 @@ def inspect_data(path: str | Path, loaded=None, trust: bool = False) -> dict[str
     rows: dict[tuple, dict] = {}
     for r in report["linears"]:  # a weight called at several sites: its first row holds the bytes
         rows.setdefault((r["graph"], r["module_path"]), dict(r))
-    nodes, edges, rotation = _linear_graph(programs, rows)
+    nodes, edges, rotation, act = _linear_graph(programs, rows)
     scales = _attention_scales(report.get("attention_scales"))
     for key, row in rows.items():
         row["rotation"] = rotation.get(key)
+        row["act_scales"] = act.get(key) if row["bits"] != "float" else None
         row["alpha"], row["beta"] = scales.get(key, (None, None))
         row["cluster"] = _cluster(*key)
     linears = list(rows.values())
@@ -57,10 +59,11 @@ def inspect_data(path: str | Path, loaded=None, trust: bool = False) -> dict[str
 
 
 # ------------------------------------------------------------------------------------------------------ graph
-def _linear_graph(programs: dict[str, torch.export.ExportedProgram], rows: dict) -> tuple[list, list, dict]:
+def _linear_graph(programs: dict[str, torch.export.ExportedProgram], rows: dict) -> tuple[list, list, dict, dict]:
     """Linear nodes and the dataflow edges between them, over every program ({tensor-name prefix: program})."""
     by_state = _rows_by_state_name(rows)
     rotation: dict[tuple, str] = {}
+    act: dict[tuple, str] = {}
     edges: dict[tuple, None] = {}
     carried: list = []  # what a program's outputs hold: the next one's inputs (a policy's prefix feeds its denoise)
     for prefix, ep in programs.items():
@@ -77,12 +80,13 @@ def _linear_graph(programs: dict[str, torch.export.ExportedProgram], rows: dict)
                 rot = _online_rotation(node.args[0])
                 if rot:
                     rotation[key] = rot
+                act[key] = _act_scales(node.args[1])
         from_prefix, carried = carried, _add_edges(ep, key_of, edges, carried)
     if list(programs) == ["prefix.", "denoise."]:  # Euler loop: a step's output is the next step's x_t (after KV)
         _add_edges(ep, key_of, edges, [*from_prefix, *carried, []])
     nodes = [{"id": _node_id(k), "graph": k[0], "module_path": k[1], "role": r["role"], "bits": r["bits"],
               "region": r["region"], "cluster": _cluster(*k), "sqnr_db": r.get("sqnr_db")} for k, r in rows.items()]
-    return nodes, [{"source": _node_id(a), "target": _node_id(b)} for a, b in edges], rotation
+    return nodes, [{"source": _node_id(a), "target": _node_id(b)} for a, b in edges], rotation, act
 
 
 def _add_edges(ep: torch.export.ExportedProgram, key_of: dict[torch.fx.Node, tuple], edges: dict[tuple, None],
@@ -149,6 +153,22 @@ def _tensor_owners(rows: dict) -> list[tuple[str, tuple]]:
         for prefix in (f"{graph}.{flat}", flat, f"{graph}.policy.{path}.", f"{graph}.{path}.", f"{path}."):
             prefixes.append((prefix, (graph, path)))
     return sorted(prefixes, key=lambda p: -len(p[0]))
+
+
+def _act_scales(xs: torch.fx.Node) -> str:
+    """How the activation scale reaching an integer linear is set: "dynamic" (per token), "static", or "per-step ×S"
+    (a qvla::step_scale gather from a table of S calibrated scales)."""
+    quant = xs.args[0] if xs.target is operator.getitem and xs.args else None
+    if quant is None or not str(quant.target).startswith("qvla.quantize_act"):
+        return "?"
+    static = quant.args[2] if len(quant.args) > 2 else quant.kwargs.get("static_scale")
+    if static is None:
+        return "dynamic"
+    if str(getattr(static, "target", "")).startswith("qvla.step_scale"):
+        table = static.args[0]
+        val = table.meta.get("val") if isinstance(table, torch.fx.Node) else None
+        return f"per-step ×{val.shape[0]}" if val is not None else "per-step"
+    return "static"
 
 
 def _online_rotation(x: torch.fx.Node) -> str | None:
@@ -219,7 +239,7 @@ def _esc(text: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ diff
-_ROW_FIELDS = ("region", "role", "bits", "rotation", "bytes_quant", "sqnr_db", "alpha", "beta")
+_ROW_FIELDS = ("region", "role", "bits", "act_scales", "rotation", "bytes_quant", "sqnr_db", "alpha", "beta")
 _SUMMARY_FIELDS = ("model", "recipe", "layout", "int_linears", "float_linears", "bytes_bf16", "bytes_quant",
                    "memory_saving", "policy_bytes_quant", "policy_memory_saving", "action_rel_l2", "action_sqnr_db")
 

@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import qvla_compiler
 from policy_fixtures import policy_args, quantized_policy
 from qvla_compiler.models.sampling import euler_sample
+from qvla_compiler.inspect.summary import inspect_data
 from qvla_compiler.plan import QuantPlan
 from qvla_compiler.quant.step_scales import bucket_of, step_bounds
 
@@ -78,6 +79,8 @@ def test_per_step_program_saves_loads_and_replays_bit_identically(perstep, tmp_p
         assert torch.equal(replay.module()(*args), want)
     assert QuantPlan.load(tmp_path / "plan").step_bounds == pytest.approx(
         step_bounds(policy.schedule.timesteps).tolist())
+    shown = {(r["graph"], r["act_scales"]) for r in inspect_data(tmp_path / "p.pt2")["linears"] if r["bits"] != "float"}
+    assert shown == {("prefix", "static"), ("denoise", f"per-step ×{len(policy.schedule.timesteps)}")}
 
 
 def test_per_step_through_torch_compile_matches_the_aot_program(perstep):
