@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import qvla_compiler  # noqa: E402
 from qvla_compiler.kernels.cpu_gemm import backend as gemm_backend  # noqa: E402
 from qvla_compiler.models import build_policy  # noqa: E402
-from qvla_compiler.recipes import RECIPES  # noqa: E402
+from qvla_compiler.recipes import LAYOUTS, RECIPES  # noqa: E402
 
 W4A4 = RECIPES["w4a4"]
 VARIANTS = {  # name → recipe; the ablation walks from QuantVLA to uniform W4A4 one change at a time
@@ -37,11 +37,18 @@ VARIANTS = {  # name → recipe; the ablation walks from QuantVLA to uniform W4A
     "uniform w4a4 hadamard per_step": W4A4.with_(layout="uniform", rotation="hadamard", act_mode="per_step"),
     "quantvla-layout w8a8 static": RECIPES["w8a8-static"],
     "quantvla-layout w8a8 per_step": RECIPES["w8a8-perstep"],
+    # mixed precision against the fixed QuantVLA layout at the same bits (RTN weights, dynamic activations, both)
+    "quantvla-layout w4a8": RECIPES["w4a8"],
+    "auto w4a8 @ quantvla-layout bits": None,  # bpw = the row above's bits over the uniform layout's linears
+    "auto w4a8 bpw 4.5": RECIPES["w4a8"].with_(layout="auto", bpw=4.5),
+    "uniform w4a8": RECIPES["w4a8"].with_(layout="uniform"),
 }
+CANDIDATES = {(region.value, role.value) for region, role in LAYOUTS["uniform"]}
 
 
-def bits_per_weight(report) -> float:
-    rows = [r for r in report.linears if r.call_site == 0]
+def bits_per_weight(report, only=None) -> float:
+    """Average weight bits over the policy's linears (or those whose (region, role) is in `only`); float = 16."""
+    rows = [r for r in report.linears if r.call_site == 0 and (only is None or (r.region, r.role) in only)]
     bits = sum((int(r.bits[1:r.bits.index("A")]) if r.bits != "float" else 16) * r.params for r in rows)
     return bits / sum(r.params for r in rows)
 
@@ -55,17 +62,27 @@ def main() -> None:
     print(f"# {datetime.date.today()} · {platform.machine()} · CPU {torch.backends.cpu.get_cpu_capability()} "
           f"(GEMM {gemm_backend()}) · torch {torch.__version__} · threads {torch.get_num_threads()} · "
           f"load {os.getloadavg()[0]:.1f} · calib steps {args.calib_steps}")
-    print("| model | variant | int linears | bits/weight | linear MiB | action rel-L2 | action SQNR dB | compile s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | variant | int linears | bits/weight (all linears) | bits/weight (uniform's linears) | linear MiB | "
+          "action rel-L2 | action SQNR dB | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for model in args.models:
+        quantvla_bits = None
         for name in args.variants:
+            recipe = VARIANTS[name]
+            if recipe is None:
+                if quantvla_bits is None:
+                    continue
+                recipe = RECIPES["w4a8"].with_(layout="auto", bpw=quantvla_bits)
             policy = build_policy(model)
             start = time.perf_counter()
-            qp = qvla_compiler.quantize(policy, policy.example_inputs(), recipe=VARIANTS[name],
+            qp = qvla_compiler.quantize(policy, policy.example_inputs(), recipe=recipe,
                                         calib_steps=args.calib_steps, progress=False, model_name=model)
             seconds = time.perf_counter() - start
             r = qp.report
+            if name == "quantvla-layout w4a8":
+                quantvla_bits = bits_per_weight(r, CANDIDATES)
             print(f"| {model} | {name} | {r.int_linears} | {bits_per_weight(r):.2f} | "
+                  f"{bits_per_weight(r, CANDIDATES):.2f} | "
                   f"{r.policy_bytes_quant / 2**20:.2f} | {r.action_rel_l2:.4f} | {r.action_sqnr_db:.1f} | "
                   f"{seconds:.0f} |", flush=True)
 
