@@ -49,7 +49,11 @@ def test_rewritten_dynamo_graphs_are_bit_identical_to_the_aot_program(name, reci
     assert ops.count(lowered) == qp.report.int_linears
 
 
-@pytest.mark.parametrize("name,recipe", CASES)
+# one Inductor build per case (about 1 min each here): the headline recipes are slow_compile, deselected by default
+INDUCTOR_CASES = [CASES[0], *(pytest.param(*c, marks=pytest.mark.slow_compile) for c in CASES[1:])]
+
+
+@pytest.mark.parametrize("name,recipe", INDUCTOR_CASES)
 def test_inductor_compiled_policy_matches_the_aot_program(tmp_path, name, recipe, monkeypatch):
     from qvla_compiler.kernels import inductor
 

@@ -25,7 +25,7 @@ def _assert_programs_identical(a, b):
     assert a.report == b.report and a.plan == b.plan
 
 
-@pytest.mark.parametrize("recipe", ["w4a8", "w8a8-static"])
+@pytest.mark.parametrize("recipe", ["w4a8"])  # every other preset: test_plan_replay.py (pipeline level)
 def test_plan_round_trip_is_bit_identical_on_pi05_tiny(tmp_path, recipe):
     policy, qp = quantized_policy("pi05-tiny", recipe)
     copy.deepcopy(qp.quant_plan).save(tmp_path / "plan")

@@ -24,7 +24,7 @@ def _captured(name: str):
     policy = build_policy(name)
     obs = policy.example_inputs()
     noise = policy.example_noise(next(iter(obs.values())).shape[0])
-    batches = list(with_noise(policy.calibration_batches(2, seed=0), tuple(noise.shape[1:]), 0))
+    batches = list(with_noise(policy.calibration_batches(1, seed=0), tuple(noise.shape[1:]), 0))
     return policy, Program(capture_policy(policy, obs, noise), policy.schedule), batches, (obs, noise)
 
 
@@ -62,12 +62,12 @@ def test_every_recipe_replays_bit_identically_from_a_saved_plan(tmp_path, name, 
 
 
 def test_quantize_with_a_recipe_equals_quantize_with_its_saved_plan(tmp_path):
-    policy, _, _, _ = _captured("groot-tiny")
-    qp = qvla_compiler.quantize(policy, policy.example_inputs(), recipe="quantvla-w4a8", calib_steps=2,
-                                progress=False, model_name="groot-tiny")
+    policy, _, _, _ = _captured("pi05-tiny")
+    qp = qvla_compiler.quantize(policy, policy.example_inputs(), recipe="quantvla-w4a8", calib_steps=1,
+                                progress=False, model_name="pi05-tiny")
     qp.quant_plan.save(tmp_path / "plan")
     again = qvla_compiler.quantize(policy, policy.example_inputs(), plan=tmp_path / "plan", progress=False,
-                                   model_name="groot-tiny")
+                                   model_name="pi05-tiny")
     _same_program(qp.program, again.program)
     assert qp.report == again.report and qp.plan == again.plan
     assert qp.report.attention_scales is not None  # ATM/OHB ran, and the replay reports the same α/β

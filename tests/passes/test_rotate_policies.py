@@ -52,7 +52,7 @@ def test_rotations_preserve_float_actions(name, rotation, smooth, outliers):
     _check(name, rotation, smooth, outliers)
 
 
-@pytest.mark.slow
+@pytest.mark.small  # deselected by default (suite budget): the tiny presets above make the same checks
 @pytest.mark.parametrize("rotation,smooth", [("hadamard", "none"), ("duquant", "smoothquant")])
 @pytest.mark.parametrize("name", ["pi05-small", "groot-small"])
 def test_rotations_preserve_float_actions_small(name, rotation, smooth):

@@ -126,7 +126,7 @@ def _online_before(linear) -> bool:
 
 @pytest.mark.parametrize("name,outliers", [
     ("pi05-tiny", False), ("pi05-tiny", True), ("groot-tiny", False), ("groot-tiny", True),
-    pytest.param("pi05-small", True, marks=pytest.mark.slow), pytest.param("groot-small", True, marks=pytest.mark.slow),
+    pytest.param("pi05-small", True, marks=pytest.mark.small), pytest.param("groot-small", True, marks=pytest.mark.small),
 ])
 def test_quarot_preserves_float_actions(name, outliers):
     program, policy, obs, noise = _float_program(name, "quarot", outliers)
