@@ -21,7 +21,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped, visibly, without one)")
     config.addinivalue_line("markers", "slow: small-preset policies; part of the default run")
-    config.addinivalue_line("markers", "small: small-preset repeats of tiny-preset checks; deselected by default")
+    config.addinivalue_line("markers", "small: repeats of checks other default tests cover (small presets); deselected by default")
 
 
 def pytest_collection_modifyitems(config, items):

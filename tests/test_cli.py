@@ -1,5 +1,6 @@
 """The `qvla` command: --json output of quantize and inspect, and named errors with exit code 2."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import sys
 import pytest
 
 QVLA = [sys.executable, "-m", "qvla_compiler.cli"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # for runs from a temp dir without an install
 
 
 def _run(*args, timeout=600):
@@ -53,7 +55,8 @@ def test_errors_are_named_and_exit_2(tmp_path):
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_a_signal_mid_compile_prints_one_line_and_leaves_no_file(sig, code, word, tmp_path):
     out = tmp_path / "p.pt2"
-    proc = subprocess.Popen([*QVLA, "quantize", "--model", "pi05-tiny", "--out", str(out)], cwd=tmp_path,
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([*QVLA, "quantize", "--model", "pi05-tiny", "--out", str(out)], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = []
     for line in proc.stderr:  # wait until the compile is under way, so the CLI's handlers are installed
