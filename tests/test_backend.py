@@ -32,7 +32,11 @@ def test_backend_is_registered_by_import_and_by_entry_point():
     assert isinstance(qvla_compiler.backend(plan=QuantPlan("m", {}, {})), be.QvlaBackend)
 
 
-@pytest.mark.parametrize("name,recipe", CASES)
+# pi05's headline recipe repeats groot's through the same backend path: `-m small` runs it (suite budget)
+BIT_CASES = [CASES[0], pytest.param(*CASES[1], marks=pytest.mark.small), CASES[2]]
+
+
+@pytest.mark.parametrize("name,recipe", BIT_CASES)
 def test_rewritten_dynamo_graphs_are_bit_identical_to_the_aot_program(name, recipe):
     """Without Inductor, the rewritten torch-IR graphs compute exactly what the exported program computes."""
     policy, qp = quantized_policy(name, recipe)
