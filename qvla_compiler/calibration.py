@@ -245,30 +245,17 @@ def measure_weight_sensitivity(program: Program, recipe, batch, widths=(4, 8), *
     ref = program.run(batch)
     errors, params = {}, {}
     for path, where in tqdm(sites.items(), desc="sensitivity", disable=not progress, unit="linear"):
-        w = _get_tensor(*where[0])
+        w = g.attr_tensor(*where[0])
         params[path] = w.numel()
         errors[path] = {}
         for bits in widths:
             q, s = quantize_weight(w, bits, recipe.group_size, recipe.weight_clip)
             rounded = dequantize_weight(q, s, bits, w.shape[1], recipe.group_size).to(w.dtype)
             for gm, target in where:
-                _set_tensor(gm, target, rounded)
+                g.replace_attr_tensor(gm, target, rounded)
             out = program.run(batch)
             errors[path][bits] = float((out - ref).norm() / ref.norm().clamp_min(1e-12))
         for gm, target in where:
-            _set_tensor(gm, target, w)
+            g.replace_attr_tensor(gm, target, w)
     return errors, params
 
-
-def _get_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
-
-
-def _set_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
-    owner_path, _, name = target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    if name in owner._parameters:
-        owner._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
-    else:
-        owner._buffers[name] = value

@@ -142,3 +142,18 @@ def time_input(gm: fx.GraphModule) -> fx.Node | None:
     roles = gm.meta.get(INPUTS_KEY, ())
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return next((p for p, role in zip(placeholders, roles) if role == "time"), None)
+
+
+def attr_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    """The tensor a get_attr target names (`a.b.weight`)."""
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def replace_attr_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
+    """Point a get_attr target at a fresh tensor (never written in place: it may be the user's parameter)."""
+    owner_path, _, name = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    old = getattr(owner, name)
+    setattr(owner, name, torch.nn.Parameter(value, requires_grad=False) if isinstance(old, torch.nn.Parameter)
+            else value)

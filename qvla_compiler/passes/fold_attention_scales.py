@@ -14,7 +14,6 @@ import dataclasses
 
 import torch
 import torch.fx as fx
-from torch import nn
 
 from qvla_compiler.meta import update
 from qvla_compiler.passes import _graph as g
@@ -125,11 +124,11 @@ def _head_axis(mul: fx.Node, site: AttentionSite) -> int | None:
 
 def _scale_norm_weight(gm: fx.GraphModule, target: AlphaTarget, alpha: torch.Tensor) -> None:
     _, attr = target.nodes
-    w = _get(gm, attr.target)
+    w = g.attr_tensor(gm, attr.target)
     c = target.offset
     per_head = alpha.reshape(-1, *([1] * (-target.head_axis - 1)))  # [H, 1, 1] broadcast against [H, T, d] or [H, d]
     new = (per_head * (w.detach().double() + c) - c).to(w.dtype)  # (w' + c) = α_h (w + c)
-    _set(gm, attr.target, new)
+    g.replace_attr_tensor(gm, attr.target, new)
 
 
 def _scale_outputs(gm: fx.GraphModule, node: fx.Node, factors: torch.Tensor) -> None:
@@ -153,19 +152,6 @@ def _scale_outputs(gm: fx.GraphModule, node: fx.Node, factors: torch.Tensor) -> 
 
 
 def _scale_rows(gm: fx.GraphModule, target: str, factors: torch.Tensor) -> None:
-    t = _get(gm, target)
+    t = g.attr_tensor(gm, target)
     shaped = factors.reshape(-1, *([1] * (t.dim() - 1)))
-    _set(gm, target, (t.detach().double() * shaped).to(t.dtype))
-
-
-def _get(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
-
-
-def _set(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
-    """Replace an attribute with a fresh tensor (never written in place: it may be the user's parameter)."""
-    owner_path, _, name = target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    old = getattr(owner, name)
-    setattr(owner, name, nn.Parameter(value, requires_grad=False) if isinstance(old, nn.Parameter) else value)
+    g.replace_attr_tensor(gm, target, (t.detach().double() * shaped).to(t.dtype))

@@ -79,9 +79,11 @@ def quantize_linears(gm: fx.GraphModule, weight_method: str = "rtn",
             scales[(*key, info.out_scale)] = _register(gm, _free(gm, base, "_ws") + "_ws", ws)
         act = None
         if spec.act_mode in STATIC_MODES:  # per call site: each one's observer saw its own inputs
-            act = _register(gm, _free(gm, base, "_xs") + "_xs", _act_scale(observer_of(node, gm), spec, step_bounds))
+            scale = _act_scale(observer_of(node, gm), spec, step_bounds)
+            act = _register(gm, _free(gm, base, "_xs") + "_xs", scale)
+            if scale.numel() > 1 and not hasattr(gm, STEP_BOUNDS):  # a per-step table: its buckets, once per graph
+                gm.register_buffer(STEP_BOUNDS, step_bounds.clone())
         node.meta["qvla_tensors"] = QuantTensors(base + "_wq", scales[(*key, info.out_scale)], act)
-    _register_bounds(gm, step_bounds)
     return gm
 
 
@@ -91,12 +93,6 @@ def _act_scale(observer, spec, step_bounds: torch.Tensor | None) -> torch.Tensor
     if spec.act_mode == "per_step" and step_bounds is not None:
         return observer.step_scales(qmax, STATIC_PERCENTILE, step_bounds)
     return observer.tensor_scale(qmax, STATIC_PERCENTILE)
-
-
-def _register_bounds(gm: fx.GraphModule, step_bounds: torch.Tensor | None) -> None:
-    """The buckets per-step tables are indexed by, once per graph that holds a table (as load_plan_tensors does)."""
-    if not hasattr(gm, STEP_BOUNDS) and any(b.numel() > 1 for n, b in gm.named_buffers() if n.endswith("_xs")):
-        gm.register_buffer(STEP_BOUNDS, step_bounds.clone())
 
 
 def _quantize_weight(gm: fx.GraphModule, node: fx.Node, method: str):

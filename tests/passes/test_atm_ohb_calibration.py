@@ -18,7 +18,7 @@ from qvla_compiler.export import capture_policy
 from qvla_compiler.models import build_policy
 from qvla_compiler.passes._attention_sites import attention_sites
 from qvla_compiler.passes.check_schedule import check_schedule
-from qvla_compiler.passes.fold_attention_scales import _get, _set
+from qvla_compiler.passes._graph import attr_tensor as _get, replace_attr_tensor as _set
 from qvla_compiler.program import Program, with_noise
 from qvla_compiler.recipes import QuantRecipe
 from qvla_compiler.inspect.report import Report
