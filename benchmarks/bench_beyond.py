@@ -35,6 +35,10 @@ VARIANTS = {  # name → recipe; the ablation walks from QuantVLA to uniform W4A
     "uniform w4a4 hadamard dynamic": W4A4.with_(layout="uniform", rotation="hadamard"),
     "uniform w4a4 hadamard static": W4A4.with_(layout="uniform", rotation="hadamard", act_mode="static"),
     "uniform w4a4 hadamard per_step": W4A4.with_(layout="uniform", rotation="hadamard", act_mode="per_step"),
+    "uniform w4a4 svd-hadamard dynamic": W4A4.with_(layout="uniform", rotation="svd-hadamard"),
+    "uniform w4a4 svd-hadamard per_step": W4A4.with_(layout="uniform", rotation="svd-hadamard", act_mode="per_step"),
+    "uniform w4a4 svd-hadamard per_step gptq": W4A4.with_(layout="uniform", rotation="svd-hadamard",
+                                                          act_mode="per_step", weight_method="gptq"),
     "quantvla-layout w8a8 static": RECIPES["w8a8-static"],
     "quantvla-layout w8a8 per_step": RECIPES["w8a8-perstep"],
     # mixed precision against the fixed QuantVLA layout at the same bits (RTN weights, dynamic activations, both)

@@ -12,7 +12,8 @@ _BLOCK = _ATTN | {Role.MLP}
 _UNIFORM = frozenset({(region, r) for region in (Region.BACKBONE, Region.ACTION_HEAD) for r in _BLOCK})
 
 # How activation scales are set: per token at run time; one static scale per call site from calibration; or one
-# static scale per flow step of the action head, picked from the step's time at run time (quant/step_scales.py).
+# static scale per flow step of the action head, picked from the step's time at run time (quant/step_scales.py), with
+# the graphs that see no flow time (the prefix) per token at run time.
 ACT_MODES = ("dynamic", "static", "per_step")
 # A layout is the set of (region, role) pairs that become integer; everything else stays float.
 LAYOUTS: Mapping[str, frozenset[tuple[Region, Role]]] = {
@@ -33,7 +34,7 @@ LAYOUTS: Mapping[str, frozenset[tuple[Region, Role]]] = {
 }
 
 
-ROTATIONS = ("none", "hadamard", "duquant", "quarot")
+ROTATIONS = ("none", "hadamard", "duquant", "svd-hadamard", "quarot")
 SMOOTHINGS = ("none", "smoothquant", "awq")
 WEIGHT_METHODS = ("rtn", "gptq")
 FLOAT_DTYPES = ("fp32", "bf16")  # what the linears the layout keeps float run in (bf16: only fast with native bf16)
@@ -55,11 +56,12 @@ class QuantRecipe:
     region_overrides: tuple[tuple[str, Region], ...] = ()
     role_overrides: tuple[tuple[str, Role], ...] = ()
     skip: tuple[str, ...] = ()
-    rotation: str = "none"  # "none" | "hadamard" | "duquant" per quantized input, or "quarot": the RMSNorm residual
-    # stream rotated and folded into the weights, "hadamard" on the other inputs; all exact in float (passes/rotate_*)
+    rotation: str = "none"  # "none" | "hadamard" | "duquant" | "svd-hadamard" per quantized input, or "quarot": the
+    # RMSNorm residual stream rotated and folded into the weights, "hadamard" on the other inputs; all exact in float
+    # (passes/rotate_*)
     smooth: str = "none"  # "none" | "smoothquant" | "awq" (scales searched for 4-bit weights): folded into the norm
-    smooth_alpha: float = 0.5  # migration strength of SmoothQuant and of DuQuant's own smoothing
-    rotation_block: int = 128  # DuQuant block size (the largest divisor of the width that is <= this)
+    smooth_alpha: float = 0.5  # migration strength of SmoothQuant and of DuQuant's / SVD·Hadamard's own smoothing
+    rotation_block: int = 128  # DuQuant / SVD·Hadamard block size (the largest fitting divisor of the width <= this)
     atm: bool = False  # Attention Temperature Matching: per action-head attention head α folded into q_proj
     ohb: bool = False  # Output Head Balancing: per action-head attention layer β folded into o_proj
     atm_style: str = "auto"  # "pi05" clip [0.8, 1.25], |α-1| <= 0.05; "groot" [0.7, 1.4], < 0.02; "auto": by policy
@@ -145,11 +147,33 @@ RECIPES["quantvla-w4a4"] = QuantRecipe("quantvla-w4a4", w_bits=4, a_bits=4, rota
                                        atm=True, ohb=True)
 
 
+# "preset+option+...": each option changes one field (e.g. "quantvla-w4a8+gptq", "w4a4+uniform+svd-hadamard").
+OPTIONS: Mapping[str, dict] = {
+    **{lay: dict(layout=lay) for lay in LAYOUTS if lay not in ("auto", "none")},  # auto needs a bpw: --layout/--bpw
+    **{m: dict(weight_method=m) for m in WEIGHT_METHODS},
+    "mse": dict(weight_clip="mse"),
+    **{s: dict(smooth=s) for s in SMOOTHINGS if s != "none"},
+    **{r: dict(rotation=r) for r in ROTATIONS if r != "none"},
+    **{m: dict(act_mode=m) for m in ACT_MODES},
+    "atm": dict(atm=True), "ohb": dict(ohb=True), "bf16": dict(float_dtype="bf16"),
+}
+
+
+def recipe_from_name(name: str) -> QuantRecipe:
+    """A preset, or a preset with options: "quantvla-w4a8+gptq" is quantvla-w4a8 with weight_method="gptq"."""
+    base, *options = name.split("+")
+    if base not in RECIPES:
+        raise RecipeError(f"unknown recipe {base!r}; choose one of {sorted(RECIPES)} or pass a QuantRecipe")
+    unknown = [o for o in options if o not in OPTIONS]
+    if unknown:
+        raise RecipeError(f"unknown recipe option(s) {unknown} in {name!r}; options: {sorted(OPTIONS)}")
+    changes = {k: v for o in options for k, v in OPTIONS[o].items()}
+    return RECIPES[base].with_(**changes, name=name) if options else RECIPES[base]
+
+
 def resolve_recipe(recipe: str | QuantRecipe, layout: str | None = None, bpw: float | None = None) -> QuantRecipe:
-    """A recipe object or preset name, with the layout (and the bits-per-weight budget of layout "auto") optionally
-    replaced."""
+    """A recipe object or preset name (with "+option"s), with the layout (and the bits-per-weight budget of layout
+    "auto") optionally replaced."""
     if isinstance(recipe, str):
-        if recipe not in RECIPES:
-            raise RecipeError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)} or pass a QuantRecipe")
-        recipe = RECIPES[recipe]
+        recipe = recipe_from_name(recipe)
     return recipe.with_(layout=layout, bpw=bpw)

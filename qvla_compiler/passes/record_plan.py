@@ -96,7 +96,7 @@ def planned_transform(entry: ModulePlan):
         fields["smooth"] = entry.tensors[SMOOTH]
     if DUQUANT[1] in entry.tensors:
         t = entry.tensors
-        fields["duquant"] = DuQuantTransform(t.get(DUQUANT[0]), t[DUQUANT[1]], t[DUQUANT[2]], t[DUQUANT[3]])
+        fields["duquant"] = DuQuantTransform(*(t.get(name) for name in DUQUANT))
     return fields
 
 

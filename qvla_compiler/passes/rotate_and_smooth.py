@@ -3,26 +3,28 @@
 Before: observers on integer linears' inputs (calibrated, for fit_transforms).
 After:  fit_transforms decides: every linear of a group gets LinearInfo.rotation, e.g. "smoothquant+duquant", or
         None — SmoothQuant only where find_norm_fold finds a constant gain to fold 1/s into, Hadamard only for
-        supported widths, DuQuant everywhere; "quarot" first tags the foldable residual streams (rotate_residual), its
+        supported widths, DuQuant and SVD·Hadamard everywhere; "quarot" first tags the foldable residual streams (rotate_residual), its
         readers get "quarot" (no online op, no SmoothQuant: the fold resets the norm gain) and every other group the
-        per-input "hadamard". The data-fitted tensors (SmoothQuant s, DuQuant Λ, R₁, P, R₂) go into each group's
+        per-input "hadamard". The data-fitted tensors (SmoothQuant s, DuQuant Λ, R₁, P, R₂; SVD·Hadamard Λ, R₁) go into each group's
         GroupTransform. rotate_and_smooth then rewrites from those annotations only (smooth_linears, then the
         rotation pass from ROTATION_PASSES), so a plan that carries them replays the same rewrite without data.
 Invariant: the float program computes the same function (every rewrite is exact in real arithmetic).
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 import torch.fx as fx
 
 from qvla_compiler.meta import update
 from qvla_compiler.passes.rotate_common import observed_groups
-from qvla_compiler.passes.rotate_duquant import fit_duquant, rotate_duquant
+from qvla_compiler.passes.rotate_duquant import fit_block_transforms, fit_duquant, rotate_duquant
 from qvla_compiler.passes.rotate_hadamard import rotate_hadamard
 from qvla_compiler.passes.rotate_residual import StreamRole, annotate_residual_streams, residual_tag, rotate_residual
 from qvla_compiler.passes.smooth_linears import find_norm_fold, fit_smoothing, smooth_linears
 from qvla_compiler.quant.hadamard import supported_width
+from qvla_compiler.quant.svd_hadamard import calibrate_svd_hadamard
 from qvla_compiler.recipes import QuantRecipe
 
 
@@ -35,6 +37,8 @@ def _quarot(gm: fx.GraphModule) -> fx.GraphModule:
 ROTATION_PASSES: dict[str, tuple[Callable[[int], bool], Callable[[fx.GraphModule], Any]]] = {
     "hadamard": (supported_width, rotate_hadamard),
     "duquant": (lambda width: True, rotate_duquant),
+    # Ω-QVLA's composite rotation: per block the weight's PCA basis times a Hadamard, as a DuQuant-style transform
+    "svd-hadamard": (lambda width: True, partial(rotate_duquant, label="svd-hadamard")),
     # QuaRot: the residual stream R1 folded into the weights, then the per-input pair for every other group
     "quarot": (supported_width, _quarot),
 }
@@ -58,6 +62,9 @@ def fit_transforms(gm: fx.GraphModule, recipe: QuantRecipe) -> fx.GraphModule:
         fit_smoothing(gm, recipe.smooth_alpha)
     if recipe.rotation == "duquant":
         fit_duquant(gm, recipe.rotation_block, recipe.smooth_alpha)
+    if recipe.rotation == "svd-hadamard":
+        fit_block_transforms(gm, "svd-hadamard", lambda x, ws: calibrate_svd_hadamard(
+            x, ws, block=recipe.rotation_block, alpha=recipe.smooth_alpha))
     return gm
 
 

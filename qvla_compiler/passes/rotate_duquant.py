@@ -1,9 +1,12 @@
 """DuQuant (quantvla.md §9) per integer-linear input: smoothing, block rotation, zigzag permutation, rotation.
 
+Also the rewrite of "svd-hadamard" groups (quant/svd_hadamard.py): the same transform with R₁ = blockdiag(U_b·H_B)
+and no P, R₂, so both rotations share fit_block_transforms and rotate_duquant(label=...).
+
 Before: x → obs → {linears W_i} for groups annotated "duquant" (q/k/v share one group, gate/up another).
 After:  x → qvla::block_rotate(x, diag(1/Λ)·R₁, P, R₂) → obs → {linears ((W_i·Λ) R₁) P R₂}: Λ, R₁, P, R₂ fitted by
-        fit_duquant (calibrate_duquant on the observer's token sample, stored as GroupTransform.duquant); the smoothing 1/Λ is folded into the rows of R₁'s blocks,
-        so the whole activation transform is that one op. Weights are replaced before quantize_linears.
+        fit_duquant (calibrate_duquant on the observer's token sample, stored as GroupTransform.duquant); the
+        smoothing 1/Λ is folded into the rows of R₁'s blocks, so the whole activation transform is that one op. Weights are replaced before quantize_linears.
 Invariant: exact in real arithmetic (R₁, R₂ orthogonal, P a permutation, Λ·Λ⁻¹ = I); the only new nodes are
         qvla::block_rotate (transparent to check_schedule).
 """
@@ -22,10 +25,16 @@ GREEDY_STEPS = 64  # greedy rotation steps per block (the reference's 256 buys l
 
 def fit_duquant(gm: fx.GraphModule, block: int = 128, alpha: float | None = 0.6,
                 steps: int = GREEDY_STEPS) -> fx.GraphModule:
-    """Fit Λ, R₁, P, R₂ for every group annotated "duquant" (GroupTransform.duquant); `alpha=None`: no smoothing.
-    A group also smoothed by SmoothQuant is fitted on what it will see: x/s and W·diag(s)."""
+    """Fit Λ, R₁, P, R₂ for every group annotated "duquant" (GroupTransform.duquant); `alpha=None`: no smoothing."""
+    return fit_block_transforms(gm, "duquant", lambda x, ws: calibrate_duquant(x, ws, block=block, steps=steps,
+                                                                                 alpha=alpha))
+
+
+def fit_block_transforms(gm: fx.GraphModule, label: str, fit) -> fx.GraphModule:
+    """GroupTransform.duquant = fit(activation sample, weights) for every group annotated `label`. A group also
+    smoothed by SmoothQuant is fitted on what it will see: x/s and W·diag(s)."""
     for obs_node, obs, linears in observed_groups(gm):
-        if "duquant" not in group_rotation(linears).split("+"):
+        if label not in group_rotation(linears).split("+"):
             continue
         obs.require_data()
         s = obs_node.meta[TRANSFORM].smooth if TRANSFORM in obs_node.meta else None
@@ -33,15 +42,15 @@ def fit_duquant(gm: fx.GraphModule, block: int = 128, alpha: float | None = 0.6,
         weights = [weight_of(gm, lin) for lin in linears]
         if s is not None:  # in the weights' dtype, as smooth_linears will store them
             weights = [(w.double() * s).to(w.dtype) for w in weights]
-        t = calibrate_duquant(sample, [w.double() for w in weights], block=block, steps=steps, alpha=alpha)
-        set_group_transform(obs_node, duquant=t)
+        set_group_transform(obs_node, duquant=fit(sample, [w.double() for w in weights]))
     return gm
 
 
-def rotate_duquant(gm: fx.GraphModule) -> fx.GraphModule:
-    """Apply every "duquant" group's fitted transform: one online op, the inverse folded into the weights."""
+def rotate_duquant(gm: fx.GraphModule, label: str = "duquant") -> fx.GraphModule:
+    """Apply the fitted block transform of every group annotated `label`: one online op, the inverse folded into the
+    weights ("svd-hadamard" groups carry the same kind of transform, without P and R₂)."""
     for obs_node, _, linears in observed_groups(gm):
-        if "duquant" not in group_rotation(linears).split("+"):
+        if label not in group_rotation(linears).split("+"):
             continue
         t = group_transform(obs_node, linears).duquant
         rot1 = t.rot1

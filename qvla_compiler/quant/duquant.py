@@ -42,12 +42,14 @@ def _blockwise(x: Tensor, rot: Tensor) -> Tensor:
 
 @dataclass(frozen=True, eq=False)
 class DuQuantTransform:
-    """x' = ((x / smooth) R₁)[..., perm] R₂ blockwise; rot1/rot2 are [nblocks, B, B] float64, perm a gather index."""
+    """x' = ((x / smooth) R₁)[..., perm] R₂ blockwise; rot1/rot2 are [nblocks, B, B] float64, perm a gather index.
+
+    perm and rot2 may be None (not applied): the SVD·Hadamard rotation (quant/svd_hadamard.py) is Λ and R₁ only."""
 
     smooth: Tensor | None
     rot1: Tensor
-    perm: Tensor
-    rot2: Tensor
+    perm: Tensor | None
+    rot2: Tensor | None
 
     @property
     def block(self) -> int:
@@ -56,7 +58,10 @@ class DuQuantTransform:
     def _apply(self, x: Tensor, smooth_op) -> Tensor:
         if self.smooth is not None:
             x = smooth_op(x, self.smooth.to(x.dtype))
-        return _blockwise(_blockwise(x, self.rot1).index_select(-1, self.perm), self.rot2)
+        x = _blockwise(x, self.rot1)
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        return x if self.rot2 is None else _blockwise(x, self.rot2)
 
     def apply_to_activation(self, x: Tensor) -> Tensor:
         """x [..., d] ↦ ((x / Λ) R₁) P R₂."""
@@ -68,14 +73,15 @@ class DuQuantTransform:
 
     def invert_activation(self, y: Tensor) -> Tensor:
         """Inverse of apply_to_activation: y R₂ᵀ Pᵀ R₁ᵀ · Λ."""
-        z = _blockwise(y, self.rot2.transpose(1, 2))
-        z = torch.zeros_like(z).index_copy_(-1, self.perm, z)
+        z = y if self.rot2 is None else _blockwise(y, self.rot2.transpose(1, 2))
+        if self.perm is not None:
+            z = torch.zeros_like(z).index_copy_(-1, self.perm, z)
         z = _blockwise(z, self.rot1.transpose(1, 2))
         return z if self.smooth is None else z * self.smooth.to(z.dtype)
 
     def matrix(self) -> Tensor:
         """Dense M [d, d] (float64) with apply_to_activation(x) == x @ M."""
-        return self.apply_to_activation(torch.eye(self.perm.numel(), dtype=torch.float64))
+        return self.apply_to_activation(torch.eye(self.rot1.shape[0] * self.rot1.shape[1], dtype=torch.float64))
 
 
 def duquant_base_rotation(b: int) -> Tensor:

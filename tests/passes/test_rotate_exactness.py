@@ -40,7 +40,7 @@ def _rotated(d, h, rotation, smooth, block, seed):
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow],
           phases=(Phase.explicit, Phase.reuse, Phase.generate))  # shrinking re-exports: too slow
 @given(d=st.sampled_from(WIDTHS), h=st.sampled_from(WIDTHS), block=st.sampled_from([2, 4, 8, 16, 32]),
-       rotation=st.sampled_from(["hadamard", "duquant"]), smooth=st.sampled_from(["none", "smoothquant"]),
+       rotation=st.sampled_from(["hadamard", "duquant", "svd-hadamard"]), smooth=st.sampled_from(["none", "smoothquant"]),
        seed=st.integers(0, 1000))
 def test_online_and_folded_pairs_are_exact(d, h, block, rotation, smooth, seed):
     model, gm, before = _rotated(d, h, rotation, smooth, block, seed)

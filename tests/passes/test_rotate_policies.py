@@ -11,7 +11,8 @@ from qvla_compiler.passes.check_schedule import check_schedule
 from qvla_compiler.recipes import QuantRecipe
 from policy_fixtures import rotate_policy
 
-CONFIGS = [("none", "smoothquant"), ("hadamard", "none"), ("duquant", "none"), ("duquant", "smoothquant")]
+CONFIGS = [("none", "smoothquant"), ("hadamard", "none"), ("duquant", "none"), ("duquant", "smoothquant"),
+           ("svd-hadamard", "none")]
 
 
 def rotated_float_program(policy, recipe: QuantRecipe, calib_steps: int = 1):
@@ -40,15 +41,16 @@ def _check(name, rotation, smooth, outliers, block=128):
     if smooth != "none":
         assert any("smoothquant" in (t or "") for t in tags)
     ops = [str(n.target) for gm in program.graphs.values() for n in gm.graph.nodes if n.op == "call_function"]
-    online = {"hadamard": "qvla.hadamard.default", "duquant": "qvla.block_rotate.default"}.get(rotation)
+    online = {"hadamard": "qvla.hadamard.default", "duquant": "qvla.block_rotate.default",
+              "svd-hadamard": "qvla.block_rotate.default"}.get(rotation)
     if online:
         assert online in ops
 
 
-# DuQuant without outliers runs the same passes as with them (the injected outliers only make them work harder):
+# DuQuant and SVD·Hadamard without outliers run the same passes as with them (the injected outliers only make them work harder):
 # its plain variants are left to `-m small` runs' budget, the others stay in the default run
 CASES = [pytest.param(rotation, smooth, outliers, id=f"{rotation}-{smooth}-{'outliers' if outliers else 'plain'}",
-                      marks=[pytest.mark.small] if rotation == "duquant" and not outliers else [])
+                      marks=[pytest.mark.small] if rotation in ("duquant", "svd-hadamard") and not outliers else [])
          for rotation, smooth in CONFIGS for outliers in (False, True)]
 
 
