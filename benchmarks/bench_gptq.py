@@ -24,20 +24,10 @@ import torch  # noqa: E402
 import qvla_compiler  # noqa: E402
 from qvla_compiler.kernels.cpu_gemm import backend as gemm_backend  # noqa: E402
 from qvla_compiler.models import build_policy  # noqa: E402
-from qvla_compiler.recipes import RECIPES  # noqa: E402
+from qvla_compiler.recipes import recipe_from_name  # noqa: E402
 
 DEFAULT_RECIPES = ("w4a8", "w4a8-mse", "w4a8-gptq", "w4a4", "w4a4-gptq", "quantvla-w4a8", "quantvla-w4a8+gptq")
 TABLE = tuple(f"quantvla-{r}{m}" for r in ("w4a8", "w4a4") for m in ("", "+mse", "+gptq", "+gptq+awq"))
-_OPTIONS = {"gptq": dict(weight_method="gptq"), "rtn": dict(weight_method="rtn"), "mse": dict(weight_clip="mse"),
-            "awq": dict(smooth="awq")}
-
-
-def recipe_of(name: str):
-    base, *options = name.split("+")
-    changes = {}
-    for option in options:
-        changes.update(_OPTIONS[option])
-    return RECIPES[base].with_(**changes, name=name) if changes else RECIPES[base]
 
 
 def main() -> None:
@@ -58,7 +48,7 @@ def main() -> None:
         for name in args.recipes:
             policy = build_policy(model)
             start = time.perf_counter()
-            qp = qvla_compiler.quantize(policy, policy.example_inputs(), recipe=recipe_of(name),
+            qp = qvla_compiler.quantize(policy, policy.example_inputs(), recipe=recipe_from_name(name),
                                         calib_steps=args.calib_steps, progress=False, model_name=model)
             seconds = time.perf_counter() - start
             r = qp.report

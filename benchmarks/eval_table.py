@@ -27,6 +27,7 @@ from qvla_compiler.eval.tabletop import FAMILIES  # noqa: E402
 
 RECIPES = ("w8a8", "w4a8", "w4a4")
 LAYOUTS = ("all", "quantvla")
+OWN_LAYOUT = "-"  # --layouts value: the recipe's own layout (e.g. omega-w4a4's uniform)
 BITS = {"float": "float (fp32)", "w8a8": "W8A8", "w4a8": "W4A8", "w4a4": "W4A4"}
 
 
@@ -100,7 +101,8 @@ def model_rows(model: str, args, t0: float) -> list[dict]:
     print(f"{model} float: {_pct(r['success_q'])}% ({time.time() - t0:.0f}s)", flush=True)
     for recipe in args.recipes:
         for layout in args.layouts:
-            r = evaluate(model, recipe, layout=layout, episodes=args.episodes, families=args.families,
+            r = evaluate(model, recipe, layout=None if layout == OWN_LAYOUT else layout, episodes=args.episodes,
+                         families=args.families,
                          calib_steps=args.calib_steps, float_cache=cache, progress=progress)
             rows.append(r)
             print(f"{model} {recipe}/{layout}: {_pct(r['success_q'])}% (float {_pct(r['success_fp'])}%, "
@@ -111,8 +113,10 @@ def model_rows(model: str, args, t0: float) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["pi05-tabletop", "groot-tabletop"])
-    ap.add_argument("--recipes", nargs="+", default=list(RECIPES))
-    ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS))
+    ap.add_argument("--recipes", nargs="+", default=list(RECIPES),
+                    help="presets, optionally with +options (e.g. w4a4+svd-hadamard+per_step)")
+    ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS),
+                    help=f"layouts to cross with every recipe; {OWN_LAYOUT!r}: each recipe's own")
     ap.add_argument("--episodes", type=int, default=50, help="episodes per family")
     ap.add_argument("--families", nargs="+", default=list(FAMILIES))
     ap.add_argument("--calib-steps", type=int, default=8)

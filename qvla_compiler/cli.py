@@ -70,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="capture, calibrate, quantize and save a policy")
     q.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name (default {DEFAULT_MODEL}); see `qvla models`")
-    q.add_argument("--recipe", help=f"one of {', '.join(RECIPES)} (default {DEFAULT_RECIPE}, or the plan's)")
+    q.add_argument("--recipe", help=f"one of {', '.join(RECIPES)} (default {DEFAULT_RECIPE}, or the plan's), "
+                   "optionally with +options, e.g. quantvla-w4a8+gptq")
     q.add_argument("--layout", choices=sorted(LAYOUTS), help="override the recipe's layout")
     q.add_argument("--bpw", type=float, help="with --layout auto: average weight bits per linear (4-16) to allocate "
                    "by each linear's measured action error")
