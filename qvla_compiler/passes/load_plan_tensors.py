@@ -42,7 +42,8 @@ def _attach_integer(gm: fx.GraphModule, node: fx.Node, entry, graph: str, site: 
     gm.register_buffer(base + "_wq", entry.tensors[WEIGHT_Q].clone())
     gm.register_buffer(base + "_ws", entry.tensors[WEIGHT_SCALE].clone())
     act = None
-    if info.spec.act_mode in STATIC_MODES:
+    # per_step: only inputs that see the flow time have tables; the others (the prefix) quantize dynamically
+    if info.spec.act_mode in STATIC_MODES and (info.spec.act_mode == "static" or g.time_input(gm) is not None):
         scale = entry.act_scale(graph, site)
         if scale is None:
             raise PlanError(f"{info.module_path} uses static activation scales but the plan has none for call "

@@ -78,8 +78,8 @@ def quantize_linears(gm: fx.GraphModule, weight_method: str = "rtn",
                 ws = ws * torch.tensor(info.out_scale, dtype=ws.dtype).reshape(-1, *([1] * (ws.dim() - 1)))
             scales[(*key, info.out_scale)] = _register(gm, _free(gm, base, "_ws") + "_ws", ws)
         act = None
-        if spec.act_mode in STATIC_MODES:  # per call site: each one's observer saw its own inputs
-            scale = _act_scale(observer_of(node, gm), spec, step_bounds)
+        scale = _act_scale(observer_of(node, gm), spec, step_bounds) if spec.act_mode in STATIC_MODES else None
+        if scale is not None:  # per call site: each one's observer saw its own inputs
             act = _register(gm, _free(gm, base, "_xs") + "_xs", scale)
             if scale.numel() > 1 and not hasattr(gm, STEP_BOUNDS):  # a per-step table: its buckets, once per graph
                 gm.register_buffer(STEP_BOUNDS, step_bounds.clone())
@@ -87,11 +87,13 @@ def quantize_linears(gm: fx.GraphModule, weight_method: str = "rtn",
     return gm
 
 
-def _act_scale(observer, spec, step_bounds: torch.Tensor | None) -> torch.Tensor:
-    """fp32 [1] static scale, or [S] per flow step (an input without a time gets [1] under per_step too)."""
+def _act_scale(observer, spec, step_bounds: torch.Tensor | None) -> torch.Tensor | None:
+    """fp32 [1] static scale, or [S] per flow step; None (dynamic per token) under per_step for an input that had no
+    flow time: per-step scales are for the action head, whose range drifts with t, not the prefix — a static prefix at
+    4 bits cost 14-17 points of closed-loop success (benchmarks/RESULTS.md §12)."""
     qmax = qmax_for(spec.a_bits)
-    if spec.act_mode == "per_step" and step_bounds is not None:
-        return observer.step_scales(qmax, STATIC_PERCENTILE, step_bounds)
+    if spec.act_mode == "per_step":
+        return observer.step_scales(qmax, STATIC_PERCENTILE, step_bounds) if step_bounds is not None else None
     return observer.tensor_scale(qmax, STATIC_PERCENTILE)
 
 

@@ -61,11 +61,11 @@ class ActObserver(nn.Module):
         top = values.max() if percentile >= 100 else torch.quantile(values, percentile / 100)
         return (top / qmax).clamp_min(1e-8).reshape(1)
 
-    def step_scales(self, qmax: int, percentile: float, bounds: torch.Tensor) -> torch.Tensor:
-        """Static scales per flow-step bucket, fp32 [S]; [1] (one static scale) when this input had no time."""
+    def step_scales(self, qmax: int, percentile: float, bounds: torch.Tensor) -> torch.Tensor | None:
+        """Static scales per flow-step bucket, fp32 [S]; None when this input had no flow time (dynamic scales)."""
         self.require_data()
         if not self.token_time:
-            return self.tensor_scale(qmax, percentile)
+            return None
         times = torch.cat(self.token_time)
         if times.isnan().any():
             raise CalibrationError(
