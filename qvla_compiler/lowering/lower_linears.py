@@ -82,7 +82,7 @@ def _buffer(gm: fx.GraphModule, buffers: dict[str, fx.Node], target: str) -> fx.
 def _quantize_act(gm: fx.GraphModule, x: fx.Node, bits: int, static: str | None) -> tuple[fx.Node, fx.Node]:
     # Placed right after x (after the time input too, for a per-step table) so every consumer sees it defined.
     per_step = static is not None and getattr(gm, static).numel() > 1
-    anchor = _after_inputs(gm, x, g.time_input(gm)) if per_step else x
+    anchor = g.after_inputs(gm, x, g.time_input(gm)) if per_step else x
     with gm.graph.inserting_after(anchor):
         scale = gm.graph.get_attr(static) if static else None
     if per_step:  # a per-step table: pick the step's scale from t
@@ -94,15 +94,6 @@ def _quantize_act(gm: fx.GraphModule, x: fx.Node, bits: int, static: str | None)
     with gm.graph.inserting_after(xq):
         xs = gm.graph.call_function(operator.getitem, (q, 1))
     return xq, xs
-
-
-def _after_inputs(gm: fx.GraphModule, x: fx.Node, t: fx.Node | None) -> fx.Node:
-    """The later of x and t in graph order, and never among the placeholders."""
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    anchor = t if t is not None and order[t] > order[x] else x
-    if anchor.op == "placeholder":
-        anchor = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
-    return anchor
 
 
 def _step_scale(gm: fx.GraphModule, x: fx.Node, table: fx.Node) -> fx.Node:

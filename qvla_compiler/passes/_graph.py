@@ -144,6 +144,16 @@ def time_input(gm: fx.GraphModule) -> fx.Node | None:
     return next((p for p, role in zip(placeholders, roles) if role == "time"), None)
 
 
+def after_inputs(gm: fx.GraphModule, x: fx.Node, t: fx.Node | None) -> fx.Node:
+    """Where a node reading x and t goes: after the later of the two in graph order, and never among the
+    placeholders (x may be an input placed before the time input)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    anchor = t if t is not None and order[t] > order[x] else x
+    if anchor.op == "placeholder":
+        anchor = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    return anchor
+
+
 def attr_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
     """The tensor a get_attr target names (`a.b.weight`)."""
     owner, _, name = target.rpartition(".")

@@ -25,7 +25,7 @@ def insert_observers(gm: fx.GraphModule) -> fx.GraphModule:
     for i, (x, linears) in enumerate(readers.items()):
         name = f"{OBSERVER_PREFIX}{i}"
         gm.add_submodule(name, ActObserver(", ".join(n.meta["qvla"].module_path for n in linears)))
-        with gm.graph.inserting_after(x):
+        with gm.graph.inserting_after(x if t is None else g.after_inputs(gm, x, t)):
             obs = gm.graph.call_module(name, (x,) if t is None else (x, t))
         obs.meta["val"] = x.meta.get("val")
         for lin in linears:

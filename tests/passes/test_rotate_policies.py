@@ -24,11 +24,11 @@ def rotated_float_program(policy, recipe: QuantRecipe, calib_steps: int = 1):
     return program, obs, noise
 
 
-def _check(name, rotation, smooth, outliers, block=128):
+def _check(name, rotation, smooth, outliers, block=128, layout="quantvla"):
     policy = build_policy(name)
     if outliers:
         inject_outliers(policy)
-    recipe = QuantRecipe("t", rotation=rotation, smooth=smooth, rotation_block=block)
+    recipe = QuantRecipe("t", rotation=rotation, smooth=smooth, rotation_block=block, layout=layout)
     program, obs, noise = rotated_float_program(policy, recipe)
     ref = policy.sample_actions(*(obs[k] for k in OBS_KEYS), noise=noise)
     out = program.run((obs, noise))
@@ -58,6 +58,13 @@ CASES = [pytest.param(rotation, smooth, outliers, id=f"{rotation}-{smooth}-{'out
 @pytest.mark.parametrize("name", ["pi05-tiny", "groot-tiny"])
 def test_rotations_preserve_float_actions(name, rotation, smooth, outliers):
     _check(name, rotation, smooth, outliers)
+
+
+@pytest.mark.parametrize("name", ["pi05-tiny", "groot-tiny"])
+def test_uniform_layout_rotations_preserve_float_actions(name):
+    """The uniform layout also rotates inputs read straight from graph inputs placed before the flow time (groot's
+    cross-attention k/v read the prefix features): the online op and observer must follow both."""
+    _check(name, "svd-hadamard", "none", outliers=True, layout="uniform")
 
 
 @pytest.mark.small  # deselected by default (suite budget): the tiny presets above make the same checks
