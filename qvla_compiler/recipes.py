@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Mapping
 
 from qvla_compiler.errors import RecipeError
@@ -160,15 +161,21 @@ OPTIONS: Mapping[str, dict] = {
 
 
 def recipe_from_name(name: str) -> QuantRecipe:
-    """A preset, or a preset with options: "quantvla-w4a8+gptq" is quantvla-w4a8 with weight_method="gptq"."""
+    """A preset, or a preset with options: "quantvla-w4a8+gptq" is quantvla-w4a8 with weight_method="gptq";
+    "w4a8+bpw4.5" is layout "auto" under a 4.5 bits-per-weight budget."""
     base, *options = name.split("+")
     if base not in RECIPES:
         raise RecipeError(f"unknown recipe {base!r}; choose one of {sorted(RECIPES)} or pass a QuantRecipe")
-    unknown = [o for o in options if o not in OPTIONS]
+    unknown = [o for o in options if o not in OPTIONS and _budget(o) is None]
     if unknown:
-        raise RecipeError(f"unknown recipe option(s) {unknown} in {name!r}; options: {sorted(OPTIONS)}")
-    changes = {k: v for o in options for k, v in OPTIONS[o].items()}
+        raise RecipeError(f"unknown recipe option(s) {unknown} in {name!r}; options: {sorted(OPTIONS)} or bpw<B>")
+    changes = {k: v for o in options for k, v in (OPTIONS.get(o) or _budget(o)).items()}
     return RECIPES[base].with_(**changes, name=name) if options else RECIPES[base]
+
+
+def _budget(option: str) -> dict | None:
+    match = re.fullmatch(r"bpw(\d+(?:\.\d+)?)", option)
+    return dict(layout="auto", bpw=float(match.group(1))) if match else None
 
 
 def resolve_recipe(recipe: str | QuantRecipe, layout: str | None = None, bpw: float | None = None) -> QuantRecipe:

@@ -15,6 +15,13 @@ def test_options_change_only_their_fields():
     assert (r.weight_method, r.rotation, r.act_mode, r.layout) == ("gptq", "svd-hadamard", "per_step", "uniform")
 
 
+def test_a_budget_option_picks_the_auto_layout():
+    r = recipe_from_name("w4a8+bpw4.75")
+    assert (r.layout, r.bpw, r.needs_bit_allocation) == ("auto", 4.75, True)
+    with pytest.raises(RecipeError, match="bpw"):
+        recipe_from_name("w4a8+bpw3")  # below the kernels' 4 bits
+
+
 def test_a_plain_preset_is_the_preset_object():
     assert recipe_from_name("w8a8") is RECIPES["w8a8"]
     assert resolve_recipe("w4a4+hadamard", layout="all").layout == "all"
