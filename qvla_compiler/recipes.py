@@ -147,6 +147,11 @@ RECIPES["quantvla-w4a8"] = QuantRecipe("quantvla-w4a8", w_bits=4, a_bits=8, rota
 RECIPES["quantvla-w4a4"] = QuantRecipe("quantvla-w4a4", w_bits=4, a_bits=4, rotation="duquant", smooth_alpha=0.6,
                                        atm=True, ohb=True)
 
+# Ω-QVLA-style uniform W4A4: every block linear of backbone and action head integer (attention included), the composite
+# SVD·Hadamard rotation on every input and GPTQ weights. Activations stay per token: per-step static scales
+# ("+per_step") measured 7.7 points worse in closed loop on pi05-tabletop and within noise on groot (RESULTS §13).
+RECIPES["omega-w4a4"] = QuantRecipe("omega-w4a4", layout="uniform", w_bits=4, a_bits=4, rotation="svd-hadamard",
+                                    weight_method="gptq")
 
 # "preset+option+...": each option changes one field (e.g. "quantvla-w4a8+gptq", "w4a4+uniform+svd-hadamard").
 OPTIONS: Mapping[str, dict] = {
