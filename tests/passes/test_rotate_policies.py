@@ -60,11 +60,10 @@ def test_rotations_preserve_float_actions(name, rotation, smooth, outliers):
     _check(name, rotation, smooth, outliers)
 
 
-@pytest.mark.parametrize("name", ["pi05-tiny", "groot-tiny"])
-def test_uniform_layout_rotations_preserve_float_actions(name):
+def test_uniform_layout_rotations_preserve_float_actions():
     """The uniform layout also rotates inputs read straight from graph inputs placed before the flow time (groot's
     cross-attention k/v read the prefix features): the online op and observer must follow both."""
-    _check(name, "svd-hadamard", "none", outliers=True, layout="uniform")
+    _check("groot-tiny", "svd-hadamard", "none", outliers=True, layout="uniform")
 
 
 @pytest.mark.small  # deselected by default (suite budget): the tiny presets above make the same checks
