@@ -1,0 +1,46 @@
+"""omega-w4a4 with one field changed, in closed loop on a tabletop policy (benchmarks/RESULTS.md §13).
+
+    OMP_NUM_THREADS=1 python benchmarks/omega_variants.py groot-tabletop block64 alpha0.3
+
+Prints one JSON line per variant: success of float and quantized on the same 600 episodes, McNemar p, divergence.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from qvla_compiler.eval.evaluate import evaluate  # noqa: E402
+from qvla_compiler.recipes import RECIPES  # noqa: E402
+
+VARIANTS = {  # name → the one field changed
+    "block64": dict(rotation_block=64),
+    "block256": dict(rotation_block=256),
+    "alpha0.3": dict(smooth_alpha=0.3),
+    "alpha0.7": dict(smooth_alpha=0.7),
+}
+KEYS = ("model", "recipe", "success_q", "success_fp", "p_value", "action_divergence")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("variants", nargs="+", choices=sorted(VARIANTS))
+    ap.add_argument("--episodes", type=int, default=200, help="per family")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    cache: dict = {}  # the float rollouts, run once
+    evaluate(args.model, "float", episodes=args.episodes, float_cache=cache, progress=False)
+    for name in args.variants:
+        recipe = RECIPES["omega-w4a4"].with_(name=f"omega-w4a4[{name}]", **VARIANTS[name])
+        r = evaluate(args.model, recipe, episodes=args.episodes, float_cache=cache, progress=False)
+        print(json.dumps({k: r[k] for k in KEYS}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
