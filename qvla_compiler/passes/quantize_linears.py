@@ -90,7 +90,7 @@ def quantize_linears(gm: fx.GraphModule, weight_method: str = "rtn",
 def _act_scale(observer, spec, step_bounds: torch.Tensor | None) -> torch.Tensor | None:
     """fp32 [1] static scale, or [S] per flow step; None (dynamic per token) under per_step for an input that had no
     flow time: per-step scales are for the action head, whose range drifts with t, not the prefix — a static prefix at
-    4 bits cost 14-17 points of closed-loop success (benchmarks/RESULTS.md §12)."""
+    4 bits cost 14-17 points of closed-loop success (benchmarks/RESULTS.md §13)."""
     qmax = qmax_for(spec.a_bits)
     if spec.act_mode == "per_step":
         return observer.step_scales(qmax, STATIC_PERCENTILE, step_bounds) if step_bounds is not None else None
