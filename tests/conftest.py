@@ -7,6 +7,13 @@ import warnings
 # tests/test_compiled_default.py unsets this to test the default.
 os.environ.setdefault("QVLA_COMPILE", "0")
 
+# Under xdist every worker would start one intra-op thread per core: 2 workers × 2 threads on 2 cores oversubscribe
+# and each small op waits on the other worker's threads. Share the cores out (before torch is imported; subprocesses
+# the tests start inherit it).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
 # Without a GPU, Triton kernels run in its interpreter; the variable must be set before anything imports triton.
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
