@@ -19,6 +19,7 @@ from qvla_compiler.program import PolicyProgram, Program, with_noise
 from qvla_compiler.recipes import QuantRecipe, resolve_recipe
 from qvla_compiler.protocol import is_policy
 from qvla_compiler.inspect.report import Report, collect_warnings, output_fidelity
+from qvla_compiler.inspect.phases import phase
 
 if TYPE_CHECKING:
     from qvla_compiler.plan import QuantPlan
@@ -161,9 +162,12 @@ def quantize(module: nn.Module, example_inputs: Any, calib: Iterable | Any = Non
     "quantvla-w8a8", or to the plan's; a different recipe or layout beside a plan is a PlanError).
     """
     recipe, plan = _recipe_and_plan(recipe, layout, plan)
-    target = _capture(module, example_inputs, calib, calib_steps, seed, model_name, input_roles, need_calib=plan is None)
+    with phase("capture"):
+        target = _capture(module, example_inputs, calib, calib_steps, seed, model_name, input_roles,
+                          need_calib=plan is None)
     if plan is None:
-        plan = target.calibrate(recipe, progress)
+        with phase("calibrate"):
+            plan = target.calibrate(recipe, progress)
     return target.apply(plan, dump_dir)
 
 
@@ -216,11 +220,13 @@ class _Captured:
                                   total=self.calib_total, progress=progress)
 
     def apply(self, plan, dump_dir: str | None) -> QuantizedProgram:
-        applied = pipeline.apply(self.program, plan, dump_dir=dump_dir)
+        with phase("apply"):
+            applied = pipeline.apply(self.program, plan, dump_dir=dump_dir)
         recipe, rows = plan.recipe_object(), applied.rows
         integer = [r for r in rows if r.bits != "float"]
         after = applied.float_bytes - sum(r.bytes_bf16 for r in integer) + sum(r.bytes_quant for r in integer)
-        rel, sqnr = output_fidelity(self.reference, self.program.run(self.inputs))  # over every tensor leaf
+        with phase("measure fidelity"):
+            rel, sqnr = output_fidelity(self.reference, self.program.run(self.inputs))  # over every tensor leaf
         report = Report(self.name, recipe.name, recipe.layout, tuple(rows), applied.float_bytes, after,
                         round(rel, 6), round(sqnr, 2), applied.attention,
                         collect_warnings(rows, recipe.layout, self.program.is_policy))

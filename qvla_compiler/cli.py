@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from qvla_compiler.errors import QvlaError
+from qvla_compiler.inspect.phases import PhaseLog, phase
 
 DEFAULT_MODEL = "pi05-small"
 DEFAULT_RECIPE = "w8a8"
@@ -151,7 +152,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_quantize(args) -> int:
-    import qvla_compiler
     from qvla_compiler import preflight
 
     # Every option is checked before the model is built: a bad path or name costs nothing.
@@ -177,7 +177,24 @@ def cmd_quantize(args) -> int:
             console.print("[yellow]note[/]: --float-dtype bf16 on a CPU without native bf16 (AVX512-BF16 / AMX): the "
                           "float linears will run slower than in fp32 here", highlight=False)
         warnings.filterwarnings("ignore", message="float linears in bf16 on a CPU without native bf16")
-    with console.status(f"building {name}", spinner="dots"):
+    with PhaseLog() as log:
+        qp = _quantize_and_save(args, name, recipe, plan, out, aot, console)
+    summary = {**qp.report.summary(), "out": None if out is None else str(out),
+               "aot": None if aot is None else str(aot), "float_dtype": recipe.float_dtype,
+               "seconds": round(time.perf_counter() - started, 1), "peak_rss_gb": log.peak_rss_gb,
+               "phases": log.as_json()}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_summary(summary)
+    return 0
+
+
+def _quantize_and_save(args, name, recipe, plan, out, aot, console):
+    """Build, quantize and write: each step a phase of the report (wall time, peak RSS)."""
+    import qvla_compiler
+
+    with phase("build"), console.status(f"building {name}", spinner="dots"):
         policy = _build_policy(args)
     console.log(f"built {name}; capturing, calibrating ({args.calib_steps} batches) and lowering")
     if args.lerobot and plan is None:
@@ -190,19 +207,13 @@ def cmd_quantize(args) -> int:
                                 seed=args.seed, progress=not args.json, model_name=name,
                                 dump_dir=args.dump_dir, plan=plan)
     if out is not None:
-        with console.status(f"saving {out}", spinner="dots"):
+        with phase("save"), console.status(f"saving {out}", spinner="dots"):
             qp.save(out)
     if aot is not None:
-        with console.status(f"compiling the AOTInductor package {aot} (minutes)", spinner="dots"):
+        with phase("save AOTInductor package"), \
+                console.status(f"compiling the AOTInductor package {aot} (minutes)", spinner="dots"):
             qp.save_aot(aot)
-    summary = {**qp.report.summary(), "out": None if out is None else str(out),
-               "aot": None if aot is None else str(aot), "float_dtype": recipe.float_dtype,
-               "seconds": round(time.perf_counter() - started, 1)}
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        _print_summary(summary)
-    return 0
+    return qp
 
 
 def _with_float_dtype(recipe, plan, float_dtype):
@@ -278,6 +289,10 @@ def _print_summary(s: dict) -> None:
                   f"SQNR {s['action_sqnr_db']:.1f} dB")
     for warning in s.get("warnings") or ():
         console.print(f"[yellow]warning[/]: {warning}", highlight=False)
+    if s.get("phases"):  # the top-level phases (inner ones, "calibrate: …", are in --json)
+        top = [p for p in s["phases"] if ": " not in p["name"]]
+        console.print(f"peak memory {s['peak_rss_gb']:.2f} GB resident; " +
+                      ", ".join(f"{p['name']} {p['seconds']:.0f} s ({p['peak_rss_gb']:.2f} GB)" for p in top))
     if s.get("out"):
         console.print(f"wrote {s['out']} in {s['seconds']} s")
     if s.get("aot"):

@@ -16,6 +16,7 @@ import functools
 import os
 
 from qvla_compiler import calibration as cal
+from qvla_compiler.inspect.phases import phase
 from qvla_compiler.inspect.report import LinearReport, linear_reports, param_bytes, planned_sqnr
 from qvla_compiler.inspect.trace import trace_phase
 from qvla_compiler.lowering import cast_float_linears, lower_linears
@@ -36,7 +37,8 @@ def calibrate(program: Program, recipe, calib, *, model: str, atm_style=None, to
         calib = cal.collect_batches(calib)
         recipe = cal.choose_weight_bits(program, recipe, calib, progress=progress)
     work, batches = program.fork(), cal.replayable(calib, needs_rotation(recipe), recipe.atm or recipe.ohb)
-    teacher = cal.observe_teacher(work, recipe, batches) if recipe.atm or recipe.ohb else None
+    with phase("calibrate: teacher"):
+        teacher = cal.observe_teacher(work, recipe, batches) if recipe.atm or recipe.ohb else None
     fingerprints = {}
     for gm in work.graphs.values():
         classify_linears(gm, recipe.role_overrides)
@@ -44,20 +46,24 @@ def calibrate(program: Program, recipe, calib, *, model: str, atm_style=None, to
         keep_unquantizable_float(apply_layout(gm, recipe))
         fingerprints.update(linear_fingerprints(gm))
         track_hessians(insert_observers(gm), recipe.weight_method == "gptq")
-    cal.run_calibration(work, batches, total=total, progress=progress)
-    if needs_rotation(recipe):
-        for gm in work.graphs.values():
-            reset_observers(rotate_and_smooth(fit_transforms(gm, recipe), recipe))
+    with phase("calibrate: observe"):
         cal.run_calibration(work, batches, total=total, progress=progress)
+    if needs_rotation(recipe):
+        with phase("calibrate: rotate, observe again"):
+            for gm in work.graphs.values():
+                reset_observers(rotate_and_smooth(fit_transforms(gm, recipe), recipe))
+            cal.run_calibration(work, batches, total=total, progress=progress)
     bounds = step_bounds(program.schedule.timesteps) if program.schedule and recipe.act_mode == "per_step" else None
-    for gm in work.graphs.values():
-        quantize_linears(gm, recipe.weight_method, bounds)
+    with phase("calibrate: quantize weights"):
+        for gm in work.graphs.values():
+            quantize_linears(gm, recipe.weight_method, bounds)
     rows = [row for name, gm in work.graphs.items() for row in linear_reports(name, gm)]
     plan = record_plan(work.graphs, recipe, model, fingerprints, rows, bounds)
     if teacher is not None:
-        student = program.fork()
-        apply(student, plan)
-        plan.attention = cal.match_attention_scales(student, recipe, batches, teacher, atm_style)
+        with phase("calibrate: match attention"):
+            student = program.fork()
+            apply(student, plan)
+            plan.attention = cal.match_attention_scales(student, recipe, batches, teacher, atm_style)
     return plan
 
 

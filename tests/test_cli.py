@@ -32,6 +32,10 @@ def test_quantize_json_has_the_documented_keys(program):
     assert summary["model"] == "pi05-tiny" and summary["recipe"] == "w4a8" and summary["layout"] == "quantvla"
     assert summary["int_linears"] == 20 and 0.5 < summary["memory_saving"] < 0.8
     assert out.is_file()
+    phases = [p["name"] for p in summary["phases"]]  # per-phase wall time and peak RSS (inspect/phases.py)
+    assert phases[0] == "build" and phases[-1] == "save" and "calibrate: quantize weights" in phases
+    assert all(p["seconds"] >= 0 and p["peak_rss_gb"] > 0 for p in summary["phases"])
+    assert summary["peak_rss_gb"] == max(p["peak_rss_gb"] for p in summary["phases"])
 
 
 def test_inspect_reads_what_quantize_wrote(program):

@@ -1,0 +1,47 @@
+"""Per-phase wall time and peak memory: each phase's peak is its own, nested phases cover their children, and
+nothing is recorded (or costs anything) without an active PhaseLog."""
+import sys
+
+import pytest
+import torch
+
+from qvla_compiler.inspect.phases import PhaseLog, phase, reset_peak
+
+LINUX_PEAKS = pytest.mark.skipif(not sys.platform.startswith("linux") or not reset_peak(),
+                                 reason="needs /proc/self/clear_refs to reset the peak RSS (Linux)")
+
+
+@LINUX_PEAKS
+def test_a_phase_peak_is_its_own_not_the_process_peak_so_far():
+    with PhaseLog() as log:
+        with phase("allocates 800 MB"):
+            big = torch.ones(200_000_000)  # 800 MB, touched
+            del big
+        with phase("allocates nothing"):
+            torch.zeros(10)
+    big, small = log.phases
+    assert (big.name, small.name) == ("allocates 800 MB", "allocates nothing")
+    assert big.own_peak and small.own_peak
+    assert big.peak_rss_gb - small.peak_rss_gb > 0.7  # the second phase does not inherit the first one's peak
+    assert big.rss_after_gb < big.peak_rss_gb - 0.7  # freed before the phase ended
+    assert log.peak_rss_gb == big.peak_rss_gb
+
+
+@LINUX_PEAKS
+def test_an_outer_phase_covers_the_peaks_of_its_inner_phases():
+    with PhaseLog() as log:
+        with phase("outer"):
+            with phase("inner"):
+                big = torch.ones(100_000_000)  # 400 MB
+                del big
+    inner, outer = log.phases
+    assert (inner.name, outer.name) == ("inner", "outer")
+    assert outer.peak_rss_gb >= inner.peak_rss_gb and outer.seconds >= inner.seconds
+
+
+def test_phases_outside_a_log_are_not_recorded():
+    with phase("nobody listens"):
+        pass
+    with PhaseLog() as log:
+        pass
+    assert log.phases == [] and log.as_json() == []
