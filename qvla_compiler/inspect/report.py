@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 
 from qvla_compiler.errors import ShapeError
+from qvla_compiler.kernels.cpu_gemm import uncached_weights
 from qvla_compiler.kernels.ops import quantize_act
 from qvla_compiler.lowering.lower_linears import LOWERINGS
 from qvla_compiler.meta import STEP_BOUNDS
@@ -214,7 +215,7 @@ def _linear_sqnr(gm: fx.GraphModule, node: fx.Node) -> float | None:
     x = obs.sample
     w = _fetch(gm, node.args[1])
     b = _fetch(gm, node.args[2]) if len(node.args) > 2 and node.args[2] is not None else None
-    with torch.no_grad():
+    with torch.no_grad(), uncached_weights():  # a one-off call: caching would keep an fp32 copy of every weight
         return round(sqnr_db(torch.nn.functional.linear(x, w.float(), None if b is None else b.float()),
                              _integer_output(gm, node, x, b)), 2)
 

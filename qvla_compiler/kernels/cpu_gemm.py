@@ -20,7 +20,9 @@ The backend is chosen once from the CPU's capability; QVLA_CPU_GEMM=int_mm|fp32_
 
 Prepared weights are cached: the fp32 operand of a weight (int8, or int4 unpacked and laid out per K-group) is made
 at its first call and reused while the weight tensor lives and is unchanged (`weight_operand`), so no call converts
-or unpacks a whole weight. QVLA_CPU_WEIGHT_CACHE=0 turns the cache off (only the integer weights stay resident).
+or unpacks a whole weight. QVLA_CPU_WEIGHT_CACHE=0 turns the cache off (only the integer weights stay resident);
+`uncached_weights()` turns it off for a block (the compiler's own one-off runs, which would otherwise hold an fp32
+copy of every integer weight: 3.6 GB of groot-full's 17.9 GB compile peak, RESULTS §14).
 
 Why no int8 GEMM instruction on AVX2 (measured in RESULTS §1): AVX2's int8 multiply (vpmaddubsw, u8 x s8) adds pairs
 of products into a saturating int16, so full-range int8 operands are inexact (255 * 128 * 2 > 32767; fbgemm and
@@ -30,6 +32,8 @@ this CPU: the split costs 1.4-2x fp32. The fp32 units with exact integer chunks 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 import weakref
@@ -148,8 +152,21 @@ def _forget(wid: int, ref: weakref.ref, cache: dict = _WEIGHT_CACHE) -> None:
         del cache[wid]
 
 
+_UNCACHED = contextvars.ContextVar("qvla_uncached_weights", default=False)
+
+
 def weight_cache_enabled() -> bool:
-    return os.environ.get("QVLA_CPU_WEIGHT_CACHE", "1") != "0"
+    return os.environ.get("QVLA_CPU_WEIGHT_CACHE", "1") != "0" and not _UNCACHED.get()
+
+
+@contextlib.contextmanager
+def uncached_weights():
+    """Inside: no prepared operand is cached (each call makes its own and drops it); entries cached before stay."""
+    token = _UNCACHED.set(True)
+    try:
+        yield
+    finally:
+        _UNCACHED.reset(token)
 
 
 def weight_operand(w: torch.Tensor, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -71,6 +71,18 @@ def test_weight_cache_off(monkeypatch):
     assert cpu_gemm.weight_operand(w, ("t",), lambda: w.float()) is not cpu_gemm.weight_operand(w, ("t",), lambda: w.float())
 
 
+def test_uncached_weights_block_caches_nothing_and_gives_the_same_result(monkeypatch):
+    monkeypatch.setenv("QVLA_CPU_WEIGHT_CACHE", "1")
+    a = torch.randint(-128, 128, (4, 64), dtype=torch.int8)
+    w = torch.randint(-128, 128, (8, 64), dtype=torch.int8)
+    with cpu_gemm.uncached_weights():
+        inside = cpu_gemm.int_matmul_prepared(a, w, "fp32_exact")
+        assert id(w) not in cpu_gemm._WEIGHT_CACHE
+    assert torch.equal(inside, _exact(a, w).float())
+    assert torch.equal(cpu_gemm.int_matmul_prepared(a, w, "fp32_exact"), inside)
+    assert id(w) in cpu_gemm._WEIGHT_CACHE  # outside the block the cache is on again
+
+
 @pytest.mark.parametrize("which", BACKENDS)
 @pytest.mark.parametrize("k", [1, 1024, 1025, 3000])
 def test_prepared_matmul_is_the_exact_accumulator(which, k):
