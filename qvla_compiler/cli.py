@@ -249,12 +249,15 @@ def cmd_calibrate(args) -> int:
     preflight.positive(args.calib_steps, "--calib-steps")
     recipe = resolve_recipe(args.recipe, args.layout, args.bpw)
     preflight.output_dir(args.out, "--out")
-    policy = build_policy(args.model, seed=args.seed)
-    plan = qvla_compiler.calibrate(policy, policy.example_inputs(), recipe=recipe, calib_steps=args.calib_steps,
-                                   seed=args.seed, progress=not args.json, model_name=args.model)
-    out = str(plan.save(args.out))
+    with PhaseLog() as log:
+        with phase("build"):
+            policy = build_policy(args.model, seed=args.seed)
+        plan = qvla_compiler.calibrate(policy, policy.example_inputs(), recipe=recipe, calib_steps=args.calib_steps,
+                                       seed=args.seed, progress=not args.json, model_name=args.model)
+        with phase("save"):
+            out = str(plan.save(args.out))
     summary = {"out": out, "model": args.model, "recipe": recipe.name, "modules": len(plan.modules),
-               "quantized": len(plan.quantized)}
+               "quantized": len(plan.quantized), "peak_rss_gb": log.peak_rss_gb, "phases": log.as_json()}
     print(json.dumps(summary) if args.json else f"wrote plan {out}: {summary['quantized']} of "
           f"{summary['modules']} linears integer ({recipe.name}); reuse it with `qvla quantize --plan {out}` "
           f"or torch.compile(..., backend=\"qvla\", options={{\"plan\": {out!r}}})")

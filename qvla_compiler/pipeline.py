@@ -37,8 +37,10 @@ def calibrate(program: Program, recipe, calib, *, model: str, atm_style=None, to
         calib = cal.collect_batches(calib)
         recipe = cal.choose_weight_bits(program, recipe, calib, progress=progress)
     work, batches = program.fork(), cal.replayable(calib, needs_rotation(recipe), recipe.atm or recipe.ohb)
-    with phase("calibrate: teacher"):
-        teacher = cal.observe_teacher(work, recipe, batches) if recipe.atm or recipe.ohb else None
+    teacher = None
+    if recipe.atm or recipe.ohb:
+        with phase("calibrate: teacher"):
+            teacher = cal.observe_teacher(work, recipe, batches)
     fingerprints = {}
     for gm in work.graphs.values():
         classify_linears(gm, recipe.role_overrides)
