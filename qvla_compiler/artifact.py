@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import secrets
+import tempfile
 import types
 import typing
 import warnings
@@ -46,6 +47,7 @@ from qvla_compiler.errors import ArtifactError
 
 _MODEL = "model"  # the name torch.export.save gives a single program
 _TMP_SUFFIX = ".tmp.pt2"
+_SPOOL_BYTES = 64 << 20  # archives up to this size are staged in memory, larger ones in an unnamed temporary file
 _WEIGHTS = (pt2.WEIGHTS_DIR, pt2.WEIGHTS_CONFIG_FILENAME_FORMAT, pt2.WEIGHT_FILENAME_PREFIX)
 _CONSTANTS = (pt2.CONSTANTS_DIR, pt2.CONSTANTS_CONFIG_FILENAME_FORMAT, pt2.TENSOR_CONSTANT_FILENAME_PREFIX)
 _MODEL_GRAPH = re.compile(re.escape(pt2.MODELS_DIR) + r"([A-Za-z_][A-Za-z0-9_]{0,63})\.json")
@@ -88,24 +90,26 @@ def write_archive(programs: torch.export.ExportedProgram | Programs, path: str |
     path = Path(path)
     if isinstance(programs, torch.export.ExportedProgram):
         programs = {_MODEL: programs}
-    raw = io.BytesIO()
-    package_pt2(raw, exported_programs=programs, extra_files=extra_files)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as f:
-            _repack(raw, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # torch's archive is staged in memory only while small: a full-size program (GBs of weights) spills to a
+    # temporary file beside `path` instead of holding a second copy of every weight in RAM (RESULTS §14)
+    with tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES, dir=path.parent) as raw:
+        package_pt2(raw, exported_programs=programs, extra_files=extra_files)
+        try:
+            with open(tmp, "wb") as f:
+                _repack(raw, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return path
 
 
-def _repack(raw: io.BytesIO, out) -> None:
+def _repack(raw: typing.IO[bytes], out) -> None:
     """Copy torch's archive member by member under the root "archive", graph ids renumbered (see _stable_graph_ids)."""
     with zipfile.ZipFile(raw) as archive, PT2ArchiveWriter(out) as writer:
         for info in archive.infolist():

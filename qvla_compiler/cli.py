@@ -206,6 +206,7 @@ def _quantize_and_save(args, name, recipe, plan, out, aot, console):
     qp = qvla_compiler.quantize(policy, policy.example_inputs(), recipe=recipe, calib_steps=args.calib_steps,
                                 seed=args.seed, progress=not args.json, model_name=name,
                                 dump_dir=args.dump_dir, plan=plan)
+    del policy  # the program holds what it needs; the float weights of its integer linears go now, before saving
     if out is not None:
         with phase("save"), console.status(f"saving {out}", spinner="dots"):
             qp.save(out)

@@ -58,7 +58,7 @@ def calibrate(program: Program, recipe, calib, *, model: str, atm_style=None, to
     bounds = step_bounds(program.schedule.timesteps) if program.schedule and recipe.act_mode == "per_step" else None
     with phase("calibrate: quantize weights"):
         for gm in work.graphs.values():
-            quantize_linears(gm, recipe.weight_method, bounds)
+            quantize_linears(gm, recipe.weight_method, bounds, progress)
     rows = [row for name, gm in work.graphs.items() for row in linear_reports(name, gm)]
     plan = record_plan(work.graphs, recipe, model, fingerprints, rows, bounds)
     if teacher is not None:

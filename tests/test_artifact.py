@@ -10,6 +10,7 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
 import zipfile
 
 import pytest
@@ -22,6 +23,7 @@ import qvla_compiler
 from qvla_compiler import artifact
 from qvla_compiler.cli import main as cli_main
 from qvla_compiler.errors import ArtifactError
+from qvla_compiler.inspect.summary import inspect_data
 
 ROOT = "archive/"
 
@@ -268,6 +270,22 @@ def test_saves_are_byte_reproducible(base, tmp_path):
     assert all(n.startswith(ROOT) for n in _members(path))  # not a random temp-file folder name
 
 
+def test_a_save_staged_on_disk_writes_the_same_bytes_and_leaves_nothing_behind(base, tmp_path, monkeypatch):
+    path, qp, _ = base
+    staged = []
+
+    class Recorded(tempfile.SpooledTemporaryFile):
+        def __exit__(self, *exc):
+            staged.append(self._rolled)  # True: it went to a real (unnamed) file
+            return super().__exit__(*exc)
+
+    monkeypatch.setattr(artifact, "_SPOOL_BYTES", 1)  # every archive spills, as full-size programs do
+    monkeypatch.setattr(artifact.tempfile, "SpooledTemporaryFile", Recorded)
+    spilled = qp.save(tmp_path / "spilled.pt2")
+    assert staged == [True] and _sha(spilled) == _sha(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["spilled.pt2"]  # the staging file was unnamed and is gone
+
+
 def test_stale_temp_of_a_dead_save_is_removed(base, tmp_path):
     _, qp, _ = base
     target = tmp_path / "prog.pt2"
@@ -372,7 +390,7 @@ def test_format_1_policy_still_loads(policies, tmp_path):
     assert loaded.schedule is None and list(loaded.exported_programs) == ["model"]
     args3 = policy_args(policy, batch=3)
     assert torch.equal(loaded.module()(*args3), one_step(*args3))
-    assert len(qvla_compiler.inspect.summary.inspect_data(old)["linears"]) == len(qp.report.linears)
+    assert len(inspect_data(old)["linears"]) == len(qp.report.linears)
 
 
 def _policy_members(policies):

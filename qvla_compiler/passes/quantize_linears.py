@@ -20,6 +20,7 @@ import re
 
 import torch
 import torch.fx as fx
+from tqdm.auto import tqdm
 
 from qvla_compiler.errors import QvlaError
 from qvla_compiler.kernels.ops import qmax_for
@@ -55,16 +56,17 @@ class KeptFloat:
     reason: str
 
 
-def quantize_linears(gm: fx.GraphModule, weight_method: str = "rtn",
-                     step_bounds: torch.Tensor | None = None) -> fx.GraphModule:
-    """`step_bounds`: the flow-step buckets (quant/step_scales.py) for act_mode "per_step"."""
+def quantize_linears(gm: fx.GraphModule, weight_method: str = "rtn", step_bounds: torch.Tensor | None = None,
+                     progress: bool = False) -> fx.GraphModule:
+    """`step_bounds`: the flow-step buckets (quant/step_scales.py) for act_mode "per_step"; `progress`: a bar over
+    the integer linears (GPTQ takes minutes at full size)."""
     keep_unquantizable_float(gm)
     weights: dict[tuple, tuple[str, torch.Tensor]] = {}  # (weight target, weight spec) → (buffer base, fp32 scale)
     scales: dict[tuple, str] = {}  # (weight target, weight spec, out_scale) → dequant scale buffer
-    for node in g.linear_nodes(gm):
+    integer = [node for node in g.linear_nodes(gm) if node.meta["qvla"].is_quantized]
+    for node in tqdm(integer, desc=f"quantizing weights ({weight_method})", unit="linear", disable=not progress,
+                     leave=False):
         info = node.meta["qvla"]
-        if not info.is_quantized:
-            continue
         spec = info.spec
         key = (node.args[1].target, spec.w_bits, spec.group_size, spec.weight_clip)
         if key not in weights:  # one integer weight per weight tensor, however many call sites read it
