@@ -33,8 +33,11 @@ def run_one(model: str, recipe: str, calib_steps: int, save: bool) -> dict:
         start = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         wall = time.perf_counter() - start
-        if done.returncode != 0:
-            return {"model": model, "recipe": recipe, "error": done.stderr.strip().splitlines()[-1:] or ["(none)"]}
+        if done.returncode != 0:  # -9: killed, on this box by the kernel's OOM killer; the last phase printed
+            ended = [line.strip() for line in done.stderr.splitlines() if " GB resident" in line]
+            return {"model": model, "recipe": recipe, "wall_s": round(wall, 1),
+                    "error": f"exit {done.returncode} after {wall / 60:.1f} min; last phase ended: "
+                             f"{ended[-1] if ended else 'none'}; {(done.stderr.strip().splitlines() or [''])[-1]}"}
         summary = json.loads(done.stdout.strip().splitlines()[-1])
         if save:
             summary["saved_mb"] = round(Path(tmp, "program.pt2").stat().st_size / 1e6, 1)
@@ -43,7 +46,7 @@ def run_one(model: str, recipe: str, calib_steps: int, save: bool) -> dict:
 
 def print_run(r: dict) -> None:
     if "error" in r:
-        print(f"| {r['model']} | {r['recipe']} | failed: {r['error'][0]} |||||", flush=True)
+        print(f"| {r['model']} | {r['recipe']} | failed: {r['error']} |||||||", flush=True)
         return
     bf16_gb = r["policy_bytes_bf16"] / 1e9
     peak = r["peak_rss_gb"]

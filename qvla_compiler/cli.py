@@ -177,7 +177,8 @@ def cmd_quantize(args) -> int:
             console.print("[yellow]note[/]: --float-dtype bf16 on a CPU without native bf16 (AVX512-BF16 / AMX): the "
                           "float linears will run slower than in fp32 here", highlight=False)
         warnings.filterwarnings("ignore", message="float linears in bf16 on a CPU without native bf16")
-    with PhaseLog() as log:
+    with PhaseLog(on_end=lambda p: console.log(f"{p.name}: {p.seconds:.0f} s, peak {p.peak_rss_gb:.2f} GB resident",
+                                               highlight=False)) as log:
         qp = _quantize_and_save(args, name, recipe, plan, out, aot, console)
     summary = {**qp.report.summary(), "out": None if out is None else str(out),
                "aot": None if aot is None else str(aot), "float_dtype": recipe.float_dtype,

@@ -16,7 +16,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 _GB = 1e9
 _ACTIVE: contextvars.ContextVar["PhaseLog | None"] = contextvars.ContextVar("qvla_phase_log", default=None)
@@ -34,8 +34,11 @@ class PhaseCost:
 class PhaseLog:
     """Records the phases run inside `with PhaseLog() as log:`; `log.phases` in the order they ended."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_end: Callable[[PhaseCost], None] | None = None) -> None:
+        """`on_end(cost)`: called as each phase ends (the CLI prints it, so a run killed for memory shows how far
+        it got)."""
         self.phases: list[PhaseCost] = []
+        self.on_end = on_end
         self._token = None
 
     def __enter__(self) -> "PhaseLog":
@@ -70,6 +73,8 @@ def phase(name: str) -> Iterator[None]:
     inner = [p.peak_rss_gb for p in log.phases[first:]]
     peak = max([peak_rss_gb(), *inner])
     log.phases.append(PhaseCost(name, round(seconds, 2), round(peak, 3), round(rss_gb(), 3), own))
+    if log.on_end is not None:
+        log.on_end(log.phases[-1])
 
 
 def reset_peak() -> bool:

@@ -45,3 +45,13 @@ def test_phases_outside_a_log_are_not_recorded():
     with PhaseLog() as log:
         pass
     assert log.phases == [] and log.as_json() == []
+
+
+def test_each_phase_is_reported_as_it_ends():
+    ended = []
+    with PhaseLog(on_end=lambda cost: ended.append(cost.name)) as log:
+        with phase("first"):
+            assert ended == []
+        with phase("second"):
+            assert ended == ["first"]  # a run killed during "second" has already shown "first"
+    assert ended == ["first", "second"] == [p.name for p in log.phases]
