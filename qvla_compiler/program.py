@@ -18,6 +18,7 @@ from torch.export import Dim
 
 from qvla_compiler.errors import CalibrationError
 from qvla_compiler.export import OBS_KEYS
+from qvla_compiler.kernels.cpu_gemm import uncached_weights
 from qvla_compiler.models.sampling import FlowSchedule, euler_sample
 
 
@@ -86,7 +87,8 @@ class Program:
             if not self.is_policy:
                 return {"model": torch.export.export(self.graphs["forward"], tuple(example_args), strict=False)}
             *obs, noise = example_args
-            prefix = tuple(self.graphs["prefix"](*obs))
+            with uncached_weights():  # one eager call for the denoise inputs: caching would keep an fp32 copy
+                prefix = tuple(self.graphs["prefix"](*obs))  # of the backbone's integer weights (RESULTS §14b)
             t = torch.full((noise.shape[0],), self.schedule.timesteps[0], dtype=noise.dtype, device=noise.device)
             batch = Dim("batch", min=1, max=1024)
             shapes = (tuple({0: batch} for _ in prefix), {0: batch}, {0: batch})  # what euler_sample feeds
