@@ -54,8 +54,8 @@ def print_run(r: dict) -> None:
           f"{peak / bf16_gb:.1f}× | {r['memory_saving']:.1%} / {r['policy_memory_saving']:.1%} | "
           f"{r.get('saved_mb', '—')} | {r['action_rel_l2']:.4f} |", flush=True)
     for p in r["phases"]:
-        print(f"|   | {p['name']} | {p['seconds']:.0f} s | {p['peak_rss_gb']:.2f} GB | after {p['rss_after_gb']:.2f} GB "
-              "|||||", flush=True)
+        print(f"|   | {p['name']} | {p['seconds']:.0f} s | {p['peak_rss_gb']:.2f} GB | "
+              f"after {p['rss_after_gb']:.2f} GB |||||", flush=True)
 
 
 def main() -> None:

@@ -6,8 +6,9 @@ After:  fit_transforms decides: every linear of a group gets LinearInfo.rotation
         supported widths, DuQuant and SVD·Hadamard everywhere; "quarot" first tags the foldable residual streams
         (rotate_residual), its readers get "quarot" (no online op, no SmoothQuant: the fold resets the norm gain)
         and every other group the per-input "hadamard". The data-fitted tensors (SmoothQuant s, DuQuant Λ, R₁, P,
-        R₂; SVD·Hadamard Λ, R₁) go into each group's GroupTransform. rotate_and_smooth then rewrites from those annotations only (smooth_linears, then the
-        rotation pass from ROTATION_PASSES), so a plan that carries them replays the same rewrite without data.
+        R₂; SVD·Hadamard Λ, R₁) go into each group's GroupTransform. rotate_and_smooth then rewrites from those
+        annotations only (smooth_linears, then the rotation pass from ROTATION_PASSES), so a plan that carries them
+        replays the same rewrite without data.
 Invariant: the float program computes the same function (every rewrite is exact in real arithmetic).
 """
 from __future__ import annotations
