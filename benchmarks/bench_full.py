@@ -23,12 +23,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_one(model: str, recipe: str, calib_steps: int, save: bool) -> dict:
+def run_one(model: str, recipe: str, calib_steps: int, save: bool, dtype: str = "auto") -> dict:
     """One `qvla quantize --json` in its own process; its JSON summary plus the wall time seen from outside."""
     with tempfile.TemporaryDirectory() as tmp:
         out = ["--out", str(Path(tmp, "program.pt2"))] if save else ["--no-save"]
         cmd = [sys.executable, "-m", "qvla_compiler.cli", "quantize", "--model", model, "--recipe", recipe,
-               "--calib-steps", str(calib_steps), "--json", *out]
+               "--calib-steps", str(calib_steps), "--dtype", dtype, "--json", *out]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         start = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -64,20 +64,22 @@ def main() -> None:
     ap.add_argument("--recipes", nargs="+", default=["w8a8", "w4a8"])
     ap.add_argument("--calib-steps", type=int, default=1)
     ap.add_argument("--save", action="store_true", help="write the .pt2 (into a temporary folder) and time it")
+    ap.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="the float policy's build dtype (`qvla quantize --dtype`; auto: bf16 at full size)")
     ap.add_argument("--json", type=Path, help="also write every run's summary here")
     args = ap.parse_args()
     import torch
 
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC · {platform.machine()} · "
           f"{os.cpu_count()} cores · CPU {torch.backends.cpu.get_cpu_capability()} · torch {torch.__version__} · "
-          f"load {os.getloadavg()[0]:.1f} · calib steps {args.calib_steps}")
+          f"load {os.getloadavg()[0]:.1f} · calib steps {args.calib_steps} · build dtype {args.dtype}")
     print("| model | recipe / phase | wall | peak RSS | bf16 policy | peak / bf16 | saving (components / policy) | "
           ".pt2 MB | action rel-L2 |")
     print("|---|---|---|---|---|---|---|---|---|")
     runs = []
     for model in args.models:
         for recipe in args.recipes:
-            runs.append(run_one(model, recipe, args.calib_steps, args.save))
+            runs.append(run_one(model, recipe, args.calib_steps, args.save, args.dtype))
             print_run(runs[-1])
     if args.json:
         args.json.write_text(json.dumps(runs, indent=1))

@@ -84,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--lerobot", metavar="DIR", help="a lerobot policy folder (save_pretrained: config.json + "
                    "model.safetensors; pi05, pi0, smolvla) to quantize instead of --model; needs "
                    "`bash scripts/install_lerobot.sh`")
+    _add_dtype(q)
     q.add_argument("--outliers", action="store_true", help="inject function-preserving activation outliers first")
     q.add_argument("--calib-steps", type=int, default=8, help="calibration batches (default 8)")
     q.add_argument("--seed", type=int, default=0)
@@ -103,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--bpw", type=float, help="with --layout auto: average weight bits per linear (4-16)")
     c.add_argument("--calib-steps", type=int, default=8)
     c.add_argument("--seed", type=int, default=0)
+    _add_dtype(c)
     c.add_argument("--out", required=True, help="plan folder to write (plan.json, tensors.safetensors)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_calibrate)
@@ -149,6 +151,21 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--json", action="store_true")
         s.set_defaults(func=fn)
     return p
+
+
+def _add_dtype(parser) -> None:
+    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="what the float policy is "
+                        "built and calibrated in (auto: bf16 for the -full presets, whose fp32 build would need twice "
+                        "the memory, as the real checkpoints ship; fp32 otherwise)")
+
+
+def _build_dtype(args):
+    """--dtype as a torch dtype (auto resolved by preset size)."""
+    from qvla_compiler.models.registry import BUILD_DTYPES
+
+    if args.dtype != "auto":
+        return BUILD_DTYPES[args.dtype]
+    return BUILD_DTYPES["bf16" if args.model.endswith("-full") else "fp32"]
 
 
 def cmd_quantize(args) -> int:
@@ -238,7 +255,7 @@ def _build_policy(args):
             return load_pretrained(args.lerobot)
     from qvla_compiler.models import build_policy
 
-    return build_policy(args.model, seed=args.seed)
+    return build_policy(args.model, seed=args.seed, dtype=_build_dtype(args))
 
 
 def cmd_calibrate(args) -> int:
@@ -253,7 +270,7 @@ def cmd_calibrate(args) -> int:
     preflight.output_dir(args.out, "--out")
     with PhaseLog() as log:
         with phase("build"):
-            policy = build_policy(args.model, seed=args.seed)
+            policy = build_policy(args.model, seed=args.seed, dtype=_build_dtype(args))
         plan = qvla_compiler.calibrate(policy, policy.example_inputs(), recipe=recipe, calib_steps=args.calib_steps,
                                        seed=args.seed, progress=not args.json, model_name=args.model)
         with phase("save"):

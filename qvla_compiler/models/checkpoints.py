@@ -44,7 +44,7 @@ def save_checkpoint(policy: nn.Module, path: str | Path, metadata: dict | None =
 
 
 def load_checkpoint(policy: nn.Module, path: str | Path) -> dict:
-    """Load a checkpoint into `policy` (upcast to the policy's dtype, fp32); returns the file's metadata."""
+    """Load a checkpoint into `policy` (cast to the policy's dtype); returns the file's metadata."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 

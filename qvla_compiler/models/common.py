@@ -75,6 +75,11 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def to_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """`x` in `dtype`; no op (and no graph node) when it already is."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def split_heads(x: Tensor, heads: int) -> Tensor:
     """[B, T, heads*hd] -> [B, heads, T, hd]."""
     return x.unflatten(-1, (heads, -1)).transpose(1, 2)
@@ -229,6 +234,13 @@ class FlowPolicy(nn.Module):
     config: object
     schedule: FlowSchedule
     _EXAMPLE_SEED = 1234
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the policy computes in: its weights' (fp32 or bf16). Float inputs (images, state, noise) are cast
+        to it on entry, so callers may pass fp32 observations to a bf16 policy; actions come back in the noise's dtype
+        (the Euler update accumulates there)."""
+        return self.vision.patch_embed.weight.dtype
 
     @torch.no_grad()
     def sample_actions(self, images: Tensor, tokens: Tensor, token_mask: Tensor, state: Tensor, *, noise: Tensor):

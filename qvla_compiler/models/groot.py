@@ -31,6 +31,7 @@ from qvla_compiler.models.common import (
     sdpa_attention,
     sinusoidal_embedding,
     split_heads,
+    to_dtype,
 )
 from qvla_compiler.models.sampling import FlowSchedule
 
@@ -161,7 +162,7 @@ class TimestepEncoder(nn.Module):
         emb = sinusoidal_embedding(
             timesteps, _TIMESTEP_CHANNELS, min_period=2 * math.pi, max_period=2e4 * math.pi, cos_first=True
         )
-        return self.linear_2(F.silu(self.linear_1(emb)))
+        return self.linear_2(F.silu(self.linear_1(to_dtype(emb, self.linear_1.weight.dtype))))
 
 
 class ActionEncoder(nn.Module):
@@ -305,7 +306,7 @@ class GrootPolicy(FlowPolicy):
         T = image patches + max_tokens; the language model is causal over [image ; text] and ignores padding.
         """
         lm = self.language_model
-        x = torch.cat([self.mlp1(self.vision(images)), lm.embed_tokens(tokens)], dim=1)
+        x = torch.cat([self.mlp1(self.vision(to_dtype(images, self.dtype))), lm.embed_tokens(tokens)], dim=1)
         n_img = x.shape[1] - tokens.shape[1]
         valid = torch.cat([token_mask.new_ones(token_mask.shape[0], n_img), token_mask], dim=1)
         seq = x.shape[1]
@@ -315,13 +316,14 @@ class GrootPolicy(FlowPolicy):
         mask = causal[None, None] & valid[:, None, None, :]
         for layer in lm.layers:
             x = layer(x, cos, sin, mask)
-        state_features = self.state_encoder(state[:, None, :])
+        state_features = self.state_encoder(to_dtype(state, self.dtype)[:, None, :])
         return self.action_head.vlln(x), valid, state_features
 
     def denoise_step(self, prefix: tuple[Tensor, ...], x_t: Tensor, t: Tensor) -> Tensor:
         """Velocity [B, horizon, action_dim] at flow time t [B] (t = 0 noise, t = 1 data), t bucketed to 1/1000."""
         vl, vl_mask, state_features = prefix[0], prefix[1], prefix[2]
         head = self.action_head
+        x_t = to_dtype(x_t, self.dtype)
         timesteps = (t * self.config.num_timestep_buckets).floor()
         temb = head.timestep_encoder(timesteps).type_as(x_t)
         actions = head.action_encoder(x_t, timesteps) + head.position_embedding.weight

@@ -30,6 +30,7 @@ from qvla_compiler.models.common import (
     rope_cos_sin,
     sinusoidal_embedding,
     split_heads,
+    to_dtype,
 )
 from qvla_compiler.models.sampling import FlowSchedule
 
@@ -219,7 +220,7 @@ class Pi05Policy(FlowPolicy):
         expert, returned so the whole VLM stays in the graph). T = image patches + max_tokens + state_dim.
         """
         lm = self.language_model
-        img = self.multi_modal_projector(self.vision(images))
+        img = self.multi_modal_projector(self.vision(to_dtype(images, self.dtype)))
         state_ids = self._state_tokens(state)
         txt = lm.embed_tokens(torch.cat([tokens, state_ids], dim=1)) * math.sqrt(self.config.width)
         x = torch.cat([img, txt], dim=1)
@@ -240,6 +241,7 @@ class Pi05Policy(FlowPolicy):
         """Velocity [B, horizon, action_dim] of the flow at time t [B] (t = 1 noise, t = 0 data)."""
         prefix_k, prefix_v, prefix_mask = prefix[0], prefix[1], prefix[2]
         cfg = self.config
+        x_t = to_dtype(x_t, self.dtype)
         t_emb = sinusoidal_embedding(t, cfg.expert_width, min_period=4e-3, max_period=4.0).type_as(x_t)
         cond = F.silu(self.time_mlp_out(F.silu(self.time_mlp_in(t_emb))))
         x = self.action_in_proj(x_t)
