@@ -20,6 +20,7 @@ from qvla_compiler.recipes import QuantRecipe, resolve_recipe
 from qvla_compiler.protocol import is_policy
 from qvla_compiler.inspect.report import Report, collect_warnings, output_fidelity
 from qvla_compiler.inspect.phases import phase
+from qvla_compiler.kernels.bf16_gemms import fp32_products
 from qvla_compiler.kernels.cpu_gemm import uncached_weights
 
 if TYPE_CHECKING:
@@ -261,7 +262,7 @@ def _capture_policy(policy, obs, calib, calib_steps, seed, model_name) -> _Captu
         calib = policy.calibration_batches(calib_steps, seed=seed)
     if not callable(calib):
         calib = with_noise(calib, tuple(noise.shape[1:]), seed)
-    with torch.no_grad():
+    with torch.no_grad(), fp32_products(policy):
         ref = policy.sample_actions(*(obs[k] for k in OBS_KEYS), noise=noise)
     example = widen_batch((*(obs[k] for k in OBS_KEYS), noise))  # what save re-exports with: batch >= 2
     return _Captured(program, model_name or type(policy).__name__, calib, calib_steps, ref, (obs, noise), example,

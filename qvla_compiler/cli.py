@@ -159,13 +159,11 @@ def _add_dtype(parser) -> None:
                         "the memory, as the real checkpoints ship; fp32 otherwise)")
 
 
-def _build_dtype(args):
-    """--dtype as a torch dtype (auto resolved by preset size)."""
-    from qvla_compiler.models.registry import BUILD_DTYPES
-
+def _build_dtype(args) -> str:
+    """--dtype with auto resolved by preset size; a lerobot folder is loaded as lerobot gives it (fp32)."""
     if args.dtype != "auto":
-        return BUILD_DTYPES[args.dtype]
-    return BUILD_DTYPES["bf16" if args.model.endswith("-full") else "fp32"]
+        return args.dtype
+    return "bf16" if args.model.endswith("-full") and not getattr(args, "lerobot", None) else "fp32"
 
 
 def cmd_quantize(args) -> int:
@@ -173,6 +171,11 @@ def cmd_quantize(args) -> int:
 
     # Every option is checked before the model is built: a bad path or name costs nothing.
     name = preflight.lerobot_source(args) if args.lerobot else preflight.model_name(args.model)
+    if args.lerobot and args.dtype != "auto":
+        from qvla_compiler.errors import UsageError
+
+        raise UsageError("--dtype sets how a --model preset is built; a --lerobot policy is quantized in the dtype "
+                         "lerobot loads it in: drop --dtype")
     preflight.positive(args.calib_steps, "--calib-steps")
     recipe, plan = preflight.quantize_options(args)
     recipe = _with_float_dtype(recipe, plan, args.float_dtype)
@@ -198,7 +201,8 @@ def cmd_quantize(args) -> int:
                                                highlight=False)) as log:
         qp = _quantize_and_save(args, name, recipe, plan, out, aot, console)
     summary = {**qp.report.summary(), "out": None if out is None else str(out),
-               "aot": None if aot is None else str(aot), "float_dtype": recipe.float_dtype,
+               "aot": None if aot is None else str(aot), "dtype": _build_dtype(args),
+               "float_dtype": recipe.float_dtype,
                "seconds": round(time.perf_counter() - started, 1), "peak_rss_gb": log.peak_rss_gb,
                "phases": log.as_json()}
     if args.json:
@@ -254,14 +258,16 @@ def _build_policy(args):
         with contextlib.redirect_stdout(sys.stderr):  # lerobot prints notices; stdout is for the summary / JSON
             return load_pretrained(args.lerobot)
     from qvla_compiler.models import build_policy
+    from qvla_compiler.models.registry import BUILD_DTYPES
 
-    return build_policy(args.model, seed=args.seed, dtype=_build_dtype(args))
+    return build_policy(args.model, seed=args.seed, dtype=BUILD_DTYPES[_build_dtype(args)])
 
 
 def cmd_calibrate(args) -> int:
     import qvla_compiler
     from qvla_compiler import preflight
     from qvla_compiler.models import build_policy
+    from qvla_compiler.models.registry import BUILD_DTYPES
     from qvla_compiler.recipes import resolve_recipe
 
     preflight.model_name(args.model)
@@ -270,7 +276,7 @@ def cmd_calibrate(args) -> int:
     preflight.output_dir(args.out, "--out")
     with PhaseLog() as log:
         with phase("build"):
-            policy = build_policy(args.model, seed=args.seed, dtype=_build_dtype(args))
+            policy = build_policy(args.model, seed=args.seed, dtype=BUILD_DTYPES[_build_dtype(args)])
         plan = qvla_compiler.calibrate(policy, policy.example_inputs(), recipe=recipe, calib_steps=args.calib_steps,
                                        seed=args.seed, progress=not args.json, model_name=args.model)
         with phase("save"):

@@ -18,6 +18,7 @@ from torch.export import Dim
 
 from qvla_compiler.errors import CalibrationError
 from qvla_compiler.export import OBS_KEYS
+from qvla_compiler.kernels.bf16_gemms import fp32_products
 from qvla_compiler.kernels.cpu_gemm import uncached_weights
 from qvla_compiler.models.sampling import FlowSchedule, euler_sample
 
@@ -34,7 +35,7 @@ class Program:
     def run(self, inputs: Any, what: str = "program input") -> torch.Tensor:
         """Policy: inputs = (obs dict, noise) → action chunk. Module: inputs = tuple of args → output."""
         self.check_inputs(inputs, what)  # `what` names the inputs in the error (e.g. "calibration batch 3")
-        with torch.no_grad():
+        with torch.no_grad(), fp32_products(*self.graphs.values()):  # bf16 products in fp32 where bf16 is emulated
             return self.as_module()(*self.flat_args(inputs))
 
     def flat_args(self, inputs: Any) -> tuple:
@@ -87,8 +88,9 @@ class Program:
             if not self.is_policy:
                 return {"model": torch.export.export(self.graphs["forward"], tuple(example_args), strict=False)}
             *obs, noise = example_args
-            with uncached_weights():  # one eager call for the denoise inputs: caching would keep an fp32 copy
-                prefix = tuple(self.graphs["prefix"](*obs))  # of the backbone's integer weights (RESULTS §14b)
+            # one eager call for the denoise inputs; caching would keep an fp32 copy of the backbone's integer weights
+            with uncached_weights(), fp32_products(self.graphs["prefix"]):  # (RESULTS §14b)
+                prefix = tuple(self.graphs["prefix"](*obs))
             t = torch.full((noise.shape[0],), self.schedule.timesteps[0], dtype=noise.dtype, device=noise.device)
             batch = Dim("batch", min=1, max=1024)
             shapes = (tuple({0: batch} for _ in prefix), {0: batch}, {0: batch})  # what euler_sample feeds

@@ -31,6 +31,28 @@ def test_quantized_actions_stay_close(name, recipe, max_rel):
                for r in qp.report.linears if r.bits != "float")
 
 
+@pytest.mark.parametrize("name, recipe", [("pi05-tiny", "quantvla-w4a8"), ("groot-tiny", "omega-w4a4")])
+def test_a_bf16_policy_quantizes_as_well_as_fp32_and_stays_bf16(name, recipe, tmp_path):
+    """Full-size policies are built in bf16 (qvla quantize --dtype auto). Rotations, smoothing, GPTQ and ATM/OHB on a
+    bf16 policy give the fidelity of the fp32 build (each against its own float actions), the program holds no fp32
+    copy of a weight, and it saves and loads bit-identically."""
+    from qvla_compiler.models import build_policy
+
+    rel = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        policy = build_policy(name, dtype=dtype)
+        qp = qvla_compiler.quantize(policy, policy.example_inputs(), recipe=recipe, calib_steps=2, progress=False)
+        rel[dtype] = qp.report.action_rel_l2
+    assert 0 < rel[torch.bfloat16] < 1.25 * rel[torch.float32] + 0.01, rel
+    tensors = [t for gm in qp.program.graphs.values() for t in (*gm.parameters(), *gm.buffers())]
+    assert any(t.dtype == torch.bfloat16 for t in tensors) and any(t.dtype == torch.int8 for t in tensors)
+    assert not [tuple(t.shape) for t in tensors if t.dtype == torch.float32 and t.numel() > 4096]  # scales only
+    args = policy_args(policy)
+    out = qp.module(compiled=False)(*args)
+    loaded = qvla_compiler.load(qp.save(tmp_path / "bf16.pt2")).module(compiled=False)
+    assert out.dtype == torch.float32 and torch.equal(loaded(*args), out)
+
+
 def test_w8a8_program_runs_integer_matmuls(monkeypatch):
     """The W8A8 linears run qvla:: ops whose products are int8 x int8 -> int32 (torch._int_mm)."""
     policy, qp = quantized_policy("pi05-tiny", "w8a8")

@@ -31,6 +31,7 @@ def test_quantize_json_has_the_documented_keys(program):
         assert key in summary
     assert summary["model"] == "pi05-tiny" and summary["recipe"] == "w4a8" and summary["layout"] == "quantvla"
     assert summary["int_linears"] == 20 and 0.5 < summary["memory_saving"] < 0.8
+    assert summary["dtype"] == "fp32"  # --dtype auto: bf16 only for the -full presets
     assert out.is_file()
     phases = [p["name"] for p in summary["phases"]]  # per-phase wall time and peak RSS (inspect/phases.py)
     assert phases[0] == "build" and phases[-1] == "save" and "calibrate: quantize weights" in phases
@@ -46,6 +47,19 @@ def test_inspect_reads_what_quantize_wrote(program):
     assert len(data["linears"]) == summary["int_linears"] + summary["float_linears"]
     table = _run("inspect", str(out))
     assert "language_model.layers.0.self_attn.q_proj" in table.stdout and "W4A8" in table.stdout
+
+
+def test_build_dtype_auto_is_bf16_at_full_size_only():
+    import argparse
+
+    from qvla_compiler.cli import _build_dtype
+
+    def args(model, dtype="auto", lerobot=None):
+        return argparse.Namespace(model=model, dtype=dtype, lerobot=lerobot)
+
+    assert [_build_dtype(args(m)) for m in ("pi05-full", "groot-full", "pi05-small", "groot-tiny")] == \
+        ["bf16", "bf16", "fp32", "fp32"]
+    assert _build_dtype(args("pi05-full", "fp32")) == "fp32" and _build_dtype(args("pi05-tiny", "bf16")) == "bf16"
 
 
 def test_errors_are_named_and_exit_2(tmp_path):

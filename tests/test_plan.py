@@ -37,6 +37,21 @@ def test_plan_round_trip_is_bit_identical_on_pi05_tiny(tmp_path, recipe):
     assert torch.equal(qp.module()(*args), qp2.module()(*args))
 
 
+def test_applying_a_plan_shares_its_integer_weights_and_changes_none_of_them():
+    """The program holds the plan's integer weights, not copies (at full size a copy is ~1 GB more), and building it
+    (ATM/OHB folded into dequant scales included) writes into no plan tensor."""
+    policy = build_policy("pi05-tiny")
+    plan = qvla_compiler.calibrate(policy, policy.example_inputs(), recipe="quantvla-w4a8", calib_steps=1,
+                                   progress=False)
+    before = {(e.module_path, k): t.clone() for e in plan.modules.values() for k, t in e.tensors.items()}
+    qp = qvla_compiler.quantize(policy, policy.example_inputs(), plan=plan, progress=False)
+    assert plan.attention  # α/β were folded into the program's scales
+    shared = {t.data_ptr() for gm in qp.program.graphs.values() for t in gm.buffers()}
+    assert plan.quantized and all(e.tensors["weight_q"].data_ptr() in shared for e in plan.quantized)
+    for (path, key), old in before.items():
+        assert torch.equal(plan.modules[path].tensors[key], old), (path, key)
+
+
 def test_plan_is_keyed_by_module_path_and_carries_extras(tmp_path):
     policy, qp = quantized_policy("pi05-tiny", "w4a8")
     plan = copy.deepcopy(qp.quant_plan)

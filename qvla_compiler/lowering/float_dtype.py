@@ -13,15 +13,11 @@ import warnings
 import torch
 import torch.fx as fx
 
+from qvla_compiler.kernels.bf16_gemms import native_bf16
 from qvla_compiler.passes import _graph as g
 
 aten = torch.ops.aten
 FLOAT_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # a recipe's float_dtype -> the dtype the float linears run in
-
-
-def native_bf16() -> bool:
-    """Does this CPU have native bf16 matrix arithmetic (oneDNN's bf16 path: AVX512-BF16 or AMX)?"""
-    return bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
 
 
 def cast_float_linears(gm: fx.GraphModule, dtype: torch.dtype | str = torch.bfloat16) -> list[str]:

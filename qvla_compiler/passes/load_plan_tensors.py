@@ -1,7 +1,8 @@
 """Attach a plan's tensors to the graph: its integer weights and scales, and each group's fitted transforms.
 
 Before: linears whose decisions were set by apply_plan; observers (never run) on integer linears' inputs.
-After:  the buffers quantize_linears would have made (`qvla_<path>_wq`, `_ws`, `_xs`), copied from the plan, named in
+After:  the buffers quantize_linears would have made (`qvla_<path>_wq`, `_ws`, `_xs`), the plan's own tensors (shared,
+        not copied: passes never write a tensor in place, fold_attention_scales clones what it scales), named in
         node.meta["qvla_tensors"] (a per-step scale table [S] also registers the plan's step bounds as
         `qvla_step_bounds`, once per graph); each observed group's GroupTransform (SmoothQuant s, DuQuant Λ, R₁, P, R₂) from
         its first linear's entry, for rotate_and_smooth. The graph's nodes are unchanged.
@@ -39,8 +40,8 @@ def _attach_integer(gm: fx.GraphModule, node: fx.Node, entry, graph: str, site: 
     if WEIGHT_Q not in entry.tensors or WEIGHT_SCALE not in entry.tensors:
         raise PlanError(f"the plan marks {info.module_path} as {info.bits_label} but holds no integer weight")
     base = "qvla_" + info.module_path.replace(".", "_")
-    gm.register_buffer(base + "_wq", entry.tensors[WEIGHT_Q].clone())
-    gm.register_buffer(base + "_ws", entry.tensors[WEIGHT_SCALE].clone())
+    gm.register_buffer(base + "_wq", entry.tensors[WEIGHT_Q])  # shared: a copy would hold every integer weight twice
+    gm.register_buffer(base + "_ws", entry.tensors[WEIGHT_SCALE])
     act = None
     # per_step: only inputs that see the flow time have tables; the others (the prefix) quantize dynamically
     if info.spec.act_mode in STATIC_MODES and (info.spec.act_mode == "static" or g.time_input(gm) is not None):
@@ -51,7 +52,7 @@ def _attach_integer(gm: fx.GraphModule, node: fx.Node, entry, graph: str, site: 
         if scale.numel() > 1:
             _require_step_input(gm, info.module_path, plan_bounds)
         act = base + ("_xs" if site == 0 else f"_{site}_xs")
-        gm.register_buffer(act, scale.clone())
+        gm.register_buffer(act, scale)
     node.meta["qvla_tensors"] = QuantTensors(base + "_wq", base + "_ws", act)
 
 

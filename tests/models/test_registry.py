@@ -38,6 +38,25 @@ def test_same_seed_same_weights():
     assert not torch.equal(a.mlp1.weight, c.mlp1.weight)
 
 
+@pytest.mark.parametrize("name", ["pi05-tiny", "groot-tiny"])
+def test_a_bf16_build_holds_only_bf16_and_takes_fp32_observations(name):
+    """The full presets build in bf16 (half the memory): every weight is created in bf16, float inputs are cast on
+    entry, and the actions come back in the noise's dtype, close to the fp32 build's."""
+    fp32, bf16 = build_policy(name, seed=2), build_policy(name, seed=2, dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.state_dict().values() if p.is_floating_point()} == {torch.bfloat16}
+    assert bf16.dtype == torch.bfloat16 and fp32.dtype == torch.float32
+    obs, noise = fp32.example_inputs(2), fp32.example_noise(2)
+    want, got = fp32.sample_actions(**obs, noise=noise), bf16.sample_actions(**obs, noise=noise)
+    assert got.dtype == torch.float32
+    assert 0 < ((got - want).norm() / want.norm()).item() < 0.05  # bf16 rounding, not a different policy
+    assert torch.get_default_dtype() == torch.float32  # the build restored the default
+
+
+def test_build_dtype_is_checked():
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        build_policy("pi05-tiny", dtype=torch.float16)
+
+
 def test_flow_schedule_validates():
     assert FlowSchedule.uniform(0.0, 1.0, 2) == FlowSchedule(timesteps=(0.0, 0.5), dt=0.5)
     with pytest.raises(QvlaError):
