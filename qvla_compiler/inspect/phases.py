@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
 import dataclasses
+import functools
 import resource
 import sys
 import time
@@ -64,17 +66,40 @@ def phase(name: str) -> Iterator[None]:
     log = _ACTIVE.get()
     if log is None:
         yield
+        release_free_heap()
         return
     first = len(log.phases)
     own = reset_peak()
     start = time.perf_counter()
     yield
+    release_free_heap()
     seconds = time.perf_counter() - start
     inner = [p.peak_rss_gb for p in log.phases[first:]]
     peak = max([peak_rss_gb(), *inner])
     log.phases.append(PhaseCost(name, round(seconds, 2), round(peak, 3), round(rss_gb(), 3), own))
     if log.on_end is not None:
         log.on_end(log.phases[-1])
+
+
+def release_free_heap() -> bool:
+    """Give the C heap's free pages back to the OS (glibc's malloc_trim); False where there is no such call.
+
+    Why at every phase end: tensors under glibc's mmap threshold live on the heap, and when a phase frees them (the
+    calibration fork, activations, fp32 upcasts of weights) their pages stay resident: 1.4 GB after calibrating
+    groot-full (benchmarks/RESULTS.md §14c) that later phases then stacked their own allocations on."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        return ctypes.CDLL(None)  # the C library the process already has loaded
+    except OSError:
+        return None
 
 
 def reset_peak() -> bool:

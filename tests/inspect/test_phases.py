@@ -56,3 +56,20 @@ def test_each_phase_is_reported_as_it_ends():
         with phase("second"):
             assert ended == ["first"]  # a run killed during "second" has already shown "first"
     assert ended == ["first", "second"] == [p.name for p in log.phases]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim (Linux)")
+def test_a_phase_hands_the_heap_pages_it_freed_back_to_the_os():
+    from qvla_compiler.inspect.phases import rss_gb
+
+    keep = []
+    with phase("fragments the heap"):
+        freed = [torch.ones(60_000) for _ in range(1000)]  # 240 MB of heap-sized blocks
+        keep.append(torch.ones(10))  # allocated after them: the heap cannot simply shrink from the top
+        before = rss_gb()
+        del freed
+        held = rss_gb()
+    after = rss_gb()
+    if held < before - 0.2:
+        pytest.skip("this allocator returned the freed pages by itself")
+    assert after < held - 0.2  # the phase's end gave the ~240 MB back
