@@ -62,10 +62,11 @@ def test_each_phase_is_reported_as_it_ends():
 def test_a_phase_hands_the_heap_pages_it_freed_back_to_the_os():
     from qvla_compiler.inspect.phases import rss_gb
 
-    keep = []
+    kept, freed = [], []
     with phase("fragments the heap"):
-        freed = [torch.ones(60_000) for _ in range(1000)]  # 240 MB of heap-sized blocks
-        keep.append(torch.ones(10))  # allocated after them: the heap cannot simply shrink from the top
+        for _ in range(1000):  # 240 MB of heap-sized blocks, each followed by one that stays: the heap cannot
+            freed.append(torch.ones(60_000))  # simply shrink from its top
+            kept.append(torch.ones(16))
         before = rss_gb()
         del freed
         held = rss_gb()
