@@ -14,6 +14,7 @@ import contextvars
 import ctypes
 import dataclasses
 import functools
+import gc
 import resource
 import sys
 import time
@@ -82,11 +83,14 @@ def phase(name: str) -> Iterator[None]:
 
 
 def release_free_heap() -> bool:
-    """Give the C heap's free pages back to the OS (glibc's malloc_trim); False where there is no such call.
+    """Free what a phase left unreachable and give the C heap's free pages back to the OS (glibc's malloc_trim);
+    False where there is no such call.
 
-    Why at every phase end: tensors under glibc's mmap threshold live on the heap, and when a phase frees them (the
-    calibration fork, activations, fp32 upcasts of weights) their pages stay resident: 1.4 GB after calibrating
-    groot-full (benchmarks/RESULTS.md §14c) that later phases then stacked their own allocations on."""
+    Why at every phase end: a dropped GraphModule (the calibration fork, with its observers and integer copies) is a
+    reference cycle, so its tensors live until the cyclic collector happens to run; and tensors under glibc's mmap
+    threshold live on the heap, whose freed pages stay resident. Together 1.6 GB after calibrating groot-full
+    (benchmarks/RESULTS.md §14c) that later phases stacked their own allocations on."""
+    gc.collect()
     trim = getattr(_libc(), "malloc_trim", None)
     if trim is None:
         return False
