@@ -159,26 +159,15 @@ def _add_dtype(parser) -> None:
                         "the memory, as the real checkpoints ship; fp32 otherwise)")
 
 
-def _build_dtype(args) -> str:
-    """--dtype with auto resolved by preset size; a lerobot folder is loaded as lerobot gives it (fp32)."""
-    if args.dtype != "auto":
-        return args.dtype
-    return "bf16" if args.model.endswith("-full") and not getattr(args, "lerobot", None) else "fp32"
-
-
 def cmd_quantize(args) -> int:
     from qvla_compiler import preflight
 
     # Every option is checked before the model is built: a bad path or name costs nothing.
     name = preflight.lerobot_source(args) if args.lerobot else preflight.model_name(args.model)
-    if args.lerobot and args.dtype != "auto":
-        from qvla_compiler.errors import UsageError
-
-        raise UsageError("--dtype sets how a --model preset is built; a --lerobot policy is quantized in the dtype "
-                         "lerobot loads it in: drop --dtype")
+    dtype = preflight.build_dtype(args)
     preflight.positive(args.calib_steps, "--calib-steps")
     recipe, plan = preflight.quantize_options(args)
-    recipe = _with_float_dtype(recipe, plan, args.float_dtype)
+    recipe = preflight.with_float_dtype(recipe, plan, args.float_dtype)
     out = None if args.no_save else preflight.output_file(args.out or f"{name}-{recipe.name}.pt2", "--out")
     if args.aot and out is None:
         from qvla_compiler.errors import UsageError
@@ -201,7 +190,7 @@ def cmd_quantize(args) -> int:
                                                highlight=False)) as log:
         qp = _quantize_and_save(args, name, recipe, plan, out, aot, console)
     summary = {**qp.report.summary(), "out": None if out is None else str(out),
-               "aot": None if aot is None else str(aot), "dtype": _build_dtype(args),
+               "aot": None if aot is None else str(aot), "dtype": dtype,
                "float_dtype": recipe.float_dtype,
                "seconds": round(time.perf_counter() - started, 1), "peak_rss_gb": log.peak_rss_gb,
                "phases": log.as_json()}
@@ -239,28 +228,17 @@ def _quantize_and_save(args, name, recipe, plan, out, aot, console):
     return qp
 
 
-def _with_float_dtype(recipe, plan, float_dtype):
-    """--float-dtype on the recipe; a plan fixes it (a different one is a PlanError, as for --layout)."""
-    if float_dtype is None or float_dtype == recipe.float_dtype:
-        return recipe
-    if plan is not None:
-        from qvla_compiler.plan import PlanError
-
-        raise PlanError(f"the plan was calibrated with float_dtype {recipe.float_dtype}, not {float_dtype}; drop "
-                        "--float-dtype, or re-run `qvla calibrate`")
-    return recipe.with_(float_dtype=float_dtype, name=f"{recipe.name}+{float_dtype}")
-
-
 def _build_policy(args):
     if args.lerobot:
         from qvla_compiler.integrations.lerobot import load_pretrained
 
         with contextlib.redirect_stdout(sys.stderr):  # lerobot prints notices; stdout is for the summary / JSON
             return load_pretrained(args.lerobot)
+    from qvla_compiler import preflight
     from qvla_compiler.models import build_policy
     from qvla_compiler.models.registry import BUILD_DTYPES
 
-    return build_policy(args.model, seed=args.seed, dtype=BUILD_DTYPES[_build_dtype(args)])
+    return build_policy(args.model, seed=args.seed, dtype=BUILD_DTYPES[preflight.build_dtype(args)])
 
 
 def cmd_calibrate(args) -> int:
@@ -276,7 +254,7 @@ def cmd_calibrate(args) -> int:
     preflight.output_dir(args.out, "--out")
     with PhaseLog() as log:
         with phase("build"):
-            policy = build_policy(args.model, seed=args.seed, dtype=BUILD_DTYPES[_build_dtype(args)])
+            policy = build_policy(args.model, seed=args.seed, dtype=BUILD_DTYPES[preflight.build_dtype(args)])
         plan = qvla_compiler.calibrate(policy, policy.example_inputs(), recipe=recipe, calib_steps=args.calib_steps,
                                        seed=args.seed, progress=not args.json, model_name=args.model)
         with phase("save"):

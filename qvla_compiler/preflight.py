@@ -102,3 +102,28 @@ def lerobot_source(args) -> str:
         raise UsageError("--outliers injects outliers into the built-in reference policies only; drop it with "
                          "--lerobot")
     return f"lerobot-{folder.name}"
+
+
+def build_dtype(args) -> str:
+    """--dtype, with auto resolved: bf16 for the -full presets (their fp32 build needs twice the memory), fp32
+    otherwise. A --lerobot policy is quantized in the dtype lerobot loads it in."""
+    if getattr(args, "lerobot", None):
+        if args.dtype != "auto":
+            raise UsageError("--dtype sets how a --model preset is built; a --lerobot policy is quantized in the dtype "
+                             "lerobot loads it in: drop --dtype")
+        return "fp32"
+    if args.dtype != "auto":
+        return args.dtype
+    return "bf16" if args.model.endswith("-full") else "fp32"
+
+
+def with_float_dtype(recipe, plan, float_dtype):
+    """--float-dtype on the recipe; a plan fixes it (a different one is a PlanError, as for --layout)."""
+    if float_dtype is None or float_dtype == recipe.float_dtype:
+        return recipe
+    if plan is not None:
+        from qvla_compiler.plan import PlanError
+
+        raise PlanError(f"the plan was calibrated with float_dtype {recipe.float_dtype}, not {float_dtype}; drop "
+                        "--float-dtype, or re-run `qvla calibrate`")
+    return recipe.with_(float_dtype=float_dtype, name=f"{recipe.name}+{float_dtype}")

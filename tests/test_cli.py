@@ -52,14 +52,18 @@ def test_inspect_reads_what_quantize_wrote(program):
 def test_build_dtype_auto_is_bf16_at_full_size_only():
     import argparse
 
-    from qvla_compiler.cli import _build_dtype
+    from qvla_compiler.errors import UsageError
+    from qvla_compiler.preflight import build_dtype
 
     def args(model, dtype="auto", lerobot=None):
         return argparse.Namespace(model=model, dtype=dtype, lerobot=lerobot)
 
-    assert [_build_dtype(args(m)) for m in ("pi05-full", "groot-full", "pi05-small", "groot-tiny")] == \
+    assert [build_dtype(args(m)) for m in ("pi05-full", "groot-full", "pi05-small", "groot-tiny")] == \
         ["bf16", "bf16", "fp32", "fp32"]
-    assert _build_dtype(args("pi05-full", "fp32")) == "fp32" and _build_dtype(args("pi05-tiny", "bf16")) == "bf16"
+    assert build_dtype(args("pi05-full", "fp32")) == "fp32" and build_dtype(args("pi05-tiny", "bf16")) == "bf16"
+    assert build_dtype(args("pi05-small", lerobot="folder")) == "fp32"
+    with pytest.raises(UsageError, match="drop --dtype"):
+        build_dtype(args("pi05-small", "bf16", lerobot="folder"))
 
 
 def test_errors_are_named_and_exit_2(tmp_path):
