@@ -257,12 +257,13 @@ def _capture(module, example_inputs, calib, calib_steps, seed, model_name, input
 
 def _capture_policy(policy, obs, calib, calib_steps, seed, model_name) -> _Captured:
     noise = policy.example_noise(next(iter(obs.values())).shape[0], seed=seed)
-    program = Program(capture_policy(policy, obs, noise), policy.schedule)
+    with phase("capture: export"):
+        program = Program(capture_policy(policy, obs, noise), policy.schedule)
     if calib is None:
         calib = policy.calibration_batches(calib_steps, seed=seed)
     if not callable(calib):
         calib = with_noise(calib, tuple(noise.shape[1:]), seed)
-    with torch.no_grad(), fp32_products(policy):
+    with phase("capture: float reference"), torch.no_grad(), fp32_products(policy):
         ref = policy.sample_actions(*(obs[k] for k in OBS_KEYS), noise=noise)
     example = widen_batch((*(obs[k] for k in OBS_KEYS), noise))  # what save re-exports with: batch >= 2
     return _Captured(program, model_name or type(policy).__name__, calib, calib_steps, ref, (obs, noise), example,
