@@ -207,7 +207,8 @@ def _quantize_and_save(args, name, recipe, plan, out, aot, console):
 
     with phase("build"), console.status(f"building {name}", spinner="dots"):
         policy = _build_policy(args)
-    console.log(f"built {name}; capturing, calibrating ({args.calib_steps} batches) and lowering")
+    # print, not log: rich's log reads this frame's f_locals, a snapshot that would keep `policy` alive after the del
+    console.print(f"built {name}; capturing, calibrating ({args.calib_steps} batches) and lowering", highlight=False)
     if args.lerobot and plan is None:
         recipe = policy.recipe(recipe)  # the few name overrides a lerobot architecture needs, if any
     if args.outliers:

@@ -92,3 +92,31 @@ def test_a_signal_mid_compile_prints_one_line_and_leaves_no_file(sig, code, word
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == f"qvla: {word} ({sig.name}); nothing was written"
     assert not out.exists() and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_the_float_policy_is_freed_before_saving(monkeypatch, tmp_path, capsys):
+    """At full size the float policy is gigabytes; `qvla quantize` drops it before writing the program. (A rich
+    console.log in that frame once kept it alive after the `del`, through the f_locals snapshot it reads.)"""
+    import gc
+    import weakref
+
+    import qvla_compiler
+    from qvla_compiler import api, cli
+
+    policies, alive_at_save = [], []
+    quantize = qvla_compiler.quantize
+
+    def spy(policy, *args, **kwargs):
+        policies.append(weakref.ref(policy))
+        return quantize(policy, *args, **kwargs)
+
+    def save(self, path):
+        gc.collect()
+        alive_at_save.append(policies[0]() is not None)
+        return path
+
+    monkeypatch.setattr(qvla_compiler, "quantize", spy)
+    monkeypatch.setattr(api.QuantizedProgram, "save", save)
+    assert cli.main(["quantize", "--model", "pi05-tiny", "--recipe", "w8a8", "--calib-steps", "1",
+                     "--out", str(tmp_path / "p.pt2"), "--json"]) == 0
+    assert alive_at_save == [False]
