@@ -31,19 +31,23 @@ def test_quantized_actions_stay_close(name, recipe, max_rel):
                for r in qp.report.linears if r.bits != "float")
 
 
-@pytest.mark.parametrize("name, recipe", [("pi05-tiny", "quantvla-w4a8"), ("groot-tiny", "omega-w4a4")])
-def test_a_bf16_policy_quantizes_as_well_as_fp32_and_stays_bf16(name, recipe, tmp_path):
-    """Full-size policies are built in bf16 (qvla quantize --dtype auto). Rotations, smoothing, GPTQ and ATM/OHB on a
-    bf16 policy give the fidelity of the fp32 build (each against its own float actions), the program holds no fp32
-    copy of a weight, and it saves and loads bit-identically."""
+@pytest.mark.parametrize("name, recipe, fp32_rel", [("pi05-tiny", "quantvla-w4a8", None),
+                                                     ("groot-tiny", "omega-w4a4", 0.0985)])
+def test_a_bf16_policy_quantizes_as_well_as_fp32_and_stays_bf16(name, recipe, fp32_rel, tmp_path):
+    """Full-size policies are built in bf16 (qvla quantize --dtype auto). DuQuant with ATM/OHB (pi05) and
+    SVD·Hadamard with GPTQ at W4A4 (groot) on a bf16 policy give the fidelity of the fp32 build, each against its
+    own float actions (pi05: measured here; groot: its fp32 build's, 0.0985 on 2026-12-05, to save a compile), the
+    program holds no fp32 copy of a weight, and it saves and loads bit-identically."""
     from qvla_compiler.models import build_policy
 
-    rel = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    def quantize(dtype):
         policy = build_policy(name, dtype=dtype)
         qp = qvla_compiler.quantize(policy, policy.example_inputs(), recipe=recipe, calib_steps=2, progress=False)
-        rel[dtype] = qp.report.action_rel_l2
-    assert 0 < rel[torch.bfloat16] < 1.25 * rel[torch.float32] + 0.01, rel
+        return policy, qp
+
+    fp32_rel = fp32_rel or quantize(torch.float32)[1].report.action_rel_l2
+    policy, qp = quantize(torch.bfloat16)
+    assert 0 < qp.report.action_rel_l2 < 1.25 * fp32_rel + 0.01, (qp.report.action_rel_l2, fp32_rel)
     tensors = [t for gm in qp.program.graphs.values() for t in (*gm.parameters(), *gm.buffers())]
     assert any(t.dtype == torch.bfloat16 for t in tensors) and any(t.dtype == torch.int8 for t in tensors)
     assert not [tuple(t.shape) for t in tensors if t.dtype == torch.float32 and t.numel() > 4096]  # scales only

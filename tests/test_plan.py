@@ -90,7 +90,8 @@ def test_cli_calibrate_then_quantize_with_plan(tmp_path):
     summary = json.loads(res.stdout)
     assert summary["quantized"] == 20 and summary["modules"] == 50
     # each phase is listed when it ends, so calibrate's own steps come before it
-    assert [p["name"] for p in summary["phases"]] == ["build", "capture", "calibrate: observe",
+    assert [p["name"] for p in summary["phases"]] == ["build", "capture: export", "capture: float reference",
+                                                      "capture", "calibrate: observe",
                                                       "calibrate: quantize weights", "calibrate", "save"]
     res = subprocess.run([*run, "quantize", "--model", "pi05-tiny", "--plan", str(tmp_path / "plan"), "--out",
                           str(tmp_path / "p.pt2"), "--json"], capture_output=True, text=True, timeout=600)

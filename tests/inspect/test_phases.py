@@ -63,7 +63,7 @@ def test_a_phase_hands_the_heap_pages_it_freed_back_to_the_os():
     from qvla_compiler.inspect.phases import rss_gb
 
     kept, freed = [], []
-    with phase("fragments the heap"):
+    with PhaseLog(), phase("fragments the heap"):
         for _ in range(2400):  # 240 MB in 100 kB blocks (under glibc's smallest mmap threshold, so on the heap),
             freed.append(torch.ones(25_000))  # each followed by one that stays: the heap cannot shrink from its top
             kept.append(torch.ones(16))
