@@ -86,9 +86,9 @@ def release_free_heap() -> bool:
     False where there is no such call.
 
     Why at every recorded phase end (a compile run with a PhaseLog, as `qvla quantize`; ~0.2 s each, mostly the
-    collector, too much for the many small compiles of a test run): a dropped GraphModule (the calibration fork, with its observers and integer copies) is a
-    reference cycle, so its tensors live until the cyclic collector happens to run; and tensors under glibc's mmap
-    threshold live on the heap, whose freed pages stay resident. Together 1.6 GB after calibrating groot-full
+    collector, too much for the many small compiles of a test run): a dropped GraphModule (the calibration fork, with
+    its observers and integer copies) is a reference cycle, so its tensors live until the cyclic collector happens to
+    run; and tensors under glibc's mmap threshold live on the heap, whose freed pages stay resident. Together 1.6 GB after calibrating groot-full
     (benchmarks/RESULTS.md §14c) that later phases stacked their own allocations on."""
     gc.collect()
     trim = getattr(_libc(), "malloc_trim", None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from qvla_compiler.errors import ModelNotFoundError
+from qvla_compiler.errors import ModelNotFoundError, UsageError
 from qvla_compiler.models.common import FlowPolicy, VisionConfig
 from qvla_compiler.models.groot import GrootConfig, GrootPolicy
 from qvla_compiler.models.pi05 import Pi05Config, Pi05Policy
@@ -99,7 +99,8 @@ def build_policy(name: str, seed: int = 0, pretrained: bool = True, dtype: torch
     """
     config = get_config(name)
     if dtype not in BUILD_DTYPES.values():
-        raise ValueError(f"build_policy: dtype must be one of {', '.join(map(str, BUILD_DTYPES.values()))}, got {dtype}")
+        raise UsageError(f"build_policy: dtype must be torch.float32 or torch.bfloat16 (qvla --dtype fp32 / bf16), "
+                         f"got {dtype}")
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

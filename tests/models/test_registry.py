@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qvla_compiler.errors import ModelNotFoundError, QvlaError
+from qvla_compiler.errors import ModelNotFoundError, QvlaError, UsageError
 from qvla_compiler.models import MODEL_NAMES, FlowSchedule, GrootPolicy, Pi05Policy, build_policy, get_config
 
 
@@ -53,7 +53,7 @@ def test_a_bf16_build_holds_only_bf16_and_takes_fp32_observations(name):
 
 
 def test_build_dtype_is_checked():
-    with pytest.raises(ValueError, match="dtype must be one of"):
+    with pytest.raises(UsageError, match="dtype must be torch.float32 or torch.bfloat16"):
         build_policy("pi05-tiny", dtype=torch.float16)
 
 
