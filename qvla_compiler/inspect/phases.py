@@ -88,8 +88,9 @@ def release_free_heap() -> bool:
     Why at every recorded phase end (a compile run with a PhaseLog, as `qvla quantize`; ~0.2 s each, mostly the
     collector, too much for the many small compiles of a test run): a dropped GraphModule (the calibration fork, with
     its observers and integer copies) is a reference cycle, so its tensors live until the cyclic collector happens to
-    run; and tensors under glibc's mmap threshold live on the heap, whose freed pages stay resident. Together 1.6 GB after calibrating groot-full
-    (benchmarks/RESULTS.md §14c) that later phases stacked their own allocations on."""
+    run; and tensors under glibc's mmap threshold live on the heap, whose freed pages stay resident. On groot-full,
+    calibrate ended at 5.82 GB resident before this and the plan's sharing of the fork's tensors, 4.70 GB after
+    (benchmarks/RESULTS.md §14c)."""
     gc.collect()
     trim = getattr(_libc(), "malloc_trim", None)
     if trim is None:
