@@ -142,7 +142,8 @@ def _runnable(module: nn.Module, compiled: bool | None) -> nn.Module:
 def quantize(module: nn.Module, example_inputs: Any, calib: Iterable | Any = None,
              recipe: str | QuantRecipe | None = None, *, layout: str | None = None, calib_steps: int = 8,
              seed: int = 0, progress: bool = True, model_name: str | None = None,
-             dump_dir: str | None = None, plan=None, input_roles: dict[str, str] | None = None) -> QuantizedProgram:
+             dump_dir: str | None = None, plan=None, input_roles: dict[str, str] | None = None,
+             consume: bool = False) -> QuantizedProgram:
     """Quantize a VLA policy (qvla_compiler.protocol.VLAPolicy: embed_prefix, denoise_step, schedule, …) or a
     plain module.
 
@@ -162,6 +163,9 @@ def quantize(module: nn.Module, example_inputs: Any, calib: Iterable | Any = Non
     quantize = apply(calibrate(...)): with `plan` (a QuantPlan or a plan folder from `calibrate` / `qvla calibrate`)
     calibration is skipped and the plan is applied as it is; its recipe is the one compiled (`recipe` defaults to
     "quantvla-w8a8", or to the plan's; a different recipe or layout beside a plan is a PlanError).
+    `consume=True` gives the module's float weights of integer linears up to the compile: calibration releases each
+    one as soon as its integer copy exists, so the compile's peak memory stays near the float model's; the module
+    cannot run afterwards (using a released weight raises ConsumedWeightError). `qvla quantize` compiles this way.
     """
     recipe, plan = _recipe_and_plan(recipe, layout, plan)
     with phase("capture"):
@@ -169,22 +173,22 @@ def quantize(module: nn.Module, example_inputs: Any, calib: Iterable | Any = Non
                           need_calib=plan is None)
     if plan is None:
         with phase("calibrate"):
-            plan = target.calibrate(recipe, progress)
+            plan = target.calibrate(recipe, progress, consume)
     return target.apply(plan, dump_dir)
 
 
 def calibrate(module: nn.Module, example_inputs: Any, calib: Iterable | Any = None,
               recipe: str | QuantRecipe | None = None, *, layout: str | None = None, calib_steps: int = 8,
               seed: int = 0, progress: bool = True, model_name: str | None = None,
-              input_roles: dict[str, str] | None = None) -> "QuantPlan":
+              input_roles: dict[str, str] | None = None, consume: bool = False) -> "QuantPlan":
     """Calibrate once, compile many times: every decision and tensor `quantize` would use, as a QuantPlan (save it
     with `.save(folder)`; `quantize(..., plan=folder)`, `qvla quantize --plan` and `torch.compile(...,
-    backend="qvla", options={"plan": folder})` apply it without data). Arguments as for `quantize`."""
+    backend="qvla", options={"plan": folder})` apply it without data). Arguments (consume too) as for `quantize`."""
     recipe = resolve_recipe(recipe or DEFAULT_RECIPE, layout)
     with phase("capture"):
         target = _capture(module, example_inputs, calib, calib_steps, seed, model_name, input_roles)
     with phase("calibrate"):
-        return target.calibrate(recipe, progress)
+        return target.calibrate(recipe, progress, consume)
 
 
 def _recipe_and_plan(recipe, layout, plan):
@@ -217,12 +221,12 @@ class _Captured:
     example_args: tuple  # what save() exports with
     policy: Any = None  # for the ATM style ("auto": GR00T-style for GR00T policies)
 
-    def calibrate(self, recipe: QuantRecipe, progress: bool):
+    def calibrate(self, recipe: QuantRecipe, progress: bool, consume: bool = False):
         if self.calib is None:
             raise CalibrationError("a plain module needs calibration data: pass calib=[args_tuple, ...]")
         return pipeline.calibrate(self.program, recipe, self.calib, model=self.name,
                                   atm_style=calibration.resolve_style(recipe, self.policy),
-                                  total=self.calib_total, progress=progress)
+                                  total=self.calib_total, progress=progress, consume=consume)
 
     def apply(self, plan, dump_dir: str | None) -> QuantizedProgram:
         with phase("apply"):

@@ -217,8 +217,8 @@ def _quantize_and_save(args, name, recipe, plan, out, aot, console):
         inject_outliers(policy)
     qp = qvla_compiler.quantize(policy, policy.example_inputs(), recipe=recipe, calib_steps=args.calib_steps,
                                 seed=args.seed, progress=not args.json, model_name=name,
-                                dump_dir=args.dump_dir, plan=plan)
-    del policy  # the program holds what it needs; the float weights of its integer linears go now, before saving
+                                dump_dir=args.dump_dir, plan=plan, consume=True)
+    del policy  # calibration released the float weights of the integer linears (consume); the rest goes before save
     if out is not None:
         with phase("save"), console.status(f"saving {out}", spinner="dots"):
             qp.save(out)
@@ -257,7 +257,7 @@ def cmd_calibrate(args) -> int:
         with phase("build"):
             policy = build_policy(args.model, seed=args.seed, dtype=BUILD_DTYPES[preflight.build_dtype(args)])
         plan = qvla_compiler.calibrate(policy, policy.example_inputs(), recipe=recipe, calib_steps=args.calib_steps,
-                                       seed=args.seed, progress=not args.json, model_name=args.model)
+                                       seed=args.seed, progress=not args.json, model_name=args.model, consume=True)
         with phase("save"):
             out = str(plan.save(args.out))
     summary = {"out": out, "model": args.model, "recipe": recipe.name, "modules": len(plan.modules),

@@ -20,7 +20,7 @@ from qvla_compiler.inspect.phases import phase
 from qvla_compiler.inspect.report import LinearReport, linear_reports, param_bytes, planned_sqnr
 from qvla_compiler.inspect.trace import trace_phase
 from qvla_compiler.lowering import cast_float_linears, lower_linears
-from qvla_compiler.passes import (apply_layout, apply_plan, assign_regions, check_accumulator_bounds, check_schedule,
+from qvla_compiler.passes import (FloatWeightRelease, apply_layout, apply_plan, assign_regions, check_accumulator_bounds, check_schedule,
                                   classify_linears, fit_transforms, fold_attention_scales, insert_observers,
                                   keep_unquantizable_float, linear_fingerprints, load_plan_tensors, needs_rotation,
                                   quantize_linears, record_plan, record_schedule, remove_observers, reset_observers,
@@ -31,8 +31,9 @@ from qvla_compiler.quant.step_scales import step_bounds
 
 
 def calibrate(program: Program, recipe, calib, *, model: str, atm_style=None, total: int | None = None,
-              progress: bool = True) -> QuantPlan:
-    """Every decision and tensor for `program` under `recipe`, fitted on `calib`; `program` itself is not changed."""
+              progress: bool = True, consume: bool = False) -> QuantPlan:
+    """Every decision and tensor for `program` under `recipe`, fitted on `calib`; `program`'s graphs are not changed
+    (`consume`: its float weights of integer linears are released as their integer copies are made, released.py)."""
     if recipe.needs_bit_allocation:  # layout "auto": a weight width per linear, from its measured action error
         calib = cal.collect_batches(calib)
         recipe = cal.choose_weight_bits(program, recipe, calib, progress=progress)
@@ -57,8 +58,9 @@ def calibrate(program: Program, recipe, calib, *, model: str, atm_style=None, to
             cal.run_calibration(work, batches, total=total, progress=progress)
     bounds = step_bounds(program.schedule.timesteps) if program.schedule and recipe.act_mode == "per_step" else None
     with phase("calibrate: quantize weights"):
+        release = FloatWeightRelease(work.graphs.values()) if consume else None
         for gm in work.graphs.values():
-            quantize_linears(gm, recipe.weight_method, bounds, progress)
+            quantize_linears(gm, recipe.weight_method, bounds, progress, release)
     rows = [row for name, gm in work.graphs.items() for row in linear_reports(name, gm)]
     plan = record_plan(work.graphs, recipe, model, fingerprints, rows, bounds)
     if teacher is not None:

@@ -15,8 +15,9 @@ from qvla_compiler.lowering.lower_linears import LOWERINGS
 from qvla_compiler.meta import STEP_BOUNDS
 from qvla_compiler.passes import _graph as g
 from qvla_compiler.passes.insert_observers import observer_of
-from qvla_compiler.passes.quantize_linears import KEPT_FLOAT, _fetch
+from qvla_compiler.passes.quantize_linears import KEPT_FLOAT, SITE_SQNR, _fetch
 from qvla_compiler.quant.step_scales import bucket_of
+from qvla_compiler.released import storage_key
 
 BF16 = 2
 
@@ -131,7 +132,7 @@ def quant_bytes(info, k: int, n: int, has_bias: bool) -> int:
 
 
 def linear_reports(name: str, gm: fx.GraphModule) -> list[LinearReport]:
-    """Per-linear rows for one graph; call while observers (with their input samples) are still in place.
+    """Per-linear rows for one graph; integer rows carry the SQNR quantize_linears measured.
     Every call site gets a row; a weight read by several call sites has its bytes counted on the first one."""
     rows, readers = [], {}
     for node in g.linear_nodes(gm):
@@ -141,7 +142,7 @@ def linear_reports(name: str, gm: fx.GraphModule) -> list[LinearReport]:
         quant, sqnr = BF16 * params, None
         if info.is_quantized:
             quant = quant_bytes(info, info.in_features, info.out_features, bias is not None)
-            sqnr = _linear_sqnr(gm, node)
+            sqnr = node.meta.get(SITE_SQNR)  # measured by quantize_linears, while the float weight existed
         site = readers.setdefault(_weight_identity(node), [])
         site.append(node)
         kept = node.meta.get(KEPT_FLOAT)
@@ -207,7 +208,7 @@ def collect_warnings(rows, layout: str, is_policy: bool) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _linear_sqnr(gm: fx.GraphModule, node: fx.Node) -> float | None:
+def site_sqnr(gm: fx.GraphModule, node: fx.Node) -> float | None:
     """Output SQNR of the integer linear vs float on the observer's calibration sample."""
     obs = observer_of(node, gm)
     if obs is None or obs.sample is None or node.meta.get("qvla_tensors") is None:
@@ -240,5 +241,5 @@ def param_bytes(graphs) -> int:
             if node.op == "get_attr":
                 t = _fetch(gm, node)
                 if isinstance(t, torch.Tensor) and t.is_floating_point():
-                    seen[t.untyped_storage().data_ptr()] = BF16 * t.numel()
+                    seen[storage_key(t)] = BF16 * t.numel()
     return sum(seen.values())

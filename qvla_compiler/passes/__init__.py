@@ -11,12 +11,13 @@ from qvla_compiler.passes.insert_observers import insert_observers, remove_obser
 from qvla_compiler.passes.load_plan_tensors import load_plan_tensors
 from qvla_compiler.passes.normalize_graph import normalize_graph
 from qvla_compiler.passes.observe_attention import observe_attention, remove_attention_observers
-from qvla_compiler.passes.quantize_linears import keep_unquantizable_float, quantize_linears
+from qvla_compiler.passes.quantize_linears import (FloatWeightRelease, keep_unquantizable_float,
+                                                      quantize_linears)
 from qvla_compiler.passes.record_plan import linear_fingerprints, record_plan
 from qvla_compiler.passes.rotate_and_smooth import fit_transforms, needs_rotation, rotate_and_smooth
 from qvla_compiler.passes.rotate_common import reset_observers, track_hessians
 
-__all__ = ["apply_layout", "apply_plan", "assign_regions", "check_accumulator_bounds", "check_schedule",
+__all__ = ["FloatWeightRelease", "apply_layout", "apply_plan", "assign_regions", "check_accumulator_bounds", "check_schedule",
            "classify_linears", "find_attention_cores", "fit_transforms", "fold_attention_scales",
            "fold_computed_weights", "insert_observers", "keep_unquantizable_float", "linear_fingerprints",
            "load_plan_tensors", "needs_rotation", "normalize_graph", "observe_attention", "quantize_linears",

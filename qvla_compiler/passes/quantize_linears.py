@@ -11,6 +11,9 @@ Decides first: a linear whose weight or bias is computed from graph inputs (not 
         node.meta[KEPT_FLOAT] and reported.
 Weights: round to nearest (absmax or MSE clip), or GPTQ (`weight_method="gptq"`) on the input Hessian the observer
         accumulated; the integer format is the same.
+Measures each integer call site's output SQNR on its observer's sample (node.meta[SITE_SQNR]) while the float weight
+        still exists: in consume mode (a FloatWeightRelease) each float weight is released as soon as every integer
+        call site reading it, in any graph of the program, has its integer copy.
 Invariant: dequantize_weight(tensors) reproduces W up to the quantization grid; a weight is quantized once.
 """
 from __future__ import annotations
@@ -29,10 +32,12 @@ from qvla_compiler.passes import _graph as g
 from qvla_compiler.passes.insert_observers import observer_of
 from qvla_compiler.quant.gptq import gptq_quantize
 from qvla_compiler.quant.quantizers import quantize_weight
+from qvla_compiler.released import release, storage_key
 
 STATIC_MODES = ("static", "per_step")  # activation modes whose scales come from calibration
 STATIC_PERCENTILE = 99.9  # of per-token absmax: one outlier token does not set the whole tensor's scale
 KEPT_FLOAT = "qvla_kept_float"
+SITE_SQNR = "qvla_sqnr_db"  # node.meta: float | None, the integer call site's output SQNR on its sample
 GPTQ_OPTIONS = dict(clip="mse", refit_scales=True, damp=0.01)  # see _quantize_weight
 
 
@@ -57,9 +62,10 @@ class KeptFloat:
 
 
 def quantize_linears(gm: fx.GraphModule, weight_method: str = "rtn", step_bounds: torch.Tensor | None = None,
-                     progress: bool = False) -> fx.GraphModule:
+                     progress: bool = False, release: FloatWeightRelease | None = None) -> fx.GraphModule:
     """`step_bounds`: the flow-step buckets (quant/step_scales.py) for act_mode "per_step"; `progress`: a bar over
-    the integer linears (GPTQ takes minutes at full size)."""
+    the integer linears (GPTQ takes minutes at full size); `release`: free float weights as they are done with."""
+    from qvla_compiler.inspect.report import site_sqnr  # here: the report imports this module
     keep_unquantizable_float(gm)
     weights: dict[tuple, tuple[str, torch.Tensor]] = {}  # (weight target, weight spec) → (buffer base, fp32 scale)
     scales: dict[tuple, str] = {}  # (weight target, weight spec, out_scale) → dequant scale buffer
@@ -86,7 +92,50 @@ def quantize_linears(gm: fx.GraphModule, weight_method: str = "rtn", step_bounds
             if scale.numel() > 1 and not hasattr(gm, STEP_BOUNDS):  # a per-step table: its buckets, once per graph
                 gm.register_buffer(STEP_BOUNDS, step_bounds.clone())
         node.meta["qvla_tensors"] = QuantTensors(base + "_wq", scales[(*key, info.out_scale)], act)
+        node.meta[SITE_SQNR] = site_sqnr(gm, node)
+        if release is not None:
+            release.site_done(gm, node)
     return gm
+
+
+class FloatWeightRelease:
+    """Consume mode's bookkeeping over all graphs of a program: a float weight read only as the weight of integer
+    call sites is released (released.py) once the last of them is quantized, so the float and integer copies of
+    the model never coexist. A weight anything else reads (a float linear, the embedding lookup of a tied weight,
+    a graph output) is kept."""
+
+    def __init__(self, graphs):
+        self.pending: dict[int, int] = {}  # storage → integer call sites not yet quantized
+        self.tensors: dict[int, dict[int, torch.Tensor]] = {}  # storage → every tensor object over it
+        kept = set()
+        for gm in graphs:
+            for node in gm.graph.nodes:
+                t = _fetch(gm, node) if node.op == "get_attr" else None
+                if not isinstance(t, torch.Tensor):
+                    continue
+                key = storage_key(t)
+                self.tensors.setdefault(key, {})[id(t)] = t
+                for user in node.users:
+                    if _is_integer_weight_read(user, node):
+                        self.pending[key] = self.pending.get(key, 0) + 1
+                    else:
+                        kept.add(key)
+        for key in kept:
+            self.pending.pop(key, None)
+
+    def site_done(self, gm: fx.GraphModule, node: fx.Node) -> None:
+        key = storage_key(_fetch(gm, node.args[1]))
+        if key in self.pending:
+            self.pending[key] -= 1
+            if not self.pending[key]:
+                del self.pending[key]
+                for t in self.tensors.pop(key).values():
+                    release(t)
+
+
+def _is_integer_weight_read(user: fx.Node, attr: fx.Node) -> bool:
+    return (g.is_linear(user) and user.meta["qvla"].is_quantized and user.args[1] is attr
+            and sum(a is attr for a in (*user.args, *user.kwargs.values())) == 1)
 
 
 def _act_scale(observer, spec, step_bounds: torch.Tensor | None) -> torch.Tensor | None:

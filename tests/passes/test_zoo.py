@@ -1,11 +1,13 @@
 """The architecture zoo: structure (normalize_graph → classify_linears → assign_regions) agrees with module names on
 every linear of every zoo model, and normalisation changes no value."""
+import copy
 import dataclasses
 from typing import Callable
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from qvla_compiler.export import INPUTS_KEY, InputRoleError, capture_module
 from qvla_compiler.meta import Region, Role
@@ -13,8 +15,10 @@ from qvla_compiler.passes import _graph as g
 from qvla_compiler.passes import apply_layout, assign_regions, classify_linears, fold_computed_weights
 from qvla_compiler.passes.normalize_graph import normalize_graph
 from qvla_compiler.recipes import resolve_recipe
+from qvla_compiler.released import ConsumedWeightError
 import qvla_compiler
 import zoo_models as zm
+from test_released import released_names
 from zoo_models import B, H, T, W
 
 
@@ -185,3 +189,23 @@ def test_zoo_quantizes_end_to_end(name):
     want = sum(truth(case, truth_name(n)) [::-1] in pairs for n in g.linear_nodes(analysed(case)))
     layout = qvla_compiler.quantize(module, args, calib, "w8a8", progress=False, input_roles=case.input_roles)
     assert sum(r.bits != "float" for r in layout.report.linears) == want
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_consuming_a_zoo_module_gives_the_same_program_and_releases_only_integer_weights(name):
+    case = ZOO[name]
+    torch.manual_seed(0)
+    kept, args, calib = case.build().eval(), case.inputs(), [case.inputs() for _ in range(2)]
+    consumed = copy.deepcopy(kept)
+    a = qvla_compiler.quantize(kept, args, calib, "w8a8", layout="all", progress=False, input_roles=case.input_roles)
+    b = qvla_compiler.quantize(consumed, args, calib, "w8a8", layout="all", progress=False,
+                               input_roles=case.input_roles, consume=True)
+    assert a.report.linears == b.report.linears  # every row, its SQNR included (measured before the release)
+    assert all(torch.equal(x, y) for x, y in zip(tree_leaves(a.module()(*args)), tree_leaves(b.module()(*args))))
+    released = released_names(consumed)
+    assert not released_names(kept)
+    assert released, "an all-integer compile released nothing"
+    if name == "tied_weights":  # the LM head's weight is the embedding table, which stays float: never released
+        assert "embed_tokens.weight" not in released and "lm_head.weight" not in released
+    with pytest.raises(ConsumedWeightError):
+        consumed(*args)

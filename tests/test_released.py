@@ -1,0 +1,46 @@
+"""Consuming compiles (quantize(..., consume=True)): the same program as a keeping compile, bit for bit, with the
+float weights of the integer linears released during calibration and nothing else released."""
+import pytest
+import torch
+
+import qvla_compiler
+from qvla_compiler.models import build_policy
+from qvla_compiler.released import ConsumedWeightError, ReleasedWeight, is_released, release, storage_key
+
+
+def test_a_released_weight_keeps_its_shape_and_raises_a_named_error_on_use():
+    lin = torch.nn.Linear(8, 4)
+    release(lin.weight)
+    assert is_released(lin.weight)
+    assert lin.weight.shape == (4, 8) and lin.weight.dtype == torch.float32
+    assert storage_key(lin.weight) == id(lin.weight)
+    with pytest.raises(ConsumedWeightError, match="consume=True"):
+        lin(torch.randn(2, 8))
+    assert "ReleasedWeight([4, 8]" in repr(lin.weight) and isinstance(lin.weight, ReleasedWeight)
+
+
+def released_names(module) -> list[str]:
+    return sorted(name for name, t in (*module.named_parameters(), *module.named_buffers()) if is_released(t))
+
+
+@pytest.mark.parametrize("model,recipe,releases", [("pi05-tiny", "w8a8", True),
+                                                   ("groot-tiny", "quantvla-w4a8+gptq", False)])
+def test_a_consuming_policy_compile_matches_the_keeping_one(model, recipe, releases):
+    """Also a rotation recipe with ATM/OHB (its student applies the plan to the captured program) and GPTQ. Under a
+    rotation the calibration fork quantizes rotated copies, so those are what is released; the policy keeps its
+    weights (the plan's rotations are applied to them again when the program is built)."""
+    kept, consumed = build_policy(model, seed=0), build_policy(model, seed=0)
+    obs, calib = kept.example_inputs(), list(kept.calibration_batches(2))
+    a = qvla_compiler.quantize(kept, obs, calib, recipe, progress=False)
+    b = qvla_compiler.quantize(consumed, obs, calib, recipe, progress=False, consume=True)
+    assert a.report.linears == b.report.linears and a.report.attention_scales == b.report.attention_scales
+    run = (*(obs[k] for k in ("images", "tokens", "token_mask", "state")), kept.example_noise(obs["state"].shape[0]))
+    assert torch.equal(a.module()(*run), b.module()(*run))
+    tensors_a, tensors_b = _plan_tensors(a.quant_plan), _plan_tensors(b.quant_plan)
+    assert tensors_a.keys() == tensors_b.keys()
+    assert all(torch.equal(t, tensors_b[k]) for k, t in tensors_a.items())
+    assert bool(released_names(consumed)) == releases and not released_names(kept)
+
+
+def _plan_tensors(plan):
+    return {(path, key): t for path, entry in plan.modules.items() for key, t in entry.tensors.items()}
