@@ -8,7 +8,7 @@ assignment reads. A model that will not export raises ExportError naming the mod
 from __future__ import annotations
 
 import inspect
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -57,7 +57,7 @@ def capture_policy(policy: nn.Module, obs: dict[str, torch.Tensor], noise: torch
     """{"prefix": GraphModule, "denoise": GraphModule} for a policy with embed_prefix / denoise_step."""
     obs, noise = widen_batch((obs, noise))
     args = tuple(obs[k] for k in OBS_KEYS)
-    prefix_out = _prefix_example(policy, args)
+    prefix_out = example_outputs(policy.embed_prefix, args)
     batch = _batch_dim()
     t = torch.full((noise.shape[0],), float(policy.schedule.timesteps[0]), device=noise.device)
     prefix = export_graph(PrefixStep(policy), args, tuple({0: batch} for _ in args),
@@ -69,16 +69,17 @@ def capture_policy(policy: nn.Module, obs: dict[str, torch.Tensor], noise: torch
     return {"prefix": prefix, "denoise": denoise}
 
 
-def _prefix_example(policy: nn.Module, args: tuple) -> tuple[torch.Tensor, ...]:
-    """Example inputs for exporting the denoise step: zeros shaped like embed_prefix's outputs (export reads shapes
-    and dtypes, not values). The shapes come from a run on fake tensors, which computes nothing: running the prefix
-    for real took 140 s of pi05-full's capture on 2 cores. A policy the fake run cannot take runs for real."""
+def example_outputs(fn: Callable[..., Any], args: tuple, real_run: Callable[[], Any] | None = None) -> tuple:
+    """Zeros shaped like `fn(*args)`'s outputs (a tuple of tensors), as example inputs for exporting the next graph:
+    export reads shapes and dtypes, not values. The shapes come from a run on fake tensors, which computes nothing:
+    running pi05-full's prefix for real took 140 s of its capture on 2 cores. If the fake run fails (an op without a
+    fake kernel), the real run gives them: `real_run()`, or `fn(*args)`."""
     with torch.no_grad():
         try:
-            with FakeTensorMode(allow_non_fake_inputs=True):
-                fake = tuple(policy.embed_prefix(*args))
-        except Exception:  # noqa: BLE001 — e.g. an op without a fake kernel: the real run is always right
-            return tuple(policy.embed_prefix(*args))
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # parameters are converted as ops meet them
+                fake = tuple(fn(*torch.utils._pytree.tree_map_only(torch.Tensor, mode.from_tensor, args)))
+        except Exception:  # noqa: BLE001 — the real run is always right, only slower
+            return tuple(real_run() if real_run is not None else fn(*args))
     return tuple(torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in fake)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import warnings
 from typing import Any, Iterable, Iterator
 
@@ -17,7 +18,7 @@ from torch import nn
 from torch.export import Dim
 
 from qvla_compiler.errors import CalibrationError
-from qvla_compiler.export import OBS_KEYS
+from qvla_compiler.export import OBS_KEYS, example_outputs
 from qvla_compiler.kernels.bf16_gemms import fp32_products
 from qvla_compiler.kernels.cpu_gemm import uncached_weights
 from qvla_compiler.models.sampling import FlowSchedule, euler_sample
@@ -88,9 +89,7 @@ class Program:
             if not self.is_policy:
                 return {"model": torch.export.export(self.graphs["forward"], tuple(example_args), strict=False)}
             *obs, noise = example_args
-            # one eager call for the denoise inputs; caching would keep an fp32 copy of the backbone's integer weights
-            with uncached_weights(), fp32_products(self.graphs["prefix"]):  # (RESULTS §14b)
-                prefix = tuple(self.graphs["prefix"](*obs))
+            prefix = example_outputs(self.graphs["prefix"], tuple(obs), functools.partial(self._run_prefix, obs))
             t = torch.full((noise.shape[0],), self.schedule.timesteps[0], dtype=noise.dtype, device=noise.device)
             batch = Dim("batch", min=1, max=1024)
             shapes = (tuple({0: batch} for _ in prefix), {0: batch}, {0: batch})  # what euler_sample feeds
@@ -98,6 +97,11 @@ class Program:
                                                   dynamic_shapes=tuple({0: batch} for _ in obs)),
                     "denoise": torch.export.export(self.graphs["denoise"], (prefix, noise, t), strict=False,
                                                    dynamic_shapes=shapes)}
+
+    def _run_prefix(self, obs) -> tuple:
+        # uncached: the CPU weight cache would keep an fp32 copy of the backbone's integer weights (RESULTS §14b)
+        with torch.no_grad(), uncached_weights(), fp32_products(self.graphs["prefix"]):
+            return tuple(self.graphs["prefix"](*obs))
 
 
 class PolicyProgram(nn.Module):
