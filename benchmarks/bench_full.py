@@ -6,6 +6,10 @@ reset at the start of each phase). The peak is set beside the policy's bf16 byte
 
     python benchmarks/bench_full.py --models groot-full --recipes w8a8 --calib-steps 1
     python benchmarks/bench_full.py --models pi05-full groot-full --recipes w8a8 w4a8 --save   # writes and deletes .pt2
+    python benchmarks/bench_full.py --models groot-full --recipes w4a8 --save --run-loaded      # + load and run it
+
+`--run-loaded` loads each written .pt2 in a third fresh process, as a user would (`qvla_compiler.load`), and runs one
+`sample_actions` at batch 1 on the example observation saved in it: load time, run time and that process's peak RSS.
 """
 from __future__ import annotations
 
@@ -23,8 +27,39 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_one(model: str, recipe: str, calib_steps: int, save: bool, dtype: str = "auto") -> dict:
-    """One `qvla quantize --json` in its own process; its JSON summary plus the wall time seen from outside."""
+# Load a saved program and run one sample_actions at batch 1 on the observation saved with it (the prefix program's
+# example inputs) and the denoise program's example noise; print one JSON line.
+LOADED_RUN = """
+import json, resource, sys, time, torch, qvla_compiler
+start = time.perf_counter()
+loaded = qvla_compiler.load(sys.argv[1])
+load_s = time.perf_counter() - start
+eps = loaded.exported_programs
+obs = [t[:1] for t in eps["prefix"].example_inputs[0]]
+noise = eps["denoise"].example_inputs[0][1][:1]
+policy = loaded.module(compiled=sys.argv[2] == "compiled")
+start = time.perf_counter()
+with torch.no_grad():
+    actions = policy(*obs, noise)
+run_s = time.perf_counter() - start
+print(json.dumps({"load_s": round(load_s, 1), "run_s": round(run_s, 1), "actions": list(actions.shape),
+                  "finite": bool(torch.isfinite(actions).all()),
+                  "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)}))
+"""
+
+
+def run_loaded(path: Path, env: dict, mode: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", LOADED_RUN, str(path), mode], capture_output=True, text=True, env=env,
+                          cwd=ROOT)
+    if done.returncode != 0:
+        return {"error": f"exit {done.returncode}: {(done.stderr.strip().splitlines() or [''])[-1]}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_one(model: str, recipe: str, calib_steps: int, save: bool, dtype: str = "auto",
+            loaded: str | None = None) -> dict:
+    """One `qvla quantize --json` in its own process; its JSON summary plus the wall time seen from outside; with
+    `loaded` ("eager" / "compiled"), the saved program loaded and run in another."""
     with tempfile.TemporaryDirectory() as tmp:
         out = ["--out", str(Path(tmp, "program.pt2"))] if save else ["--no-save"]
         cmd = [sys.executable, "-m", "qvla_compiler.cli", "quantize", "--model", model, "--recipe", recipe,
@@ -41,6 +76,8 @@ def run_one(model: str, recipe: str, calib_steps: int, save: bool, dtype: str = 
         summary = json.loads(done.stdout.strip().splitlines()[-1])
         if save:
             summary["saved_mb"] = round(Path(tmp, "program.pt2").stat().st_size / 1e6, 1)
+        if loaded:
+            summary["loaded"] = run_loaded(Path(tmp, "program.pt2"), env, loaded)
         return {**summary, "wall_s": round(wall, 1)}
 
 
@@ -56,6 +93,12 @@ def print_run(r: dict) -> None:
     for p in r["phases"]:
         print(f"|   | {p['name']} | {p['seconds']:.0f} s | {p['peak_rss_gb']:.2f} GB | "
               f"after {p['rss_after_gb']:.2f} GB |||||", flush=True)
+    run = r.get("loaded")
+    if run is not None:
+        cells = (f"failed: {run['error']} |||||||" if "error" in run else
+                 f"load {run['load_s']:.0f} s + run {run['run_s']:.0f} s | {run['peak_rss_gb']:.2f} GB | actions "
+                 f"{run['actions']}, finite: {run['finite']} |||||")
+        print(f"|   | loaded .pt2, one sample_actions at batch 1 | {cells}", flush=True)
 
 
 def main() -> None:
@@ -66,6 +109,8 @@ def main() -> None:
     ap.add_argument("--save", action="store_true", help="write the .pt2 (into a temporary folder) and time it")
     ap.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                     help="the float policy's build dtype (`qvla quantize --dtype`; auto: bf16 at full size)")
+    ap.add_argument("--run-loaded", choices=("eager", "compiled"), help="with --save: load each .pt2 in a fresh "
+                    "process and run one sample_actions at batch 1 (eager: as exported; compiled: module()'s default)")
     ap.add_argument("--json", type=Path, help="also write every run's summary here")
     args = ap.parse_args()
     import torch
@@ -79,7 +124,8 @@ def main() -> None:
     runs = []
     for model in args.models:
         for recipe in args.recipes:
-            runs.append(run_one(model, recipe, args.calib_steps, args.save, args.dtype))
+            runs.append(run_one(model, recipe, args.calib_steps, args.save or bool(args.run_loaded), args.dtype,
+                                args.run_loaded))
             print_run(runs[-1])
     if args.json:
         args.json.write_text(json.dumps(runs, indent=1))

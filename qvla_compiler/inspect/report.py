@@ -16,6 +16,7 @@ from qvla_compiler.meta import STEP_BOUNDS
 from qvla_compiler.passes import _graph as g
 from qvla_compiler.passes.insert_observers import observer_of
 from qvla_compiler.passes.quantize_linears import KEPT_FLOAT, SITE_SQNR, _fetch
+from qvla_compiler.quant.quantizers import SCALE_DTYPES
 from qvla_compiler.quant.step_scales import bucket_of
 from qvla_compiler.released import storage_key
 
@@ -121,13 +122,14 @@ def _json_default(value):
 
 
 def quant_bytes(info, k: int, n: int, has_bias: bool) -> int:
-    """Bytes of one linear's integer form: weights, fp32 scales, bf16 bias."""
+    """Bytes of one linear's integer form: weights, scales (quantizers.SCALE_DTYPES), bf16 bias."""
     spec = info.spec
+    scale_bytes = SCALE_DTYPES[spec.w_bits].itemsize
     if spec.w_bits == 8:
-        weight, scales = n * k, 4 * n
+        weight, scales = n * k, scale_bytes * n
     else:
         gs = k if spec.group_size <= 0 else spec.group_size
-        weight, scales = n * ((k + 1) // 2), 4 * n * math.ceil(k / gs)
+        weight, scales = n * ((k + 1) // 2), scale_bytes * n * math.ceil(k / gs)
     return weight + scales + (BF16 * n if has_bias else 0)
 
 

@@ -1,7 +1,7 @@
 """Quantize the weights of integer linears and fix their activation scales.
 
 Before: linears with a spec, observers (calibrated) on their inputs.
-After:  for each distinct weight read by integer linears, one integer weight and one fp32 scale buffer on the graph
+After:  for each distinct weight read by integer linears, one integer weight and one scale buffer on the graph
         module; every call site of that weight names them in node.meta["qvla_tensors"] (QuantTensors). Static
         activation scales (act_mode "static": [1]; "per_step": [S], one per flow-step bucket, in graphs with a time
         input) come from each call site's own observer, so call sites fed different inputs keep different scales.
@@ -83,7 +83,8 @@ def quantize_linears(gm: fx.GraphModule, weight_method: str = "rtn", step_bounds
         base, ws = weights[key]
         if (*key, info.out_scale) not in scales:
             if info.out_scale is not None:  # folded per-channel factors (ATM α, OHB β) ride on the dequant scale
-                ws = ws * torch.tensor(info.out_scale, dtype=ws.dtype).reshape(-1, *([1] * (ws.dim() - 1)))
+                factors = torch.tensor(info.out_scale, dtype=torch.float64).reshape(-1, *([1] * (ws.dim() - 1)))
+                ws = (ws.double() * factors).to(ws.dtype)  # one rounding, as fold_attention_scales does
             scales[(*key, info.out_scale)] = _register(gm, _free(gm, base, "_ws") + "_ws", ws)
         act = None
         scale = _act_scale(observer_of(node, gm), spec, step_bounds) if spec.act_mode in STATIC_MODES else None

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from qvla_compiler.errors import CalibrationError, RecipeError, ShapeError
 from qvla_compiler.kernels.ops import pack_int4, qmax_for
-from qvla_compiler.quant.quantizers import _scales, quantize_weight
+from qvla_compiler.quant.quantizers import _scales, quantize_weight, stored_scale
 
 _DAMP_RETRIES = 4  # a non-positive-definite H is retried with damping ×10 each time, this many times in all
 
@@ -29,9 +29,10 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, group_size: int = 128, 
                   block_size: int = 128, act_order: bool = False, clip: str = "absmax", static_groups: bool = False,
                   refit_scales: bool = False) -> tuple[Tensor, Tensor]:
     """W [N, K] and the input Hessian H [K, K] (2·XᵀX/n; any positive multiple gives the same result) ->
-    (integer weight, fp32 scales), in the format of `quantize_weight(w, bits, group_size, clip)`:
-    bits 8: int8 [N, K] and scales [N] (per output channel; group_size ignored);
-    bits 4: packed int8 [N, ceil(K/2)] and scales [N, G], one per group of `group_size` columns (-1: per row).
+    (integer weight, scales), in the format of `quantize_weight(w, bits, group_size, clip)`:
+    bits 8: int8 [N, K] and fp32 scales [N] (per output channel; group_size ignored);
+    bits 4: packed int8 [N, ceil(K/2)] and bf16 scales [N, G], one per group of `group_size` columns (-1: per row);
+    the sweep rounds on the stored (bf16) group scales, and refitted scales are rounded to bf16 at the end.
 
     Dead inputs (H_jj = 0: the channel was always zero in calibration) get H_jj = 1 and W[:, j] = 0, and
     damp·mean(diag H) is added to the diagonal. Scales: int8 per row from W (absmax or `clip="mse"` search);
@@ -70,7 +71,7 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, group_size: int = 128, 
         scales = _refit_scales(w, h, codes, scales, gs)
     if bits == 8:
         return codes.contiguous(), scales[:, 0].contiguous()
-    return pack_int4(codes), scales.contiguous()
+    return pack_int4(codes), stored_scale(scales, bits).contiguous()
 
 
 def _checked(w: Tensor, hessian: Tensor, bits: int, clip: str) -> tuple[Tensor, Tensor]:
@@ -91,7 +92,7 @@ def _checked(w: Tensor, hessian: Tensor, bits: int, clip: str) -> tuple[Tensor, 
 def _static_scales(w: Tensor, bits: int, group_size: int, clip: str) -> Tensor:
     """Scales of plain rounding of W (dead columns already zeroed), [N, G]; int8 as one group per row."""
     _, scale = quantize_weight(w, bits, group_size, clip)
-    return scale.reshape(w.shape[0], -1).clone()
+    return scale.reshape(w.shape[0], -1).float()
 
 
 def _inverse_cholesky(h: Tensor, damp: float) -> tuple[Tensor, float]:
@@ -153,7 +154,7 @@ def _sweep(w: Tensor, u: Tensor, scales: Tensor, groups: list[int], qmax: int, d
             j = i1 + i
             if dynamic_gs and j % dynamic_gs == 0:
                 cur = _current_rows(wt, err, u, i1, i, i2, min(j + dynamic_gs, k))
-                scales[:, groups[j]] = _scales(cur.T.float()[:, None, :], qmax, clip)[:, 0]
+                scales[:, groups[j]] = stored_scale(_scales(cur.T.float()[:, None, :], qmax, clip)[:, 0], 4).float()
             s = scales[:, groups[j]].double()
             q = torch.clamp(torch.round(blk[i] / s), -qmax, qmax)
             codes[j] = q.to(torch.int8)

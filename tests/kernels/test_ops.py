@@ -61,11 +61,12 @@ def test_int4_pack_roundtrip(k):
 @pytest.mark.parametrize("m,k,n", SHAPES)
 @pytest.mark.parametrize("group", [16, 128, -1])
 @pytest.mark.parametrize("a_bits", [8, 4])
-def test_int4_linear_matches_reference(m, k, n, group, a_bits):
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])  # bf16: what quantize_weight stores
+def test_int4_linear_matches_reference(m, k, n, group, a_bits, scale_dtype):
     xq, xs = ops.quantize_act(torch.randn(m, k), a_bits, None)
     w = torch.randint(-7, 8, (n, k), dtype=torch.int8)
     gs = k if group == -1 else group
-    ws = torch.rand(n, -(-k // gs)) / 10
+    ws = (torch.rand(n, -(-k // gs)) / 10).to(scale_dtype)
     out = ops.int4_linear(xq, xs, ops.pack_int4(w), ws, None, gs, torch.float32)
     ref = ops.int4_linear_ref(xq, xs, ops.pack_int4(w), ws, None, gs, torch.float64)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)

@@ -8,7 +8,7 @@ from qvla_compiler.errors import CalibrationError, RecipeError, ShapeError
 from qvla_compiler.kernels.ops import qmax_for
 from qvla_compiler.quant.gptq import gptq_quantize
 from qvla_compiler.quant.observers import ActObserver
-from qvla_compiler.quant.quantizers import _scales, dequantize_weight, quantize_weight
+from qvla_compiler.quant.quantizers import _scales, dequantize_weight, quantize_weight, stored_scale
 
 
 def _inputs(n_tok: int, k: int, outliers: bool = False, seed: int = 0, correlated: bool = False) -> torch.Tensor:
@@ -37,7 +37,8 @@ def _slow_gptq(w, h, bits, gs, damp=0.01, act_order=False, clip="absmax", static
     """Textbook OBQ loop, float64: one column at a time in the chosen order, update of every not-yet-quantized
     column with the full inverse Hessian, then the explicit downdate H⁻¹ ← H⁻¹ − H⁻¹_{:,j} H⁻¹_{j,:} / H⁻¹_jj.
     `refit`: then, row by row, the scales of the groups holding a nonzero integer re-solved by least squares under
-    H + λI with the integers fixed (an explicit K×G design matrix per row)."""
+    H + λI with the integers fixed (an explicit K×G design matrix per row). Scales in their stored dtype: int4
+    group scales bf16 (rounded when chosen and after the refit), int8 row scales fp32."""
     w, h = w.double().clone(), h.double().clone()
     n, k = w.shape
     qmax = qmax_for(bits)
@@ -48,11 +49,11 @@ def _slow_gptq(w, h, bits, gs, damp=0.01, act_order=False, clip="absmax", static
     hinv = torch.linalg.inv(h + damp * h.diagonal().mean() * torch.eye(k, dtype=h.dtype))
     order = torch.argsort(h.diagonal(), descending=True, stable=True).tolist() if act_order else range(k)
     static = bits == 8 or act_order or static_groups
-    scales = quantize_weight(w.float(), bits, gs, clip)[1].reshape(n, -1).clone() if static else torch.zeros(n, -(-k // g))
+    scales = quantize_weight(w.float(), bits, gs, clip)[1].reshape(n, -1).float() if static else torch.zeros(n, -(-k // g))
     out, codes, w0 = torch.zeros_like(w), torch.zeros_like(w), w.clone()
     for j in order:
         if not static and j % g == 0:
-            scales[:, j // g] = _scales(w[:, j: j + g].float()[:, None, :], qmax, clip)[:, 0]
+            scales[:, j // g] = stored_scale(_scales(w[:, j: j + g].float()[:, None, :], qmax, clip)[:, 0], bits)
         s = scales[:, j // g].double()
         codes[:, j] = torch.clamp(torch.round(w[:, j] / s), -qmax, qmax)
         out[:, j] = codes[:, j] * s
@@ -72,7 +73,7 @@ def _slow_gptq(w, h, bits, gs, damp=0.01, act_order=False, clip="absmax", static
         s_row = scales[i].double().clone()
         if (new > 0).all():
             s_row[live] = new
-        out[i] = codes[i] * s_row[group_of].float().double()
+        out[i] = codes[i] * stored_scale(s_row, bits)[group_of].double()  # bf16 group scales, fp32 per row
     return out
 
 
