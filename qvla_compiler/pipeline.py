@@ -33,7 +33,7 @@ from qvla_compiler.quant.step_scales import step_bounds
 def calibrate(program: Program, recipe, calib, *, model: str, atm_style=None, total: int | None = None,
               progress: bool = True, consume: bool = False) -> QuantPlan:
     """Every decision and tensor for `program` under `recipe`, fitted on `calib`; `program`'s graphs are not changed
-    (`consume`: its float weights of integer linears are released as their integer copies are made, released.py)."""
+    (`consume`: the float weights of integer linears are released as their integer copies appear, quant/released.py)."""
     if recipe.needs_bit_allocation:  # layout "auto": a weight width per linear, from its measured action error
         calib = cal.collect_batches(calib)
         recipe = cal.choose_weight_bits(program, recipe, calib, progress=progress)

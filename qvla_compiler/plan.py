@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from qvla_compiler.errors import QvlaError
 from qvla_compiler.meta import QuantSpec
-from qvla_compiler.released import is_released
+from qvla_compiler.quant.released import is_released
 
 PLAN_FORMAT = 2  # 1: linears only (no rotations, smoothing or ATM/OHB); refused
 PLAN_JSON, PLAN_TENSORS = "plan.json", "tensors.safetensors"

@@ -9,25 +9,12 @@ import torch
 import torch.fx as fx
 
 from qvla_compiler.errors import ShapeError
-from qvla_compiler.kernels.cpu_gemm import uncached_weights
-from qvla_compiler.kernels.ops import quantize_act
-from qvla_compiler.lowering.lower_linears import LOWERINGS
-from qvla_compiler.meta import STEP_BOUNDS
 from qvla_compiler.passes import _graph as g
-from qvla_compiler.passes.insert_observers import observer_of
 from qvla_compiler.passes.quantize_linears import KEPT_FLOAT, SITE_SQNR, _fetch
-from qvla_compiler.quant.quantizers import SCALE_DTYPES
-from qvla_compiler.quant.step_scales import bucket_of
-from qvla_compiler.released import storage_key
+from qvla_compiler.quant.quantizers import SCALE_DTYPES, sqnr_db
+from qvla_compiler.quant.released import storage_key
 
 BF16 = 2
-
-
-def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
-    """20·log10(‖ref‖ / ‖ref − test‖); +inf when identical."""
-    ref, test = ref.double(), test.double()
-    noise = (ref - test).norm()
-    return math.inf if noise == 0 else float(20 * torch.log10(ref.norm() / noise))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,31 +195,6 @@ def collect_warnings(rows, layout: str, is_policy: bool) -> tuple[str, ...]:
                    "assignment found no vision/backbone/action-head split (check the captured inputs' roles) — "
                    "set QuantRecipe(region_overrides=...) if this is wrong")
     return tuple(out)
-
-
-def site_sqnr(gm: fx.GraphModule, node: fx.Node) -> float | None:
-    """Output SQNR of the integer linear vs float on the observer's calibration sample."""
-    obs = observer_of(node, gm)
-    if obs is None or obs.sample is None or node.meta.get("qvla_tensors") is None:
-        return None
-    x = obs.sample
-    w = _fetch(gm, node.args[1])
-    b = _fetch(gm, node.args[2]) if len(node.args) > 2 and node.args[2] is not None else None
-    with torch.no_grad(), uncached_weights():  # a one-off call: caching would keep an fp32 copy of every weight
-        return round(sqnr_db(torch.nn.functional.linear(x, w.float(), None if b is None else b.float()),
-                             _integer_output(gm, node, x, b)), 2)
-
-
-def _integer_output(gm: fx.GraphModule, node: fx.Node, x: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    spec, tensors = node.meta["qvla"].spec, node.meta["qvla_tensors"]
-    static = getattr(gm, tensors.act_scale) if tensors.act_scale else None
-    if static is not None and static.numel() > 1:  # a per-step table: the scale of the sample's flow step
-        step = bucket_of(torch.tensor([observer_of(node, gm).sample_time]), getattr(gm, STEP_BOUNDS))
-        static = static[step]
-    xq, xs = quantize_act(x, spec.a_bits, static)
-    wq, ws = getattr(gm, tensors.weight), getattr(gm, tensors.weight_scale)
-    rule = LOWERINGS[spec.w_bits]
-    return rule.op(xq, xs, wq, ws, b, *rule.extra_args(spec), torch.float32)
 
 
 def param_bytes(graphs) -> int:

@@ -16,11 +16,15 @@ register themselves for the "cuda" dispatch key on top of these schemas, so one 
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import torch
 
 from qvla_compiler.errors import ShapeError
 from qvla_compiler.kernels import cpu_gemm
-from qvla_compiler.kernels.cpu_gemm import grouped_int_matmul, int_matmul
+from qvla_compiler.kernels.cpu_gemm import grouped_int_matmul
+from qvla_compiler.meta import QuantSpec
 
 _LIB = "qvla"
 
@@ -176,4 +180,19 @@ def _(xq, x_scale, w_packed, w_scale, bias, group_size, out_dtype):
 
 
 QVLA_LINEAR_OPS = (torch.ops.qvla.int8_linear.default, torch.ops.qvla.int4_linear.default)
+
+
+@dataclasses.dataclass(frozen=True)
+class Lowering:
+    """What a quantized linear of one weight width becomes: the op, and its arguments after (xq, xs, Wq, Ws, b)."""
+
+    op: Callable
+    extra_args: Callable[[QuantSpec], tuple]
+
+
+# Patterns are data: aten.linear with W{bits} → this op (lowering/lower_linears.py rewrites by this table).
+LOWERINGS: dict[int, Lowering] = {
+    8: Lowering(torch.ops.qvla.int8_linear.default, lambda spec: ()),
+    4: Lowering(torch.ops.qvla.int4_linear.default, lambda spec: (spec.group_size,)),
+}
 QVLA_QUANT_OPS = (torch.ops.qvla.quantize_act.default,)

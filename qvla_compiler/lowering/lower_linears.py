@@ -11,33 +11,17 @@ Invariant: compute ops keep their order; check_schedule verifies it.
 """
 from __future__ import annotations
 
-import dataclasses
 import operator
-from typing import Callable
 
 import torch
 import torch.fx as fx
 
 from qvla_compiler.errors import ShapeError
-from qvla_compiler.meta import STEP_BOUNDS, QuantSpec
+from qvla_compiler.kernels.ops import LOWERINGS
+from qvla_compiler.meta import STEP_BOUNDS
 from qvla_compiler.passes import _graph as g
 
 qvla = torch.ops.qvla
-
-
-@dataclasses.dataclass(frozen=True)
-class Lowering:
-    """What a quantized linear of one weight width becomes: the op, and its arguments after (xq, xs, Wq, Ws, b)."""
-
-    op: Callable
-    extra_args: Callable[[QuantSpec], tuple]
-
-
-# Patterns are data: aten.linear with W{bits} → this op.
-LOWERINGS: dict[int, Lowering] = {
-    8: Lowering(qvla.int8_linear.default, lambda spec: ()),
-    4: Lowering(qvla.int4_linear.default, lambda spec: (spec.group_size,)),
-}
 
 
 def lower_linears(gm: fx.GraphModule) -> fx.GraphModule:

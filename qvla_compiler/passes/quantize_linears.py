@@ -26,13 +26,15 @@ import torch.fx as fx
 from tqdm.auto import tqdm
 
 from qvla_compiler.errors import QvlaError
-from qvla_compiler.kernels.ops import qmax_for
+from qvla_compiler.kernels.cpu_gemm import uncached_weights
+from qvla_compiler.kernels.ops import LOWERINGS, qmax_for, quantize_act
 from qvla_compiler.meta import STEP_BOUNDS, update
 from qvla_compiler.passes import _graph as g
 from qvla_compiler.passes.insert_observers import observer_of
 from qvla_compiler.quant.gptq import gptq_quantize
-from qvla_compiler.quant.quantizers import quantize_weight
-from qvla_compiler.released import release, storage_key
+from qvla_compiler.quant.quantizers import quantize_weight, sqnr_db
+from qvla_compiler.quant.released import release, storage_key
+from qvla_compiler.quant.step_scales import bucket_of
 
 STATIC_MODES = ("static", "per_step")  # activation modes whose scales come from calibration
 STATIC_PERCENTILE = 99.9  # of per-token absmax: one outlier token does not set the whole tensor's scale
@@ -65,7 +67,6 @@ def quantize_linears(gm: fx.GraphModule, weight_method: str = "rtn", step_bounds
                      progress: bool = False, release: FloatWeightRelease | None = None) -> fx.GraphModule:
     """`step_bounds`: the flow-step buckets (quant/step_scales.py) for act_mode "per_step"; `progress`: a bar over
     the integer linears (GPTQ takes minutes at full size); `release`: free float weights as they are done with."""
-    from qvla_compiler.inspect.report import site_sqnr  # here: the report imports this module
     keep_unquantizable_float(gm)
     weights: dict[tuple, tuple[str, torch.Tensor]] = {}  # (weight target, weight spec) → (buffer base, fp32 scale)
     scales: dict[tuple, str] = {}  # (weight target, weight spec, out_scale) → dequant scale buffer
@@ -101,7 +102,7 @@ def quantize_linears(gm: fx.GraphModule, weight_method: str = "rtn", step_bounds
 
 class FloatWeightRelease:
     """Consume mode's bookkeeping over all graphs of a program: a float weight read only as the weight of integer
-    call sites is released (released.py) once the last of them is quantized, so the float and integer copies of
+    call sites is released (quant/released.py) once the last of them is quantized, so the float and integer copies of
     the model never coexist. A weight anything else reads (a float linear, the embedding lookup of a tied weight,
     a graph output) is kept."""
 
@@ -110,17 +111,15 @@ class FloatWeightRelease:
         self.tensors: dict[int, dict[int, torch.Tensor]] = {}  # storage → every tensor object over it
         kept = set()
         for gm in graphs:
-            for node in gm.graph.nodes:
-                t = _fetch(gm, node) if node.op == "get_attr" else None
-                if not isinstance(t, torch.Tensor):
+            for node, t in ((n, _fetch(gm, n)) for n in gm.graph.nodes if n.op == "get_attr"):
+                if not isinstance(t, torch.Tensor):  # a submodule (a higher-order op's body)
                     continue
                 key = storage_key(t)
                 self.tensors.setdefault(key, {})[id(t)] = t
                 for user in node.users:
-                    if _is_integer_weight_read(user, node):
-                        self.pending[key] = self.pending.get(key, 0) + 1
-                    else:
-                        kept.add(key)
+                    integer = _is_integer_weight_read(user, node)
+                    self.pending[key] = self.pending.get(key, 0) + integer
+                    kept.update([key] if not integer else [])
         for key in kept:
             self.pending.pop(key, None)
 
@@ -137,6 +136,31 @@ class FloatWeightRelease:
 def _is_integer_weight_read(user: fx.Node, attr: fx.Node) -> bool:
     return (g.is_linear(user) and user.meta["qvla"].is_quantized and user.args[1] is attr
             and sum(a is attr for a in (*user.args, *user.kwargs.values())) == 1)
+
+
+def site_sqnr(gm: fx.GraphModule, node: fx.Node) -> float | None:
+    """Output SQNR of the integer linear vs float on the observer's calibration sample."""
+    obs = observer_of(node, gm)
+    if obs is None or obs.sample is None or node.meta.get("qvla_tensors") is None:
+        return None
+    x = obs.sample
+    w = _fetch(gm, node.args[1])
+    b = _fetch(gm, node.args[2]) if len(node.args) > 2 and node.args[2] is not None else None
+    with torch.no_grad(), uncached_weights():  # a one-off call: caching would keep an fp32 copy of every weight
+        return round(sqnr_db(torch.nn.functional.linear(x, w.float(), None if b is None else b.float()),
+                             _integer_output(gm, node, x, b)), 2)
+
+
+def _integer_output(gm: fx.GraphModule, node: fx.Node, x: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    spec, tensors = node.meta["qvla"].spec, node.meta["qvla_tensors"]
+    static = getattr(gm, tensors.act_scale) if tensors.act_scale else None
+    if static is not None and static.numel() > 1:  # a per-step table: the scale of the sample's flow step
+        step = bucket_of(torch.tensor([observer_of(node, gm).sample_time]), getattr(gm, STEP_BOUNDS))
+        static = static[step]
+    xq, xs = quantize_act(x, spec.a_bits, static)
+    wq, ws = getattr(gm, tensors.weight), getattr(gm, tensors.weight_scale)
+    rule = LOWERINGS[spec.w_bits]
+    return rule.op(xq, xs, wq, ws, b, *rule.extra_args(spec), torch.float32)
 
 
 def _act_scale(observer, spec, step_bounds: torch.Tensor | None) -> torch.Tensor | None:

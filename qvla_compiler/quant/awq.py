@@ -1,6 +1,6 @@
 """AWQ-style activation-aware weight scaling (Lin et al. 2024, llm-awq `auto_scale`). Pure functions on tensors.
 
-Y = X Wᵀ = (X diag(s)⁻¹)(W diag(s))ᵀ, as in SmoothQuant (same direction, so `smoothquant.fold_into_*` apply s).
+Y = X Wᵀ = (X diag(s)⁻¹)(W diag(s))ᵀ, as in SmoothQuant (same direction, so the SmoothQuant folds, passes/smooth_linears.py, apply s).
 Channels with large activations get s_j > 1: their weight column is magnified before rounding, so its relative
 rounding error — which the large activation would amplify — shrinks. AWQ searches one exponent α on a grid:
 

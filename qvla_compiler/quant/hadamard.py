@@ -244,22 +244,3 @@ def fast_hadamard(x: torch.Tensor, dim: int = -1, inverse: bool = False) -> torc
         had = had.T
     y = hadamard_butterfly(x, had) * (1.0 / math.sqrt(n))
     return y.movedim(-1, dim)
-
-
-def hadamard_across_heads(x: torch.Tensor, num_heads: int, inverse: bool = False) -> torch.Tensor:
-    """QuaRot's online partial Hadamard: view the last dim as (heads, head_dim) and transform across heads.
-
-    Equals (H_heads ⊗ I_head_dim) on the last dim; composed with a per-head H_head_dim it is the full H of the width.
-    """
-    head_dim = x.shape[-1] // num_heads
-    if head_dim * num_heads != x.shape[-1]:
-        raise UnsupportedWidthError(f"last dim {x.shape[-1]} is not a multiple of num_heads={num_heads}")
-    y = x.reshape(*x.shape[:-1], num_heads, head_dim)
-    return fast_hadamard(y, dim=-2, inverse=inverse).reshape(x.shape)
-
-
-def random_hadamard(n: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """QuaRot/QuIP#-style randomized Hadamard H_n·diag(s), s ∈ {±1}^n drawn from `seed`; orthonormal."""
-    gen = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (n,), generator=gen).to(torch.float64) * 2 - 1
-    return (hadamard_matrix(n) * signs).to(dtype)

@@ -1,6 +1,8 @@
 """Weight quantizers (symmetric, per output channel or per group) and their dequantizers. Pure tensor functions."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from qvla_compiler.kernels.ops import pack_int4, qmax_for, unpack_int4
@@ -60,6 +62,13 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, bits: int, k: int, g
         return q.float() * scale.float()[:, None]
     w = unpack_int4(q, k).float()
     return (_grouped(w, group_size) * scale.float()[..., None]).reshape(w.shape[0], -1)[:, :k]
+
+
+def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
+    """20·log10(‖ref‖ / ‖ref − test‖); +inf when identical."""
+    ref, test = ref.double(), test.double()
+    noise = (ref - test).norm()
+    return math.inf if noise == 0 else float(20 * torch.log10(ref.norm() / noise))
 
 
 def fake_quant_act(x: torch.Tensor, bits: int, static_scale: torch.Tensor | None = None) -> torch.Tensor:

@@ -51,19 +51,6 @@ def smoothquant_scales(act_absmax: Tensor, weights: Tensor | Sequence[Tensor], a
     return scales.clamp_min(_CLAMP)
 
 
-def fold_into_norm(norm_weight: Tensor, norm_bias: Tensor | None, s: Tensor) -> tuple[Tensor, Tensor | None]:
-    """(γ / s, β / s): a LayerNorm/RMSNorm whose output feeds the smoothed linears now emits x / s."""
-    return norm_weight / s.to(norm_weight.dtype), None if norm_bias is None else norm_bias / s.to(norm_bias.dtype)
-
-
-def fold_into_producer(weight: Tensor, bias: Tensor | None, s: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Rows of a producing linear [d, K] (and its bias) divided by s: its output becomes x / s.
-
-    Exact when only a per-channel product sits between producer and consumers (e.g. up_proj → silu(g)·u → down_proj).
-    """
-    return weight / s.to(weight.dtype)[:, None], None if bias is None else bias / s.to(bias.dtype)
-
-
 def fold_into_consumer(weight: Tensor, s: Tensor) -> Tensor:
     """Consumer linear W [N, d] with column j multiplied by s_j (reads x / s, computes the same x Wᵀ)."""
     return weight * s.to(weight.dtype)

@@ -14,11 +14,9 @@ from qvla_compiler.quant.hadamard import (
     _GS_ROWS,
     _construction,
     fast_hadamard,
-    hadamard_across_heads,
     hadamard_base,
     hadamard_factors,
     hadamard_matrix,
-    random_hadamard,
     supported_width,
 )
 
@@ -82,24 +80,6 @@ def test_float32_and_bfloat16_inputs():
     x = torch.randn(4, 1536)
     torch.testing.assert_close(fast_hadamard(x), x @ hadamard_matrix(1536, torch.float32).T, atol=1e-4, rtol=1e-4)
     assert fast_hadamard(x.bfloat16()).dtype == torch.bfloat16
-
-
-def test_across_heads_is_kron_with_identity():
-    heads, head_dim = 12, 4  # GR00T DiT-like: 12 heads is not a power of two
-    x = torch.randn(5, heads * head_dim, dtype=torch.float64)
-    expected = x @ torch.kron(hadamard_matrix(heads), EYE(head_dim)).T
-    torch.testing.assert_close(hadamard_across_heads(x, heads), expected, atol=1e-12, rtol=0)
-    # per-head H_head_dim after H_heads across heads == the full H_heads ⊗ H_head_dim
-    full = fast_hadamard(hadamard_across_heads(x, heads).reshape(5, heads, head_dim)).reshape(5, -1)
-    torch.testing.assert_close(full, x @ torch.kron(hadamard_matrix(heads), hadamard_matrix(head_dim)).T,
-                               atol=1e-12, rtol=0)
-
-
-def test_random_hadamard_orthonormal_and_seeded():
-    r = random_hadamard(384, seed=3)
-    torch.testing.assert_close(r @ r.T, EYE(384), atol=1e-10, rtol=0)
-    assert torch.equal(r, random_hadamard(384, seed=3)) and not torch.equal(r, random_hadamard(384, seed=4))
-    assert torch.equal(r.abs(), hadamard_matrix(384).abs())
 
 
 @pytest.mark.parametrize("n", [3, 6, 10, 24 * 23, 92, 116, 4 * 65, 0, -4])

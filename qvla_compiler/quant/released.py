@@ -1,11 +1,10 @@
 """Float weights a compile has consumed (`quantize(..., consume=True)`, what `qvla quantize` does).
 
-Releasing swaps the tensor object's contents for a ReleasedWeight: same shape, dtype and device, no storage. The
-policy, the captured graphs and their forks all hold that same object (torch.export's module and Program.fork share
-parameters by identity), so the bytes go back at once, and any op that later reads the weight raises
-ConsumedWeightError. Neither a meta tensor (CPU addmm with a meta weight returned numbers, unchecked) nor a storage
-resized to zero (a read crashed the process) fails that safely. Only the compiler releases, and only weights whose
-integer copy already exists: see passes/quantize_linears.FloatWeightRelease.
+Releasing swaps the tensor object's contents for a ReleasedWeight (shape, dtype and device, no storage). The policy,
+the captured graphs and their forks hold that same object (torch.export's module and Program.fork share parameters
+by identity), so the bytes go back at once, and any op that later reads the weight raises ConsumedWeightError. A meta
+tensor would not fail safely (CPU addmm with a meta weight returned numbers), nor a storage resized to zero bytes (a
+read crashed the process). Only weights whose integer copy exists are released: passes/quantize_linears.py.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ import torch
 
 import qvla_compiler
 from qvla_compiler.models import build_policy
-from qvla_compiler.released import ConsumedWeightError, ReleasedWeight, is_released, release, storage_key
+from qvla_compiler.quant.released import ConsumedWeightError, ReleasedWeight, is_released, release, storage_key
 
 
 def test_a_released_weight_keeps_its_shape_and_raises_a_named_error_on_use():
