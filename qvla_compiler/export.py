@@ -70,10 +70,9 @@ def capture_policy(policy: nn.Module, obs: dict[str, torch.Tensor], noise: torch
 
 
 def example_outputs(fn: Callable[..., Any], args: tuple, real_run: Callable[[], Any] | None = None) -> tuple:
-    """Zeros shaped like `fn(*args)`'s outputs (a tuple of tensors), as example inputs for exporting the next graph:
-    export reads shapes and dtypes, not values. The shapes come from a run on fake tensors, which computes nothing:
-    running pi05-full's prefix for real took 140 s of its capture on 2 cores. If the fake run fails (an op without a
-    fake kernel), the real run gives them: `real_run()`, or `fn(*args)`."""
+    """Zeros shaped like `fn(*args)`'s outputs (a tuple of tensors): the next graph's export example (export reads
+    shapes and dtypes, not values), from a run on fake tensors that computes nothing (pi05-full's prefix took 140 s
+    for real on 2 cores). If the fake run fails (an op without a fake kernel), `real_run()` or `fn(*args)` does."""
     with torch.no_grad():
         try:
             with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # parameters are converted as ops meet them

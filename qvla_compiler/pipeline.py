@@ -20,11 +20,11 @@ from qvla_compiler.inspect.phases import phase
 from qvla_compiler.inspect.report import LinearReport, linear_reports, param_bytes, planned_sqnr
 from qvla_compiler.inspect.trace import trace_phase
 from qvla_compiler.lowering import cast_float_linears, lower_linears
-from qvla_compiler.passes import (FloatWeightRelease, apply_layout, apply_plan, assign_regions, check_accumulator_bounds, check_schedule,
-                                  classify_linears, fit_transforms, fold_attention_scales, insert_observers,
-                                  keep_unquantizable_float, linear_fingerprints, load_plan_tensors, needs_rotation,
-                                  quantize_linears, record_plan, record_schedule, remove_observers, reset_observers,
-                                  rotate_and_smooth, track_hessians)
+from qvla_compiler.passes import (FloatWeightRelease, apply_layout, apply_plan, assign_regions,
+                                  check_accumulator_bounds, check_schedule, classify_linears, fit_transforms,
+                                  fold_attention_scales, insert_observers, keep_unquantizable_float,
+                                  linear_fingerprints, load_plan_tensors, needs_rotation, quantize_linears, record_plan,
+                                  record_schedule, remove_observers, reset_observers, rotate_and_smooth, track_hessians)
 from qvla_compiler.plan import QuantPlan
 from qvla_compiler.program import Program
 from qvla_compiler.quant.step_scales import step_bounds

@@ -154,7 +154,8 @@ def _sweep(w: Tensor, u: Tensor, scales: Tensor, groups: list[int], qmax: int, d
             j = i1 + i
             if dynamic_gs and j % dynamic_gs == 0:
                 cur = _current_rows(wt, err, u, i1, i, i2, min(j + dynamic_gs, k))
-                scales[:, groups[j]] = stored_scale(_scales(cur.T.float()[:, None, :], qmax, clip)[:, 0], 4).float()
+                group_scale = _scales(cur.T.float()[:, None, :], qmax, clip)[:, 0]
+                scales[:, groups[j]] = stored_scale(group_scale, 4).float()  # dynamic groups are int4 only
             s = scales[:, groups[j]].double()
             q = torch.clamp(torch.round(blk[i] / s), -qmax, qmax)
             codes[j] = q.to(torch.int8)
