@@ -116,10 +116,10 @@ class FloatWeightRelease:
                     continue
                 key = storage_key(t)
                 self.tensors.setdefault(key, {})[id(t)] = t
-                for user in node.users:
-                    integer = _is_integer_weight_read(user, node)
-                    self.pending[key] = self.pending.get(key, 0) + integer
-                    kept.update([key] if not integer else [])
+                integer = [_is_integer_weight_read(user, node) for user in node.users]
+                self.pending[key] = self.pending.get(key, 0) + sum(integer)
+                if not all(integer):  # also read by something else: never released
+                    kept.add(key)
         for key in kept:
             self.pending.pop(key, None)
 
