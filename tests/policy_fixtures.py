@@ -44,3 +44,10 @@ def rotate_policy(policy, recipe, calib_steps: int = 1):
         reset_observers(gm)
     calibrate(program, calib, progress=False)
     return program, obs, noise
+
+
+def released_names(module) -> list[str]:
+    """Names of `module`'s parameters and buffers a consuming compile released (quant/released.py)."""
+    from qvla_compiler.quant.released import is_released
+
+    return sorted(name for name, t in (*module.named_parameters(), *module.named_buffers()) if is_released(t))

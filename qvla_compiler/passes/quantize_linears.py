@@ -68,7 +68,7 @@ def quantize_linears(gm: fx.GraphModule, weight_method: str = "rtn", step_bounds
     """`step_bounds`: the flow-step buckets (quant/step_scales.py) for act_mode "per_step"; `progress`: a bar over
     the integer linears (GPTQ takes minutes at full size); `release`: free float weights as they are done with."""
     keep_unquantizable_float(gm)
-    weights: dict[tuple, tuple[str, torch.Tensor]] = {}  # (weight target, weight spec) → (buffer base, fp32 scale)
+    weights: dict[tuple, tuple[str, torch.Tensor]] = {}  # (weight target, weight spec) → (buffer base, scale)
     scales: dict[tuple, str] = {}  # (weight target, weight spec, out_scale) → dequant scale buffer
     integer = [node for node in g.linear_nodes(gm) if node.meta["qvla"].is_quantized]
     for node in tqdm(integer, desc=f"quantizing weights ({weight_method})", unit="linear", disable=not progress,

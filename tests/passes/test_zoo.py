@@ -15,7 +15,8 @@ from qvla_compiler.passes import _graph as g
 from qvla_compiler.passes import apply_layout, assign_regions, classify_linears, fold_computed_weights
 from qvla_compiler.passes.normalize_graph import normalize_graph
 from qvla_compiler.recipes import resolve_recipe
-from qvla_compiler.quant.released import ConsumedWeightError, is_released
+from qvla_compiler.quant.released import ConsumedWeightError
+from policy_fixtures import released_names
 import qvla_compiler
 import zoo_models as zm
 from zoo_models import B, H, T, W
@@ -188,10 +189,6 @@ def test_zoo_quantizes_end_to_end(name):
     want = sum(truth(case, truth_name(n)) [::-1] in pairs for n in g.linear_nodes(analysed(case)))
     layout = qvla_compiler.quantize(module, args, calib, "w8a8", progress=False, input_roles=case.input_roles)
     assert sum(r.bits != "float" for r in layout.report.linears) == want
-
-
-def released_names(module) -> list[str]:
-    return sorted(name for name, t in (*module.named_parameters(), *module.named_buffers()) if is_released(t))
 
 
 @pytest.mark.parametrize("name", list(ZOO))

@@ -6,6 +6,7 @@ import torch
 import qvla_compiler
 from qvla_compiler.models import build_policy
 from qvla_compiler.quant.released import ConsumedWeightError, ReleasedWeight, is_released, release, storage_key
+from policy_fixtures import released_names
 
 
 def test_a_released_weight_keeps_its_shape_and_raises_a_named_error_on_use():
@@ -17,10 +18,6 @@ def test_a_released_weight_keeps_its_shape_and_raises_a_named_error_on_use():
     with pytest.raises(ConsumedWeightError, match="consume=True"):
         lin(torch.randn(2, 8))
     assert "ReleasedWeight([4, 8]" in repr(lin.weight) and isinstance(lin.weight, ReleasedWeight)
-
-
-def released_names(module) -> list[str]:
-    return sorted(name for name, t in (*module.named_parameters(), *module.named_buffers()) if is_released(t))
 
 
 @pytest.mark.parametrize("model,recipe,releases", [("pi05-tiny", "w8a8", True),
