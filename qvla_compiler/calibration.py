@@ -10,6 +10,7 @@ import torch.fx as fx
 from tqdm.auto import tqdm
 
 from qvla_compiler.errors import CalibrationError, ScheduleError
+from qvla_compiler.kernels.cpu_gemm import uncached_weights
 from qvla_compiler.meta import Region
 from qvla_compiler.passes import assign_regions, classify_linears
 from qvla_compiler.passes._attention_sites import attention_sites
@@ -163,8 +164,11 @@ def observe_teacher(program: Program, recipe, batches: list) -> dict[str, dict[i
 def match_attention_scales(program: Program, recipe, batches: list, teacher: dict[str, dict[int, BlockStats]],
                            style: AtmStyle) -> dict:
     """Observe the lowered student, compute α/β against `teacher`; returns the record a plan carries (and the report
-    shows). Folding is the plan's: pipeline.apply reads `planned_attention_scales(record, graph)`."""
-    student = observe_program(program, batches)
+    shows). Folding is the plan's: pipeline.apply reads `planned_attention_scales(record, graph)`.
+    The student shares the plan's integer weights, which outlive it: a cached fp32 operand per weight would stay
+    resident for the rest of the compile and in the program built from the plan (groot-full: +3.6 GB)."""
+    with uncached_weights():
+        student = observe_program(program, batches)
     record = {"atm": recipe.atm, "ohb": recipe.ohb, "atm_style": dataclasses.asdict(style),
               "ohb_log_clip": recipe.ohb_log_clip, "ohb_neutral": recipe.ohb_neutral, "batches": len(batches),
               "graphs": {}}

@@ -80,3 +80,27 @@ def test_format_1_plans_are_refused_with_the_fix(tmp_path):
     plan.save(tmp_path / "old")
     with pytest.raises(qvla_compiler.QvlaError, match="format 1.*Re-run `qvla calibrate"):
         QuantPlan.load(tmp_path / "old")
+
+
+def test_a_plans_program_holds_no_transformed_float_copy_and_no_cached_operand(monkeypatch):
+    """Building from a plan under DuQuant + ATM/OHB: the integer linears' float weights are not rotated again (the
+    plan has their integers; lowering drops the float weight), and the ATM/OHB student's runs leave no fp32 operand
+    cached on the plan's integer weights, which outlive the student (both were full copies at full size)."""
+    from qvla_compiler.kernels import cpu_gemm
+    from qvla_compiler.passes import rotate_common
+
+    policy, program, batches, _ = _captured("groot-tiny")
+    rec = RECIPES["quantvla-w4a8"]
+    replaced = []
+    real = rotate_common.replace_input
+    monkeypatch.setattr(rotate_common, "replace_input",
+                        lambda gm, node, *a: (replaced.append("qvla_tensors" in node.meta), real(gm, node, *a))[1])
+    plan = pipeline.calibrate(program, rec, batches, model="groot-tiny", atm_style=resolve_style(rec, policy),
+                              progress=False)
+    assert replaced and not any(replaced)  # calibration rotates the fork's float weights, before any integer exists
+    assert plan.attention and plan.attention["graphs"]  # the student ran
+    integers = [t for m in plan.modules.values() for k, t in m.tensors.items() if k == "weight_q"]
+    assert integers and not any(id(t) in cpu_gemm._WEIGHT_CACHE for t in integers)
+    replaced.clear()
+    pipeline.apply(program.fork(), plan)
+    assert replaced == []

@@ -10,6 +10,7 @@ captured graph shares its tensors with the float policy): a transformed weight b
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -88,9 +89,14 @@ def weight_of(gm: fx.GraphModule, linear: fx.Node) -> torch.Tensor:
     return _fetch(gm, linear.args[1])
 
 
-def replace_weight(gm: fx.GraphModule, linear: fx.Node, weight: torch.Tensor) -> None:
-    """Point `linear` at a new buffer holding `weight`; drop the old attribute when nothing reads it any more."""
-    replace_input(gm, linear, linear.args[1], weight, linear.meta["qvla"].module_path + ".weight")
+def replace_weight(gm: fx.GraphModule, linear: fx.Node, weight: Callable[[], torch.Tensor]) -> None:
+    """Point `linear` at a new buffer holding `weight()`; drop the old attribute when nothing reads it any more.
+    A linear that already has its integer weights (a plan's program, load_plan_tensors) is left as it is: lowering
+    drops its float weight, so a transformed float copy would only cost memory (a full copy of every integer weight
+    at once)."""
+    if "qvla_tensors" in linear.meta:
+        return
+    replace_input(gm, linear, linear.args[1], weight(), linear.meta["qvla"].module_path + ".weight")
 
 
 def replace_input(gm: fx.GraphModule, node: fx.Node, old: fx.Node, value: torch.Tensor, name: str) -> None:

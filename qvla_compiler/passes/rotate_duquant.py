@@ -59,7 +59,7 @@ def rotate_duquant(gm: fx.GraphModule, label: str = "duquant") -> fx.GraphModule
         insert_online(gm, obs_node, BLOCK_ROTATE, {"rot": rot1, "perm": t.perm, "rot2": t.rot2})
         for lin in linears:
             # W' = ((W·Λ)R₁)PR₂, x' = ((x/Λ)R₁)PR₂  ⇒  x'W'ᵀ = x Λ⁻¹ (R₁PR₂)(R₁PR₂)ᵀ Λ Wᵀ = xWᵀ
-            replace_weight(gm, lin, t.apply_to_weight(weight_of(gm, lin).double()))
+            replace_weight(gm, lin, lambda: t.apply_to_weight(weight_of(gm, lin).double()))
     gm.graph.lint()
     gm.recompile()
     return gm

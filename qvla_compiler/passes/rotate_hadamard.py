@@ -33,7 +33,7 @@ def rotate_hadamard(gm: fx.GraphModule) -> fx.GraphModule:
         insert_online(gm, obs_node, HADAMARD, {"had_m": had_m}, 1.0 / math.sqrt(n), 1)
         for lin in linears:
             # W' = W·Hᵀ, x' = x·Hᵀ  ⇒  x'W'ᵀ = x·HᵀH·Wᵀ = xWᵀ
-            replace_weight(gm, lin, fast_hadamard(weight_of(gm, lin).double(), dim=-1))
+            replace_weight(gm, lin, lambda: fast_hadamard(weight_of(gm, lin).double(), dim=-1))
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -98,14 +98,12 @@ def rotate_residual(gm: fx.GraphModule) -> fx.GraphModule:
     values, exits = {n.name: n for n, _ in tagged}, {}
     for node, tag in tagged:
         if tag.role is StreamRole.READER:
-            w = weight_of(gm, node).double()
-            if tag.gain is not None:
-                w = w * _gamma(gm, tag)
+            gain = _gamma(gm, tag) if tag.gain is not None else 1.0
             # W' = W·diag(γ)·Qᵀ, x' = rms(x)·Qᵀ  ⇒  x'W'ᵀ = rms(x)·diag(γ)·Wᵀ
-            replace_weight(gm, node, fast_hadamard(w, dim=-1))
+            replace_weight(gm, node, lambda: fast_hadamard(weight_of(gm, node).double() * gain, dim=-1))
         elif tag.role is StreamRole.WRITER:
             # y' = y·Qᵀ = x·(Q·W)ᵀ + Q·b
-            replace_weight(gm, node, fast_hadamard(weight_of(gm, node).double(), dim=0))
+            replace_weight(gm, node, lambda: fast_hadamard(weight_of(gm, node).double(), dim=0))
             if len(node.args) > 2 and node.args[2] is not None:
                 bias = node.args[2]
                 replace_input(gm, node, bias, fast_hadamard(_fetch(gm, bias).double(), dim=0), bias.target)

@@ -104,7 +104,7 @@ def smooth_linears(gm: fx.GraphModule) -> fx.GraphModule:
         if fold.bias is not None:
             _replace_constant(gm, fold.reader, fold.bias, _fetch(gm, fold.bias).double() / s)
         for lin in linears:
-            replace_weight(gm, lin, weight_of(gm, lin).double() * s)
+            replace_weight(gm, lin, lambda: weight_of(gm, lin).double() * s)
     gm.graph.lint()
     gm.recompile()
     return gm
