@@ -49,6 +49,7 @@ def calibrate(program: Program, recipe, calib, *, model: str, atm_style=None, to
         keep_unquantizable_float(apply_layout(gm, recipe))
         fingerprints.update(linear_fingerprints(gm))
         track_hessians(insert_observers(gm), recipe.weight_method == "gptq")
+    release = FloatWeightRelease(work.graphs.values()) if consume else None  # counted before any rotation
     with phase("calibrate: observe"):
         cal.run_calibration(work, batches, total=total, progress=progress)
     if needs_rotation(recipe):
@@ -58,7 +59,6 @@ def calibrate(program: Program, recipe, calib, *, model: str, atm_style=None, to
             cal.run_calibration(work, batches, total=total, progress=progress)
     bounds = step_bounds(program.schedule.timesteps) if program.schedule and recipe.act_mode == "per_step" else None
     with phase("calibrate: quantize weights"):
-        release = FloatWeightRelease(work.graphs.values()) if consume else None
         for gm in work.graphs.values():
             quantize_linears(gm, recipe.weight_method, bounds, progress, release)
     rows = [row for name, gm in work.graphs.items() for row in linear_reports(name, gm)]

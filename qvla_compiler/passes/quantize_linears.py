@@ -104,11 +104,13 @@ class FloatWeightRelease:
     """Consume mode's bookkeeping over all graphs of a program: a float weight read only as the weight of integer
     call sites is released (quant/released.py) once the last of them is quantized, so the float and integer copies of
     the model never coexist. A weight anything else reads (a float linear, the embedding lookup of a tied weight,
-    a graph output) is kept."""
+    a graph output) is kept. Made before rotation and smoothing, it counts the policy's own weights; the transformed
+    copy a site is quantized from (read by that site alone) is released as soon as the site is done."""
 
     def __init__(self, graphs):
         self.pending: dict[int, int] = {}  # storage → integer call sites not yet quantized
         self.tensors: dict[int, dict[int, torch.Tensor]] = {}  # storage → every tensor object over it
+        self.read: dict[fx.Node, int] = {}  # integer call site → storage of the weight it read when counted
         kept = set()
         for gm in graphs:
             for node, t in ((n, _fetch(gm, n)) for n in gm.graph.nodes if n.op == "get_attr"):
@@ -117,6 +119,7 @@ class FloatWeightRelease:
                 key = storage_key(t)
                 self.tensors.setdefault(key, {})[id(t)] = t
                 integer = [_is_integer_weight_read(user, node) for user in node.users]
+                self.read.update((user, key) for user, yes in zip(node.users, integer) if yes)
                 self.pending[key] = self.pending.get(key, 0) + sum(integer)
                 if not all(integer):  # also read by something else: never released
                     kept.add(key)
@@ -124,7 +127,9 @@ class FloatWeightRelease:
             self.pending.pop(key, None)
 
     def site_done(self, gm: fx.GraphModule, node: fx.Node) -> None:
-        key = storage_key(_fetch(gm, node.args[1]))
+        weight, key = _fetch(gm, node.args[1]), self.read.get(node)
+        if key is not None and storage_key(weight) != key and len(node.args[1].users) == 1:  # its own rotated copy
+            release(weight)
         if key in self.pending:
             self.pending[key] -= 1
             if not self.pending[key]:
