@@ -115,12 +115,6 @@ class QuantPlan:
                   for k, v in self.recipe.items() if k in known}
         return QuantRecipe(**fields)
 
-    # ---------------------------------------------------------------------------------------------- building
-    @classmethod
-    def from_program(cls, qp, model: torch.nn.Module | None = None) -> "QuantPlan":
-        """The plan a QuantizedProgram was built from (kept for callers of the pre-0.2 API)."""
-        return qp.quant_plan
-
     # ---------------------------------------------------------------------------------------------- files
     def save(self, directory: str | os.PathLike) -> Path:
         """Write plan.json and tensors.safetensors into `directory` (created if needed)."""

@@ -64,14 +64,6 @@ def import_lerobot_policies() -> dict[str, type]:
     return {name: getattr(_import(module), name) for name, (module, _, _) in POLICIES.items()}
 
 
-def lerobot_available() -> bool:
-    try:
-        import_lerobot_policies()
-    except LerobotNotInstalledError:
-        return False
-    return True
-
-
 # ------------------------------------------------------------------------------------------------------ wrapping
 def wrap(policy: nn.Module) -> "LerobotAdapter":
     """The lerobot `policy` (PI05Policy, PI0Policy, SmolVLAPolicy) as a qvla policy module sharing its weights.
