@@ -65,10 +65,11 @@ def add_tensor(gm: fx.GraphModule, name: str, value: torch.Tensor, before: fx.No
     base, i = "qvla_rot_" + name.replace(".", "_"), 0
     while hasattr(gm, f"{base}_{i}"):
         i += 1
-    gm.register_buffer(f"{base}_{i}", value.detach().contiguous())
+    buffer = value.detach().contiguous()
+    gm.register_buffer(f"{base}_{i}", buffer)
     with gm.graph.inserting_before(before):
         node = gm.graph.get_attr(f"{base}_{i}")
-    node.meta["val"] = value
+    node.meta["val"] = buffer  # the buffer object itself: releasing it (consume) must leave no other holder
     return node
 
 
