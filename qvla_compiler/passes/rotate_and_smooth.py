@@ -9,7 +9,8 @@ After:  fit_transforms decides: every linear of a group gets LinearInfo.rotation
         R₂; SVD·Hadamard Λ, R₁) go into each group's GroupTransform. rotate_and_smooth then rewrites from those
         annotations only (smooth_linears, then the rotation pass from ROTATION_PASSES), so a plan that carries them
         replays the same rewrite without data.
-Invariant: the float program computes the same function (every rewrite is exact in real arithmetic).
+Invariant: the float program computes the same function (every rewrite is exact in real arithmetic); in a plan's
+        program, once lower_linears has replaced the linears holding the plan's integers (replace_weight skips them).
 """
 from __future__ import annotations
 

@@ -92,9 +92,8 @@ def weight_of(gm: fx.GraphModule, linear: fx.Node) -> torch.Tensor:
 
 def replace_weight(gm: fx.GraphModule, linear: fx.Node, weight: Callable[[], torch.Tensor]) -> None:
     """Point `linear` at a new buffer holding `weight()`; drop the old attribute when nothing reads it any more.
-    A linear that already has its integer weights (a plan's program, load_plan_tensors) is left as it is: lowering
-    drops its float weight, so a transformed float copy would only cost memory (a full copy of every integer weight
-    at once)."""
+    A linear already holding its integers (a plan's program) is left as it is: lowering drops its float weight, so a
+    transformed copy would only cost memory (at full size, a copy of every integer weight at once)."""
     if "qvla_tensors" in linear.meta:
         return
     replace_input(gm, linear, linear.args[1], weight(), linear.meta["qvla"].module_path + ".weight")
