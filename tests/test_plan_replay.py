@@ -91,10 +91,13 @@ def test_a_plans_program_holds_no_transformed_float_copy_and_no_cached_operand(m
 
     policy, program, batches, _ = _captured("groot-tiny")
     rec = RECIPES["quantvla-w4a8"]
-    replaced = []
-    real = rotate_common.replace_input
-    monkeypatch.setattr(rotate_common, "replace_input",
-                        lambda gm, node, *a: (replaced.append("qvla_tensors" in node.meta), real(gm, node, *a))[1])
+    replaced, real = [], rotate_common.replace_input  # per weight replaced: did its linear hold integers already?
+
+    def spy(gm, node, *rest):
+        replaced.append("qvla_tensors" in node.meta)
+        return real(gm, node, *rest)
+
+    monkeypatch.setattr(rotate_common, "replace_input", spy)
     plan = pipeline.calibrate(program, rec, batches, model="groot-tiny", atm_style=resolve_style(rec, policy),
                               progress=False)
     assert replaced and not any(replaced)  # calibration rotates the fork's float weights, before any integer exists
