@@ -166,7 +166,7 @@ def match_attention_scales(program: Program, recipe, batches: list, teacher: dic
     """Observe the lowered student, compute α/β against `teacher`; returns the record a plan carries (and the report
     shows). Folding is the plan's: pipeline.apply reads `planned_attention_scales(record, graph)`.
     The student shares the plan's integer weights, which outlive it: a cached fp32 operand per weight would stay
-    resident for the rest of the compile and in the program built from the plan (groot-full: +3.6 GB)."""
+    resident for the rest of the compile and in the program built from the plan (the cache of RESULTS §14b)."""
     with uncached_weights():
         student = observe_program(program, batches)
     record = {"atm": recipe.atm, "ohb": recipe.ohb, "atm_style": dataclasses.asdict(style),

@@ -46,7 +46,7 @@ def _plan_tensors(plan):
 
 def test_a_transformed_weight_has_one_holder_so_releasing_it_frees_it():
     """rotate_common.add_tensor records the registered buffer itself as the get_attr's meta["val"]: a second object
-    over the same storage there kept every rotated copy alive after its release (groot-full: 1.8 GB)."""
+    over the same storage there kept every rotated copy alive after its release (RESULTS §14f)."""
     import torch.fx as fx
 
     from qvla_compiler.passes.rotate_common import add_tensor
