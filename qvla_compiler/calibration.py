@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
-from qvla_compiler.errors import CalibrationError, ScheduleError
+from qvla_compiler.errors import CalibrationError, RecipeError, ScheduleError
 from qvla_compiler.kernels.cpu_gemm import uncached_weights
 from qvla_compiler.meta import Region
 from qvla_compiler.passes import assign_regions, classify_linears
@@ -18,6 +18,7 @@ from qvla_compiler.passes.fold_attention_scales import alpha_target
 from qvla_compiler.passes.observe_attention import (BlockStats, attention_stats, observe_attention,
                                                      remove_attention_observers)
 from qvla_compiler.program import Program
+from qvla_compiler.quant.step_scales import step_bounds
 from qvla_compiler.quant.attention_scales import (ATM_STYLES, AtmStyle, atm_alpha,  # noqa: F401 — re-exported
                                                   ohb_beta)
 
@@ -104,6 +105,17 @@ def _check_finite(inputs: Any, index: int) -> None:
 
 
 # ------------------------------------------------------------------------------------- ATM / OHB statistics
+def flow_step_bounds(program: Program, recipe) -> torch.Tensor | None:
+    """The flow-step buckets per-step scales are calibrated on (act_mode "per_step"), from the policy's schedule."""
+    if recipe.act_mode != "per_step":
+        return None
+    if program.schedule is None:
+        raise RecipeError("act_mode 'per_step' calibrates one activation scale per denoising step, from the sampler's "
+                          "schedule, and a module captured on its own has none: quantize the policy (sample_actions), "
+                          "or use act_mode 'static' or 'dynamic' for this module")
+    return step_bounds(program.schedule.timesteps)
+
+
 def resolve_style(recipe, policy=None) -> AtmStyle:
     """The recipe's ATM style ("auto": GR00T-style for GR00T policies, π0.5-style otherwise) with its overrides."""
     name = recipe.atm_style

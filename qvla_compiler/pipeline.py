@@ -27,7 +27,6 @@ from qvla_compiler.passes import (FloatWeightRelease, apply_layout, apply_plan, 
                                   record_schedule, remove_observers, reset_observers, rotate_and_smooth, track_hessians)
 from qvla_compiler.plan import QuantPlan
 from qvla_compiler.program import Program
-from qvla_compiler.quant.step_scales import step_bounds
 
 
 def calibrate(program: Program, recipe, calib, *, model: str, atm_style=None, total: int | None = None,
@@ -37,6 +36,7 @@ def calibrate(program: Program, recipe, calib, *, model: str, atm_style=None, to
     if recipe.needs_bit_allocation:  # layout "auto": a weight width per linear, from its measured action error
         calib = cal.collect_batches(calib)
         recipe = cal.choose_weight_bits(program, recipe, calib, progress=progress)
+    bounds = cal.flow_step_bounds(program, recipe)  # act_mode "per_step": the schedule's flow-step buckets
     work, batches = program.fork(), cal.replayable(calib, needs_rotation(recipe), recipe.atm or recipe.ohb)
     teacher = None
     if recipe.atm or recipe.ohb:
@@ -54,10 +54,10 @@ def calibrate(program: Program, recipe, calib, *, model: str, atm_style=None, to
         cal.run_calibration(work, batches, total=total, progress=progress)
     if needs_rotation(recipe):
         with phase("calibrate: rotate, observe again"):
+            fit_transforms(work.graphs.values(), recipe)
             for gm in work.graphs.values():
-                reset_observers(rotate_and_smooth(fit_transforms(gm, recipe), recipe))
+                reset_observers(rotate_and_smooth(gm, recipe))
             cal.run_calibration(work, batches, total=total, progress=progress)
-    bounds = step_bounds(program.schedule.timesteps) if program.schedule and recipe.act_mode == "per_step" else None
     with phase("calibrate: quantize weights"):
         for gm in work.graphs.values():
             quantize_linears(gm, recipe.weight_method, bounds, progress, release)

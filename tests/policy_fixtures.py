@@ -39,9 +39,9 @@ def rotate_policy(policy, recipe, calib_steps: int = 1):
         insert_observers(gm)
     calib = list(with_noise(policy.calibration_batches(calib_steps), tuple(noise.shape[1:]), 0))
     calibrate(program, calib, progress=False)
+    fit_transforms(program.graphs.values(), recipe)
     for gm in program.graphs.values():
-        rotate_and_smooth(fit_transforms(gm, recipe), recipe)
-        reset_observers(gm)
+        reset_observers(rotate_and_smooth(gm, recipe))
     calibrate(program, calib, progress=False)
     return program, obs, noise
 

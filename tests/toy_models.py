@@ -108,6 +108,7 @@ def rotate_toy(model: nn.Module, batches: list, recipe):
     apply_layout(gm, recipe)
     insert_observers(gm)
     calibrate(program, batches, progress=False)
-    rotate_and_smooth(fit_transforms(gm, recipe), recipe)
+    fit_transforms([gm], recipe)
+    rotate_and_smooth(gm, recipe)
     remove_observers(gm)
     return gm, before, code

@@ -59,11 +59,6 @@ POLICIES = {
 }
 
 
-def import_lerobot_policies() -> dict[str, type]:
-    """{class name: class} of every lerobot policy `wrap` supports; raises LerobotNotInstalledError if any is missing."""
-    return {name: getattr(_import(module), name) for name, (module, _, _) in POLICIES.items()}
-
-
 # ------------------------------------------------------------------------------------------------------ wrapping
 def wrap(policy: nn.Module) -> "LerobotAdapter":
     """The lerobot `policy` (PI05Policy, PI0Policy, SmolVLAPolicy) as a qvla policy module sharing its weights.

@@ -79,10 +79,6 @@ class GrootConfig:
     def dit_width(self) -> int:
         return self.dit_heads * self.dit_head_dim
 
-    @property
-    def prefix_len(self) -> int:
-        return self.vision.num_patches + self.max_tokens
-
 
 # ------------------------------------------------------------------------------------------------ Qwen3 backbone
 class Qwen3Attention(nn.Module):

@@ -8,19 +8,22 @@ After:  fit_transforms decides: every linear of a group gets LinearInfo.rotation
         and every other group the per-input "hadamard". The data-fitted tensors (SmoothQuant s, DuQuant Λ, R₁, P,
         R₂; SVD·Hadamard Λ, R₁) go into each group's GroupTransform. rotate_and_smooth then rewrites from those
         annotations only (smooth_linears, then the rotation pass from ROTATION_PASSES), so a plan that carries them
-        replays the same rewrite without data.
+        replays the same rewrite without data. A weight read at several call sites (a block applied twice, in any
+        graph) gets one transform, its first call site's, so that it keeps one integer copy: the plan holds one per
+        module path.
 Invariant: the float program computes the same function (every rewrite is exact in real arithmetic); in a plan's
         program, once lower_linears has replaced the linears holding the plan's integers (replace_weight skips them).
 """
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
+import networkx as nx
 import torch.fx as fx
 
 from qvla_compiler.meta import update
-from qvla_compiler.passes.rotate_common import observed_groups
+from qvla_compiler.passes.rotate_common import TRANSFORM, group_rotation, observed_groups
 from qvla_compiler.passes.rotate_duquant import fit_block_transforms, fit_duquant, rotate_duquant
 from qvla_compiler.passes.rotate_hadamard import rotate_hadamard
 from qvla_compiler.passes.rotate_residual import StreamRole, annotate_residual_streams, residual_tag, rotate_residual
@@ -50,24 +53,48 @@ def needs_rotation(recipe: QuantRecipe) -> bool:
     return recipe.rotation != "none" or recipe.smooth != "none"
 
 
-def fit_transforms(gm: fx.GraphModule, recipe: QuantRecipe) -> fx.GraphModule:
+def fit_transforms(graphs: Iterable[fx.GraphModule], recipe: QuantRecipe) -> None:
     """Decide every group's transforms and fit their tensors from the calibrated observers (annotations only)."""
     if not needs_rotation(recipe):
-        return gm
-    if recipe.rotation == "quarot":
-        annotate_residual_streams(gm)
-    for obs_node, _, linears in observed_groups(gm):
-        parts = _group_parts(recipe, obs_node, linears)
-        for lin in linears:
-            update(lin, rotation="+".join(parts) or None)
-    if recipe.smooth != "none":
-        fit_smoothing(gm, recipe.smooth_alpha)
-    if recipe.rotation == "duquant":
-        fit_duquant(gm, recipe.rotation_block, recipe.smooth_alpha)
-    if recipe.rotation == "svd-hadamard":
-        fit_block_transforms(gm, "svd-hadamard", lambda x, ws: calibrate_svd_hadamard(
-            x, ws, block=recipe.rotation_block, alpha=recipe.smooth_alpha))
-    return gm
+        return
+    graphs = list(graphs)
+    for gm in graphs:
+        if recipe.rotation == "quarot":
+            annotate_residual_streams(gm)
+        for obs_node, _, linears in observed_groups(gm):
+            parts = _group_parts(recipe, obs_node, linears)
+            for lin in linears:
+                update(lin, rotation="+".join(parts) or None)
+    sharing = _groups_sharing_weights(graphs)
+    for gm in graphs:
+        if recipe.smooth != "none":
+            fit_smoothing(gm, recipe.smooth_alpha)
+        if recipe.rotation == "duquant":
+            fit_duquant(gm, recipe.rotation_block, recipe.smooth_alpha)
+        if recipe.rotation == "svd-hadamard":
+            fit_block_transforms(gm, "svd-hadamard", lambda x, ws: calibrate_svd_hadamard(
+                x, ws, block=recipe.rotation_block, alpha=recipe.smooth_alpha))
+    for first, *others in sharing:  # the first call site's transform for all (GPTQ uses its Hessian too)
+        for obs_node in (o for o in others if TRANSFORM in first.meta):
+            obs_node.meta[TRANSFORM] = first.meta[TRANSFORM]
+
+
+def _groups_sharing_weights(graphs: list[fx.GraphModule]) -> list[list[fx.Node]]:
+    """Observer nodes whose linears share a module path, in graph order (sets of two or more). SmoothQuant folds into
+    a norm, which not every call site may have: such a set drops it everywhere, so all take the same parts."""
+    links, groups = nx.Graph(), {}
+    for gm in graphs:
+        for obs_node, _, linears in observed_groups(gm):
+            groups[obs_node] = linears
+            links.add_edges_from((obs_node, lin.meta["qvla"].module_path) for lin in linears)
+    sets = [[n for n in groups if n in part] for part in nx.connected_components(links)]
+    for nodes in (nodes for nodes in sets if len(nodes) > 1):
+        labels = [group_rotation(groups[n]).split("+") for n in nodes]
+        dropped = {"smoothquant", "awq"} & (set().union(*labels) - set.intersection(*map(set, labels)))
+        for node, parts in zip(nodes, labels):
+            for lin in groups[node]:
+                update(lin, rotation="+".join(p for p in parts if p and p not in dropped) or None)
+    return [nodes for nodes in sets if len(nodes) > 1]
 
 
 def rotate_and_smooth(gm: fx.GraphModule, recipe: QuantRecipe) -> fx.GraphModule:
