@@ -7,6 +7,7 @@ assignment reads. A model that will not export raises ExportError naming the mod
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable, Mapping, Sequence
 
@@ -97,9 +98,26 @@ def capture_module(module: nn.Module, args: Sequence[Any], input_roles: Mapping[
 
         graphs = capture_module(dit_step, (x_t, t, feats), input_roles={"feats": "backbone"})
     """
-    args = tuple(args)
+    args, capture = tuple(args), functools.partial(export_graph, module, what="forward", prefix="", canonical=canonical)
     roles = input_roles_of(module, args, input_roles or {})
-    return {"forward": export_graph(module, args, None, roles=roles, what="forward", prefix="", canonical=canonical)}
+    shapes = leading_batch(args)
+    try:  # any batch, like a policy's graphs; a module that fixes its batch (a reshape to 2) keeps the example's
+        return {"forward": capture(args, shapes, roles=roles)}
+    except ExportError:
+        if shapes is None:
+            raise
+    return {"forward": capture(args, None, roles=roles)}
+
+
+def leading_batch(args: tuple):
+    """dynamic_shapes marking dim 0 of every tensor as the batch where it has the first tensor's leading size (>= 2:
+    export specialises a size-1 dimension), or None."""
+    leaves = [t for t in torch.utils._pytree.tree_leaves(args) if isinstance(t, torch.Tensor) and t.dim()]
+    if not leaves or leaves[0].shape[0] < 2:
+        return None
+    size, batch = leaves[0].shape[0], _batch_dim()
+    return torch.utils._pytree.tree_map(
+        lambda t: {0: batch} if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == size else None, args)
 
 
 def input_roles_of(module: nn.Module, args: tuple, given: Mapping[str, str]) -> tuple[str, ...]:

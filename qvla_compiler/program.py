@@ -18,7 +18,7 @@ from torch import nn
 from torch.export import Dim
 
 from qvla_compiler.errors import CalibrationError
-from qvla_compiler.export import OBS_KEYS, example_outputs
+from qvla_compiler.export import OBS_KEYS, example_outputs, leading_batch
 from qvla_compiler.kernels.bf16_gemms import fp32_products
 from qvla_compiler.kernels.cpu_gemm import uncached_weights
 from qvla_compiler.models.sampling import FlowSchedule, euler_sample
@@ -83,11 +83,14 @@ class Program:
     def export(self, example_args: tuple) -> dict[str, torch.export.ExportedProgram]:
         """The graphs as torch.export programs, what a saved program stores. Each is exported from its (lowered) flat
         graph, so the float model is not traced again and the Euler loop is not unrolled: a policy gives
-        {"prefix", "denoise"} with the batch dynamic (1..1024), run by PolicyProgram; a module gives {"model"} at the
-        example shapes. `example_args`: the flat inputs, (images, tokens, token_mask, state, noise) for a policy."""
+        {"prefix", "denoise"} with the batch dynamic (1..1024), run by PolicyProgram; a module gives {"model"}, its
+        batch dynamic if it was captured so. `example_args`: the flat inputs, (images, tokens, token_mask, state,
+        noise) for a policy."""
         with torch.no_grad():
-            if not self.is_policy:
-                return {"model": torch.export.export(self.graphs["forward"], tuple(example_args), strict=False)}
+            if not self.is_policy:  # a module captured with a symbolic batch keeps it
+                gm, args = self.graphs["forward"], tuple(example_args)
+                shapes = leading_batch(args) if _symbolic_batch(gm) else None
+                return {"model": torch.export.export(gm, args, strict=False, dynamic_shapes=shapes)}
             *obs, noise = example_args
             prefix = example_outputs(self.graphs["prefix"], tuple(obs), functools.partial(self._run_prefix, obs))
             t = torch.full((noise.shape[0],), self.schedule.timesteps[0], dtype=noise.dtype, device=noise.device)
@@ -102,6 +105,11 @@ class Program:
         # uncached: the CPU weight cache would keep an fp32 copy of the backbone's integer weights (RESULTS §14b)
         with torch.no_grad(), uncached_weights(), fp32_products(self.graphs["prefix"]):
             return tuple(self.graphs["prefix"](*obs))
+
+
+def _symbolic_batch(gm: fx.GraphModule) -> bool:
+    vals = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
+    return any(isinstance(v, torch.Tensor) and v.dim() and not isinstance(v.shape[0], int) for v in vals)
 
 
 class PolicyProgram(nn.Module):

@@ -7,9 +7,10 @@ MAX_FILE_LINES = 400
 # The per-file cap is the style rule; the total catches bloat. 14,000 (set 2026-11-29 at about 10k lines) was passed
 # on 2026-12-05 by SVD·Hadamard, recipe options and the omega preset (+132 lines); raised then, not to be raised
 # again without first looking for dead code (kernels' *_ref aside, `quant/` helpers only tests call are candidates).
-# 14,530 on 2026-12-06: one transform per shared weight and the per_step refusal (+56), after removing three unused
-# functions (import_lerobot_policies, GrootConfig.prefix_len, fold_into_consumer: -13) and compacting the change.
-MAX_TOTAL_LINES = 14_530
+# 14,560 on 2026-12-06 for three fixes found by running the zoo through every recipe (one transform per shared
+# weight, the per_step refusal, a dynamic batch for plain modules: +64), after removing three unused functions
+# (import_lerobot_policies, GrootConfig.prefix_len, fold_into_consumer: -13); vulture and `duplicates` found no more.
+MAX_TOTAL_LINES = 14_560
 
 
 def _line_counts() -> dict[str, int]:

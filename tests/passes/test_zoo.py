@@ -258,3 +258,16 @@ def test_zoo_through_the_data_fitted_recipes_saves_and_loads(name, recipe, tmp_p
     loaded = qvla_compiler.load(qp.save(tmp_path / "zoo.pt2")).module(compiled=False)
     want, got = tree_leaves(qp.module(compiled=False)(*args)), tree_leaves(loaded(*args))
     assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+
+def test_a_module_program_takes_any_batch_saved_and_loaded(tmp_path):
+    """A plain module is captured with a dynamic batch, as a policy is: quantized at batch 2, run at batch 3 after a
+    save and load (it was fixed at the example's batch: 'Guard failed: x.size()[0] == 2')."""
+    case = ZOO["qk_norm_rope"]
+    torch.manual_seed(0)
+    module, args = case.build().eval(), case.inputs()
+    qp = qvla_compiler.quantize(module, args, [case.inputs()], "w8a8", layout="all", progress=False)
+    x3 = torch.randn(3, *args[0].shape[1:])
+    loaded = qvla_compiler.load(qp.save(tmp_path / "m.pt2")).module(compiled=False)
+    assert torch.equal(loaded(x3), qp.module(compiled=False)(x3))
+    assert (loaded(x3) - module(x3)).norm() < 0.02 * module(x3).norm()
