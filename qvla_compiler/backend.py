@@ -153,7 +153,7 @@ def capture_dynamo_graph(gm: fx.GraphModule, example_inputs, plan) -> DynamoCapt
             params[i] = _plan_fqn(fqn, plan)
     holder = _ParameterHolder(gm, {i: (fqn, example_inputs[i]) for i, fqn in params.items()}, len(placeholders))
     user = tuple(example_inputs[i] for i in user_index)
-    graph = capture_module(holder, user)["forward"]
+    graph = capture_module(holder, user, dynamic_batch=False)["forward"]
     _tag_time_input(graph, [str(placeholders[i].target) for i in user_index])
     linears = [n.args[1].target.removesuffix(".weight") for n in graph.graph.nodes
                if n.op == "call_function" and n.target is torch.ops.aten.linear.default and n.args[1].op == "get_attr"]

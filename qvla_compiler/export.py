@@ -84,7 +84,7 @@ def example_outputs(fn: Callable[..., Any], args: tuple, real_run: Callable[[], 
 
 
 def capture_module(module: nn.Module, args: Sequence[Any], input_roles: Mapping[str, str] | None = None, *,
-                   canonical: bool = True) -> dict[str, fx.GraphModule]:
+                   canonical: bool = True, dynamic_batch: bool = True) -> dict[str, fx.GraphModule]:
     """{"forward": GraphModule} for a plain module, its flat inputs tagged with what they are.
 
     `input_roles` maps forward-argument names to roles (image / text / state / prefix / action / time / input; the
@@ -92,7 +92,8 @@ def capture_module(module: nn.Module, args: Sequence[Any], input_roles: Mapping[
     Arguments not named there are recognised by common names (pixel_values → image, input_ids → text, state →
     state, x_t / noisy_actions / sample → action, t / timestep / sigma → time, encoder_hidden_states /
     past_key_values → prefix), else count as plain inputs. Regions follow: action/time reach the action head.
-    `canonical=False` keeps the graph exactly as torch.export gave it (for testing the canonicalising passes).
+    `canonical=False` keeps the graph exactly as torch.export gave it (for testing the canonicalising passes);
+    `dynamic_batch=False` keeps the example's shapes (Dynamo graphs: Dynamo recompiles for new shapes itself).
 
     Example::
 
@@ -100,7 +101,7 @@ def capture_module(module: nn.Module, args: Sequence[Any], input_roles: Mapping[
     """
     args, capture = tuple(args), functools.partial(export_graph, module, what="forward", prefix="", canonical=canonical)
     roles = input_roles_of(module, args, input_roles or {})
-    shapes = leading_batch(args)
+    shapes = leading_batch(args) if dynamic_batch else None
     try:  # any batch, like a policy's graphs; a module that fixes its batch (a reshape to 2) keeps the example's
         return {"forward": capture(args, shapes, roles=roles)}
     except ExportError:
