@@ -65,7 +65,7 @@ def quantize_act_ref(x: torch.Tensor, bits: int, static_scale: torch.Tensor | No
         scale = (amax / qmax).clamp_min(1e-8)
     else:
         scale = static_scale.float().expand(*x.shape[:-1], 1)
-    q = torch.clamp(torch.round(xf / scale), -qmax, qmax).to(torch.int8)
+    q = torch.clamp(torch.round(xf / scale), -qmax, qmax).to(torch.int8).contiguous()  # as the fake says
     return q, (scale + 0.0 * amax).contiguous()  # 0 * NaN = 0 * inf = NaN: the row's scale carries the poison
 
 

@@ -46,13 +46,13 @@ def hadamard(x: Tensor, had_m: Tensor | None, scale: float, inner: int = 1) -> T
     heads of a (heads, head_dim=inner) last dim.
     """
     _check_hadamard(x, had_m, inner)
-    return hadamard_butterfly(x, had_m, inner) * scale
+    return (hadamard_butterfly(x, had_m, inner) * scale).contiguous()
 
 
 @hadamard.register_fake
 def _(x, had_m, scale, inner=1):
     _check_hadamard(x, had_m, inner)
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous whatever x's strides, as the kernel returns (Inductor asserts strides)
 
 
 def _hadamard_backward(ctx, grad):
@@ -115,13 +115,13 @@ def block_rotate(x: Tensor, rot: Tensor, perm: Tensor | None = None, rot2: Tenso
         y = y.index_select(-1, perm)
     if rot2 is not None:
         y = _blockwise(y, rot2)
-    return y
+    return y.contiguous()
 
 
 @block_rotate.register_fake
 def _(x, rot, perm=None, rot2=None):
     _check_block_rotate(x, rot, perm, rot2)
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, as the kernel returns: empty_like kept a transposed input's strides
 
 
 def _block_rotate_backward(ctx, grad):

@@ -8,7 +8,7 @@ import torch
 from qvla_compiler.quant.duquant import calibrate_duquant
 from qvla_compiler.errors import ShapeError
 from qvla_compiler.quant.hadamard import fast_hadamard, hadamard_base, hadamard_factors, hadamard_matrix
-from qvla_compiler.kernels.rotate_ops import block_rotate_ref, hadamard_ref
+from qvla_compiler.kernels.rotate_ops import block_rotate, block_rotate_ref, hadamard, hadamard_ref
 
 SHAPES = [(1, 48), (3, 96), (2, 5, 384), (7, 1536), (1, 1, 6144), (4, 4096), (50, 60)]
 
@@ -133,3 +133,17 @@ def test_export_keeps_ops_as_single_nodes():
     dyn = torch.export.export(mod, (x,), dynamic_shapes=({0: torch.export.Dim("batch"), 1: torch.export.Dim("t")},))
     x2 = torch.randn(3, 7, 1536)
     torch.testing.assert_close(dyn.module()(x2), mod(x2))
+
+
+def test_fake_kernels_give_the_real_strides_on_a_transposed_input():
+    """Inductor asserts every custom op's output strides against its fake kernel. The fakes returned empty_like(x),
+    which keeps a transposed input's strides, while the kernels return contiguous tensors: torch.compile(backend=
+    "qvla") on nn.MultiheadAttention under DuQuant failed with 'expected ... stride 64==32'."""
+    from qvla_compiler.kernels.ops import quantize_act
+
+    x = torch.randn(6, 2, 32).transpose(0, 1)  # [2, 6, 32], not contiguous: MHA's [T, B, E] ↔ [B, T, E]
+    rot = torch.linalg.qr(torch.randn(4, 8, 8))[0]
+    cases = [(block_rotate, (x, rot, torch.randperm(32), rot)), (hadamard, (x, None, 32 ** -0.5)),
+             (quantize_act, (x, 8, None))]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_faketensor",))
