@@ -34,7 +34,7 @@ from torch import nn
 from qvla_compiler import pipeline
 from qvla_compiler.export import ROLE_BY_ARG_NAME, capture_module
 from qvla_compiler.meta import INPUTS_KEY
-from qvla_compiler.plan import ModulePlan, PlanError, QuantPlan, as_plan
+from qvla_compiler.plan import ModulePlan, PlanError, QuantPlan, as_plan, weight_fingerprint
 from qvla_compiler.program import Program
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def capture_dynamo_graph(gm: fx.GraphModule, example_inputs, plan) -> DynamoCapt
         if fqn is None or not isinstance(value, torch.Tensor):
             user_index.append(i)
         else:
-            params[i] = _plan_fqn(fqn, plan)
+            params[i] = _plan_fqn(fqn, plan, value)
     holder = _ParameterHolder(gm, {i: (fqn, example_inputs[i]) for i, fqn in params.items()}, len(placeholders))
     user = tuple(example_inputs[i] for i in user_index)
     graph = capture_module(holder, user, dynamic_batch=False)["forward"]
@@ -187,12 +187,18 @@ def _source_fqn(raw: str) -> str:
     return ".".join(parts[1:])  # parts[0] is the local name (`self`, `model`)
 
 
-def _plan_fqn(fqn: str, plan) -> str:
-    """The tensor's name with its module path as the plan spells it (exact, or a unique dotted-suffix match)."""
+def _plan_fqn(fqn: str, plan, value: torch.Tensor) -> str:
+    """The tensor's name with its module path as the plan spells it: exact, a unique dotted-suffix match, or for a
+    weight Dynamo names after another module (tied: the LM head's weight is `embed_tokens.weight` there) the one
+    plan entry with its shape and float fingerprint."""
     module, _, attr = fqn.rpartition(".")
     if module in plan.modules:
         return fqn
     hits = [p for p in plan.modules if module.endswith("." + p) or p.endswith("." + module)]
+    if not hits and attr == "weight" and value.dim() == 2:
+        shape, print_ = list(value.shape), weight_fingerprint(value)
+        hits = [p for p, e in plan.modules.items() if [e.out_features, e.in_features] == shape
+                and e.extra.get("fingerprint") == print_]
     return f"{hits[0]}.{attr}" if len(hits) == 1 else fqn
 
 

@@ -113,3 +113,27 @@ def test_partial_plan_warns_with_the_unmatched_linears():
     strict = qvla_compiler.backend(plan=plan, inductor=False, strict=True)
     with pytest.raises(Exception, match=dropped.replace(".", r"\.")), torch.no_grad():
         torch.compile(policy.embed_prefix, backend=strict)(*policy_args(policy)[:4])
+
+
+@pytest.mark.parametrize("name,inductor", [("tied_weights", False), ("torch_mha", True)])
+def test_zoo_shapes_through_the_backend_match_the_program(name, inductor):
+    """Two shapes the backend got wrong: a tied LM head, whose weight Dynamo names `embed_tokens.weight`, stayed
+    float (matched to the plan now by shape and fingerprint), and nn.MultiheadAttention under DuQuant failed
+    Inductor's stride check on qvla::block_rotate's transposed input."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "passes"))
+    from test_zoo import ZOO
+
+    case = ZOO[name]
+    torch.manual_seed(0)
+    module, args, calib = case.build().eval(), case.inputs(), [case.inputs() for _ in range(2)]
+    qp = qvla_compiler.quantize(module, args, calib, "quantvla-w4a8", layout="all", progress=False)
+    be = qvla_compiler.backend(plan=qp.quant_plan, strict=True, inductor=inductor)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(module, backend=be)(*args)
+    want = qp.module(compiled=False)(*args)
+    assert sum(len(m.quantized) for m in be.graphs) == qp.report.int_linears
+    assert torch.equal(got, want) if not inductor else torch.allclose(got, want, rtol=1e-4, atol=1e-5)
