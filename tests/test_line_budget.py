@@ -10,7 +10,8 @@ MAX_FILE_LINES = 400
 # 14,560 on 2026-12-06 for three fixes found by running the zoo through every recipe (one transform per shared
 # weight, the per_step refusal, a dynamic batch for plain modules: +64), after removing three unused functions
 # (import_lerobot_policies, GrootConfig.prefix_len, fold_into_consumer: -13); vulture and `duplicates` found no more.
-MAX_TOTAL_LINES = 14_560
+# 14,620 the same day for passes/canonicalize_linears.py (GPT-2's Conv1D and `x @ W.t()` were not found as linears).
+MAX_TOTAL_LINES = 14_620
 
 
 def _line_counts() -> dict[str, int]:

@@ -386,3 +386,37 @@ class DiTStep(nn.Module):
             x = blk(x, encoder_hidden_states)
         return self.action_out(self.norm_out(x))
 
+
+
+class Conv1D(nn.Module):
+    """GPT-2's (transformers.pytorch_utils.Conv1D) linear: weight [in, out], y = addmm(b, x, W)."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) / math.sqrt(nx))
+        self.bias = nn.Parameter(torch.randn(nf) * 0.02)
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], -1)
+
+
+class GPT2Block(nn.Module):
+    """GPT-2 block: Conv1D fused c_attn split in q/k/v, causal attention, c_proj; Conv1D MLP with GELU; and an extra
+    head read as `x @ self.proj.t()` (a raw parameter, no module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(W), nn.LayerNorm(W)
+        self.attn = nn.Module()
+        self.attn.c_attn, self.attn.c_proj = Conv1D(3 * W, W), Conv1D(W, W)
+        self.mlp = nn.Module()
+        self.mlp.c_fc, self.mlp.c_proj = Conv1D(4 * W, W), Conv1D(W, 4 * W)
+        self.proj = nn.Parameter(torch.randn(W, W) / math.sqrt(W))
+
+    def forward(self, x):
+        q, k, v = self.attn.c_attn(self.ln_1(x)).split(W, dim=-1)
+        q, k, v = (t.view(*x.shape[:-1], H, W // H).transpose(1, 2) for t in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(x.shape)
+        x = x + self.attn.c_proj(a)
+        x = x + self.mlp.c_proj(F.gelu(self.mlp.c_fc(self.ln_2(x)), approximate="tanh"))
+        return x @ self.proj.t()

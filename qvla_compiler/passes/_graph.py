@@ -75,7 +75,8 @@ def linear_nodes(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def inputs_of(node: fx.Node) -> list[fx.Node]:
-    return list(node.all_input_nodes)
+    """The tensors `node` reads; not the symbolic sizes of a dynamic batch (`view(h, [sym_size(x, 0), 6, 128])`)."""
+    return [n for n in node.all_input_nodes if not isinstance(n.meta.get("val"), torch.SymInt)]
 
 
 def walk(start: Iterable[fx.Node], step: Callable[[fx.Node], Iterable[fx.Node]],
