@@ -195,7 +195,8 @@ def _plan_fqn(fqn: str, plan, value: torch.Tensor) -> str:
     if module in plan.modules:
         return fqn
     hits = [p for p in plan.modules if module.endswith("." + p) or p.endswith("." + module)]
-    if not hits and attr == "weight" and value.dim() == 2:
+    own = any(p.startswith(module + ".") for p in plan.modules)  # a weight folded under its module (GPT-2's Conv1D)
+    if not hits and not own and attr == "weight" and value.dim() == 2:
         shape, print_ = list(value.shape), weight_fingerprint(value)
         hits = [p for p, e in plan.modules.items() if [e.out_features, e.in_features] == shape
                 and e.extra.get("fingerprint") == print_]
