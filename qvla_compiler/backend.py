@@ -93,7 +93,9 @@ class QvlaBackend:
             from qvla_compiler.kernels.inductor import register
 
             register()  # the qvla:: ops decompose into aten and fuse with their neighbours (kernels/inductor.py)
-            compiled = compile_fx(lowered, list(captured.user_inputs))
+            # an exported graph's key does not pickle (closures in it): Inductor's FX cache would only log a traceback
+            with torch._inductor.config.patch(fx_graph_cache=False):
+                compiled = compile_fx(lowered, list(captured.user_inputs))
         return captured.wrap(compiled)
 
     def summary(self) -> str:
