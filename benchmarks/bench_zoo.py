@@ -2,13 +2,18 @@
 `all` and `quantvla` layouts, and the output rel-L2 at W8A8 and W4A8 (layout `all`, 4 calibration batches).
 
     python benchmarks/bench_zoo.py            # a markdown table on stdout
+    python benchmarks/bench_zoo.py --recipes w8a8 quantvla-w4a8 omega-w4a4   # every linear integer (layout all):
+        # rel-L2 per recipe, and per shape for the first recipe: saved → loaded bit-identical, batch 3 after
+        # quantizing at 2, torch.compile(backend="qvla") with the program's plan against the program
 
 The zoo's modules and inputs are the test suite's (tests/zoo_models.py, tests/passes/test_zoo.py).
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import platform
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -44,10 +49,50 @@ def measure(case) -> dict:
     return row
 
 
+def _rel(out, ref) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+def checks(case, recipe: str) -> list[str]:
+    """rel-L2 under `recipe` (layout all), saved == loaded, batch 3 vs float, backend vs program."""
+    torch.manual_seed(0)
+    module, args, calib = case.build().eval(), case.inputs(), [case.inputs() for _ in range(2)]
+    qp = qvla_compiler.quantize(module, args, calib, recipe, layout="all", progress=False,
+                                input_roles=case.input_roles)
+    program, leaves = qp.module(compiled=False), torch.utils._pytree.tree_leaves
+    with tempfile.TemporaryDirectory() as folder:
+        loaded = qvla_compiler.load(qp.save(Path(folder) / "zoo.pt2")).module(compiled=False)
+        same = all(torch.equal(a, b) for a, b in zip(leaves(program(*args)), leaves(loaded(*args))))
+    wider = tuple(torch.cat([a, a[:1]]) if isinstance(a, torch.Tensor) and a.dim() else a for a in args)
+    try:
+        batch = f"{_rel(leaves(program(*wider))[0], leaves(module(*wider))[0]):.4f}"
+    except Exception as exc:  # noqa: BLE001 — a module that fixes its batch keeps the example's
+        batch = type(exc).__name__
+    backend = qvla_compiler.backend(plan=qp.quant_plan, inductor=False)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(module, backend=backend)(*args)
+    return [f"{qp.report.action_rel_l2:.4f}", str(same), batch,
+            f"{_rel(leaves(compiled)[0], leaves(program(*args))[0]):.1e}"]
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipes", nargs="+", help="the recipe table instead of the layout table")
+    args = ap.parse_args()
     torch.set_num_threads(1)
     print(f"# {platform.processor() or platform.machine()}, {torch.backends.cpu.get_cpu_capability()}, "
           f"torch {torch.__version__}, 1 thread")
+    if args.recipes:
+        first = args.recipes[0]
+        cols = [*args.recipes[1:], f"{first}: saved = loaded", "batch 3 rel-L2", "backend vs program"]
+        print(f"| shape | {first} rel-L2 | " + " | ".join(cols) + " |")
+        print("|---" * (len(cols) + 2) + "|")
+        for name, case in _zoo().items():
+            first_row = checks(case, first)
+            rest = [checks(case, r)[0] for r in args.recipes[1:]]
+            print(f"| {name} | {first_row[0]} | " + " | ".join(rest + first_row[1:]) + " |", flush=True)
+        return
     cols = ["linears", "int all", "int quantvla", "w8a8/all rel-L2", "w4a8/all rel-L2", "w8a8/all s"]
     print("| shape | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
