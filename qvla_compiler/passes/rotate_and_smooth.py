@@ -65,7 +65,7 @@ def fit_transforms(graphs: Iterable[fx.GraphModule], recipe: QuantRecipe) -> Non
             parts = _group_parts(recipe, obs_node, linears)
             for lin in linears:
                 update(lin, rotation="+".join(parts) or None)
-    sharing = _groups_sharing_weights(graphs)
+    sharing = _align_shared_groups(graphs)
     for gm in graphs:
         if recipe.smooth != "none":
             fit_smoothing(gm, recipe.smooth_alpha)
@@ -79,8 +79,8 @@ def fit_transforms(graphs: Iterable[fx.GraphModule], recipe: QuantRecipe) -> Non
             obs_node.meta[TRANSFORM] = first.meta[TRANSFORM]
 
 
-def _groups_sharing_weights(graphs: list[fx.GraphModule]) -> list[list[fx.Node]]:
-    """Observer nodes whose linears share a module path, in graph order (sets of two or more). SmoothQuant folds into
+def _align_shared_groups(graphs: list[fx.GraphModule]) -> list[list[fx.Node]]:
+    """Sets (two or more, graph order) of observer nodes whose linears share a module path. SmoothQuant folds into
     a norm, which not every call site may have: such a set drops it everywhere, so all take the same parts."""
     links, groups = nx.Graph(), {}
     for gm in graphs:
