@@ -66,7 +66,10 @@ def int8_linear_decomp(xq, x_scale, w_q, w_scale, bias, out_dtype):
     if not _cpu(xq, x_scale, w_q, w_scale, bias) or xq.shape[-1] != w_q.shape[1] or xq.numel() == 0:
         return NotImplemented
     k, lead = xq.shape[-1], xq.shape[:-1]
-    out = _int_acc_as_float(xq.reshape(-1, k), w_q) * x_scale.reshape(-1, 1) * w_scale
+    # w_scale · (acc · x_scale): the eager kernel's product, but not the shape of Inductor's smooth-quant _int_mm
+    # pattern, which would swap in onednn::qlinear_pointwise for the signed activations (1.2 s per 129×512×2048 on
+    # an AVX512-VNNI EPYC without AMX: 600× the fp32 program, RESULTS §1b)
+    out = w_scale * (_int_acc_as_float(xq.reshape(-1, k), w_q) * x_scale.reshape(-1, 1))
     if bias is not None:
         out = out + bias.float()
     return out.reshape(*lead, w_q.shape[0]).to(out_dtype)
@@ -80,7 +83,7 @@ def int4_linear_decomp(xq, x_scale, w_packed, w_scale, bias, group_size, out_dty
     x = xq.reshape(-1, k)
     w = unpack_int4(w_packed, k)  # constant-folded under freezing: unpacked once, at compile time
     if w_scale.shape[1] == 1:
-        out = _int_acc_as_float(x, w) * w_scale[:, 0]
+        out = w_scale[:, 0] * _int_acc_as_float(x, w)  # operands swapped: see int8_linear_decomp
     elif group_size > cpu_gemm.EXACT_CHUNK or cpu_gemm.backend() == "int_mm":
         groups = [_int_acc_as_float(x[:, s:s + group_size], w[:, s:s + group_size]) for s in range(0, k, group_size)]
         out = (torch.stack(groups) * w_scale.t()[:, None, :]).sum(0)
