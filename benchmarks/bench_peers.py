@@ -44,8 +44,12 @@ from qvla_compiler.models import build_policy
 from qvla_compiler.models.sampling import euler_sample
 
 warnings.filterwarnings("ignore")
+# qvla's default layout keeps the action head's attention and the vision tower float; the peers quantize every
+# linear: "+all" makes every linear integer, "+bf16" runs the float linears in bf16 (native on AVX512-BF16 / AMX)
+QVLA_OPTIONS = ("w8a8+all", "w8a8+bf16", "w8a8+all+bf16")
 ALL_VARIANTS = ("fp32 eager", "fp32 inductor", "bf16 inductor", "torchao w8a8", "torchao w8a8 inductor",
-                "pt2e x86 inductor", "qvla w8a8", "qvla w8a8 inductor", "qvla w4a8", "qvla w4a8 inductor")
+                "pt2e x86 inductor", "qvla w8a8", "qvla w8a8 inductor", "qvla w4a8", "qvla w4a8 inductor",
+                *(f"qvla {r} inductor" for r in QVLA_OPTIONS))
 OBS_KEYS = ("images", "tokens", "token_mask", "state")
 
 
@@ -294,7 +298,8 @@ BUILDERS = {"fp32 eager": build_fp32_eager, "fp32 inductor": build_fp32_inductor
             "bf16 inductor": build_bf16_inductor, "torchao w8a8": build_torchao,
             "torchao w8a8 inductor": build_torchao_inductor, "pt2e x86 inductor": build_pt2e,
             "qvla w8a8": build_qvla("w8a8", False), "qvla w8a8 inductor": build_qvla("w8a8", True),
-            "qvla w4a8": build_qvla("w4a8", False), "qvla w4a8 inductor": build_qvla("w4a8", True)}
+            "qvla w4a8": build_qvla("w4a8", False), "qvla w4a8 inductor": build_qvla("w4a8", True),
+            **{f"qvla {r} inductor": build_qvla(r, True) for r in QVLA_OPTIONS}}
 
 
 # ---------------------------------------------------------------------------------------------------------------
