@@ -8,7 +8,7 @@ setup(
     # Only the qvla_compiler package and its subpackages: never top-level `passes` / `kernels` / `lowering`.
     packages=find_packages(include=["qvla_compiler", "qvla_compiler.*"]),
     package_data={"qvla_compiler": ["eval/checkpoints/*.safetensors", "eval/checkpoints/*.md"]},
-    install_requires=["torch>=2.13,<2.14", "numpy", "safetensors", "tqdm", "rich", "scipy", "pillow"],
+    install_requires=["torch>=2.13,<2.14", "numpy", "safetensors", "tqdm", "rich", "scipy", "pillow", "networkx"],
     extras_require={
         "dev": ["pytest", "pytest-xdist", "hypothesis", "pytest-timeout", "triton==3.9.0", "matplotlib"],
         "gpu": ["triton>=3.9"],
