@@ -67,8 +67,8 @@ def int8_linear_decomp(xq, x_scale, w_q, w_scale, bias, out_dtype):
         return NotImplemented
     k, lead = xq.shape[-1], xq.shape[:-1]
     # w_scale · (acc · x_scale): the eager kernel's product, but not the shape of Inductor's smooth-quant _int_mm
-    # pattern, which would swap in onednn::qlinear_pointwise for the signed activations (1.2 s per 129×512×2048 on
-    # an AVX512-VNNI EPYC without AMX: 600× the fp32 program, RESULTS §1b)
+    # pattern, which would swap in onednn::qlinear_pointwise for the signed activations (1.2 s a call on average over
+    # groot-small's prefix GEMMs, M = 129, on an AVX512-VNNI EPYC without AMX: 600× the fp32 prefix, RESULTS §1b)
     out = w_scale * (_int_acc_as_float(xq.reshape(-1, k), w_q) * x_scale.reshape(-1, 1))
     if bias is not None:
         out = out + bias.float()

@@ -74,8 +74,8 @@ def fit_transforms(graphs: Iterable[fx.GraphModule], recipe: QuantRecipe) -> Non
         if recipe.rotation == "svd-hadamard":
             fit_block_transforms(gm, "svd-hadamard", lambda x, ws: calibrate_svd_hadamard(
                 x, ws, block=recipe.rotation_block, alpha=recipe.smooth_alpha))
-    for first, *others in sharing:  # the first call site's transform for all (GPTQ uses its Hessian too)
-        for obs_node in (o for o in others if TRANSFORM in first.meta):
+    for first, *others in (nodes for nodes in sharing if TRANSFORM in nodes[0].meta):
+        for obs_node in others:  # the first call site's transform for all (GPTQ uses its Hessian too)
             obs_node.meta[TRANSFORM] = first.meta[TRANSFORM]
 
 

@@ -159,8 +159,8 @@ class _PerChannelInt4(torch.nn.Module):
 @pytest.mark.parametrize("module", [_TinyQuantized, _PerChannelInt4])
 def test_int_mm_programs_do_not_become_onednn_qlinear(monkeypatch, module):
     """On AVX512-VNNI (`_int_mm`), `acc * x_scale * w_scale` after `_int_mm` is the shape of Inductor's smooth-quant
-    freezing pattern, which swapped in onednn::qlinear_pointwise for our signed activations: 1.2 s per 129×512×2048
-    call on an AVX512-VNNI EPYC, 600× the fp32 policy (RESULTS §1b). The epilogue's operands are ordered so that the
+    freezing pattern, which swapped in onednn::qlinear_pointwise for our signed activations: 1.2 s a call on
+    average over groot-small's prefix GEMMs on an AVX512-VNNI EPYC, 600× the fp32 prefix (RESULTS §1b). The epilogue's operands are ordered so that the
     pattern does not match; the products are the same, so the program stays bit-identical to eager."""
     from torch._inductor.utils import run_and_get_code
 
