@@ -19,7 +19,7 @@ from qvla_compiler import calibration as cal
 from qvla_compiler.inspect.phases import phase
 from qvla_compiler.inspect.report import LinearReport, linear_reports, param_bytes, planned_sqnr
 from qvla_compiler.inspect.trace import trace_phase
-from qvla_compiler.lowering import cast_float_part, lower_linears
+from qvla_compiler.lowering import cast_float_linears, lower_linears
 from qvla_compiler.passes import (FloatWeightRelease, apply_layout, apply_plan, assign_regions,
                                   check_accumulator_bounds, check_schedule, classify_linears, fit_transforms,
                                   fold_attention_scales, insert_observers, keep_unquantizable_float,
@@ -98,6 +98,6 @@ def apply(program: Program, plan: QuantPlan, *, dump_dir: str | None = None) -> 
         lower_linears(gm)
         check_schedule(gm)
         fold_attention_scales(gm, *cal.planned_attention_scales(plan.attention, name))
-        cast_float_part(gm, recipe.float_dtype)  # float linears (α/β folded) and attention in bf16 if the recipe says so
+        cast_float_linears(gm, recipe.float_dtype)  # the float linears (α/β folded) in bf16 if the recipe says so
     dump("4-lowered", program.graphs)
     return Applied(rows, float_bytes, plan.attention)

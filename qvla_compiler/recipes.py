@@ -70,7 +70,7 @@ class QuantRecipe:
     atm_neutral: float | None = None  # overrides the style's neutral band
     ohb_log_clip: float = 0.3  # |log β| <= this
     ohb_neutral: float = 0.03  # β = 1 when |log β| < this
-    float_dtype: str = "fp32"  # "bf16": float linears stored and run in bf16, attention products too (lowering)
+    float_dtype: str = "fp32"  # "bf16": the float linears stored and run in bf16 (lowering.cast_float_linears)
     bpw: float | None = None  # layout "auto": average weight bits over the candidate linears (>= 4; 16 = float)
     weight_bits: tuple[tuple[str, int], ...] = ()  # module path → weight width (4, 8; 16 = float), set by "auto"
 
