@@ -23,7 +23,7 @@ import networkx as nx
 import torch.fx as fx
 
 from qvla_compiler.meta import update
-from qvla_compiler.passes.rotate_common import TRANSFORM, group_rotation, observed_groups
+from qvla_compiler.passes.rotate_common import FITTED_AT, TRANSFORM, group_rotation, observed_groups
 from qvla_compiler.passes.rotate_duquant import fit_block_transforms, fit_duquant, rotate_duquant
 from qvla_compiler.passes.rotate_hadamard import rotate_hadamard
 from qvla_compiler.passes.rotate_residual import StreamRole, annotate_residual_streams, residual_tag, rotate_residual
@@ -66,6 +66,9 @@ def fit_transforms(graphs: Iterable[fx.GraphModule], recipe: QuantRecipe) -> Non
             for lin in linears:
                 update(lin, rotation="+".join(parts) or None)
     sharing = _align_shared_groups(graphs)
+    for first, *others in sharing:  # fitted once, at the first call site
+        for obs_node in others:
+            obs_node.meta[FITTED_AT] = first
     for gm in graphs:
         if recipe.smooth != "none":
             fit_smoothing(gm, recipe.smooth_alpha)
@@ -75,7 +78,7 @@ def fit_transforms(graphs: Iterable[fx.GraphModule], recipe: QuantRecipe) -> Non
             fit_block_transforms(gm, "svd-hadamard", lambda x, ws: calibrate_svd_hadamard(
                 x, ws, block=recipe.rotation_block, alpha=recipe.smooth_alpha))
     for first, *others in (nodes for nodes in sharing if TRANSFORM in nodes[0].meta):
-        for obs_node in others:  # the first call site's transform for all (GPTQ uses its Hessian too)
+        for obs_node in others:  # the first site's transform for all (GPTQ uses its Hessian too)
             obs_node.meta[TRANSFORM] = first.meta[TRANSFORM]
 
 

@@ -23,6 +23,7 @@ from qvla_compiler.passes.quantize_linears import _fetch
 
 
 TRANSFORM = "qvla_transform"
+FITTED_AT = "qvla_fitted_at"  # on an observer whose weights another call site's transform serves: that observer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,11 @@ def observed_groups(gm: fx.GraphModule) -> list[tuple[fx.Node, ActObserver, list
         if node.op == "call_module" and str(node.target).startswith(OBSERVER_PREFIX):
             groups.append((node, gm.get_submodule(node.target), list(node.users)))
     return groups
+
+
+def groups_to_fit(gm: fx.GraphModule) -> list[tuple[fx.Node, ActObserver, list[fx.Node]]]:
+    """observed_groups less the call sites whose transform another site's fit gives (FITTED_AT)."""
+    return [group for group in observed_groups(gm) if FITTED_AT not in group[0].meta]
 
 
 def group_rotation(linears: list[fx.Node]) -> str:

@@ -16,8 +16,9 @@ import torch
 import torch.fx as fx
 
 from qvla_compiler.quant.duquant import calibrate_duquant
-from qvla_compiler.passes.rotate_common import (TRANSFORM, group_rotation, group_transform, insert_online, observed_groups,
-                                               replace_weight, set_group_transform, weight_of)
+from qvla_compiler.passes.rotate_common import (TRANSFORM, group_rotation, group_transform, groups_to_fit,
+                                               insert_online, observed_groups, replace_weight, set_group_transform,
+                                               weight_of)
 
 BLOCK_ROTATE = torch.ops.qvla.block_rotate.default
 GREEDY_STEPS = 64  # greedy rotation steps per block (the reference's 256 buys little on a few hundred tokens)
@@ -33,7 +34,7 @@ def fit_duquant(gm: fx.GraphModule, block: int = 128, alpha: float | None = 0.6,
 def fit_block_transforms(gm: fx.GraphModule, label: str, fit) -> fx.GraphModule:
     """GroupTransform.duquant = fit(activation sample, weights) for every group annotated `label`. A group also
     smoothed by SmoothQuant is fitted on what it will see: x/s and W·diag(s)."""
-    for obs_node, obs, linears in observed_groups(gm):
+    for obs_node, obs, linears in groups_to_fit(gm):
         if label not in group_rotation(linears).split("+"):
             continue
         obs.require_data()

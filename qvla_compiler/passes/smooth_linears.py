@@ -17,8 +17,8 @@ import dataclasses
 import torch.fx as fx
 
 from qvla_compiler.passes import _graph as g
-from qvla_compiler.passes.rotate_common import (add_tensor, group_rotation, group_transform, observed_groups,
-                                               replace_weight, set_group_transform, weight_of)
+from qvla_compiler.passes.rotate_common import (add_tensor, group_rotation, group_transform, groups_to_fit,
+                                               observed_groups, replace_weight, set_group_transform, weight_of)
 from qvla_compiler.passes.quantize_linears import _fetch
 from qvla_compiler.quant.awq import awq_search_scales
 from qvla_compiler.quant.smoothquant import smoothquant_scales
@@ -76,7 +76,7 @@ def _attr(node, width: int) -> bool:
 def fit_smoothing(gm: fx.GraphModule, alpha: float = 0.5) -> fx.GraphModule:
     """Decide s for every group annotated "smoothquant" (s_j = max|X_j|^α / max|W_:j|^(1−α)) or "awq" (s = mean|X|^α
     with α searched per group for the least output error of the rounded weights), from its calibrated observer."""
-    for obs_node, obs, linears in observed_groups(gm):
+    for obs_node, obs, linears in groups_to_fit(gm):
         parts = group_rotation(linears).split("+")
         if "smoothquant" in parts or "awq" in parts:
             obs.require_data()

@@ -2,6 +2,7 @@
 every linear of every zoo model, and normalisation changes no value."""
 import copy
 import dataclasses
+import importlib
 from typing import Callable
 
 import pytest
@@ -217,14 +218,22 @@ def test_consuming_a_zoo_module_gives_the_same_program_and_releases_only_integer
 
 
 @pytest.mark.parametrize("recipe", ["w8a8+duquant", "w8a8+svd-hadamard", "w8a8+smoothquant", "w8a8+awq"])
-def test_a_block_applied_twice_gets_one_fitted_transform(recipe):
+def test_a_block_applied_twice_gets_one_fitted_transform(recipe, monkeypatch):
     """TiedWeights applies one block twice: each of its weights has two call sites and one integer copy in the plan.
     A transform fitted per call site gave the second site its own rotation but the first site's integers (W8A8
-    rel-L2 0.47 with DuQuant); both sites now carry the first site's transform, as exact as the unshared shapes."""
+    rel-L2 0.47 with DuQuant); both sites now carry the first site's transform, as exact as the unshared shapes,
+    and it is fitted once: the second site's fit was work thrown away."""
     case = ZOO["tied_weights"]
     torch.manual_seed(0)
     module, args, calib = case.build().eval(), case.inputs(), [case.inputs() for _ in range(2)]
     plain = qvla_compiler.quantize(module, args, calib, "w8a8", layout="all", progress=False)
+    fits = []
+    passes = [importlib.import_module(f"qvla_compiler.passes.{name}")
+              for name in ("rotate_duquant", "rotate_and_smooth", "smooth_linears")]
+    for fitter in ("calibrate_duquant", "calibrate_svd_hadamard", "smoothquant_scales", "awq_search_scales"):
+        owner = next(m for m in passes if hasattr(m, fitter))
+        fit = getattr(owner, fitter)
+        monkeypatch.setattr(owner, fitter, lambda *a, _fit=fit, **k: fits.append(1) or _fit(*a, **k))
     rotated = qvla_compiler.quantize(module, args, calib, recipe, layout="all", progress=False)
     assert rotated.report.action_rel_l2 < 2 * plain.report.action_rel_l2 < 0.02
     gm = rotated.module(compiled=False)
@@ -235,6 +244,7 @@ def test_a_block_applied_twice_gets_one_fitted_transform(recipe):
                         if "linear" in str(u.target))
         by_input.setdefault(weights, []).append([getattr(gm, a.target) for a in node.args[1:] if a is not None])
     assert sorted(map(len, by_input.values())) == ([1] + [2] * 4 if "hadamard" in recipe or "duquant" in recipe else [])
+    assert len(fits) == len(by_input)  # one fit per distinct input; each call site's own fit made 9
     for first, second in (sites for sites in by_input.values() if len(sites) == 2):
         assert all(torch.equal(a, b) for a, b in zip(first, second))
 
