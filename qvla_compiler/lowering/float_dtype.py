@@ -41,7 +41,7 @@ def cast_float_linears(gm: fx.GraphModule, dtype: torch.dtype | str = torch.bflo
             continue  # a weight also read elsewhere keeps its dtype
         for p in params:
             if p.target not in done:
-                _set_attr(gm, p.target, _get_attr(gm, p.target).to(dtype))
+                g.replace_attr_tensor(gm, p.target, g.attr_tensor(gm, p.target).to(dtype))
                 done.add(p.target)
         out_dtype = node.meta["val"].dtype if "val" in node.meta else torch.float32
         with gm.graph.inserting_before(node):
@@ -57,24 +57,6 @@ def cast_float_linears(gm: fx.GraphModule, dtype: torch.dtype | str = torch.bflo
     return cast
 
 
-def _get_attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _float(gm: fx.GraphModule, target: str) -> bool:
-    t = _get_attr(gm, target)
+    t = g.attr_tensor(gm, target)
     return isinstance(t, torch.Tensor) and t.dtype == torch.float32
-
-
-def _set_attr(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
-    owner_path, _, name = target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    if name in owner._parameters:
-        owner._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
-    elif name in owner._buffers:
-        owner._buffers[name] = value
-    else:
-        setattr(owner, name, value)
