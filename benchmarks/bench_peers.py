@@ -10,6 +10,8 @@ Variants (each skipped with its reason when it cannot run here, e.g. torchao not
                                  .pt2's module (`qvla_compiler.load(path).module()`)
   qvla w8a8 / w4a8 inductor      the same graphs through `kernels.inductor.compile_program` (qvla:: ops decomposed
                                  for Inductor, freezing); sample = the Euler loop over the compiled prefix and step
+  qvla w8a8 [+all+bf16] aot      the AOTInductor package (`qvla quantize --aot`) as loaded: native prefix and step,
+                                 no Dynamo guards; sample = the loaded package's module()
 
 Parts: prefix (embed_prefix), denoise (one denoise step on the variant's own prefix), sample (whole sample_actions:
 prefix + every step). Each round times every variant once per part (adaptive inner repeats), in a fixed order;
@@ -47,9 +49,10 @@ warnings.filterwarnings("ignore")
 # qvla's default layout keeps the action head's attention and the vision tower float; the peers quantize every
 # linear: "+all" makes every linear integer, "+bf16" runs the float linears in bf16 (native on AVX512-BF16 / AMX)
 QVLA_OPTIONS = ("w8a8+all", "w8a8+bf16", "w8a8+all+bf16")
+AOT_RECIPES = ("w8a8", "w8a8+all+bf16")
 ALL_VARIANTS = ("fp32 eager", "fp32 inductor", "bf16 inductor", "torchao w8a8", "torchao w8a8 inductor",
                 "pt2e x86 inductor", "qvla w8a8", "qvla w8a8 inductor", "qvla w4a8", "qvla w4a8 inductor",
-                *(f"qvla {r} inductor" for r in QVLA_OPTIONS))
+                *(f"qvla {r} inductor" for r in QVLA_OPTIONS), *(f"qvla {r} aot" for r in AOT_RECIPES))
 OBS_KEYS = ("images", "tokens", "token_mask", "state")
 
 
@@ -294,12 +297,26 @@ def build_qvla(recipe: str, compiled: bool):
     return build
 
 
+def build_qvla_aot(recipe: str):
+    def build(policy, obs, noise, ctx):
+        qp, _, _ = _qvla_program(policy, ctx["model"], recipe, ctx)
+        path = os.path.join(ctx["tmp"], f"{ctx['model']}-{recipe}.aoti.pt2")
+        qp.save_aot(path)
+        loaded = qvla_compiler.load(path, trust=True)  # we wrote it: its native code is ours
+        run, whole = loaded.aoti_runners, loaded.module()
+        return Variant(f"qvla {recipe} aot", lambda o: tuple(run["prefix"](*_obs_args(o))),
+                       lambda pre, x, t: run["denoise"](tuple(pre), x, t), lambda o, n: whole(*_obs_args(o), n),
+                       os.path.getsize(path), note="AOTInductor package as loaded; weight MiB = the package file")
+    return build
+
+
 BUILDERS = {"fp32 eager": build_fp32_eager, "fp32 inductor": build_fp32_inductor,
             "bf16 inductor": build_bf16_inductor, "torchao w8a8": build_torchao,
             "torchao w8a8 inductor": build_torchao_inductor, "pt2e x86 inductor": build_pt2e,
             "qvla w8a8": build_qvla("w8a8", False), "qvla w8a8 inductor": build_qvla("w8a8", True),
             "qvla w4a8": build_qvla("w4a8", False), "qvla w4a8 inductor": build_qvla("w4a8", True),
-            **{f"qvla {r} inductor": build_qvla(r, True) for r in QVLA_OPTIONS}}
+            **{f"qvla {r} inductor": build_qvla(r, True) for r in QVLA_OPTIONS},
+            **{f"qvla {r} aot": build_qvla_aot(r) for r in AOT_RECIPES}}
 
 
 # ---------------------------------------------------------------------------------------------------------------
