@@ -299,14 +299,15 @@ def build_qvla(recipe: str, compiled: bool):
 
 def build_qvla_aot(recipe: str):
     def build(policy, obs, noise, ctx):
-        qp, _, _ = _qvla_program(policy, ctx["model"], recipe, ctx)
+        qp, plain, _ = _qvla_program(policy, ctx["model"], recipe, ctx)
         path = os.path.join(ctx["tmp"], f"{ctx['model']}-{recipe}.aoti.pt2")
         qp.save_aot(path)
         loaded = qvla_compiler.load(path, trust=True)  # we wrote it: its native code is ours
         run, whole = loaded.aoti_runners, loaded.module()
+        nbytes = sum(_ep_bytes(ep) for ep in plain.exported_programs.values())  # the weights the package holds
         return Variant(f"qvla {recipe} aot", lambda o: tuple(run["prefix"](*_obs_args(o))),
                        lambda pre, x, t: run["denoise"](tuple(pre), x, t), lambda o, n: whole(*_obs_args(o), n),
-                       os.path.getsize(path), note="AOTInductor package as loaded; weight MiB = the package file")
+                       nbytes, note=f"AOTInductor package as loaded ({os.path.getsize(path) / 2**20:.1f} MiB file)")
     return build
 
 
