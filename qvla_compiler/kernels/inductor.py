@@ -33,16 +33,27 @@ def _cpu(*tensors) -> bool:
     return all(t is None or t.device.type == "cpu" for t in tensors)
 
 
+def _int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """torch._int_mm(a, b_t.T) in a compiled graph. An operand with one row (M = 1, e.g. a state encoder at batch 1)
+    or one column (N = 1) is padded to two: Inductor gives a size-1 dim stride 0, which `_int_mm` on CPU reads as a
+    leading dimension of 0 and returns garbage (values ~5e8 that change from call to call; RESULTS §1c)."""
+    m, n = a.shape[0], b_t.shape[0]
+    a = torch.nn.functional.pad(a, (0, 0, 0, 1)) if m == 1 else a
+    b_t = torch.nn.functional.pad(b_t, (0, 0, 0, 1)) if n == 1 else b_t
+    out = torch._int_mm(a.contiguous(), b_t.t().contiguous())
+    return out[:m, :n] if m == 1 or n == 1 else out
+
+
 def _int_acc_as_float(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """Exact int8 [M, K] @ int8 [N, K]^T as fp32 holding the integer accumulator (the value `acc.float()` has in the
     eager kernel), written with aten ops Inductor can lower."""
     k = a.shape[1]
     if cpu_gemm.backend() == "int_mm":
         if k <= cpu_gemm.max_exact_k():
-            return torch._int_mm(a.contiguous(), b_t.t().contiguous()).float()
+            return _int_mm(a, b_t).float()
         acc = None
         for start, stop in cpu_gemm.k_chunks(k, cpu_gemm.max_exact_k()):
-            part = torch._int_mm(a[:, start:stop].contiguous(), b_t[:, start:stop].t().contiguous()).long()
+            part = _int_mm(a[:, start:stop], b_t[:, start:stop]).long()
             acc = part if acc is None else acc + part
         return acc.float()
     chunks = cpu_gemm.k_chunks(k, cpu_gemm.EXACT_CHUNK)

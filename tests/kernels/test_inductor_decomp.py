@@ -171,3 +171,33 @@ def test_int_mm_programs_do_not_become_onednn_qlinear(monkeypatch, module):
         got, codes = run_and_get_code(inductor.compile_program(m, freezing=True), x)
     assert "_int_mm" in "".join(codes) and "qlinear" not in "".join(codes)
     torch.testing.assert_close(got, m(x), rtol=1e-3, atol=1e-3)
+
+
+class _OneRowOneColumn(torch.nn.Module):
+    """An int8 MLP on one row (a state encoder at batch 1) ending in one output column (a value head)."""
+
+    def __init__(self, k=96, hidden=64):
+        super().__init__()
+        gen = torch.Generator().manual_seed(4)
+        self.register_buffer("w1", torch.randint(-127, 128, (hidden, k), dtype=torch.int8, generator=gen))
+        self.register_buffer("w2", torch.randint(-127, 128, (1, hidden), dtype=torch.int8, generator=gen))
+        self.register_buffer("s1", torch.rand(hidden, generator=gen) * 0.01 + 1e-3)
+        self.register_buffer("s2", torch.rand(1, generator=gen) * 0.01 + 1e-3)
+
+    def forward(self, x):
+        h = torch.relu(qvla.int8_linear(*qvla.quantize_act(x, 8, None), self.w1, self.s1, None, torch.float32))
+        return qvla.int8_linear(*qvla.quantize_act(h, 8, None), self.w2, self.s2, None, torch.float32)
+
+
+def test_compiled_int_mm_with_one_row_or_one_column_equals_eager(monkeypatch):
+    """Inductor gives a size-1 dim stride 0, and `_int_mm` on CPU then returns garbage (~5e8, different at every
+    call): groot-small's state encoder at batch 1 under layout `all`, compiled, which is what module() runs. One row
+    and one column are padded to two; the compiled program equals eager to the bit."""
+    monkeypatch.setattr(cpu_gemm, "backend", lambda: "int_mm")
+    torch._dynamo.reset()
+    m, x = _OneRowOneColumn().eval(), torch.randn(1, 1, 96)  # [batch, one token, features]
+    with torch.no_grad():
+        compiled = inductor.compile_program(m, freezing=True)
+        runs = [compiled(x) for _ in range(3)]
+        want = m(x)
+    assert all(torch.equal(got, want) for got in runs)
