@@ -420,3 +420,18 @@ class GPT2Block(nn.Module):
         x = x + self.attn.c_proj(a)
         x = x + self.mlp.c_proj(F.gelu(self.mlp.c_fc(self.ln_2(x)), approximate="tanh"))
         return x @ self.proj.t()
+
+
+class StateValueHead(nn.Module):
+    """A robot-state encoder on one token (an MLP on [B, 1, S], as GR00T's) prepended to the sequence, a residual MLP,
+    and a one-output value head on the first token: at batch 1 their GEMMs have one row, the head's one column."""
+
+    def __init__(self, state_dim=7):
+        super().__init__()
+        self.state_encoder = nn.Sequential(nn.Linear(state_dim, W), nn.ReLU(), nn.Linear(W, W))
+        self.fc_in, self.fc_out, self.value = nn.Linear(W, 4 * W), nn.Linear(4 * W, W), nn.Linear(W, 1)
+
+    def forward(self, x, state):
+        h = torch.cat([self.state_encoder(state.unsqueeze(1)), x], dim=1)
+        h = h + self.fc_out(F.gelu(self.fc_in(h)))
+        return self.value(h[:, :1])

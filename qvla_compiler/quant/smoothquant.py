@@ -5,6 +5,10 @@ a norm's weight/bias or the rows of a preceding linear) and multiply column j of
 
     s_j = max_t|X_tj|^α / (max over consumers, rows o of |W[o, j]|)^(1−α), both factors clamped ≥ 1e-5.
 
+A channel calibration never saw active (max < 1e-3 of the largest, e.g. a ReLU unit silent on a few state tokens)
+takes the median channel's max instead: its true range is unknown, and s_j ≈ 0 would blow it up 1000× the day it
+fires, leaving every other channel of the token to round to zero (StateValueHead at W8A8: rel-L2 0.72, RESULTS §1c).
+
 Note: QuantVLA's own "SmoothQuant" baseline applies the inverse (weight / s, x · s); this module follows the paper.
 """
 
@@ -47,5 +51,13 @@ def smoothquant_scales(act_absmax: Tensor, weights: Tensor | Sequence[Tensor], a
     if not torch.isfinite(act_absmax).all():
         raise CalibrationError("smoothquant_scales: activation statistics contain NaN/Inf; check the calibration data.")
     w_max = torch.stack([w.detach().abs().amax(0) for w in ws]).amax(0).to(act_absmax.dtype).clamp_min(_CLAMP)
-    scales = act_absmax.clamp_min(_CLAMP).pow(alpha) / w_max.pow(1 - alpha)
+    scales = _seen(act_absmax).clamp_min(_CLAMP).pow(alpha) / w_max.pow(1 - alpha)
     return scales.clamp_min(_CLAMP)
+
+
+def _seen(act_absmax: Tensor, floor: float = 1e-3) -> Tensor:
+    """act_absmax with the channels calibration saw (almost) silent set to the median of the others."""
+    silent = act_absmax < floor * act_absmax.max()
+    if not silent.any() or silent.all():
+        return act_absmax
+    return torch.where(silent, act_absmax[~silent].median(), act_absmax)

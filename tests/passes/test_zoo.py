@@ -76,6 +76,8 @@ ZOO = {
                             "mlp.c_fc.folded_0": "mlp", "mlp.c_proj.folded_0": "mlp"}),
     "dit_step": ZooCase(zm.DiTStep, lambda: (torch.randn(B, T, 7), torch.rand(B), torch.randn(B, 5, 48)),
                         _DIFFUSERS, head=("",)),  # input roles inferred: x_t → action, timestep → time
+    "state_value_head": ZooCase(zm.StateValueHead, lambda: (_x(), torch.randn(B, 7)),
+                                {"fc_in": "mlp", "fc_out": "mlp"}),  # the state encoder: "other", as GR00T's
 }
 
 

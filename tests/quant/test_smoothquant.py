@@ -26,6 +26,16 @@ def test_clamps_dead_channels():
     assert (s >= 1e-5).all() and torch.isfinite(s).all()
 
 
+def test_a_channel_silent_in_calibration_is_scaled_as_a_typical_one():
+    """A ReLU unit calibration never saw fire used to get s ≈ 1e-3 of the others: the day it fires, x/s is 1000× the
+    token's other channels and they all round to zero (a state encoder at W8A8 + DuQuant: rel-L2 0.72)."""
+    act, w = torch.tensor([0.0, 1e-6, 1.0, 2.0, 3.0]), torch.ones(1, 5)
+    s = smoothquant_scales(act, w, alpha=0.6)
+    torch.testing.assert_close(s[:2], torch.full((2,), 2.0 ** 0.6))  # the median of the seen channels, 2.0
+    torch.testing.assert_close(s[2:], act[2:] ** 0.6)
+    assert torch.isfinite(smoothquant_scales(torch.zeros(3), torch.ones(1, 3))).all()  # all silent: nothing to copy
+
+
 def test_norm_to_linears_fold_is_exact():
     ln = torch.nn.LayerNorm(16, dtype=torch.float64)
     torch.nn.init.normal_(ln.weight)
