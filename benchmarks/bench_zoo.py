@@ -4,7 +4,8 @@
     python benchmarks/bench_zoo.py            # a markdown table on stdout
     python benchmarks/bench_zoo.py --recipes w8a8 quantvla-w4a8 omega-w4a4   # every linear integer (layout all):
         # rel-L2 per recipe, and per shape for the first recipe: saved → loaded bit-identical, batch 3 after
-        # quantizing at 2, torch.compile(backend="qvla") with the program's plan against the program
+        # quantizing at 2, torch.compile(backend="qvla") with the program's plan against the program, and the
+        # compiled program (module(), Inductor) at batch 1 against the eager one, called twice
 
 The zoo's modules and inputs are the test suite's (tests/zoo_models.py, tests/passes/test_zoo.py).
 """
@@ -54,7 +55,8 @@ def _rel(out, ref) -> float:
 
 
 def checks(case, recipe: str) -> list[str]:
-    """rel-L2 under `recipe` (layout all), saved == loaded, batch 3 vs float, backend vs program."""
+    """rel-L2 under `recipe` (layout all), saved == loaded, batch 3 vs float, backend vs program, compiled program at
+    batch 1 vs eager."""
     torch.manual_seed(0)
     module, args, calib = case.build().eval(), case.inputs(), [case.inputs() for _ in range(2)]
     qp = qvla_compiler.quantize(module, args, calib, recipe, layout="all", progress=False,
@@ -73,7 +75,24 @@ def checks(case, recipe: str) -> list[str]:
     with torch.no_grad():
         compiled = torch.compile(module, backend=backend)(*args)
     return [f"{qp.report.action_rel_l2:.4f}", str(same), batch,
-            f"{_rel(leaves(compiled)[0], leaves(program(*args))[0]):.1e}"]
+            f"{_rel(leaves(compiled)[0], leaves(program(*args))[0]):.1e}", _compiled_at_batch_1(qp, program, args)]
+
+
+def _compiled_at_batch_1(qp, program, args) -> str:
+    """rel-L2 of the Inductor-compiled program (what module() runs) against the eager one at batch 1, where one-row
+    GEMMs occur; "varies" if two calls on the same input differ."""
+    one = tuple(a[:1] if isinstance(a, torch.Tensor) and a.dim() else a for a in args)
+    leaves = torch.utils._pytree.tree_leaves
+    torch._dynamo.reset()
+    fast = qp.module(compiled=True)
+    try:
+        with torch.no_grad():
+            first, again, want = leaves(fast(*one))[0], leaves(fast(*one))[0], leaves(program(*one))[0]
+    except Exception as exc:  # noqa: BLE001 — a module that fixes its batch takes only the example's
+        return type(exc).__name__
+    if fast.fallback.reason is not None:
+        return "eager fallback"
+    return f"{_rel(first, want):.1e}" + ("" if torch.equal(first, again) else " (varies)")
 
 
 def main() -> None:
@@ -85,7 +104,8 @@ def main() -> None:
           f"torch {torch.__version__}, 1 thread")
     if args.recipes:
         first = args.recipes[0]
-        cols = [*args.recipes[1:], f"{first}: saved = loaded", "batch 3 rel-L2", "backend vs program"]
+        cols = [*args.recipes[1:], f"{first}: saved = loaded", "batch 3 rel-L2", "backend vs program",
+                "compiled b1 vs eager"]
         print(f"| shape | {first} rel-L2 | " + " | ".join(cols) + " |")
         print("|---" * (len(cols) + 2) + "|")
         for name, case in _zoo().items():
