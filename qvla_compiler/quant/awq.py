@@ -19,14 +19,16 @@ from torch import Tensor
 
 from qvla_compiler.errors import CalibrationError, RecipeError, ShapeError
 from qvla_compiler.quant.quantizers import dequantize_weight, quantize_weight
+from qvla_compiler.quant.smoothquant import fill_silent_channels
 
 _S_MIN = 1e-4  # floor of m^α: a channel that never fired must not get a zero (non-invertible) scale
 
 
 def awq_scales(act_stat: Tensor, alpha: float) -> Tensor:
     """s(α) [K] from the per-channel activation statistic m [K] (mean or max of |x|), normalised so that
-    max(s)·min(s) = 1 (the result is unchanged by a global factor; this keeps s near 1)."""
-    s = act_stat.double().clamp_min(0).pow(alpha).clamp_min(_S_MIN)
+    max(s)·min(s) = 1 (the result is unchanged by a global factor; this keeps s near 1). A channel silent in
+    calibration is scaled as the median one (smoothquant.fill_silent_channels)."""
+    s = fill_silent_channels(act_stat.double().clamp_min(0)).pow(alpha).clamp_min(_S_MIN)
     return (s / (s.max() * s.min()).sqrt()).float()
 
 

@@ -51,12 +51,13 @@ def smoothquant_scales(act_absmax: Tensor, weights: Tensor | Sequence[Tensor], a
     if not torch.isfinite(act_absmax).all():
         raise CalibrationError("smoothquant_scales: activation statistics contain NaN/Inf; check the calibration data.")
     w_max = torch.stack([w.detach().abs().amax(0) for w in ws]).amax(0).to(act_absmax.dtype).clamp_min(_CLAMP)
-    scales = _seen(act_absmax).clamp_min(_CLAMP).pow(alpha) / w_max.pow(1 - alpha)
+    scales = fill_silent_channels(act_absmax).clamp_min(_CLAMP).pow(alpha) / w_max.pow(1 - alpha)
     return scales.clamp_min(_CLAMP)
 
 
-def _seen(act_absmax: Tensor, floor: float = 1e-3) -> Tensor:
-    """act_absmax with the channels calibration saw (almost) silent set to the median of the others."""
+def fill_silent_channels(act_absmax: Tensor, floor: float = 1e-3) -> Tensor:
+    """A per-channel activation range (max or mean |x|) with the channels calibration saw (almost) silent set to
+    the median of the others: SmoothQuant, DuQuant, SVD·Hadamard and AWQ divide x by a power of it."""
     silent = act_absmax < floor * act_absmax.max()
     if not silent.any() or silent.all():
         return act_absmax
