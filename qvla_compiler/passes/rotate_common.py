@@ -23,7 +23,7 @@ from qvla_compiler.passes.quantize_linears import _fetch
 
 
 TRANSFORM = "qvla_transform"
-FITTED_AT = "qvla_fitted_at"  # on an observer whose weights another call site's transform serves: that observer
+FITTED_AT = "qvla_fitted_at"  # observer meta: the first call site of the same weights, whose fit this one takes
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,7 @@ a norm's weight/bias or the rows of a preceding linear) and multiply column j of
 
 A channel calibration never saw active (max < 1e-3 of the largest, e.g. a ReLU unit silent on a few state tokens)
 takes the median channel's max instead: its true range is unknown, and s_j ≈ 0 would blow it up 1000× the day it
-fires, leaving every other channel of the token to round to zero (StateValueHead at W8A8: rel-L2 0.72, RESULTS §1c).
+fires, leaving every other channel of the token to round to zero (StateValueHead at W8A8: rel-L2 0.72, RESULTS §9c).
 
 Note: QuantVLA's own "SmoothQuant" baseline applies the inverse (weight / s, x · s); this module follows the paper.
 """
