@@ -36,7 +36,8 @@ def _cpu(*tensors) -> bool:
 def _int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """torch._int_mm(a, b_t.T) in a compiled graph. An operand with one row (M = 1, e.g. a state encoder at batch 1)
     or one column (N = 1) is padded to two: Inductor gives a size-1 dim stride 0, which `_int_mm` on CPU reads as a
-    leading dimension of 0 and returns garbage (values ~5e8 that change from call to call; RESULTS §1c)."""
+    leading dimension of 0 and returns garbage (values ~5e8 that change from call to call; RESULTS §1c; upstream:
+    pytorch/pytorch#195066, open as of torch 2.13)."""
     m, n = a.shape[0], b_t.shape[0]
     a = torch.nn.functional.pad(a, (0, 0, 0, 1)) if m == 1 else a
     b_t = torch.nn.functional.pad(b_t, (0, 0, 0, 1)) if n == 1 else b_t
