@@ -34,15 +34,14 @@ def _cpu(*tensors) -> bool:
 
 
 def _int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
-    """torch._int_mm(a, b_t.T) in a compiled graph. An operand with one row (M = 1, e.g. a state encoder at batch 1)
-    or one column (N = 1) is padded to two: Inductor gives a size-1 dim stride 0, which `_int_mm` on CPU reads as a
-    leading dimension of 0 and returns garbage (values ~5e8 that change from call to call; RESULTS §1c; upstream:
-    pytorch/pytorch#195066, open as of torch 2.13)."""
-    m, n = a.shape[0], b_t.shape[0]
+    """torch._int_mm(a, b_t.T) in a compiled graph. An activation with one row (M = 1, e.g. a state encoder at batch
+    1) is padded to two: Inductor gives a size-1 dim stride 0, which `_int_mm` on CPU reads as a leading dimension
+    of 0 and returns garbage (values ~5e8 that change from call to call; RESULTS §1c; upstream: pytorch/pytorch#195066,
+    open as of torch 2.13). The weight operand is made contiguous outside Inductor's layout choice (a frozen
+    constant, or computed with real strides): one output column was tested and needs no pad."""
+    m = a.shape[0]
     a = torch.nn.functional.pad(a, (0, 0, 0, 1)) if m == 1 else a
-    b_t = torch.nn.functional.pad(b_t, (0, 0, 0, 1)) if n == 1 else b_t
-    out = torch._int_mm(a.contiguous(), b_t.t().contiguous())
-    return out[:m, :n] if m == 1 or n == 1 else out
+    return torch._int_mm(a.contiguous(), b_t.t().contiguous())[:m]
 
 
 def _int_acc_as_float(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:

@@ -160,8 +160,9 @@ class _PerChannelInt4(torch.nn.Module):
 def test_int_mm_programs_do_not_become_onednn_qlinear(monkeypatch, module):
     """On AVX512-VNNI (`_int_mm`), `acc * x_scale * w_scale` after `_int_mm` is the shape of Inductor's smooth-quant
     freezing pattern, which swapped in onednn::qlinear_pointwise for our signed activations: 1.2 s a call on
-    average over groot-small's prefix GEMMs on an AVX512-VNNI EPYC, 600× the fp32 prefix (RESULTS §1b). The epilogue's operands are ordered so that the
-    pattern does not match; the products are the same, so the program stays bit-identical to eager."""
+    average over groot-small's prefix GEMMs on an AVX512-VNNI EPYC, 600× the fp32 prefix (RESULTS §1b). The
+    epilogue's operands are ordered so that the pattern does not match; the products are the same, so the program
+    stays bit-identical to eager."""
     from torch._inductor.utils import run_and_get_code
 
     monkeypatch.setattr(cpu_gemm, "backend", lambda: "int_mm")
@@ -192,7 +193,7 @@ class _OneRowOneColumn(torch.nn.Module):
 def test_compiled_int_mm_with_one_row_or_one_column_equals_eager(monkeypatch):
     """Inductor gives a size-1 dim stride 0, and `_int_mm` on CPU then returns garbage (~5e8, different at every
     call): groot-small's state encoder at batch 1 under layout `all`, compiled, which is what module() runs. One row
-    and one column are padded to two; the compiled program equals eager to the bit."""
+    is padded to two (one output column needs no pad); the compiled program equals eager to the bit."""
     monkeypatch.setattr(cpu_gemm, "backend", lambda: "int_mm")
     torch._dynamo.reset()
     m, x = _OneRowOneColumn().eval(), torch.randn(1, 1, 96)  # [batch, one token, features]
