@@ -163,14 +163,15 @@ def export_graph(module: nn.Module, args: tuple, dynamic_shapes, *, roles: tuple
                 "  fix: make that module traceable (no data-dependent Python control flow, no .item(), fixed "
                 "token length); `torch.export.draft_export` gives a detailed report."
             ) from exc
-    from qvla_compiler.passes import canonicalize_linears, fold_computed_weights, normalize_graph  # passes import us
+    from qvla_compiler.passes import (canonicalize_linears, fold_computed_weights, inline_subgraphs,  # passes import us
+                                      normalize_graph)
 
     # Canonical before anyone analyses it (the pipeline, the ATM teacher): in-place ops functional, so the role
     # rules see one vocabulary (bit-identical), and weights computed from parameters only (nn.MultiheadAttention's
     # in_proj slices) folded into real buffers that quantize like any other.
     gm = _drop_unused_attributes(ep.module())
     if canonical:
-        gm = fold_computed_weights(canonicalize_linears(normalize_graph(gm)))
+        gm = fold_computed_weights(canonicalize_linears(normalize_graph(inline_subgraphs(gm))))
     gm.meta[INPUTS_KEY] = roles
     gm.meta["qvla_param_prefix"] = prefix
     return gm

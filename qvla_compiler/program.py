@@ -22,6 +22,7 @@ from qvla_compiler.export import OBS_KEYS, example_outputs, leading_batch
 from qvla_compiler.kernels.bf16_gemms import fp32_products
 from qvla_compiler.kernels.cpu_gemm import uncached_weights
 from qvla_compiler.models.sampling import FlowSchedule, euler_sample
+from qvla_compiler.passes.fold_computed_weights import FOLDED_FROM
 
 
 @dataclasses.dataclass
@@ -69,7 +70,8 @@ class Program:
         tensor in place: a rewritten weight is a new buffer), so a fork costs graph structure only."""
         forks = {}
         for name, gm in self.graphs.items():
-            memo = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
+            folded_from = (t for n in gm.graph.nodes for t in n.meta.get(FOLDED_FROM, ()))  # shared, as the weights
+            memo = {id(t): t for t in (*gm.parameters(), *gm.buffers(), *folded_from)}
             with warnings.catch_warnings():  # torch's pytree specs in the graph's meta warn when copied (LeafSpec)
                 warnings.simplefilter("ignore", FutureWarning)
                 forks[name] = copy.deepcopy(gm, memo)

@@ -14,7 +14,11 @@ MAX_FILE_LINES = 400
 # 14,650 on 2026-12-06 (second session) for two silently wrong programs: compiled one-row int8 GEMMs (garbage from
 # torch._int_mm) and smoothing scales of channels silent in calibration; fitting a shared weight once; after
 # replacing float_dtype's own attribute helpers (-14). vulture finds nothing unused outside the tests.
-MAX_TOTAL_LINES = 14_650
+# 14,900 on 2026-12-06 (third session) for two ways policies hide their linears, found by new zoo shapes and left
+# silently float before (einsum projections with parameters, as JAX ports write them; `torch.autocast` blocks inside
+# forward, which torch.export keeps as subgraphs: passes/inline_subgraphs.py), and for releasing the parameters a
+# folded weight was computed from (+243). vulture (60%) lists only *_ref oracles, op registrations and adapters.
+MAX_TOTAL_LINES = 14_900
 
 
 def _line_counts() -> dict[str, int]:

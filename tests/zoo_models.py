@@ -435,3 +435,48 @@ class StateValueHead(nn.Module):
         h = torch.cat([self.state_encoder(state.unsqueeze(1)), x], dim=1)
         h = h + self.fc_out(F.gelu(self.fc_in(h)))
         return self.value(h[:, :1])
+
+
+class EinsumProjections(nn.Module):
+    """A JAX port (big_vision / Gemma style): every projection an einsum with a raw parameter — q [N, D, H], fused
+    k/v [2, K, D, H] unbound after the product, the output [N, H, D] contracting two letters, a fused gate/up
+    [2, D, F] — and the down projection written with an ellipsis."""
+
+    def __init__(self, hidden=64):
+        super().__init__()
+        self.norm = nn.RMSNorm(W)
+        self.q_einsum = nn.Parameter(torch.randn(H, W, HD) / math.sqrt(W))
+        self.kv_einsum = nn.Parameter(torch.randn(2, H, W, HD) / math.sqrt(W))
+        self.attn_vec_einsum = nn.Parameter(torch.randn(H, HD, W) / math.sqrt(W))
+        self.gating_einsum = nn.Parameter(torch.randn(2, W, hidden) / math.sqrt(W))
+        self.linear = nn.Parameter(torch.randn(hidden, W) / math.sqrt(hidden))
+
+    def forward(self, x):
+        h = self.norm(x)
+        q = torch.einsum("BTD,NDH->BTNH", h, self.q_einsum)
+        k, v = torch.einsum("BSD,CKDH->CBSKH", h, self.kv_einsum)
+        probs = (torch.einsum("BTNH,BSNH->BNTS", q, k) / math.sqrt(HD)).softmax(-1)
+        x = x + torch.einsum("BTNH,NHD->BTD", torch.einsum("BNTS,BSNH->BTNH", probs, v), self.attn_vec_einsum)
+        gate, up = torch.einsum("BTD,CDF->CBTF", self.norm(x), self.gating_einsum)
+        return x + torch.einsum("...F,FD->...D", F.gelu(gate) * up, self.linear)
+
+
+class AutocastBlock(nn.Module):
+    """A block that runs under bf16 autocast inside forward (GR00T's sampling, most mixed-precision ports), with an
+    fp32 residual stream and an fp32 softmax forced inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.input_layernorm, self.post_attention_layernorm = nn.LayerNorm(W), nn.LayerNorm(W)
+        self.q_proj, self.k_proj = nn.Linear(W, W, bias=False), nn.Linear(W, W, bias=False)
+        self.v_proj, self.o_proj = nn.Linear(W, W, bias=False), nn.Linear(W, W, bias=False)
+        self.mlp = SwiGLU()
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = self.input_layernorm(x)
+            q, k, v = (_heads(p(h)) for p in (self.q_proj, self.k_proj, self.v_proj))
+            probs = torch.softmax((q @ k.transpose(-1, -2)).float() / math.sqrt(HD), dim=-1)
+            x = x + self.o_proj(_merge(probs.to(v.dtype) @ v)).float()
+            y = self.mlp(self.post_attention_layernorm(x))
+        return x + y.float()

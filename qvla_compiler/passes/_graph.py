@@ -1,12 +1,14 @@
 """Small graph helpers shared by the passes: op families and bounded walks over FX dataflow."""
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 import operator
 from typing import Callable, Iterable
 
 import torch
 import torch.fx as fx
+from torch._guards import detect_fake_mode
 
 from qvla_compiler.meta import INPUTS_KEY
 
@@ -168,3 +170,18 @@ def replace_attr_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor) ->
     old = getattr(owner, name)
     setattr(owner, name, torch.nn.Parameter(value, requires_grad=False) if isinstance(old, torch.nn.Parameter)
             else value)
+
+
+def fake_value(op, args, kwargs=None):
+    """What `op(*args, **kwargs)` gives on the fake values (meta["val"]) of its node arguments: shapes and dtypes."""
+    vals = fx.node.map_arg((args, kwargs or {}), lambda n: n.meta.get("val"))
+    mode = detect_fake_mode(torch.utils._pytree.tree_leaves(vals))
+    with mode if mode is not None else contextlib.nullcontext():
+        return op(*vals[0], **vals[1])
+
+
+def call(gm: fx.GraphModule, op, *args, **kwargs) -> fx.Node:
+    """A new node `op(*args, **kwargs)` at the graph's insertion point, its meta["val"] set."""
+    node = gm.graph.call_function(op, args, kwargs)
+    node.meta["val"] = fake_value(op, args, kwargs)
+    return node

@@ -1,13 +1,19 @@
 """Rewrite the other spellings of a linear layer into aten.linear, so every later pass sees one op.
 
 Before: a product with a weight made from parameters only (get_attr, or slices / transposes of them):
-        `addmm(b, x, W)` (GPT-2's Conv1D: W is [in, out]), `mm(x, W)`, `matmul(x, W)` (`x @ self.w.t()`).
+        `addmm(b, x, W)` (GPT-2's Conv1D: W is [in, out]), `mm(x, W)`, `matmul(x, W)` (`x @ self.w.t()`), or a
+        two-operand einsum with one weight of any rank (JAX ports: `einsum("BTD,NDH->BTNH", x, W)`).
 After:  `linear(x, Wᵀ, b)`; a Wᵀ that is `t(P)` reads P itself, any other is `t(W)`, which fold_computed_weights
-        then turns into a buffer. A product whose second operand depends on a graph input (attention's q·kᵀ) is
-        left alone, as are addmm with beta / alpha other than 1 and weights that are not 2-D.
+        then turns into a buffer. An einsum becomes permute / flatten of x, `linear` with W permuted and reshaped to
+        [features, contracted], then unflatten / permute to the equation's output. A product whose second operand
+        depends on a graph input (attention's q·kᵀ) is left alone, as are addmm with beta / alpha other than 1,
+        matmul weights that are not 2-D and einsums that are not a linear map of x (a weight letter summed away, a
+        batch letter shared with the weight, a diagonal).
 Invariant: the same function; values agree up to the GEMM's rounding (linear may call BLAS on a transposed copy).
 """
 from __future__ import annotations
+
+import math
 
 import torch.fx as fx
 
@@ -24,6 +30,9 @@ LINEAR_SPELLINGS = {
 def canonicalize_linears(gm: fx.GraphModule) -> fx.GraphModule:
     changed = False
     for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target == g.aten.einsum.default:
+            changed |= _einsum_as_linear(gm, node)
+            continue
         spelling = LINEAR_SPELLINGS.get(node.target) if node.op == "call_function" else None
         if spelling is None or node.kwargs or not _is_weight(node.args[spelling[1]]):
             continue
@@ -46,8 +55,73 @@ def canonicalize_linears(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _is_weight(node, dims: int = 2) -> bool:
-    """A `dims`-D tensor computed from parameters only (no graph input upstream)."""
-    if not isinstance(node, fx.Node) or len(getattr(node.meta.get("val"), "shape", ())) != dims:
+def _is_weight(node, dims: int | None = 2) -> bool:
+    """A `dims`-D (None: any rank) tensor computed from parameters only (no graph input upstream)."""
+    shape = getattr(node.meta.get("val"), "shape", None) if isinstance(node, fx.Node) else None
+    if shape is None or dims is not None and len(shape) != dims:
         return False
     return all(n.op in ("get_attr", "call_function") for n in g.ancestors(node))
+
+
+def _einsum_as_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Rewrite `einsum(eq, [x, W])` (either order) as a linear when it is one; False (untouched) otherwise."""
+    operands = node.args[1]
+    if len(operands) != 2 or node.kwargs or len(node.args) > 2 or "->" not in node.args[0]:
+        return False
+    weights = [_is_weight(o, dims=None) for o in operands]
+    if weights.count(True) != 1:
+        return False
+    xi = weights.index(False)
+    x, w = operands[xi], operands[1 - xi]
+    specs, out = node.args[0].replace(" ", "").split("->")
+    xs, ws = specs.split(",")[xi], specs.split(",")[1 - xi]
+    xs, out = _expand_ellipsis(xs, out, x.meta["val"].dim(), unused=set(specs + out))
+    letters = _linear_letters(xs, ws, out)
+    if letters is None:
+        return False
+    batch, contracted, features = letters
+    w_shape = dict(zip(ws, w.meta["val"].shape))
+    with gm.graph.inserting_before(node):
+        xp = _permuted(gm, x, [xs.index(c) for c in batch + contracted])
+        if len(contracted) > 1:
+            xp = g.call(gm, g.aten.flatten.using_ints, xp, len(batch), -1)
+        wp = _permuted(gm, w, [ws.index(c) for c in features + contracted])
+        wp = g.call(gm, g.aten.reshape.default, wp, [_prod(w_shape, features), _prod(w_shape, contracted)])
+        y = g.call(gm, g.aten.linear.default, xp, wp)
+        y.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+        if len(features) > 1:
+            y = g.call(gm, g.aten.unflatten.int, y, -1, [w_shape[c] for c in features])
+        y = _permuted(gm, y, [(batch + features).index(c) for c in out])
+    node.replace_all_uses_with(y)
+    gm.graph.erase_node(node)
+    return True
+
+
+def _expand_ellipsis(xs: str, out: str, ndim: int, unused: set[str]) -> tuple[str, str]:
+    """x's "..." (and the output's) spelled as fresh letters, one per dimension it stands for."""
+    if "..." not in xs:
+        return xs, out
+    fresh = "".join(c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in unused)
+    span = fresh[:ndim - (len(xs) - 3)]
+    return xs.replace("...", span), out.replace("...", span)
+
+
+def _linear_letters(xs: str, ws: str, out: str) -> tuple[list[str], list[str], list[str]] | None:
+    """(batch letters of x, contracted letters, feature letters of W) when `xs,ws->out` is a linear map of x."""
+    if "." in xs + ws + out or any(len(set(s)) != len(s) for s in (xs, ws, out)):
+        return None  # an ellipsis on the weight or in the output only, or a diagonal
+    batch = [c for c in xs if c not in ws]
+    contracted = [c for c in xs if c in ws and c not in out]
+    features = [c for c in ws if c not in xs]
+    shared = [c for c in xs if c in ws and c in out]
+    if shared or not contracted or not features or set(out) != set(batch + features):
+        return None
+    return batch, contracted, features
+
+
+def _permuted(gm: fx.GraphModule, x: fx.Node, dims: list[int]) -> fx.Node:
+    return x if dims == sorted(dims) else g.call(gm, g.aten.permute.default, x, dims)
+
+
+def _prod(shape: dict, letters: list[str]) -> int:
+    return math.prod(int(shape[c]) for c in letters)

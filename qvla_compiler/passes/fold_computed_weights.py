@@ -23,6 +23,9 @@ from torch.fx.node import map_arg
 from qvla_compiler.passes import _graph as g
 
 _OPERANDS = ((1, "weight"), (2, "bias"))  # aten.linear(x, weight, bias)
+# get_attr meta of a folded buffer: the parameter tensors it was computed from (the policy's own objects, which the
+# graph no longer reads), so that a consuming compile can release them once the buffer's integer copy exists
+FOLDED_FROM = "qvla_folded_from"
 
 
 def fold_computed_weights(gm: fx.GraphModule) -> fx.GraphModule:
@@ -87,6 +90,7 @@ def _materialise(gm: fx.GraphModule, operand: fx.Node, target: str) -> fx.Node:
     with gm.graph.inserting_before(next(iter(gm.graph.nodes))):  # before every reader, like the captured attrs
         node = gm.graph.get_attr(target)
     node.meta["val"] = operand.meta.get("val", value)
+    node.meta[FOLDED_FROM] = tuple(_attr(gm, n.target) for n in g.ancestors(operand) if n.op == "get_attr")
     return node
 
 

@@ -30,6 +30,7 @@ from qvla_compiler.kernels.cpu_gemm import uncached_weights
 from qvla_compiler.kernels.ops import LOWERINGS, qmax_for, quantize_act
 from qvla_compiler.meta import STEP_BOUNDS, update
 from qvla_compiler.passes import _graph as g
+from qvla_compiler.passes.fold_computed_weights import FOLDED_FROM
 from qvla_compiler.passes.insert_observers import observer_of
 from qvla_compiler.quant.gptq import gptq_quantize
 from qvla_compiler.quant.quantizers import quantize_weight, sqnr_db
@@ -105,13 +106,16 @@ class FloatWeightRelease:
     call sites is released (quant/released.py) once the last of them is quantized, so the float and integer copies of
     the model never coexist. A weight anything else reads (a float linear, the embedding lookup of a tied weight,
     a graph output) is kept. Made before rotation and smoothing, it counts the policy's own weights; the transformed
-    copy a site is quantized from (read by that site alone) is released as soon as the site is done."""
+    copy a site is quantized from (read by that site alone) is released as soon as the site is done. A parameter the
+    graph reads only through folded copies (fold_computed_weights: a transpose, a cast, a slice) is released with the
+    last of them."""
 
     def __init__(self, graphs):
         self.pending: dict[int, int] = {}  # storage → integer call sites not yet quantized
         self.tensors: dict[int, dict[int, torch.Tensor]] = {}  # storage → every tensor object over it
         self.read: dict[fx.Node, int] = {}  # integer call site → storage of the weight it read when counted
-        kept = set()
+        self.sources: dict[int, list[torch.Tensor]] = {}  # folded buffer's storage → the parameters it came from
+        kept, folds = set(), {}  # folds: a source parameter's storage → the folded buffers made from it
         for gm in graphs:
             for node, t in ((n, _fetch(gm, n)) for n in gm.graph.nodes if n.op == "get_attr"):
                 if not isinstance(t, torch.Tensor):  # a submodule (a higher-order op's body)
@@ -123,8 +127,15 @@ class FloatWeightRelease:
                 self.pending[key] = self.pending.get(key, 0) + sum(integer)
                 if not all(integer):  # also read by something else: never released
                     kept.add(key)
+                for source in node.meta.get(FOLDED_FROM, ()):
+                    folds.setdefault(storage_key(source), (source, set()))[1].add(key)
         for key in kept:
             self.pending.pop(key, None)
+        for source, made in folds.values():  # a source read directly, or folded into a kept buffer, stays
+            if storage_key(source) not in self.tensors and not made & kept:
+                for key in made:
+                    self.sources.setdefault(key, []).append(source)
+        self.folds_left = {storage_key(s): len(made) for s, made in folds.values()}
 
     def site_done(self, gm: fx.GraphModule, node: fx.Node) -> None:
         weight, key = _fetch(gm, node.args[1]), self.read.get(node)
@@ -136,6 +147,10 @@ class FloatWeightRelease:
                 del self.pending[key]
                 for t in self.tensors.pop(key).values():
                     release(t)
+                for source in self.sources.pop(key, ()):  # the last copy made from it is released: so is it
+                    self.folds_left[storage_key(source)] -= 1
+                    if not self.folds_left[storage_key(source)]:
+                        release(source)
 
 
 def _is_integer_weight_read(user: fx.Node, attr: fx.Node) -> bool:

@@ -15,7 +15,7 @@ from qvla_compiler.export import INPUTS_KEY, InputRoleError, capture_module
 from qvla_compiler.meta import Region, Role
 from qvla_compiler.passes import _graph as g
 from qvla_compiler.passes import (apply_layout, assign_regions, canonicalize_linears, classify_linears,
-                                  fold_computed_weights)
+                                  fold_computed_weights, inline_subgraphs)
 from qvla_compiler.passes.normalize_graph import normalize_graph
 from qvla_compiler.recipes import resolve_recipe
 from qvla_compiler.quant.released import ConsumedWeightError
@@ -78,6 +78,11 @@ ZOO = {
                         _DIFFUSERS, head=("",)),  # input roles inferred: x_t → action, timestep → time
     "state_value_head": ZooCase(zm.StateValueHead, lambda: (_x(), torch.randn(B, 7)),
                                 {"fc_in": "mlp", "fc_out": "mlp"}),  # the state encoder: "other", as GR00T's
+    # the fused k/v einsum takes V's role (the last of K, V): both are attention, and ATM folds only into q
+    "einsum_projections": ZooCase(zm.EinsumProjections, lambda: (_x(),),
+                                  {"q_einsum_0": "attn_q", "kv_einsum_0": "attn_v", "attn_vec_einsum_0": "attn_o",
+                                   "gating_einsum_0": "mlp", "linear_0": "mlp"}),
+    "autocast_block": ZooCase(zm.AutocastBlock, lambda: (_x(),), {**_ATTN, **_SWIGLU}),
 }
 
 
@@ -100,8 +105,8 @@ def analysed(case):
     gm = capture_module(case.build().eval(), args, case.input_roles, canonical=False)["forward"]
     with torch.no_grad():
         captured = gm(*args)
-        normalize_graph(gm)
-        assert torch.equal(gm(*args), captured)  # bit-identical: normalisation only re-spells in-place ops
+        normalize_graph(inline_subgraphs(gm))
+        assert torch.equal(gm(*args), captured)  # bit-identical: in-place ops re-spelled, autocast casts made explicit
     fold_computed_weights(canonicalize_linears(gm))
     classify_linears(gm)
     assign_regions(gm)

@@ -1,0 +1,63 @@
+"""canonicalize_linears on einsum spellings: a linear map of x by a parameter becomes aten.linear (same values up to
+the GEMM's rounding); every other einsum is left as it is."""
+import pytest
+import torch
+from torch import nn
+
+from qvla_compiler.export import capture_module
+from qvla_compiler.passes import _graph as g
+
+
+class Einsum(nn.Module):
+    def __init__(self, equation: str, weight_shape: tuple, weight_first: bool = False):
+        super().__init__()
+        self.equation, self.weight_first = equation, weight_first
+        self.weight = nn.Parameter(torch.randn(weight_shape))
+
+    def forward(self, x):
+        operands = (self.weight, x) if self.weight_first else (x, self.weight)
+        return torch.einsum(self.equation, *operands) + 1
+
+
+LINEAR = [  # (equation, x shape, weight shape, weight first)
+    ("btd,hd->bth", (2, 5, 8), (6, 8), False),
+    ("hd,btd->bth", (2, 5, 8), (6, 8), True),
+    ("BTD,NDH->BTNH", (2, 5, 8), (3, 8, 4), False),
+    ("BTNH,NHD->BTD", (2, 5, 3, 4), (3, 4, 8), False),  # two contracted letters
+    ("BSD,CKDH->CBSKH", (2, 5, 8), (2, 3, 8, 4), False),  # output letters in another order
+    ("...d,df->...f", (2, 3, 5, 8), (8, 7), False),
+    ("b t d , d f -> b f t", (2, 5, 8), (8, 7), False),  # spaces; features before a batch letter
+]
+NOT_LINEAR = [
+    ("btd,td->bt", (2, 5, 8), (5, 8)),  # t is shared with the weight and kept: a batched product
+    ("btd,dh->bt", (2, 5, 8), (8, 6)),  # a weight letter summed away
+    ("bdd,de->be", (2, 8, 8), (8, 6)),  # a diagonal
+    ("btd,d->bt", (2, 5, 8), (8,)),  # no feature letter
+]
+
+
+def _captured(module, x):
+    torch.manual_seed(0)
+    return capture_module(module.eval(), (x,), None, dynamic_batch=False)["forward"]
+
+
+@pytest.mark.parametrize("equation, x_shape, w_shape, weight_first", LINEAR)
+def test_an_einsum_linear_becomes_aten_linear(equation, x_shape, w_shape, weight_first):
+    torch.manual_seed(0)
+    module, x = Einsum(equation, w_shape, weight_first), torch.randn(x_shape)
+    gm = _captured(module, x)
+    ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert g.aten.einsum.default not in ops and ops.count(g.LINEAR) == 1
+    assert gm.graph.find_nodes(op="get_attr")[0].meta["val"].dim() == 2  # the weight folded to [features, contracted]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), module(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("equation, x_shape, w_shape", NOT_LINEAR)
+def test_an_einsum_that_is_not_a_linear_map_is_left_alone(equation, x_shape, w_shape):
+    module, x = Einsum(equation, w_shape), torch.randn(x_shape)
+    gm = _captured(module, x)
+    ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert g.aten.einsum.default in ops and g.LINEAR not in ops
+    with torch.no_grad():
+        assert torch.equal(gm(x), module(x))
