@@ -14,6 +14,7 @@ Invariant: the same function; values agree up to the GEMM's rounding (linear may
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch.fx as fx
 
@@ -52,7 +53,21 @@ def canonicalize_linears(gm: fx.GraphModule) -> fx.GraphModule:
     if changed:
         gm.graph.lint()
         gm.recompile()
+    _warn_float_products(gm)
     return gm
+
+
+class FloatProductWarning(UserWarning):
+    """A product with a parameter that is not a linear of x (e.g. batched experts' bmm): it stays float."""
+
+
+def _warn_float_products(gm: fx.GraphModule) -> None:
+    left = [f"{n.target.__name__}({w.target if w.op == 'get_attr' else w.name})" for n in gm.graph.nodes
+            for w in g.matmul_operands(n) or () if _is_weight(w, dims=None)]
+    if left:
+        warnings.warn(f"qvla: {len(left)} product(s) with a parameter are not linear layers and stay float: "
+                      f"{', '.join(left[:6])}{' ...' if len(left) > 6 else ''}. Write them as nn.Linear / F.linear "
+                      "(batched experts: one linear per expert) to quantize them.", FloatProductWarning, stacklevel=3)
 
 
 def _is_weight(node, dims: int | None = 2) -> bool:

@@ -1,11 +1,15 @@
 """canonicalize_linears on einsum spellings: a linear map of x by a parameter becomes aten.linear (same values up to
-the GEMM's rounding); every other einsum is left as it is."""
+the GEMM's rounding); every other einsum is left as it is, and a product with a parameter left float warns."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
 from qvla_compiler.export import capture_module
 from qvla_compiler.passes import _graph as g
+from qvla_compiler.passes.canonicalize_linears import FloatProductWarning
+import zoo_models as zm
 
 
 class Einsum(nn.Module):
@@ -56,8 +60,34 @@ def test_an_einsum_linear_becomes_aten_linear(equation, x_shape, w_shape, weight
 @pytest.mark.parametrize("equation, x_shape, w_shape", NOT_LINEAR)
 def test_an_einsum_that_is_not_a_linear_map_is_left_alone(equation, x_shape, w_shape):
     module, x = Einsum(equation, w_shape), torch.randn(x_shape)
-    gm = _captured(module, x)
+    with pytest.warns(FloatProductWarning, match="einsum"):
+        gm = _captured(module, x)
     ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert g.aten.einsum.default in ops and g.LINEAR not in ops
     with torch.no_grad():
         assert torch.equal(gm(x), module(x))
+
+
+class BatchedExperts(nn.Module):
+    """Experts stacked in one parameter [E, in, out] and applied with bmm: not a linear of x, so it stays float."""
+
+    def __init__(self, experts=3):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(experts, 8, 8))
+
+    def forward(self, x):
+        return torch.bmm(x.expand(self.w.shape[0], -1, -1), self.w).sum(0)
+
+
+def test_a_product_with_a_parameter_left_float_warns():
+    with pytest.warns(FloatProductWarning, match=r"1 product\(s\) with a parameter .* bmm.default\(w\)"):
+        gm = _captured(BatchedExperts(), torch.randn(1, 5, 8))
+    assert not g.linear_nodes(gm)
+
+
+def test_attention_products_do_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FloatProductWarning)
+        _captured(Einsum("btd,hd->bth", (6, 8)), torch.randn(2, 5, 8))
+        _captured(zm.TorchMHA(), torch.randn(2, zm.T, zm.W))
+        _captured(zm.EinsumProjections(), torch.randn(2, zm.T, zm.W))
