@@ -17,8 +17,9 @@ MAX_FILE_LINES = 400
 # 14,900 on 2026-12-06 (third session) for two ways policies hide their linears, found by new zoo shapes and left
 # silently float before (einsum projections with parameters, as JAX ports write them; `torch.autocast` blocks inside
 # forward, which torch.export keeps as subgraphs: passes/inline_subgraphs.py), and for releasing the parameters a
-# folded weight was computed from (+243). vulture (60%) lists only *_ref oracles, op registrations and adapters.
-MAX_TOTAL_LINES = 14_900
+# folded weight was computed from, and a warning for products with a parameter left float (+254). vulture (60%) lists
+# only *_ref oracles, op registrations and adapters.
+MAX_TOTAL_LINES = 14_920
 
 
 def _line_counts() -> dict[str, int]:

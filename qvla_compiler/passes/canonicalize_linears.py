@@ -101,7 +101,8 @@ def _einsum_as_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
         if len(contracted) > 1:
             xp = g.call(gm, g.aten.flatten.using_ints, xp, len(batch), -1)
         wp = _permuted(gm, w, [ws.index(c) for c in features + contracted])
-        wp = g.call(gm, g.aten.reshape.default, wp, [_prod(w_shape, features), _prod(w_shape, contracted)])
+        sizes = [math.prod(int(w_shape[c]) for c in letters) for letters in (features, contracted)]
+        wp = g.call(gm, g.aten.reshape.default, wp, sizes)
         y = g.call(gm, g.aten.linear.default, xp, wp)
         y.meta.update({k: v for k, v in node.meta.items() if k != "val"})
         if len(features) > 1:
@@ -136,7 +137,3 @@ def _linear_letters(xs: str, ws: str, out: str) -> tuple[list[str], list[str], l
 
 def _permuted(gm: fx.GraphModule, x: fx.Node, dims: list[int]) -> fx.Node:
     return x if dims == sorted(dims) else g.call(gm, g.aten.permute.default, x, dims)
-
-
-def _prod(shape: dict, letters: list[str]) -> int:
-    return math.prod(int(shape[c]) for c in letters)

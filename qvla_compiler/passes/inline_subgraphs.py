@@ -53,7 +53,7 @@ def _inline(gm: fx.GraphModule, hop: fx.Node) -> None:
     decides = hop.target is AUTOCAST  # an inner autocast block, on or off, decides its ops' casts for good
     block = inline_subgraphs(getattr(gm, sub.target))
     env = dict(zip([n for n in block.graph.nodes if n.op == "placeholder"], operands))
-    outputs, made = None, {}
+    made = {}
     for node in block.graph.nodes:
         if node.op == "output":
             outputs = map_arg(node.args[0], env.__getitem__)
@@ -72,13 +72,13 @@ def _inline(gm: fx.GraphModule, hop: fx.Node) -> None:
 
 
 def _copy_attr(gm: fx.GraphModule, block: fx.GraphModule, node: fx.Node, before: fx.Node) -> fx.Node:
-    name, i = node.target.replace(".", "_"), 0
-    while hasattr(gm, f"{name}_{i}"):
+    base, i = node.target.replace(".", "_"), 0
+    while hasattr(gm, f"{base}_{i}"):
         i += 1
-    value = g.attr_tensor(block, node.target)
-    gm.register_buffer(f"{name}_{i}", value)
+    name = f"{base}_{i}"
+    gm.register_buffer(name, g.attr_tensor(block, node.target))
     with gm.graph.inserting_before(before):
-        new = gm.graph.get_attr(f"{name}_{i}")
+        new = gm.graph.get_attr(name)
     new.meta.update(node.meta)
     return new
 
@@ -118,10 +118,9 @@ class _CastRecorder(TorchDispatchMode):
         self.inputs, self.casts = inputs, {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is g.aten._to_copy.default and id(args[0]) in self.inputs and "dtype" in kwargs:
+        if func is g.aten._to_copy.default and id(args[0]) in self.inputs and "dtype" in (kwargs or {}):
             self.casts.setdefault(self.inputs[id(args[0])], kwargs["dtype"])
-        return func(*args, **kwargs)
+        return func(*args, **(kwargs or {}))
 
 
 def _traced_casts(op, args, kwargs, device: str, dtype: torch.dtype) -> dict[fx.Node, torch.dtype]:
