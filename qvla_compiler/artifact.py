@@ -96,7 +96,14 @@ def write_archive(programs: torch.export.ExportedProgram | Programs, path: str |
     # torch's archive is staged in memory only while small: a full-size program (GBs of weights) spills to a
     # temporary file beside `path` instead of holding a second copy of every weight in RAM (RESULTS §14)
     with tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES, dir=path.parent) as raw:
-        package_pt2(raw, exported_programs=programs, extra_files=extra_files)
+        try:
+            package_pt2(raw, exported_programs=programs, extra_files=extra_files)
+        except serialize.SerializeError as exc:
+            raise ArtifactError(
+                f"torch.export cannot serialize this program, so {path} was not written (a file already there is "
+                f"untouched; the quantized program still runs in memory): {str(exc).splitlines()[0][:300]}. Known "
+                f"case in torch {torch.__version__}: flex_attention, whose block mask the serializer refuses; write "
+                "that attention with F.scaled_dot_product_attention to save the program") from exc
         try:
             with open(tmp, "wb") as f:
                 _repack(raw, f)

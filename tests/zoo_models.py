@@ -480,3 +480,28 @@ class AutocastBlock(nn.Module):
             x = x + self.o_proj(_merge(probs.to(v.dtype) @ v)).float()
             y = self.mlp(self.post_attention_layernorm(x))
         return x + y.float()
+
+
+def _relative_bias(score, b, h, q_idx, kv_idx):
+    return score - 0.1 * (q_idx - kv_idx).abs()
+
+
+class FlexAttentionExpert(nn.Module):
+    """An action-expert block on torch's flex_attention with a relative-position score_mod (a subgraph in the export)
+    and a time-conditioned MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.time_proj = nn.Linear(W, W)
+        self.q_proj, self.k_proj = nn.Linear(W, W, bias=False), nn.Linear(W, W, bias=False)
+        self.v_proj, self.o_proj = nn.Linear(W, W, bias=False), nn.Linear(W, W, bias=False)
+        self.norm, self.mlp = nn.RMSNorm(W), SwiGLU()
+
+    def forward(self, x, cond):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        x = x + self.time_proj(F.silu(cond))[:, None]
+        h = self.norm(x)
+        q, k, v = (_heads(p(h)) for p in (self.q_proj, self.k_proj, self.v_proj))
+        x = x + self.o_proj(_merge(flex_attention(q, k, v, score_mod=_relative_bias)))
+        return x + self.mlp(self.norm(x))

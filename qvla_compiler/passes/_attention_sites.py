@@ -58,6 +58,8 @@ def attention_sites(gm: fx.GraphModule, regions: tuple[Region, ...] | None = Non
             by_block.setdefault(info.block, {"q": [], "o": []})[kind].append(node)
     sites = []
     for block, core in enumerate(find_attention_cores(gm)):
+        if g.is_flex_attention(core.out.args[0] if core.out.target is g.operator.getitem else core.out):
+            continue  # its score_mod edits the logits that ATM / OHB read: no site, no α or β
         found = by_block.get(block, {"q": [], "o": []})
         q_info = found["q"][0].meta["qvla"] if found["q"] else None
         region = q_info.region if q_info else None

@@ -68,6 +68,11 @@ def is_sdpa(node: fx.Node) -> bool:
     return node.op == "call_function" and "scaled_dot_product" in str(node.target)
 
 
+def is_flex_attention(node: fx.Node) -> bool:
+    """torch's flex_attention (q, k, v, score_mod, block_mask, ...): a fused core whose logits its score_mod edits."""
+    return node.op == "call_function" and node.target is getattr(torch.ops.higher_order, "flex_attention", None)
+
+
 def is_linear(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target == LINEAR
 

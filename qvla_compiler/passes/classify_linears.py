@@ -2,7 +2,8 @@
 
 Before: aten.linear nodes with no qvla annotation.
 After:  every aten.linear carries LinearInfo(role, block, heads, head_dim, mlp_part); the graph is unchanged.
-How:    attention cores are found first, in both forms: fused SDPA, and matmul → scale/mask → softmax → matmul.
+How:    attention cores are found first, in both forms: fused (SDPA, flex_attention), and matmul → scale/mask →
+        softmax → matmul.
         Walking back from a core's q/k/v operands (through RoPE, q/k-norm, GQA repeats, KV concatenation, splits)
         reaches the projections; walking forward from its output through reshapes reaches o_proj. Matmul-like
         ops (matmul, bmm, baddbmm, two-operand einsum) and pointwise masking (scale, add, where, masked_fill) are
@@ -36,7 +37,7 @@ def find_attention_cores(gm: fx.GraphModule) -> list[AttentionCore]:
     """Every attention in graph order, in either form."""
     cores = []
     for node in gm.graph.nodes:
-        if g.is_sdpa(node):
+        if g.is_sdpa(node) or g.is_flex_attention(node):
             out = next((u for u in node.users if u.target is g.operator.getitem and u.args[1] == 0), node)
             cores.append(AttentionCore(*node.args[:3], out=out))
         elif node.op == "call_function" and node.target in g.SOFTMAX_OPS:
@@ -138,7 +139,7 @@ def _passable_back(node: fx.Node) -> bool:
     """Walking back from a q/k/v operand: anything but another attention core or a graph input."""
     if node.op != "call_function":
         return False
-    return not (g.is_sdpa(node) or node.target in g.SOFTMAX_OPS or _is_matmul(node))
+    return not (g.is_sdpa(node) or g.is_flex_attention(node) or node.target in g.SOFTMAX_OPS or _is_matmul(node))
 
 
 def _is_matmul(node: fx.Node) -> bool:

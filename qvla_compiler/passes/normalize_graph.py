@@ -17,7 +17,6 @@ import operator
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
 
 from qvla_compiler.passes import _graph as g
 
@@ -30,7 +29,11 @@ def normalize_graph(gm: fx.GraphModule) -> fx.GraphModule:
     for node, twin in plans:  # graph order: a chain `h += a; h *= b` sees its first link already functional
         if _alias_read_later(node, order):
             continue
-        _replace(gm, node, twin, order)
+        try:
+            val = g.fake_value(twin, node.args, node.kwargs)
+        except Exception:  # noqa: BLE001 - a value only its own trace can make (flex_attention's block mask under
+            continue  # vmap): the op stays in place, still correct
+        _replace(gm, node, twin, order, val)
         modified = True
     if modified:
         gm.graph.lint()
@@ -85,13 +88,13 @@ def _alias_read_later(node: fx.Node, order: dict[fx.Node, int]) -> bool:
     return any(order[u] > order[node] for a in group - {node.args[0]} for u in a.users)
 
 
-def _replace(gm: fx.GraphModule, node: fx.Node, twin, order: dict[fx.Node, int]) -> None:
+def _replace(gm: fx.GraphModule, node: fx.Node, twin, order: dict[fx.Node, int], val) -> None:
     mutated = node.args[0]
     later = [u for u in mutated.users if u is not node and order[u] > order[node]]
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(twin, node.args, node.kwargs)
         new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
-        new.meta["val"] = _fake_result(twin, node)
+        new.meta["val"] = val
         result = new
         if new.meta["val"].dtype != node.meta["val"].dtype:  # in place keeps the mutated tensor's dtype
             result = gm.graph.call_function(g.aten._to_copy.default, (new,), {"dtype": node.meta["val"].dtype})
@@ -102,12 +105,3 @@ def _replace(gm: fx.GraphModule, node: fx.Node, twin, order: dict[fx.Node, int])
     node.replace_all_uses_with(result)
     gm.graph.erase_node(node)
     order[new] = order[result] = order.pop(node)
-
-
-def _fake_result(op, node: fx.Node):
-    vals = torch.utils._pytree.tree_map_only(fx.Node, lambda n: n.meta["val"], (node.args, node.kwargs))
-    mode = detect_fake_mode(torch.utils._pytree.tree_leaves(vals))
-    if mode is None:
-        return op(*vals[0], **vals[1])
-    with mode:
-        return op(*vals[0], **vals[1])
