@@ -153,7 +153,8 @@ def capture_dynamo_graph(gm: fx.GraphModule, example_inputs, plan) -> DynamoCapt
             user_index.append(i)
         else:
             params[i] = _plan_fqn(fqn, plan, value)
-    holder = _ParameterHolder(gm, {i: (fqn, example_inputs[i]) for i, fqn in params.items()}, len(placeholders))
+    holder = _ParameterHolder(_real_autocast(gm), {i: (fqn, example_inputs[i]) for i, fqn in params.items()},
+                              len(placeholders))
     user = tuple(example_inputs[i] for i in user_index)
     graph = capture_module(holder, user, dynamic_batch=False)["forward"]
     _tag_time_input(graph, [str(placeholders[i].target) for i in user_index])
@@ -209,6 +210,31 @@ def _attr(module: nn.Module, fqn: str):
     for part in fqn.split("."):
         module = getattr(module, part)
     return module
+
+
+def _enter_real_autocast(device_type, dtype, enabled, cache_enabled):
+    mode = torch.autocast(device_type, dtype, enabled, cache_enabled)
+    mode.__enter__()
+    return mode
+
+
+def _exit_real_autocast(mode) -> None:
+    mode.__exit__(None, None, None)
+
+
+_AUTOCAST_CALLS = {torch.amp.autocast_mode._enter_autocast: _enter_real_autocast,
+                   torch.amp.autocast_mode._exit_autocast: _exit_real_autocast}
+
+
+def _real_autocast(gm: fx.GraphModule) -> fx.GraphModule:
+    """Dynamo spells a `with torch.autocast(...)` block as `_enter_autocast` / `_exit_autocast` calls, which under
+    torch.export's tracing only record the block and leave the ops uncast (a dtype error in the first bf16 matmul).
+    Entering a real autocast instead makes export see the block as user code writes it (then inline_subgraphs)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _AUTOCAST_CALLS:
+            node.target = _AUTOCAST_CALLS[node.target]
+    gm.recompile()
+    return gm
 
 
 class _ParameterHolder(nn.Module):

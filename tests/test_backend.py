@@ -118,12 +118,14 @@ def test_partial_plan_warns_with_the_unmatched_linears():
         torch.compile(policy.embed_prefix, backend=strict)(*policy_args(policy)[:4])
 
 
-@pytest.mark.parametrize("name,inductor", [("tied_weights", False), ("gpt2_conv1d", False), ("torch_mha", True)])
+@pytest.mark.parametrize("name,inductor", [("tied_weights", False), ("gpt2_conv1d", False), ("torch_mha", True),
+                                           ("autocast_block", False), ("einsum_projections", False)])
 def test_zoo_shapes_through_the_backend_match_the_program(name, inductor):
     """Shapes the backend got wrong: a tied LM head, whose weight Dynamo names `embed_tokens.weight`, stayed float
     (matched to the plan now by shape and fingerprint); that fingerprint must not rename GPT-2's square Conv1D
     weight, which the plan knows as its transposed copy; nn.MultiheadAttention under DuQuant failed Inductor's stride
-    check on qvla::block_rotate's transposed input."""
+    check on qvla::block_rotate's transposed input; Dynamo's `_enter_autocast` calls made torch.export trace an
+    autocast block without its casts (a dtype error)."""
     import sys
     from pathlib import Path
 
