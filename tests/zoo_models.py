@@ -505,3 +505,30 @@ class FlexAttentionExpert(nn.Module):
         q, k, v = (_heads(p(h)) for p in (self.q_proj, self.k_proj, self.v_proj))
         x = x + self.o_proj(_merge(flex_attention(q, k, v, score_mod=_relative_bias)))
         return x + self.mlp(self.norm(x))
+
+
+class StackedExperts(nn.Module):
+    """GPT-OSS's experts as it runs them without grouped GEMMs: every expert on every token, each projection one
+    parameter stacked per expert [E, in, out] applied with bmm (gate/up interleaved, biases), the router's top-k
+    weights scattered to a dense [tokens, E] and zero for the other experts."""
+
+    def __init__(self, experts=4, hidden=48, top_k=2):
+        super().__init__()
+        self.experts, self.top_k = experts, top_k
+        self.norm, self.router = nn.RMSNorm(W), nn.Linear(W, experts)
+        self.gate_up_proj = nn.Parameter(torch.randn(experts, W, 2 * hidden) / math.sqrt(W))
+        self.gate_up_proj_bias = nn.Parameter(torch.randn(experts, 2 * hidden) * 0.02)
+        self.down_proj = nn.Parameter(torch.randn(experts, hidden, W) / math.sqrt(hidden))
+        self.down_proj_bias = nn.Parameter(torch.randn(experts, W) * 0.02)
+
+    def forward(self, x):
+        h = self.norm(x).reshape(-1, W)
+        logits = self.router(h)
+        top, index = logits.topk(self.top_k, dim=-1)
+        routing = torch.zeros_like(logits).scatter(1, index, top.softmax(-1))
+        states = h.repeat(self.experts, 1).view(self.experts, -1, W)
+        gate_up = torch.bmm(states, self.gate_up_proj) + self.gate_up_proj_bias[..., None, :]
+        gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+        act = (up + 1) * (gate * torch.sigmoid(gate * 1.702))
+        out = torch.bmm(act, self.down_proj) + self.down_proj_bias[..., None, :]
+        return x + (out * routing.T[..., None]).sum(0).view(x.shape)

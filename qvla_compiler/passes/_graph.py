@@ -24,7 +24,7 @@ LAYOUT_OPS = frozenset({
     aten.narrow.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default,
     aten.alias.default, aten.detach.default, aten.repeat.default, aten.repeat_interleave.self_int,
     aten.dropout.default, aten.cat.default, aten.index_select.default, aten.lift_fresh_copy.default,
-    aten.unbind.int,
+    aten.unbind.int, aten.stack.default,
 })
 # Ops whose output is their first input's value (a copy, alias or cast): a sum seen through them is still that sum.
 IDENTITY_OPS = frozenset({

@@ -1,14 +1,16 @@
 """Rewrite the other spellings of a linear layer into aten.linear, so every later pass sees one op.
 
 Before: a product with a weight made from parameters only (get_attr, or slices / transposes of them):
-        `addmm(b, x, W)` (GPT-2's Conv1D: W is [in, out]), `mm(x, W)`, `matmul(x, W)` (`x @ self.w.t()`), or a
-        two-operand einsum with one weight of any rank (JAX ports: `einsum("BTD,NDH->BTNH", x, W)`).
+        `addmm(b, x, W)` (GPT-2's Conv1D: W is [in, out]), `mm(x, W)`, `matmul(x, W)` (`x @ self.w.t()`), a
+        two-operand einsum with one weight of any rank (JAX ports: `einsum("BTD,NDH->BTNH", x, W)`), or experts
+        stacked in one weight, `bmm(x, W)` with x [E, M, K] and W [E, K, N] (GPT-OSS).
 After:  `linear(x, Wᵀ, b)`; a Wᵀ that is `t(P)` reads P itself, any other is `t(W)`, which fold_computed_weights
         then turns into a buffer. An einsum becomes permute / flatten of x, `linear` with W permuted and reshaped to
-        [features, contracted], then unflatten / permute to the equation's output. A product whose second operand
-        depends on a graph input (attention's q·kᵀ) is left alone, as are addmm with beta / alpha other than 1,
-        matmul weights that are not 2-D and einsums that are not a linear map of x (a weight letter summed away, a
-        batch letter shared with the weight, a diagonal).
+        [features, contracted], then unflatten / permute to the equation's output; stacked experts become one linear
+        per expert (W[e]ᵀ folded to a buffer) and a stack. A product whose second operand depends on a graph input
+        (attention's q·kᵀ) is left alone, as are addmm with beta / alpha other than 1, other weight ranks and
+        einsums that are not a linear map of x (a weight letter summed away, a batch letter shared with the weight,
+        a diagonal).
 Invariant: the same function; values agree up to the GEMM's rounding (linear may call BLAS on a transposed copy).
 """
 from __future__ import annotations
@@ -26,6 +28,8 @@ LINEAR_SPELLINGS = {
     g.aten.mm.default: (0, 1, None),
     g.aten.matmul.default: (0, 1, None),
 }
+# x [E, M, K] times a weight stacked per expert [E, K, N] (GPT-OSS's experts): one linear per expert, stacked
+BATCHED_SPELLINGS = frozenset({g.aten.bmm.default, g.aten.matmul.default})
 
 
 def canonicalize_linears(gm: fx.GraphModule) -> fx.GraphModule:
@@ -33,6 +37,9 @@ def canonicalize_linears(gm: fx.GraphModule) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target == g.aten.einsum.default:
             changed |= _einsum_as_linear(gm, node)
+            continue
+        if node.op == "call_function" and node.target in BATCHED_SPELLINGS and _is_weight(node.args[1], dims=3):
+            changed |= _experts_as_linears(gm, node)
             continue
         spelling = LINEAR_SPELLINGS.get(node.target) if node.op == "call_function" else None
         if spelling is None or node.kwargs or not _is_weight(node.args[spelling[1]]):
@@ -108,6 +115,23 @@ def _einsum_as_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
         if len(features) > 1:
             y = g.call(gm, g.aten.unflatten.int, y, -1, [w_shape[c] for c in features])
         y = _permuted(gm, y, [(batch + features).index(c) for c in out])
+    node.replace_all_uses_with(y)
+    gm.graph.erase_node(node)
+    return True
+
+
+def _experts_as_linears(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """`bmm(x, W)` with x [E, M, K] and a weight W [E, K, N] as stack([linear(x[e], W[e]ᵀ) for e]); False otherwise."""
+    x, w = node.args[:2]
+    if node.kwargs or x.meta["val"].dim() != 3 or not isinstance(w.meta["val"].shape[0], int):
+        return False
+    with gm.graph.inserting_before(node):
+        outs = []
+        for e in range(w.meta["val"].shape[0]):
+            weight = g.call(gm, g.aten.t.default, g.call(gm, g.aten.select.int, w, 0, e))
+            outs.append(g.call(gm, g.aten.linear.default, g.call(gm, g.aten.select.int, x, 0, e), weight))
+            outs[-1].meta.update({k: v for k, v in node.meta.items() if k != "val"})
+        y = g.call(gm, g.aten.stack.default, outs)
     node.replace_all_uses_with(y)
     gm.graph.erase_node(node)
     return True

@@ -22,7 +22,8 @@ import torch.fx as fx
 from qvla_compiler.meta import LinearInfo, Role, annotate, update
 from qvla_compiler.passes import _graph as g
 
-_RESIDUAL_PATH = g.LAYOUT_OPS | {g.aten.mul.Tensor} | g.ADD_OPS  # gates, branch sums and the residual add
+# gates, branch sums (experts' sum over their stack too) and the residual add
+_RESIDUAL_PATH = g.LAYOUT_OPS | {g.aten.mul.Tensor, g.aten.sum.dim_IntList} | g.ADD_OPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,7 @@ def classify_linears(gm: fx.GraphModule, role_overrides: tuple = ()) -> fx.Graph
         _annotate_attention(core, block)
     blocks = 0
     for node in g.linear_nodes(gm):
-        if node.meta["qvla"].role is Role.OTHER and _annotate_mlp(node, blocks):
+        if node.meta["qvla"].role is Role.OTHER and _annotate_mlp(node, blocks) == blocks:
             blocks += 1
     for node in g.linear_nodes(gm):
         forced = _override(node.meta["qvla"].module_path, role_overrides)
@@ -89,18 +90,31 @@ def _annotate_attention(core: AttentionCore, block: int) -> None:
         update(lin, role=Role.ATTN_O, block=block, head_dim=head_dim, heads=lin.meta["qvla"].in_features // head_dim)
 
 
-def _annotate_mlp(down: fx.Node, block: int) -> bool:
+def _annotate_mlp(down: fx.Node, block: int) -> int | None:
+    """Annotate `down` and its up projections as MLP block `block`, or as a further down projection of the block
+    its ups already form (experts stacked in one weight: every expert's down reads the stack of all ups). Returns the
+    block, or None when `down` is not an MLP's down projection."""
     ups, blocked = g.producers(down.args[0], _elementwise)
-    if not ups or any(not g.is_constant(b) for b in blocked):
-        return False
-    if any(u.meta["qvla"].role is not Role.OTHER for u in ups) or len({u.args[0] for u in ups}) != 1:
-        return False
+    if not ups or any(not g.is_constant(b) for b in blocked) or len({_viewed(u.args[0]) for u in ups}) != 1:
+        return None
+    owners = {(u.meta["qvla"].role, u.meta["qvla"].mlp_part, u.meta["qvla"].block) for u in ups}
+    if len(owners) != 1 or next(iter(owners))[:2] not in ((Role.OTHER, None), (Role.MLP, "up")):
+        return None
     if not _adds_back_to_residual(down, next(iter(ups)).args[0]):
-        return False
+        return None
+    role, _, owner = next(iter(owners))
+    block = owner if role is Role.MLP else block
     for up in ups:
         update(up, role=Role.MLP, block=block, mlp_part="up")
     update(down, role=Role.MLP, block=block, mlp_part="down")
-    return True
+    return block
+
+
+def _viewed(node: fx.Node) -> fx.Node:
+    """The tensor `node` is a view or slice of (the ups of stacked experts read one expert's rows each)."""
+    while node.op == "call_function" and node.target in (g.aten.select.int, g.aten.view.default, g.aten.repeat.default):
+        node = node.args[0]
+    return node
 
 
 def _adds_back_to_residual(down: fx.Node, block_input: fx.Node) -> bool:

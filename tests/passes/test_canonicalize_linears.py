@@ -69,19 +69,27 @@ def test_an_einsum_that_is_not_a_linear_map_is_left_alone(equation, x_shape, w_s
 
 
 class BatchedExperts(nn.Module):
-    """Experts stacked in one parameter [E, in, out] and applied with bmm: not a linear of x, so it stays float."""
+    """Experts stacked in one parameter [E, in, out] and applied with bmm (GPT-OSS): one linear per expert."""
 
     def __init__(self, experts=3):
         super().__init__()
-        self.w = nn.Parameter(torch.randn(experts, 8, 8))
+        self.w = nn.Parameter(torch.randn(experts, 8, 6))
 
     def forward(self, x):
         return torch.bmm(x.expand(self.w.shape[0], -1, -1), self.w).sum(0)
 
 
+def test_stacked_experts_become_one_linear_each():
+    module, x = BatchedExperts(), torch.randn(1, 5, 8)
+    gm = _captured(module, x)
+    assert len(g.linear_nodes(gm)) == 3 and g.aten.bmm.default not in [n.target for n in gm.graph.nodes]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), module(x), rtol=1e-5, atol=1e-5)
+
+
 def test_a_product_with_a_parameter_left_float_warns():
-    with pytest.warns(FloatProductWarning, match=r"1 product\(s\) with a parameter .* bmm.default\(w\)"):
-        gm = _captured(BatchedExperts(), torch.randn(1, 5, 8))
+    with pytest.warns(FloatProductWarning, match=r"1 product\(s\) with a parameter .* einsum.default\(weight\)"):
+        gm = _captured(Einsum("btd,dh->bt", (8, 6)), torch.randn(2, 5, 8))
     assert not g.linear_nodes(gm)
 
 

@@ -83,6 +83,8 @@ ZOO = {
                                   {"q_einsum_0": "attn_q", "kv_einsum_0": "attn_v", "attn_vec_einsum_0": "attn_o",
                                    "gating_einsum_0": "mlp", "linear_0": "mlp"}),
     "autocast_block": ZooCase(zm.AutocastBlock, lambda: (_x(),), {**_ATTN, **_SWIGLU}),
+    "stacked_experts": ZooCase(zm.StackedExperts, lambda: (_x(),),
+                               {f"{p}_proj_{e}": "mlp" for p in ("gate_up", "down") for e in range(4)}),
     "flex_attention_expert": ZooCase(zm.FlexAttentionExpert, lambda: (_x(), torch.randn(B, W)), {**_ATTN, **_SWIGLU},
                                      head=("",), input_roles={"x": "action", "cond": "time"}),
 }
