@@ -65,7 +65,7 @@ def canonicalize_linears(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 class FloatProductWarning(UserWarning):
-    """A product with a parameter that is not a linear of x (e.g. batched experts' bmm): it stays float."""
+    """A product with a parameter that is not a linear of x (an einsum summing a weight letter away): it stays float."""
 
 
 def _warn_float_products(gm: fx.GraphModule) -> None:
@@ -74,7 +74,7 @@ def _warn_float_products(gm: fx.GraphModule) -> None:
     if left:
         warnings.warn(f"qvla: {len(left)} product(s) with a parameter are not linear layers and stay float: "
                       f"{', '.join(left[:6])}{' ...' if len(left) > 6 else ''}. Write them as nn.Linear / F.linear "
-                      "(batched experts: one linear per expert) to quantize them.", FloatProductWarning, stacklevel=3)
+                      "to quantize them.", FloatProductWarning, stacklevel=3)
 
 
 def _is_weight(node, dims: int | None = 2) -> bool:

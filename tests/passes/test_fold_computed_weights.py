@@ -117,3 +117,19 @@ def test_multihead_attention_pool_quantizes_end_to_end():
     assert {r.module_path for r in qp.report.linears} == {"attn.in_proj_0", "attn.in_proj_1", "attn.out_proj",
                                                           "mlp"}
     assert qp.report.action_sqnr_db > 25 and not qp.report.warnings
+
+
+@pytest.mark.parametrize("skip, released", [((), True), (("attn.in_proj_1",), False)])
+def test_a_consuming_compile_releases_a_parameter_once_every_copy_folded_from_it_is_integer(skip, released):
+    """in_proj_weight is read only through its two folded slices (q rows, k/v rows): released with the last of
+    them, and kept when one slice stays float (the float program reads that copy, the policy its parameter)."""
+    from policy_fixtures import released_names
+    from qvla_compiler.recipes import resolve_recipe
+
+    torch.manual_seed(0)
+    net, x = AttentionPool().eval(), torch.randn(2, 5, 16)
+    recipe = resolve_recipe("w8a8", "all").with_(skip=skip)
+    qp = qvla_compiler.quantize(net, (x,), [(torch.randn(2, 5, 16),)], recipe=recipe, progress=False, consume=True)
+    assert ("attn.in_proj_weight" in released_names(net)) is released
+    assert "mlp.weight" in released_names(net)
+    assert qp.module(compiled=False)(x).isfinite().all()
