@@ -169,3 +169,12 @@ def test_a_batch_one_observation_quantizes_and_the_saved_program_takes_any_batch
         noise = policy.example_noise(batch, seed=1)
         args = (*(obs[k] for k in ("images", "tokens", "token_mask", "state")), noise)
         assert torch.equal(loaded(*args), qp.module()(*args))
+
+
+def test_a_module_without_linears_says_nothing_was_quantized():
+    from torch import nn
+
+    module = nn.Sequential(nn.LayerNorm(8), nn.GELU()).eval()
+    qp = qvla_compiler.quantize(module, (torch.randn(2, 8),), [(torch.randn(2, 8),)], "w8a8", progress=False)
+    assert qp.report.int_linears == 0
+    assert any("no linear layer was found" in w and "einsum" in w for w in qp.report.warnings)

@@ -174,8 +174,8 @@ def output_fidelity(ref, out) -> tuple[float, float]:
 def collect_warnings(rows, layout: str, is_policy: bool) -> tuple[str, ...]:
     """What a user must not miss although nothing failed: a layout that made nothing integer, a graph whose
     linears all got role 'other', linears kept float for a reason, a policy whose linears all share one region."""
-    out = [] if rows else ["no linear layer was found (aten.linear, or addmm / mm / matmul with a weight made from "
-                           "parameters): nothing was quantized, the program is the float model"]
+    out = [] if rows else ["no linear layer was found (aten.linear, or addmm / mm / matmul / bmm / einsum with a "
+                           "weight made from parameters): nothing was quantized, the program is the float model"]
     ints = sum(r.bits != "float" for r in rows)
     if rows and ints == 0 and layout != "none":
         out.append(f"layout {layout!r} quantized 0 of {len(rows)} linears: nothing became integer; check the "
