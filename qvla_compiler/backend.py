@@ -94,8 +94,14 @@ class QvlaBackend:
 
             register()  # the qvla:: ops decompose into aten and fuse with their neighbours (kernels/inductor.py)
             # an exported graph's key does not pickle (closures in it): Inductor's FX cache would only log a traceback
-            with torch._inductor.config.patch(fx_graph_cache=False):
-                compiled = compile_fx(lowered, list(captured.user_inputs))
+            try:
+                with torch._inductor.config.patch(fx_graph_cache=False):
+                    compiled = compile_fx(lowered, list(captured.user_inputs))
+            except Exception as exc:  # noqa: BLE001 - Inductor fails in many ways (flex_attention on CPU, no compiler)
+                first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+                warnings.warn(f"qvla: Inductor could not compile graph {match.index} ({type(exc).__name__}: {first}); "
+                              "running the rewritten integer graph eagerly instead (same results, slower)",
+                              RuntimeWarning, stacklevel=2)
         return captured.wrap(compiled)
 
     def summary(self) -> str:

@@ -143,3 +143,24 @@ def test_zoo_shapes_through_the_backend_match_the_program(name, inductor):
     want = qp.module(compiled=False)(*args)
     assert sum(len(m.quantized) for m in be.graphs) == qp.report.int_linears
     assert torch.equal(got, want) if not inductor else torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_graph_inductor_cannot_compile_runs_the_integer_graph_eagerly_with_a_warning():
+    """flex_attention does not lower on this CPU: the backend warns and runs the rewritten graph (as `module()`
+    falls back), instead of failing the user's torch.compile."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "passes"))
+    from test_zoo import ZOO
+
+    case = ZOO["flex_attention_expert"]
+    torch.manual_seed(0)
+    module, args = case.build().eval(), case.inputs()
+    qp = qvla_compiler.quantize(module, args, [case.inputs()], "w8a8", layout="all", progress=False,
+                                input_roles=case.input_roles)
+    be = qvla_compiler.backend(plan=qp.quant_plan)
+    torch._dynamo.reset()
+    with pytest.warns(RuntimeWarning, match="Inductor could not compile"), torch.no_grad():
+        got = torch.compile(module, backend=be)(*args)
+    assert torch.equal(got, qp.module(compiled=False)(*args))
