@@ -98,10 +98,9 @@ class QvlaBackend:
                 with torch._inductor.config.patch(fx_graph_cache=False):
                     compiled = compile_fx(lowered, list(captured.user_inputs))
             except Exception as exc:  # noqa: BLE001 - Inductor fails in many ways (flex_attention on CPU, no compiler)
-                first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-                warnings.warn(f"qvla: Inductor could not compile graph {match.index} ({type(exc).__name__}: {first}); "
-                              "running the rewritten integer graph eagerly instead (same results, slower)",
-                              RuntimeWarning, stacklevel=2)
+                warnings.warn(f"qvla: Inductor could not compile graph {match.index} ({type(exc).__name__}: "
+                              f"{str(exc).strip()[:300]}); running the rewritten integer graph eagerly instead (same "
+                              "results, slower)", RuntimeWarning, stacklevel=2)
         return captured.wrap(compiled)
 
     def summary(self) -> str:
