@@ -70,7 +70,7 @@ class FloatProductWarning(UserWarning):
 
 def _warn_float_products(gm: fx.GraphModule) -> None:
     left = [f"{n.target.__name__}({w.target if w.op == 'get_attr' else w.name})" for n in gm.graph.nodes
-            for w in g.matmul_operands(n) or () if _is_weight(w, dims=None)]
+            for w in g.matmul_operands(n) or () if _is_weight(w, dims=None) and not _is_weight(n, dims=None)]
     if left:
         warnings.warn(f"qvla: {len(left)} product(s) with a parameter are not linear layers and stay float: "
                       f"{', '.join(left[:6])}{' ...' if len(left) > 6 else ''}. Write them as nn.Linear / F.linear "

@@ -93,9 +93,22 @@ def test_a_product_with_a_parameter_left_float_warns():
     assert not g.linear_nodes(gm)
 
 
-def test_attention_products_do_not_warn():
+class LowRank(nn.Module):
+    """A weight computed as a product of two parameters (a merged low-rank factorisation): a weight, not a product
+    of x, so no warning, and the linear it feeds is folded and quantized like any other."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.randn(8, 2)), nn.Parameter(torch.randn(2, 8))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, torch.einsum("or,ri->oi", self.a, self.b))
+
+
+def test_attention_products_and_weight_products_do_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error", FloatProductWarning)
+        assert len(g.linear_nodes(_captured(LowRank(), torch.randn(2, 5, 8)))) == 1
         _captured(Einsum("btd,hd->bth", (6, 8)), torch.randn(2, 5, 8))
         _captured(zm.TorchMHA(), torch.randn(2, zm.T, zm.W))
         _captured(zm.EinsumProjections(), torch.randn(2, zm.T, zm.W))
