@@ -436,3 +436,30 @@ def test_policy_with_missing_or_extra_graphs_is_refused(policies, tmp_path):
     with pytest.raises(ArtifactError, match=r"holds the graphs \['denoise'\], but a format-1 policy program has "
                                             r"\['model'\]"):
         qvla_compiler.load(_write(tmp_path / "missing.pt2", members))
+
+
+class CacheWriter(nn.Module):
+    """Writes a cache buffer in place in forward (a KV-cache style policy) and reads it back."""
+
+    def __init__(self):
+        super().__init__()
+        self.k, self.mlp = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.register_buffer("cache", torch.zeros(4, 3, 16))
+
+    def forward(self, x):
+        self.cache[: x.shape[0]].copy_(self.k(x))
+        return self.mlp(x) + self.cache[: x.shape[0]].mean(1, keepdim=True)
+
+
+def test_a_program_writing_a_buffer_runs_after_save_and_load_outside_no_grad(tmp_path):
+    """Run outside no_grad, the program's cache requires grad when saved; loaded as a leaf that did, the next
+    in-place write into it failed ("a view of a leaf Variable that requires grad is being used in an in-place
+    operation"). Buffers load without requires_grad."""
+    torch.manual_seed(0)
+    module, x = CacheWriter().eval(), torch.randn(2, 3, 16)
+    qp = qvla_compiler.quantize(module, (x,), [(torch.randn(2, 3, 16),)], "w8a8", layout="all", progress=False)
+    program = qp.module(compiled=False)
+    want = program(x)  # outside no_grad, as a user may call it
+    loaded = qvla_compiler.load(qp.save(tmp_path / "cache.pt2")).module(compiled=False)
+    assert not any(b.requires_grad for b in loaded.buffers())
+    assert torch.equal(loaded(x), want) and torch.equal(loaded(x), want)
