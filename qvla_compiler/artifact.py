@@ -299,8 +299,7 @@ def _tensors(read, names: set[str], kind: tuple[str, str, str], model: str, path
         flat = storages[member].view(serialize.deserialize_scalar_type(tm.dtype))
         t = torch.as_strided(flat, serialize.deserialize_size(tm.sizes), serialize.deserialize_stride(tm.strides),
                              serialize.deserialize_storage_offset(tm.storage_offset))
-        # a buffer never needs grad: one saved with it (a cache the program wrote outside no_grad) would refuse the
-        # program's next in-place write into it ("a view of a leaf Variable that requires grad")
+        # no buffer needs grad; a cache saved requiring it (written outside no_grad) refused the next in-place write
         out[fqn] = torch.nn.Parameter(t, requires_grad=tm.requires_grad) if meta.is_param else t
     return out
 

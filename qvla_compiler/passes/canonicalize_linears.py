@@ -123,11 +123,12 @@ def _einsum_as_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
 def _experts_as_linears(gm: fx.GraphModule, node: fx.Node) -> bool:
     """`bmm(x, W)` with x [E, M, K] and a weight W [E, K, N] as stack([linear(x[e], W[e]ᵀ) for e]); False otherwise."""
     x, w = node.args[:2]
-    if node.kwargs or x.meta["val"].dim() != 3 or not isinstance(w.meta["val"].shape[0], int):
-        return False
+    experts, leading = w.meta["val"].shape[0], x.meta["val"].shape[0]
+    if node.kwargs or x.meta["val"].dim() != 3 or not (isinstance(leading, int) and leading == experts):
+        return False  # x broadcast against the stack, or its leading size is not (statically) the experts'
     with gm.graph.inserting_before(node):
         outs = []
-        for e in range(w.meta["val"].shape[0]):
+        for e in range(experts):
             weight = g.call(gm, g.aten.t.default, g.call(gm, g.aten.select.int, w, 0, e))
             outs.append(g.call(gm, g.aten.linear.default, g.call(gm, g.aten.select.int, x, 0, e), weight))
             outs[-1].meta.update({k: v for k, v in node.meta.items() if k != "val"})

@@ -9,7 +9,9 @@ How:    attention cores are found first, in both forms: fused (SDPA, flex_attent
         ops (matmul, bmm, baddbmm, two-operand einsum) and pointwise masking (scale, add, where, masked_fill) are
         tables in _graph. An MLP block is a down projection whose input is a pointwise function of up projections
         only, and whose output (possibly gated, or summed with other branches such as parallel attention or
-        routed experts) is added back onto the residual stream the up projections read. Everything else is `other`.
+        routed experts) is added back onto the residual stream the up projections read; experts stacked in one
+        weight (canonicalize_linears: one linear per expert) form one block whose downs all read the stack of ups.
+        Everything else is `other`.
 Expects a functional graph (run normalize_graph first: in-place ops would hide the dataflow).
 Invariant: module names are never read, except through the recipe's explicit role overrides.
 """
@@ -69,7 +71,7 @@ def classify_linears(gm: fx.GraphModule, role_overrides: tuple = ()) -> fx.Graph
     blocks = 0
     for node in g.linear_nodes(gm):
         if node.meta["qvla"].role is Role.OTHER and _annotate_mlp(node, blocks) == blocks:
-            blocks += 1
+            blocks += 1  # a new block (a further expert's down joins its block and returns that block's index)
     for node in g.linear_nodes(gm):
         forced = _override(node.meta["qvla"].module_path, role_overrides)
         if forced is not None:

@@ -112,3 +112,22 @@ def test_attention_products_and_weight_products_do_not_warn():
         _captured(Einsum("btd,hd->bth", (6, 8)), torch.randn(2, 5, 8))
         _captured(zm.TorchMHA(), torch.randn(2, zm.T, zm.W))
         _captured(zm.EinsumProjections(), torch.randn(2, zm.T, zm.W))
+
+
+class BroadcastExperts(nn.Module):
+    """x [1, M, K] broadcast against a stack of 3 weights: not one x per expert, so left as a product (warned)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 8, 6))
+
+    def forward(self, x):
+        return torch.matmul(x[:1], self.w).sum(0)
+
+
+def test_a_stack_broadcast_against_one_input_is_left_alone():
+    module, x = BroadcastExperts(), torch.randn(2, 5, 8)
+    with pytest.warns(FloatProductWarning):
+        gm = _captured(module, x)
+    with torch.no_grad():
+        assert torch.equal(gm(x), module(x))
