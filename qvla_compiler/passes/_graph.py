@@ -180,8 +180,7 @@ def replace_attr_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor) ->
 def fake_value(op, args, kwargs=None):
     """What `op(*args, **kwargs)` gives on the fake values (meta["val"]) of its node arguments: shapes and dtypes."""
     vals = fx.node.map_arg((args, kwargs or {}), lambda n: n.meta.get("val"))
-    mode = detect_fake_mode(torch.utils._pytree.tree_leaves(vals))
-    with mode if mode is not None else contextlib.nullcontext():
+    with detect_fake_mode(torch.utils._pytree.tree_leaves(vals)) or contextlib.nullcontext():
         return op(*vals[0], **vals[1])
 
 

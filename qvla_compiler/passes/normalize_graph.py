@@ -6,7 +6,8 @@ After:  `aten.mul.Tensor(matmul, c)` / `aten.add.Tensor(h, x)` (plus `_to_copy` 
         where type promotion would differ); later reads of the mutated tensor read the new node. `aten.linear` and
         every other node are untouched, so the values computed are bit-identical.
 Skipped (left in place, still correct): mutations of graph inputs or parameters, ops with no functional twin,
-        and mutations visible through another alias (a view of the same storage read after the mutation).
+        mutations visible through another alias (a view of the same storage read after the mutation), and ops
+        whose value cannot be recomputed on fake tensors (flex_attention's block mask, built under vmap).
 Why:    the structural matchers follow dataflow; an in-place op hides that a later read sees the new value.
         The other spellings of the same computation (where / masked_fill masks, baddbmm / einsum products) are
         looked through by the tables in _graph (`is_pointwise`, `MATMUL_OPERANDS`) instead of being rewritten.
