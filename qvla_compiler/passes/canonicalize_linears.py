@@ -65,16 +65,29 @@ def canonicalize_linears(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 class FloatProductWarning(UserWarning):
-    """A product with a parameter that is not a linear of x (an einsum summing a weight letter away): it stays float."""
+    """A product with a parameter that is not a linear of x (an einsum summing a weight letter away, a weight indexed
+    by an input): it stays float."""
 
 
 def _warn_float_products(gm: fx.GraphModule) -> None:
-    left = [f"{n.target.__name__}({w.target if w.op == 'get_attr' else w.name})" for n in gm.graph.nodes
-            for w in g.matmul_operands(n) or () if _is_weight(w, dims=None) and not _is_weight(n, dims=None)]
+    left = [f"{n.target.__name__}({name})" for n in gm.graph.nodes if not _is_weight(n, dims=None)
+            for w in g.matmul_operands(n) or () if (name := _parameter_operand(w))]
     if left:
         warnings.warn(f"qvla: {len(left)} product(s) with a parameter are not linear layers and stay float: "
                       f"{', '.join(left[:6])}{' ...' if len(left) > 6 else ''}. Write them as nn.Linear / F.linear "
                       "to quantize them.", FloatProductWarning, stacklevel=3)
+
+
+def _parameter_operand(node) -> str | None:
+    """A product's operand that is a weight: computed from parameters only (its name), or a parameter indexed by a
+    graph input (`W[index]`: GR00T's per-embodiment weights, which stay float as a linear's would)."""
+    if _is_weight(node, dims=None):
+        return node.target if node.op == "get_attr" else node.name
+    indexed = False
+    while node.op == "call_function" and (node.target in g.LAYOUT_OPS or node.target == g.aten.index.Tensor) \
+            and isinstance(node.args[0], fx.Node):
+        indexed, node = indexed or node.target == g.aten.index.Tensor, node.args[0]
+    return f"{node.target}[index]" if indexed and node.op == "get_attr" and node.meta["val"].dim() >= 2 else None
 
 
 def _is_weight(node, dims: int | None = 2) -> bool:

@@ -131,3 +131,21 @@ def test_a_stack_broadcast_against_one_input_is_left_alone():
         gm = _captured(module, x)
     with torch.no_grad():
         assert torch.equal(gm(x), module(x))
+
+
+class CategorySpecific(nn.Module):
+    """GR00T's per-embodiment linear: the weight picked from a stack by an input id, then bmm. It depends on the
+    input, so it cannot be a stored integer weight: float, with a warning (it was silent)."""
+
+    def __init__(self):
+        super().__init__()
+        self.W, self.b = nn.Parameter(torch.randn(3, 8, 8)), nn.Parameter(torch.zeros(3, 8))
+
+    def forward(self, x, cat_ids):
+        return torch.bmm(x, self.W[cat_ids]) + self.b[cat_ids].unsqueeze(1)
+
+
+def test_a_weight_indexed_by_an_input_warns():
+    module, args = CategorySpecific().eval(), (torch.randn(2, 5, 8), torch.tensor([0, 2]))
+    with pytest.warns(FloatProductWarning, match=r"bmm.default\(W\[index\]\)"):
+        capture_module(module, args, None, dynamic_batch=False)
