@@ -20,6 +20,7 @@ from qvla_compiler.recipes import QuantRecipe, resolve_recipe
 from qvla_compiler.protocol import is_policy
 from qvla_compiler.inspect.report import Report, collect_warnings, output_fidelity
 from qvla_compiler.inspect.phases import phase
+from qvla_compiler.passes._graph import WARNINGS
 from qvla_compiler.kernels.bf16_gemms import fp32_products
 from qvla_compiler.kernels.cpu_gemm import uncached_weights
 
@@ -238,7 +239,8 @@ class _Captured:
             rel, sqnr = output_fidelity(self.reference, self.program.run(self.inputs))  # over every tensor leaf
         report = Report(self.name, recipe.name, recipe.layout, tuple(rows), applied.float_bytes, after,
                         round(rel, 6), round(sqnr, 2), applied.attention,
-                        collect_warnings(rows, recipe.layout, self.program.is_policy))
+                        collect_warnings(rows, recipe.layout, self.program.is_policy,
+                                         [w for gm in self.program.graphs.values() for w in gm.meta.get(WARNINGS, ())]))
         summary = [{"graph": r.graph, "module_path": r.module_path, "region": r.region, "role": r.role,
                     "bits": r.bits} for r in rows]
         return QuantizedProgram(self.program, recipe, report, summary, self.example_args, plan)

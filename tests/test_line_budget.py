@@ -14,13 +14,14 @@ MAX_FILE_LINES = 400
 # 14,650 on 2026-12-06 (second session) for two silently wrong programs: compiled one-row int8 GEMMs (garbage from
 # torch._int_mm) and smoothing scales of channels silent in calibration; fitting a shared weight once; after
 # replacing float_dtype's own attribute helpers (-14). vulture finds nothing unused outside the tests.
-# 15,000 on 2026-12-06 (third session, 14,638 at its start) for the ways policies hid their linears, found by new
+# 15,010 on 2026-12-06 (third session, 14,638 at its start) for the ways policies hid their linears, found by new
 # zoo shapes and left silently float before: einsum projections with parameters (JAX ports), `torch.autocast` blocks
 # inside forward (passes/inline_subgraphs.py; the backend's too), experts stacked in one bmm weight (GPT-OSS); and for
 # releasing the parameters a folded weight was computed from, a warning for products with a parameter left float,
 # flex_attention as attention, the backend's eager fallback, a warning for weights indexed by an input (GR00T's
-# per-embodiment linears). vulture (60%) lists only *_ref oracles, op registrations and adapters.
-MAX_TOTAL_LINES = 15_000
+# per-embodiment linears), capture's warnings in the quantize report. vulture (60%) lists only *_ref oracles, op
+# registrations and adapters.
+MAX_TOTAL_LINES = 15_010
 
 
 def _line_counts() -> dict[str, int]:

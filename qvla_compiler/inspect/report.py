@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from typing import Iterable
 
 import torch
 import torch.fx as fx
@@ -171,10 +172,12 @@ def output_fidelity(ref, out) -> tuple[float, float]:
     return rel, sqnr_db(r, o)
 
 
-def collect_warnings(rows, layout: str, is_policy: bool) -> tuple[str, ...]:
-    """What a user must not miss although nothing failed: a layout that made nothing integer, a graph whose
-    linears all got role 'other', linears kept float for a reason, a policy whose linears all share one region."""
-    out = [] if rows else ["no linear layer was found (aten.linear, or addmm / mm / matmul / bmm / einsum with a "
+def collect_warnings(rows, layout: str, is_policy: bool, captured: Iterable[str] = ()) -> tuple[str, ...]:
+    """What a user must not miss although nothing failed: what capture warned about (products with a parameter left
+    float, linears in a torch.cond), a layout that made nothing integer, a graph whose linears all got role 'other',
+    linears kept float for a reason, a policy whose linears all share one region."""
+    out = list(dict.fromkeys(captured))
+    out += [] if rows else ["no linear layer was found (aten.linear, or addmm / mm / matmul / bmm / einsum with a "
                            "weight made from parameters): nothing was quantized, the program is the float model"]
     ints = sum(r.bits != "float" for r in rows)
     if rows and ints == 0 and layout != "none":

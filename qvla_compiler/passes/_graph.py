@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 from collections import deque
 import operator
+import warnings
 from typing import Callable, Iterable
 
 import torch
@@ -189,3 +190,12 @@ def call(gm: fx.GraphModule, op, *args, **kwargs) -> fx.Node:
     node = gm.graph.call_function(op, args, kwargs)
     node.meta["val"] = fake_value(op, args, kwargs)
     return node
+
+
+WARNINGS = "qvla_warnings"  # graph meta: what capture warned about, for the quantize report (and --json)
+
+
+def warn(gm: fx.GraphModule, message: str, category: type[Warning]) -> None:
+    """Warn, and keep the message in the graph's meta so the quantize report lists it too."""
+    gm.meta.setdefault(WARNINGS, []).append(message)
+    warnings.warn(message, category, stacklevel=4)

@@ -16,7 +16,6 @@ Invariant: the same function; values agree up to the GEMM's rounding (linear may
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch.fx as fx
 
@@ -73,9 +72,9 @@ def _warn_float_products(gm: fx.GraphModule) -> None:
     left = [f"{n.target.__name__}({name})" for n in gm.graph.nodes if not _is_weight(n, dims=None)
             for w in g.matmul_operands(n) or () if (name := _parameter_operand(w))]
     if left:
-        warnings.warn(f"qvla: {len(left)} product(s) with a parameter are not linear layers and stay float: "
-                      f"{', '.join(left[:6])}{' ...' if len(left) > 6 else ''}. Write them as nn.Linear / F.linear "
-                      "to quantize them.", FloatProductWarning, stacklevel=3)
+        g.warn(gm, f"qvla: {len(left)} product(s) with a parameter are not linear layers and stay float: "
+                   f"{', '.join(left[:6])}{' ...' if len(left) > 6 else ''}. Write them as nn.Linear / F.linear to "
+                   "quantize them.", FloatProductWarning)
 
 
 def _parameter_operand(node) -> str | None:

@@ -12,8 +12,6 @@ Invariant: the same values bit for bit (autocast casts the same inputs and runs 
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.fx as fx
 from torch.fx.node import map_arg
@@ -135,6 +133,6 @@ def _warn_hidden_linears(gm: fx.GraphModule) -> None:
     for name, sub in gm.named_children():
         if isinstance(sub, fx.GraphModule) and any(g.is_linear(n) for n in sub.graph.nodes):
             if any(n.op == "get_attr" and n.target == name for n in gm.graph.nodes):
-                warnings.warn(f"qvla: the linears inside subgraph '{name}' (a torch.cond / higher-order op block) "
-                              "stay float: qvla inlines only autocast and grad-mode blocks. Write the block as plain "
-                              "code to quantize them.", SubgraphLinearsWarning, stacklevel=3)
+                g.warn(gm, f"qvla: the linears inside subgraph '{name}' (a torch.cond / higher-order op block) "
+                           "stay float: qvla inlines only autocast and grad-mode blocks. Write the block as plain "
+                           "code to quantize them.", SubgraphLinearsWarning)

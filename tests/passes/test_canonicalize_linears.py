@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import qvla_compiler
 from qvla_compiler.export import capture_module
 from qvla_compiler.passes import _graph as g
 from qvla_compiler.passes.canonicalize_linears import FloatProductWarning
@@ -145,7 +146,10 @@ class CategorySpecific(nn.Module):
         return torch.bmm(x, self.W[cat_ids]) + self.b[cat_ids].unsqueeze(1)
 
 
-def test_a_weight_indexed_by_an_input_warns():
+def test_a_weight_indexed_by_an_input_warns_and_the_report_says_so():
     module, args = CategorySpecific().eval(), (torch.randn(2, 5, 8), torch.tensor([0, 2]))
     with pytest.warns(FloatProductWarning, match=r"bmm.default\(W\[index\]\)"):
         capture_module(module, args, None, dynamic_batch=False)
+    with pytest.warns(FloatProductWarning):
+        qp = qvla_compiler.quantize(module, args, [args], "w8a8", layout="all", progress=False)
+    assert any("W[index]" in w for w in qp.report.warnings) and "W[index]" in qp.report.to_json()
