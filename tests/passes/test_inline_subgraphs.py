@@ -81,3 +81,25 @@ def test_a_graph_without_blocks_is_untouched_and_silent():
         warnings.simplefilter("error", SubgraphLinearsWarning)
         inline_subgraphs(gm)
     assert gm.code == code
+
+
+def test_a_policy_whose_denoise_step_runs_under_autocast_quantizes_like_the_plain_one(tmp_path):
+    """GR00T samples under bf16 autocast: the same policy with its denoise step in an autocast block gets the same
+    integer linears as without it, and its saved program loads bit-identical."""
+    from qvla_compiler.models import build_policy
+
+    policy, plain = build_policy("pi05-tiny"), build_policy("pi05-tiny")
+
+    class AutocastPolicy(type(policy)):
+        def denoise_step(self, prefix, x_t, t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return super().denoise_step(prefix, x_t, t).float()
+
+    policy.__class__ = AutocastPolicy
+    qp = qvla_compiler.quantize(policy, policy.example_inputs(), recipe="w8a8", calib_steps=1, progress=False)
+    want = qvla_compiler.quantize(plain, plain.example_inputs(), recipe="w8a8", calib_steps=1, progress=False)
+    assert qp.report.int_linears == want.report.int_linears > 0 and qp.report.action_rel_l2 < 0.05
+    obs, noise = policy.example_inputs(), policy.example_noise(2)
+    args = (*(obs[k] for k in ("images", "tokens", "token_mask", "state")), noise)
+    loaded = qvla_compiler.load(qp.save(tmp_path / "autocast.pt2")).module(compiled=False)
+    assert torch.equal(loaded(*args), qp.module(compiled=False)(*args))
