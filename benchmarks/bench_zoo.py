@@ -6,6 +6,7 @@
         # rel-L2 per recipe, and per shape for the first recipe: saved → loaded bit-identical, batch 3 after
         # quantizing at 2, torch.compile(backend="qvla") with the program's plan against the program, and the
         # compiled program (module(), Inductor) at batch 1 against the eager one, called twice
+    python benchmarks/bench_zoo.py --recipes w8a8 --shapes stacked_experts autocast_block   # only these shapes
 
 The zoo's modules and inputs are the test suite's (tests/zoo_models.py, tests/passes/test_zoo.py).
 """
