@@ -58,8 +58,6 @@ def attention_sites(gm: fx.GraphModule, regions: tuple[Region, ...] | None = Non
             by_block.setdefault(info.block, {"q": [], "o": []})[kind].append(node)
     sites = []
     for block, core in enumerate(find_attention_cores(gm)):
-        if g.is_flex_attention(core.out.args[0] if core.out.target is g.operator.getitem else core.out):
-            continue  # its score_mod edits the logits that ATM / OHB read: no site, no α or β
         found = by_block.get(block, {"q": [], "o": []})
         q_info = found["q"][0].meta["qvla"] if found["q"] else None
         region = q_info.region if q_info else None
@@ -67,7 +65,8 @@ def attention_sites(gm: fx.GraphModule, regions: tuple[Region, ...] | None = Non
             continue
         sites.append(AttentionSite(block, core, tuple(found["q"]), tuple(found["o"]),
                                    q_info.heads if q_info else None, q_info.head_dim if q_info else None, region))
-    return sites
+    # a flex_attention core's score_mod edits the logits that ATM / OHB read: no site, no α or β
+    return [site for site in sites if not g.is_flex_attention(site.sdpa_node)]
 
 
 def sdpa_arguments(node: fx.Node) -> dict:
