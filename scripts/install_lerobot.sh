@@ -52,8 +52,8 @@ import torch
 want = sys.argv[1]
 if torch.__version__.split("+")[0] != want:
     sys.exit(f"install_lerobot.sh: torch changed to {torch.__version__} (was {want}); reinstall torch=={want}")
-from qvla_compiler.integrations.lerobot import import_lerobot_policies
-found = import_lerobot_policies()
+from qvla_compiler.integrations.lerobot import POLICIES, _import
+found = [getattr(_import(module), name).__name__ for name, (module, _, _) in POLICIES.items()]  # raises if one is gone
 print("install_lerobot.sh: torch", torch.__version__, "| lerobot policies:", ", ".join(sorted(found)))
 EOF
 echo "install_lerobot.sh: done in $(( $(date +%s) - start )) s"

@@ -37,6 +37,18 @@ PKGS=(
 mkdir -p "$TARGET"
 "$PY" -m pip install --quiet --no-deps --upgrade -c "$constraints" --target "$TARGET" "${PKGS[@]}"
 
+# diffusers 0.35 (0.36 too) calls `logger` at import before defining it when torchao is installed without
+# NF4Tensor (torchao >= 0.15, e.g. as qvla's benchmark dependency): GR00T's DiT then fails to import with
+# "NameError: name 'logger' is not defined". Define it before that call (idempotent).
+"$PY" - "$TARGET/diffusers/quantizers/torchao/torchao_quantizer.py" <<'PATCH'
+import pathlib, sys
+path = pathlib.Path(sys.argv[1])
+src, line = path.read_text(), "logger = logging.get_logger(__name__)\n"
+if 0 <= src.find("\n    _update_torch_safe_globals()") < src.find(line):
+    at = src.find("\ndef _update_torch_safe_globals")
+    path.write_text(src[:at] + "\n" + line + src[at:])
+PATCH
+
 PYTHONPATH="$TARGET${PYTHONPATH:+:$PYTHONPATH}" "$PY" - "$torch_version" <<'EOF'
 import sys
 import torch

@@ -8,7 +8,8 @@ After:  `linear(x, Wᵀ, b)`; a Wᵀ that is `t(P)` reads P itself, any other is
         then turns into a buffer. An einsum becomes permute / flatten of x, `linear` with W permuted and reshaped to
         [features, contracted], then unflatten / permute to the equation's output; stacked experts become one linear
         per expert (W[e]ᵀ folded to a buffer) and a stack. A product whose second operand depends on a graph input
-        (attention's q·kᵀ) is left alone, as are addmm with beta / alpha other than 1, other weight ranks and
+        (attention's q·kᵀ) is left alone, and so is a product of two constants (no graph input upstream of x: HF's
+        RoPE `inv_freq @ positions`), as are addmm with beta / alpha other than 1, other weight ranks and
         einsums that are not a linear map of x (a weight letter summed away, a batch letter shared with the weight,
         a diagonal).
 Invariant: the same function; values agree up to the GEMM's rounding (linear may call BLAS on a transposed copy).
@@ -37,11 +38,13 @@ def canonicalize_linears(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op == "call_function" and node.target == g.aten.einsum.default:
             changed |= _einsum_as_linear(gm, node)
             continue
-        if node.op == "call_function" and node.target in BATCHED_SPELLINGS and _is_weight(node.args[1], dims=3):
+        if node.op == "call_function" and node.target in BATCHED_SPELLINGS and _is_weight(node.args[1], dims=3) \
+                and _reads_input(node.args[0]):
             changed |= _experts_as_linears(gm, node)
             continue
         spelling = LINEAR_SPELLINGS.get(node.target) if node.op == "call_function" else None
-        if spelling is None or node.kwargs or not _is_weight(node.args[spelling[1]]):
+        if spelling is None or node.kwargs or not _is_weight(node.args[spelling[1]]) \
+                or not _reads_input(node.args[spelling[0]]):
             continue
         x, w = node.args[spelling[0]], node.args[spelling[1]]
         bias = node.args[spelling[2]] if spelling[2] is not None else None
@@ -90,11 +93,19 @@ def _parameter_operand(node) -> str | None:
 
 
 def _is_weight(node, dims: int | None = 2) -> bool:
-    """A `dims`-D (None: any rank) tensor computed from parameters only (no graph input upstream)."""
+    """A `dims`-D (None: any rank) tensor computed from parameters only: no graph input upstream, and at least one
+    parameter or buffer (a tensor made by arange / full alone, e.g. RoPE's positions, is not a weight)."""
     shape = getattr(node.meta.get("val"), "shape", None) if isinstance(node, fx.Node) else None
     if shape is None or dims is not None and len(shape) != dims:
         return False
-    return all(n.op in ("get_attr", "call_function") for n in g.ancestors(node))
+    ops = {n.op for n in g.ancestors(node)}
+    return "get_attr" in ops and ops <= {"get_attr", "call_function"}
+
+
+def _reads_input(node) -> bool:
+    """x of a linear depends on a graph input; a product of two constants (HF RoPE's `inv_freq @ positions`, a merged
+    low-rank `A @ B`) is not a layer."""
+    return isinstance(node, fx.Node) and any(n.op == "placeholder" for n in g.ancestors(node))
 
 
 def _einsum_as_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -107,6 +118,8 @@ def _einsum_as_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
         return False
     xi = weights.index(False)
     x, w = operands[xi], operands[1 - xi]
+    if not _reads_input(x):
+        return False
     specs, out = node.args[0].replace(" ", "").split("->")
     xs, ws = specs.split(",")[xi], specs.split(",")[1 - xi]
     xs, out = _expand_ellipsis(xs, out, x.meta["val"].dim(), unused=set(specs + out))

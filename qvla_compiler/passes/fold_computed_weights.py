@@ -101,8 +101,8 @@ def _target_for(gm: fx.GraphModule, linear: fx.Node, operand: fx.Node, kind: str
         home = weight.target.removesuffix(".weight")
         if not hasattr(gm.get_submodule(home), "bias"):  # the bias goes beside the folded weight
             return home + ".bias"
-    reads = g.ancestors(operand)
-    source = next(n for n in gm.graph.nodes if n in reads and n.op == "get_attr").target
+    reads = g.ancestors(operand)  # a weight made by factories alone (torch.eye(n) in forward) reads no parameter
+    source = next((n.target for n in gm.graph.nodes if n in reads and n.op == "get_attr"), "folded")
     owner, _, leaf = source.rpartition(".")
     stem = re.sub(r"_?(weight|bias)$", "", leaf) or "folded"
     parent, k = gm.get_submodule(owner), 0

@@ -153,3 +153,32 @@ def test_a_weight_indexed_by_an_input_warns_and_the_report_says_so():
     with pytest.warns(FloatProductWarning):
         qp = qvla_compiler.quantize(module, args, [args], "w8a8", layout="all", progress=False)
     assert any("W[index]" in w for w in qp.report.warnings) and "W[index]" in qp.report.to_json()
+
+
+class ConstantProducts(nn.Module):
+    """Products of two constants beside a real linear: transformers' Llama / Qwen3 RoPE computes its angles as
+    `inv_freq[None, :, None].expand(1, -1, 1) @ positions[:, None, :]` (a buffer times an arange; positions are
+    [1, T] whatever the batch), and a merged
+    low-rank weight `A @ B`. Neither is a layer: x reads no graph input. The RoPE one used to become a linear on
+    the buffer with the arange as its weight, and capture then crashed folding a weight that reads no parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8), persistent=False)
+        self.a, self.b = nn.Parameter(torch.randn(8, 2)), nn.Parameter(torch.randn(2, 8))
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        positions = torch.arange(x.shape[1])[None].float()
+        freqs = (self.inv_freq[None, :, None].expand(positions.shape[0], -1, 1) @ positions[:, None, :]).transpose(1, 2)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return self.proj(x * angles.cos()) @ (self.a @ self.b)
+
+
+def test_products_of_two_constants_are_not_linears():
+    module, x = ConstantProducts().eval(), torch.randn(2, 5, 8)
+    gm = _captured(module, x)
+    linears = g.linear_nodes(gm)  # proj, and `(...) @ (a @ b)` (x from the input; its weight a @ b folded)
+    assert len(linears) == 2 and all(any(n.op == "placeholder" for n in g.ancestors(lin.args[0])) for lin in linears)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), module(x), rtol=1e-5, atol=1e-5)

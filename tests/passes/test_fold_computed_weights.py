@@ -88,6 +88,21 @@ def test_identical_computations_share_one_buffer():
     torch.testing.assert_close(gm(x), before, rtol=0, atol=1e-6)
 
 
+class FactoryWeight(nn.Module):
+    """A weight made in forward by factories alone (no parameter read): it used to crash naming its buffer."""
+
+    def forward(self, x):
+        return F.linear(x, torch.eye(8) * 2.0)
+
+
+def test_a_weight_made_by_factories_alone_folds_into_a_buffer():
+    x = torch.randn(3, 8)
+    gm = fold_computed_weights(_captured(FactoryWeight(), x))
+    (linear,) = [n for n in gm.graph.nodes if str(n.target) == "aten.linear.default"]
+    assert linear.args[1].target == "folded_0.weight" and torch.equal(gm.folded_0.weight, torch.eye(8) * 2.0)
+    assert torch.equal(gm(x), 2.0 * x)
+
+
 def test_input_dependent_and_plain_weights_are_left_alone():
     x = torch.randn(3, 8)
     gm = _captured(InputWeight(), x)
