@@ -7,6 +7,7 @@ assignment reads. A model that will not export raises ExportError naming the mod
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from typing import Any, Callable, Mapping, Sequence
@@ -153,7 +154,8 @@ def export_graph(module: nn.Module, args: tuple, dynamic_shapes, *, roles: tuple
     with torch.no_grad():
         try:
             # Under no_grad the export IR is flat and already keeps aten.linear; no decomposition run is needed.
-            ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+            with _index_without_autograd_function():
+                ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
         except Exception as exc:  # noqa: BLE001 — re-raised as a named error with the module path
             where = _failing_module(module, exc)
             op = _failing_op(exc)
@@ -175,6 +177,21 @@ def export_graph(module: nn.Module, args: tuple, dynamic_shapes, *, roles: tuple
     gm.meta[INPUTS_KEY] = roles
     gm.meta["qvla_param_prefix"] = prefix
     return gm
+
+
+@contextlib.contextmanager
+def _index_without_autograd_function():
+    """transformers builds padding masks by indexing under vmap inside torch's TransformGetItemToIndex, which indexes
+    through an autograd.Function (ModIndex) that pre-dispatch export records as a `flat_apply` with a spec attribute;
+    torch 2.13's verifier then rejects the graph ("function_const_func_spec0 is missing val field": GR00T under bf16
+    autocast). ModIndex only adds a backward; capture runs under no_grad, so plain aten.index is the same forward."""
+    import torch._dynamo._trace_wrapped_higher_order_op as wrapped
+
+    real, wrapped.mod_index = wrapped.mod_index, lambda tensor, indices: torch.ops.aten.index(tensor, indices)
+    try:
+        yield
+    finally:
+        wrapped.mod_index = real
 
 
 def _drop_unused_attributes(gm: fx.GraphModule) -> fx.GraphModule:

@@ -60,9 +60,6 @@ class GrootAdapter(LerobotAdapter):
     """lerobot GrootPolicy. Prefix tuple: (VL features [B, T, D] after vlln + VL self-attention, state features)."""
 
     def __init__(self, policy):
-        if policy.config.use_bf16:
-            raise LerobotObservationError("GrootPolicy with use_bf16=True samples under bf16 autocast; qvla "
-                                          "quantizes from the float32 policy: set config.use_bf16=False")
         super().__init__(policy)
         head, eagle = self.model.action_head, self.model.backbone.eagle_model
         self.horizon, self.noise_dim = head.action_horizon, head.action_dim
@@ -116,7 +113,17 @@ class GrootAdapter(LerobotAdapter):
         return (self.to_lerobot_batch(images, tokens, token_mask, state),)
 
     # ---- protocol
+    def _autocast(self):
+        """GR00T runs get_action under bf16 autocast when config.use_bf16 (its default): so do the captured steps
+        (export keeps the block; inline_subgraphs makes its casts explicit)."""
+        device = next(self.model.parameters()).device
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.policy.config.use_bf16)
+
     def _prefix(self, batch):
+        with self._autocast():
+            return self._prefix_body(batch)
+
+    def _prefix_body(self, batch):
         g = self.model
         backbone_in, action_in = g.prepare_input(batch)
         out = g.action_head.process_backbone_output(g.backbone(backbone_in))
@@ -124,6 +131,10 @@ class GrootAdapter(LerobotAdapter):
         return out.backbone_features, state_features, action_in.embodiment_id
 
     def _denoise(self, prefix, x_t, t):
+        with self._autocast():
+            return self._denoise_body(prefix, x_t, t)
+
+    def _denoise_body(self, prefix, x_t, t):
         vl_embs, state_features, embodiment_id = prefix
         head = self.model.action_head
         timesteps = torch.round(t * self.buckets).long()  # GR00T's integer bucket, exactly
@@ -137,7 +148,7 @@ class GrootAdapter(LerobotAdapter):
         return head.action_decoder(out, embodiment_id)[:, -head.action_horizon:]
 
     def _sample(self, batch, noise):
-        with _randn_returns(noise), contextlib.redirect_stdout(io.StringIO()):
+        with _randn_returns(noise), contextlib.redirect_stdout(io.StringIO()), self._autocast():
             return self.model.get_action(batch)["action_pred"]
 
 
@@ -226,8 +237,9 @@ def tiny_groot_sizes(horizon: int = 4, action_dim: int = 8, state_dim: int = 8) 
             setattr(module, name, value)
 
 
-def build_tiny_groot(seed: int = 0):
-    """A real lerobot 0.4.4 GrootPolicy at tiny sizes, random weights, float32, eval."""
+def build_tiny_groot(seed: int = 0, use_bf16: bool = False):
+    """A real lerobot 0.4.4 GrootPolicy at tiny sizes, random weights, float32, eval (`use_bf16`: GR00T's default,
+    bf16 inputs and bf16 autocast at inference)."""
     from qvla_compiler.integrations.lerobot_tiny import randomize
 
     GrootPolicy = import_groot()
@@ -238,7 +250,7 @@ def build_tiny_groot(seed: int = 0):
     inputs["observation.state"] = feat(type=types.FeatureType.STATE, shape=(6,))
     cfg = cfg_cls(device="cpu", input_features=inputs,
                   output_features={"action": feat(type=types.FeatureType.ACTION, shape=(6,))},
-                  chunk_size=4, n_action_steps=4, max_state_dim=8, max_action_dim=8, use_bf16=False)
+                  chunk_size=4, n_action_steps=4, max_state_dim=8, max_action_dim=8, use_bf16=use_bf16)
     torch.manual_seed(seed)
     with tiny_groot_sizes(), contextlib.redirect_stdout(io.StringIO()):
         policy = GrootPolicy(cfg)

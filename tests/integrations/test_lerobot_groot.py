@@ -13,18 +13,18 @@ OBS = ("images", "tokens", "token_mask", "state")
 
 
 @functools.lru_cache(maxsize=None)
-def wrapped():
+def wrapped(use_bf16=False):
     from qvla_compiler.integrations.lerobot import wrap
     from qvla_compiler.integrations.lerobot_groot import build_tiny_groot
 
-    return wrap(build_tiny_groot(seed=0))
+    return wrap(build_tiny_groot(seed=0, use_bf16=use_bf16))
 
 
 @functools.lru_cache(maxsize=None)
-def quantized(recipe, layout):
+def quantized(recipe, layout, use_bf16=False):
     import qvla_compiler
 
-    w = wrapped()
+    w = wrapped(use_bf16)
     return qvla_compiler.quantize(w, w.example_inputs(), w.calibration_batches(4, seed=1),
                                   recipe=w.recipe(recipe, layout), progress=False)
 
@@ -34,9 +34,11 @@ def test_schedule_is_groots_loop():
     assert w.schedule.timesteps == (0.0, 0.25, 0.5, 0.75) and w.schedule.dt == 0.25  # noise at 0, data at 1
 
 
-def test_layout_none_is_bit_identical_to_groots_get_action():
-    w = wrapped()
-    qp = quantized("w8a8", "none")
+@pytest.mark.parametrize("use_bf16", [False, True], ids=["fp32", "bf16_autocast"])
+def test_layout_none_is_bit_identical_to_groots_get_action(use_bf16):
+    """use_bf16 (GR00T's default): bf16 inputs and get_action under bf16 autocast, captured as they run (eager)."""
+    w = wrapped(use_bf16)
+    qp = quantized("w8a8", "none", use_bf16)
     assert qp.report.int_linears == 0
     obs = next(iter(w.calibration_batches(1, seed=7, batch=3)))
     noise = w.example_noise(3, seed=5)
@@ -50,8 +52,9 @@ def test_layout_none_is_bit_identical_to_groots_get_action():
     assert torch.equal(w.to_lerobot_actions(out), chunk)
 
 
-def test_w8a8_quantvla_layout_is_llm_and_dit_mlps():
-    qp = quantized("w8a8", "quantvla")
+@pytest.mark.parametrize("use_bf16", [False, True], ids=["fp32", "bf16_autocast"])
+def test_w8a8_quantvla_layout_is_llm_and_dit_mlps(use_bf16):
+    qp = quantized("w8a8", "quantvla", use_bf16)
     rows = qp.report.linears
     integer = {r.module_path for r in rows if r.bits != "float"}
     llm = {r.module_path for r in rows if ".language_model.model.layers." in r.module_path}
