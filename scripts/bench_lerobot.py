@@ -2,7 +2,7 @@
 
     python scripts/bench_lerobot.py                      # pi05, pi0, smolvla × w8a8, w4a8 (quantvla layout)
     python scripts/bench_lerobot.py --kinds pi05 --recipes w8a8 --json
-    PYTHONPATH=<lerobot 0.4.4 folder> python scripts/bench_lerobot.py --kinds groot   # GR00T N1.5
+    PYTHONPATH=<lerobot 0.4.4 folder> python scripts/bench_lerobot.py --kinds groot groot-bf16   # GR00T N1.5
 
 Columns: integer / float linears (call sites, as report.summary() counts them), bf16 → quantized bytes of the
 integer linears, action rel-L2 and SQNR against lerobot's own float sampler on the same noise, quantize wall time, and
@@ -32,10 +32,10 @@ def _time(fn, repeat: int = 5) -> float:
 
 
 def _build(kind: str):
-    if kind == "groot":
+    if kind in ("groot", "groot-bf16"):  # groot-bf16: use_bf16=True, GR00T's default (bf16 autocast)
         from qvla_compiler.integrations.lerobot_groot import build_tiny_groot
 
-        return build_tiny_groot()
+        return build_tiny_groot(use_bf16=kind == "groot-bf16")
     return build_tiny(kind)
 
 
@@ -63,8 +63,8 @@ def bench(kind: str, recipe: str, layout: str, calib: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=(*KINDS, "groot"),
-                    help="groot needs lerobot 0.4.4 on PYTHONPATH (scripts/install_lerobot_groot.sh)")
+    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=(*KINDS, "groot", "groot-bf16"),
+                    help="groot / groot-bf16 need lerobot 0.4.4 on PYTHONPATH (scripts/install_lerobot_groot.sh)")
     ap.add_argument("--recipes", nargs="+", default=["w8a8", "w4a8"])
     ap.add_argument("--layout", default="quantvla")
     ap.add_argument("--calib", type=int, default=8)
