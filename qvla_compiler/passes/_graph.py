@@ -15,6 +15,7 @@ from qvla_compiler.meta import INPUTS_KEY
 
 aten = torch.ops.aten
 LINEAR = aten.linear.default
+SCALARS = (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)  # a node's meta["val"] that is a size
 
 # Ops that only move, reshape, split, join or cast values: a projection's output keeps its identity through them.
 LAYOUT_OPS = frozenset({
@@ -124,6 +125,12 @@ def op_in(ops: frozenset) -> Callable[[fx.Node], bool]:
 def ancestors(node: fx.Node) -> set[fx.Node]:
     """`node` and every node it depends on."""
     return _reach(node, lambda n: n.all_input_nodes)
+
+
+def data_ancestors(node: fx.Node) -> set[fx.Node]:
+    """`node` and every node its values depend on: shape reads are not followed (with one dynamic batch for all
+    inputs, export reads the size from one of them, `sym_size(text, 0)`, for every `reshape(B, ...)`)."""
+    return _reach(node, lambda n: [a for a in n.all_input_nodes if not isinstance(a.meta.get("val"), SCALARS)])
 
 
 def descendants(node: fx.Node) -> set[fx.Node]:

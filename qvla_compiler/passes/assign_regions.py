@@ -6,7 +6,9 @@ Rule:   a linear whose input depends on the noisy actions or the timestep is in 
         projections join the region of the query they serve (cross-attention K/V read the backbone's features
         but belong to the head's attention); a linear that depends on the images and on nothing else observed
         (no text, no state) is in the vision tower; everything else is backbone. User overrides by module-path
-        prefix win. Plain modules get the same rule: capture_module tags their inputs by argument name or input_roles.
+        prefix win. Only values count, not shapes: a `reshape(B, ...)` in the vision tower whose B export reads from
+        the text input does not make it backbone. Plain modules get the same rule: capture_module tags their
+        inputs by argument name or input_roles.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def assign_regions(gm: fx.GraphModule, region_overrides: tuple = ()) -> fx.Graph
     kinds = {p: roles[i] if i < len(roles) else "input" for i, p in enumerate(placeholders)}
     linears = g.linear_nodes(gm)
     for node in linears:
-        sources = {kinds[a] for a in g.ancestors(node.args[0]) if a.op == "placeholder"}
+        sources = {kinds[a] for a in g.data_ancestors(node.args[0]) if a.op == "placeholder"}
         update(node, region=_region(sources))
     _kv_follow_query(linears)
     for node in linears:

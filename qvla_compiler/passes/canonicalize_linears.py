@@ -105,7 +105,7 @@ def _is_weight(node, dims: int | None = 2) -> bool:
 def _reads_input(node) -> bool:
     """x of a linear depends on a graph input; a product of two constants (HF RoPE's `inv_freq @ positions`, a merged
     low-rank `A @ B`) is not a layer."""
-    return isinstance(node, fx.Node) and any(n.op == "placeholder" for n in g.ancestors(node))
+    return isinstance(node, fx.Node) and any(n.op == "placeholder" for n in g.data_ancestors(node))
 
 
 def _einsum_as_linear(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -1,0 +1,31 @@
+"""assign_regions follows values, not shapes: with one dynamic batch for every input, torch.export reads the batch
+size from one input (`sym_size(input_ids, 0)`) for every `reshape(B, ...)`, and that edge made a vision tower
+backbone (transformers' PaliGemma / Idefics3: the default layout quantized their vision towers, silently)."""
+import torch
+from torch import nn
+
+from qvla_compiler.export import capture_module
+from qvla_compiler.passes import _graph as g
+from qvla_compiler.passes import assign_regions, classify_linears
+
+
+class TextThenImage(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.t = nn.Embedding(64, 32), nn.Linear(32, 32)
+        self.v1, self.v2 = nn.Linear(48, 32), nn.Linear(32, 32)
+
+    def forward(self, input_ids, pixel_values):
+        b = pixel_values.shape[0]
+        x = self.v2(self.v1(pixel_values.reshape(b, 16, 48)).reshape(b, 16, 32))  # image only, B read from the text
+        return self.t(self.emb(input_ids)).mean(1) + x.mean(1)
+
+
+def test_a_reshape_sized_by_another_input_does_not_change_a_region():
+    args = (torch.randint(0, 64, (2, 5)), torch.randn(2, 3, 16, 16))
+    gm = capture_module(TextThenImage().eval(), args)["forward"]
+    shape_reads = [n for n in gm.graph.nodes if n.target == torch.ops.aten.sym_size.int]
+    assert shape_reads and {n.args[0].name for n in shape_reads} == {"input_ids"}  # the edge this test is about
+    assign_regions(classify_linears(gm))
+    regions = {n.meta["qvla"].module_path: n.meta["qvla"].region.value for n in g.linear_nodes(gm)}
+    assert regions == {"v1": "vision", "v2": "vision", "t": "backbone"}
