@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.fx as fx
 
 from qvla_compiler.passes import _graph as g
@@ -68,23 +69,33 @@ def canonicalize_linears(gm: fx.GraphModule) -> fx.GraphModule:
 
 class FloatProductWarning(UserWarning):
     """A product with a parameter that is not a linear of x (an einsum summing a weight letter away, a weight indexed
-    by an input): it stays float."""
+    by an input, a custom op such as grouped MoE experts): it stays float."""
 
 
 def _warn_float_products(gm: fx.GraphModule) -> None:
     left = [f"{n.target.__name__}({name})" for n in gm.graph.nodes if not _is_weight(n, dims=None)
-            for w in g.matmul_operands(n) or () if (name := _parameter_operand(w))]
+            for w in _product_operands(n) if (name := _parameter_operand(w))]
     if left:
         g.warn(gm, f"qvla: {len(left)} product(s) with a parameter are not linear layers and stay float: "
                    f"{', '.join(left[:6])}{' ...' if len(left) > 6 else ''}. Write them as nn.Linear / F.linear to "
                    "quantize them.", FloatProductWarning)
 
 
+def _product_operands(node: fx.Node) -> tuple:
+    """What a product reads: a matmul's two operands, or every tensor argument of an op qvla cannot see into
+    (a custom op, e.g. transformers' `grouped_mm_fallback` for MoE experts, or aten._grouped_mm)."""
+    if (operands := g.matmul_operands(node)) is not None:
+        return operands
+    opaque = node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and (
+        node.target == g.aten._grouped_mm.default or node.target.namespace not in ("aten", "prims"))
+    return tuple(node.all_input_nodes) if opaque else ()
+
+
 def _parameter_operand(node) -> str | None:
     """A product's operand that is a weight: computed from parameters only (its name), or a parameter indexed by a
     graph input (`W[index]`: GR00T's per-embodiment weights, which stay float as a linear's would)."""
-    if _is_weight(node, dims=None):
-        return node.target if node.op == "get_attr" else node.name
+    if _is_weight(node, dims=None):  # named by the first parameter it is computed from
+        return min(n for n in g.ancestors(node) if n.op == "get_attr").target  # fx nodes order by position
     indexed = False
     while node.op == "call_function" and (node.target in g.LAYOUT_OPS or node.target == g.aten.index.Tensor) \
             and isinstance(node.args[0], fx.Node):

@@ -182,3 +182,30 @@ def test_products_of_two_constants_are_not_linears():
     assert len(linears) == 2 and all(any(n.op == "placeholder" for n in g.ancestors(lin.args[0])) for lin in linears)
     with torch.no_grad():
         torch.testing.assert_close(gm(x), module(x), rtol=1e-5, atol=1e-5)
+
+
+@torch.library.custom_op("qvla_test::experts_mm", mutates_args=())
+def _experts_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x[s:e] @ w[i] for i, (s, e) in enumerate(zip([0, *offsets[:-1].tolist()], offsets.tolist()))])
+
+
+@_experts_mm.register_fake
+def _(x, w, offsets):
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+class CustomOpExperts(nn.Module):
+    """transformers 5's MoE experts (`grouped_mm_fallback`): tokens grouped by expert through an op qvla cannot see
+    into, with the 3-D expert weight as an argument. The experts stayed float without a word."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(2, 8, 6))
+
+    def forward(self, x):
+        return _experts_mm(x, self.gate_up_proj, torch.tensor([3, 5]))
+
+
+def test_a_custom_op_reading_a_weight_warns_with_the_parameter_name():
+    with pytest.warns(FloatProductWarning, match=r"experts_mm.default\(gate_up_proj\)"):
+        _captured(CustomOpExperts(), torch.randn(5, 8))
