@@ -1,10 +1,11 @@
-"""Normalise a captured graph before analysis: in-place ops become their functional forms.
+"""Normalise a captured graph before analysis: in-place ops become their functional forms; eval-mode dropout goes.
 
 Before: what non-strict torch.export under no_grad records for eager code written in place, e.g. SmolVLA's
         `s = matmul(q, k); s *= scale` → `mul_ = aten.mul_.Tensor(matmul, c)`, `h += x` → `aten.add_.Tensor(h, x)`.
 After:  `aten.mul.Tensor(matmul, c)` / `aten.add.Tensor(h, x)` (plus `_to_copy` back to the mutated tensor's dtype
         where type promotion would differ); later reads of the mutated tensor read the new node. `aten.linear` and
-        every other node are untouched, so the values computed are bit-identical.
+        every other node are untouched, so the values computed are bit-identical. `aten.dropout(x, p, False)`
+        (eval mode; Phi-3's residual dropouts) is x itself: its readers read x, so QuaRot sees the residual add.
 Skipped (left in place, still correct): mutations of graph inputs or parameters, ops with no functional twin,
         mutations visible through another alias (a view of the same storage read after the mutation), and ops
         whose value cannot be recomputed on fake tensors (flex_attention's block mask, built under vmap).
@@ -36,10 +37,18 @@ def normalize_graph(gm: fx.GraphModule) -> fx.GraphModule:
             continue  # vmap): the op stays in place, still correct
         _replace(gm, node, twin, order, val)
         modified = True
+    for node in [n for n in gm.graph.nodes if n.target == g.aten.dropout.default and not _training(n)]:
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        modified = True
     if modified:
         gm.graph.lint()
         gm.recompile()
     return gm
+
+
+def _training(dropout: fx.Node) -> bool:
+    return bool(dropout.kwargs.get("train", dropout.args[2] if len(dropout.args) > 2 else True))
 
 
 def _functional_twin(node: fx.Node):

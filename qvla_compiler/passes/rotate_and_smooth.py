@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterable
 import networkx as nx
 import torch.fx as fx
 
-from qvla_compiler.meta import update
+from qvla_compiler.meta import info, update
+from qvla_compiler.passes import _graph as g
 from qvla_compiler.passes.rotate_common import FITTED_AT, TRANSFORM, group_rotation, observed_groups
 from qvla_compiler.passes.rotate_duquant import fit_block_transforms, fit_duquant, rotate_duquant
 from qvla_compiler.passes.rotate_hadamard import rotate_hadamard
@@ -33,8 +34,18 @@ from qvla_compiler.quant.svd_hadamard import calibrate_svd_hadamard
 from qvla_compiler.recipes import QuantRecipe
 
 
+class QuaRotFallbackWarning(UserWarning):
+    """QuaRot found no residual stream it can fold (post-norms, LayerNorm, an op between the writers and the add):
+    the graph's quantized inputs get the online Hadamard instead, as `hadamard` would give them."""
+
+
 def _quarot(gm: fx.GraphModule) -> fx.GraphModule:
     annotate_residual_streams(gm)  # structural and deterministic: the same streams as when the labels were decided
+    quantized = [info(n).module_path for n in g.linear_nodes(gm) if info(n).is_quantized]
+    if quantized and not any(residual_tag(n) is not None for n in gm.graph.nodes):
+        g.warn(gm, f"qvla: QuaRot found no foldable RMSNorm residual stream in the graph of {quantized[0]} (post-norms, "
+                   "LayerNorm or another op between the writers and the residual add): its quantized inputs get an "
+                   "online Hadamard instead, as with rotation='hadamard'", QuaRotFallbackWarning)
     return rotate_hadamard(rotate_residual(gm))
 
 

@@ -6,6 +6,7 @@ outliers, no online op left before the folded readers, observers re-calibrated o
 W4A4 action SQNR on pi05-tiny with outliers (printed, not compared)."""
 import functools
 import math
+import warnings
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from qvla_compiler.meta import info
 from qvla_compiler.models import build_policy
 from qvla_compiler.models.outliers import inject_outliers
 from qvla_compiler.passes.check_schedule import check_schedule, compute_schedule
+from qvla_compiler.passes.rotate_and_smooth import QuaRotFallbackWarning
 from qvla_compiler.passes.rotate_common import observed_groups
 from qvla_compiler.passes.rotate_residual import StreamRole, residual_tag
 from qvla_compiler.recipes import RECIPES, QuantRecipe
@@ -31,7 +33,7 @@ f64 = torch.float64
 class ToyDecoder(nn.Module):
     """emb(ids) → 2 × [x + down(silu(gate(n))·up(n))·(g)], n = rms(x)·γ → LayerNorm (the stream's exit)."""
 
-    def __init__(self, d: int = 24, h: int = 40, gated: bool = False, mix: bool = False):
+    def __init__(self, d: int = 24, h: int = 40, gated: bool = False, mix: bool = False, dropout: bool = False):
         super().__init__()
         self.emb = nn.Embedding(32, d, dtype=f64)
         self.gains = nn.ParameterList(nn.Parameter(torch.rand(d, dtype=f64) + 0.5) for _ in range(2))
@@ -43,6 +45,7 @@ class ToyDecoder(nn.Module):
         self.res_gate = nn.Parameter(torch.rand(d, dtype=f64)) if gated else None
         self.mix = nn.Linear(d, d, dtype=f64) if mix else None  # reads and writes the stream: not folded
         self.out = nn.LayerNorm(d, dtype=f64)
+        self.drop = nn.Dropout(0.1) if dropout else nn.Identity()  # Phi-3's resid dropout: eval mode, folds
 
     def forward(self, ids):
         x = self.emb(ids)
@@ -50,14 +53,14 @@ class ToyDecoder(nn.Module):
             x = x + self.mix(x)
         for i in range(2):
             n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.gains[i]
-            y = self.down[i](F.silu(self.gate[i](n)) * self.up[i](n))
+            y = self.drop(self.down[i](F.silu(self.gate[i](n)) * self.up[i](n)))
             x = x + (y if self.res_gate is None else y * self.res_gate)  # a per-channel gate: not foldable
         return self.out(x)
 
 
-def _toy(gated=False, layout="all", mix=False):
+def _toy(gated=False, layout="all", mix=False, dropout=False):
     torch.manual_seed(0)
-    model = ToyDecoder(gated=gated, mix=mix).eval()
+    model = ToyDecoder(gated=gated, mix=mix, dropout=dropout).eval()
     batches = [(torch.randint(0, 32, (2, 5)),) for _ in range(2)]
     gm, before, code = rotate_toy(model, batches, QuantRecipe("t", layout=layout, rotation="quarot"))
     return model, gm, before, code, batches[0][0]
@@ -72,8 +75,11 @@ def _roles(gm) -> dict[StreamRole, int]:
     return {r: roles.count(r) for r in StreamRole if r in roles}
 
 
-def test_toy_stream_folds_exactly_with_one_exit():
-    model, gm, before, _, ids = _toy()
+@pytest.mark.parametrize("dropout", [False, True])
+def test_toy_stream_folds_exactly_with_one_exit(dropout):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", QuaRotFallbackWarning)
+        model, gm, before, _, ids = _toy(dropout=dropout)
     with torch.no_grad():
         torch.testing.assert_close(gm(ids), model(ids), rtol=1e-10, atol=1e-10)
     assert compute_schedule(gm) == before  # only qvla::hadamard was added
@@ -93,7 +99,8 @@ def test_toy_stream_folds_exactly_with_one_exit():
 
 @pytest.mark.parametrize("case", ["gated", "mix"])
 def test_toy_unfoldable_stream_keeps_per_input_pairs(case):
-    model, gm, before, _, ids = _toy(gated=case == "gated", mix=case == "mix")
+    with pytest.warns(QuaRotFallbackWarning, match="no foldable RMSNorm residual stream"):
+        model, gm, before, _, ids = _toy(gated=case == "gated", mix=case == "mix")
     with torch.no_grad():
         torch.testing.assert_close(gm(ids), model(ids), rtol=1e-10, atol=1e-10)
     assert _roles(gm) == {}
