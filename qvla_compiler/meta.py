@@ -30,6 +30,7 @@ class Role(str, enum.Enum):
     ATTN_V = "attn_v"
     ATTN_O = "attn_o"
     ATTN_QKV = "attn_qkv"  # one fused linear whose output is split into q, k and v
+    ATTN_KV = "attn_kv"  # one fused linear split into k and v (cross-attention, MHA with query ≠ key)
     MLP = "mlp"
     OTHER = "other"  # embeddings, heads, timestep MLPs, adaRMS/AdaLN modulation, projectors
 

@@ -8,7 +8,7 @@ from typing import Mapping
 from qvla_compiler.errors import RecipeError
 from qvla_compiler.meta import QuantSpec, Region, Role
 
-_ATTN = frozenset({Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.ATTN_O, Role.ATTN_QKV})
+_ATTN = frozenset({Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.ATTN_O, Role.ATTN_QKV, Role.ATTN_KV})
 _BLOCK = _ATTN | {Role.MLP}
 _UNIFORM = frozenset({(region, r) for region in (Region.BACKBONE, Region.ACTION_HEAD) for r in _BLOCK})
 

@@ -55,5 +55,5 @@ def _kv_follow_query(linears: list[fx.Node]) -> None:
                     if n.meta["qvla"].role in (Role.ATTN_Q, Role.ATTN_QKV)}
     for node in linears:
         info = node.meta["qvla"]
-        if info.role in (Role.ATTN_K, Role.ATTN_V) and info.block in query_region:
+        if info.role in (Role.ATTN_K, Role.ATTN_V, Role.ATTN_KV) and info.block in query_region:
             update(node, region=query_region[info.block])

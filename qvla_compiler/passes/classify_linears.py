@@ -84,9 +84,10 @@ def _annotate_attention(core: AttentionCore, block: int) -> None:
     found = {r: g.producers(operand, _passable_back)[0] for r, operand in
              ((Role.ATTN_Q, core.q), (Role.ATTN_K, core.k), (Role.ATTN_V, core.v))}
     fused = found[Role.ATTN_Q] & found[Role.ATTN_K] & found[Role.ATTN_V]
+    fused_kv = found[Role.ATTN_K] & found[Role.ATTN_V] - fused
     for role, linears in found.items():
         for lin in linears:
-            final = Role.ATTN_QKV if lin in fused else role
+            final = Role.ATTN_QKV if lin in fused else Role.ATTN_KV if lin in fused_kv else role
             update(lin, role=final, block=block, head_dim=head_dim, heads=lin.meta["qvla"].out_features // head_dim)
     for lin in g.consumers(core.out, _passable(g.LAYOUT_OPS)):
         update(lin, role=Role.ATTN_O, block=block, head_dim=head_dim, heads=lin.meta["qvla"].in_features // head_dim)

@@ -95,6 +95,31 @@ def test_cross_attention_kv_follow_their_query():
     assert len(kv) == 2 and all(i.region is Region.ACTION_HEAD for i in kv)
 
 
+class FusedKVCrossAttention(torch.nn.Module):
+    """Cross-attention with K and V from one linear (Perceiver / many DiTs' to_kv), and nn.MultiheadAttention with
+    query ≠ key, whose packed in_proj folds into a q slice and one k|v slice: both k|v linears were labelled attn_v."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.heads, self.to_q, self.to_kv, self.to_out = heads, *(torch.nn.Linear(d, n) for n in (d, 2 * d, d))
+        self.mha = torch.nn.MultiheadAttention(d, heads, batch_first=True)
+
+    def forward(self, x, feats):
+        split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731
+        k, v = self.to_kv(feats).chunk(2, dim=-1)
+        a = torch.nn.functional.scaled_dot_product_attention(split(self.to_q(x)), split(k), split(v))
+        x = x + self.to_out(a.transpose(1, 2).flatten(2))
+        return x + self.mha(x, feats, feats, need_weights=False)[0]
+
+
+def test_a_fused_kv_projection_is_attn_kv():
+    gm = capture_module(FusedKVCrossAttention().eval(), (torch.randn(2, 5, 32), torch.randn(2, 7, 32)))["forward"]
+    classify_linears(gm)
+    roles = {n.meta["qvla"].module_path: n.meta["qvla"].role.value for n in g.linear_nodes(gm)}
+    assert roles == {"to_q": "attn_q", "to_kv": "attn_kv", "to_out": "attn_o", "mha.in_proj_0": "attn_q",
+                     "mha.in_proj_1": "attn_kv", "mha.out_proj": "attn_o"}
+
+
 @pytest.mark.skipif(os.environ.get("QVLA_FULL") != "1", reason="full presets: ~3 min each on the meta device; "
                     "set QVLA_FULL=1 to run")
 @pytest.mark.parametrize("name", ["pi05-full", "groot-full"])
