@@ -5,13 +5,15 @@ After:  every aten.linear carries LinearInfo(role, block, heads, head_dim, mlp_p
 How:    attention cores are found first, in both forms: fused (SDPA, flex_attention), and matmul → scale/mask →
         softmax → matmul.
         Walking back from a core's q/k/v operands (through RoPE, q/k-norm, GQA repeats, KV concatenation, splits)
-        reaches the projections; walking forward from its output through reshapes reaches o_proj. Matmul-like
+        reaches the projections; walking forward from its output through reshapes (and sums of attention outputs:
+        one query serving two cores, as Wan I2V / IP-Adapter, is one block) reaches o_proj. Matmul-like
         ops (matmul, bmm, baddbmm, two-operand einsum) and pointwise masking (scale, add, where, masked_fill) are
         tables in _graph. An MLP block is a down projection whose input is a pointwise function of up projections
         only, and whose output (possibly gated, or summed with other branches such as parallel attention or
         routed experts) is added back onto the residual stream the up projections read; experts stacked in one
         weight (canonicalize_linears: one linear per expert) form one block whose downs all read the stack of ups.
-        Everything else is `other`.
+        Up projections concatenated beside an attention output into one output projection (Flux's single-stream
+        blocks) are MLP; that projection stays attn_o in no attention block. Everything else is `other`.
 Expects a functional graph (run normalize_graph first: in-place ops would hide the dataflow).
 Invariant: module names are never read, except through the recipe's explicit role overrides.
 """
@@ -66,12 +68,20 @@ def classify_linears(gm: fx.GraphModule, role_overrides: tuple = ()) -> fx.Graph
     for node in g.linear_nodes(gm):
         out_f, in_f = node.args[1].meta["val"].shape
         annotate(node, LinearInfo(module_path=_module_path(node, prefix), in_features=in_f, out_features=out_f))
-    for block, core in enumerate(find_attention_cores(gm)):
-        _annotate_attention(core, block)
+    cores = find_attention_cores(gm)
+    outs = {core.out for core in cores}
+    for block, core in enumerate(cores):
+        _annotate_attention(core, block, outs)
     blocks = 0
     for node in g.linear_nodes(gm):
         if node.meta["qvla"].role is Role.OTHER and _annotate_mlp(node, blocks) == blocks:
             blocks += 1  # a new block (a further expert's down joins its block and returns that block's index)
+    for node in g.linear_nodes(gm):  # Flux's single-stream blocks: out(cat([attention, act(mlp(x))]))
+        if node.meta["qvla"].role is Role.ATTN_O and (ups := _mlp_beside_attention(node, outs)):
+            for up in ups:
+                update(up, role=Role.MLP, block=blocks, mlp_part="up")
+            update(node, block=-1, heads=None)  # no attention site: OHB's β would scale the MLP half too
+            blocks += 1
     for node in g.linear_nodes(gm):
         forced = _override(node.meta["qvla"].module_path, role_overrides)
         if forced is not None:
@@ -79,18 +89,46 @@ def classify_linears(gm: fx.GraphModule, role_overrides: tuple = ()) -> fx.Graph
     return gm
 
 
-def _annotate_attention(core: AttentionCore, block: int) -> None:
+def _annotate_attention(core: AttentionCore, block: int, outs: set[fx.Node]) -> None:
     head_dim = core.q.meta["val"].shape[-1]
     found = {r: g.producers(operand, _passable_back)[0] for r, operand in
              ((Role.ATTN_Q, core.q), (Role.ATTN_K, core.k), (Role.ATTN_V, core.v))}
+    # one query serving two cores whose outputs are summed (Wan I2V's image and text K/V, IP-Adapter): one block
+    block = min((q.meta["qvla"].block for q in found[Role.ATTN_Q] if q.meta["qvla"].block >= 0), default=block)
     fused = found[Role.ATTN_Q] & found[Role.ATTN_K] & found[Role.ATTN_V]
     fused_kv = found[Role.ATTN_K] & found[Role.ATTN_V] - fused
     for role, linears in found.items():
         for lin in linears:
             final = Role.ATTN_QKV if lin in fused else Role.ATTN_KV if lin in fused_kv else role
             update(lin, role=final, block=block, head_dim=head_dim, heads=lin.meta["qvla"].out_features // head_dim)
-    for lin in g.consumers(core.out, _passable(g.LAYOUT_OPS)):
+    def to_output(node: fx.Node) -> bool:  # reshapes, and sums of attention outputs only
+        return _passable(g.LAYOUT_OPS)(node) or node.target in g.ADD_OPS and all(
+            _unviewed(a) in outs for a in node.args if isinstance(a, fx.Node))
+
+    for lin in g.consumers(core.out, to_output):
         update(lin, role=Role.ATTN_O, block=block, head_dim=head_dim, heads=lin.meta["qvla"].in_features // head_dim)
+
+
+def _unviewed(node: fx.Node) -> fx.Node:
+    while node.op == "call_function" and node.target in g.LAYOUT_OPS | {g.operator.getitem} and node.args:
+        node = node.args[0]
+    return node
+
+
+def _mlp_beside_attention(o_proj: fx.Node, outs: set[fx.Node]) -> set[fx.Node]:
+    """Up projections concatenated beside an attention output into one output projection, e.g. Flux's
+    `proj_out(cat([attn, gelu(proj_mlp(x))]))`; empty for a plain o_proj."""
+    cat = o_proj.args[0]
+    while cat.op == "call_function" and cat.target in g.LAYOUT_OPS - {g.aten.cat.default}:
+        cat = cat.args[0]
+    if cat.target != g.aten.cat.default or not any(_unviewed(a) in outs for a in cat.args[0]):
+        return set()
+    ups = set()
+    for part in (a for a in cat.args[0] if _unviewed(a) not in outs):
+        linears, blocked = g.producers(part, _elementwise)
+        if linears and all(u.meta["qvla"].role is Role.OTHER for u in linears) and all(map(g.is_constant, blocked)):
+            ups |= linears
+    return ups
 
 
 def _annotate_mlp(down: fx.Node, block: int) -> int | None:

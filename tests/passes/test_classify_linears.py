@@ -120,6 +120,66 @@ def test_a_fused_kv_projection_is_attn_kv():
                      "mha.in_proj_1": "attn_kv", "mha.out_proj": "attn_o"}
 
 
+def _sdpa(q, k, v, heads=4):
+    split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
+    return torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).flatten(2)
+
+
+class SharedQueryHead(torch.nn.Module):
+    """Wan I2V / IP-Adapter cross-attention: one query, two K/V sets (text, image), the two outputs summed before
+    one output projection. The image K/V were backbone (quantized inside the head's attention), the output other."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        names = ("to_q", "to_k", "to_v", "add_k_proj", "add_v_proj", "to_out")
+        for name in names:
+            setattr(self, name, torch.nn.Linear(d, d))
+
+    def forward(self, x_t, text, image):
+        q = self.to_q(x_t)
+        return x_t + self.to_out(_sdpa(q, self.to_k(text), self.to_v(text)) +
+                                 _sdpa(q, self.add_k_proj(image), self.add_v_proj(image)))
+
+
+class SingleStreamBlock(torch.nn.Module):
+    """Flux's single-stream block: attention and an MLP side by side, one output projection over both,
+    `proj_out(cat([attn, gelu(proj_mlp(x))]))`. proj_mlp was other; proj_out an attention site whose β would
+    scale the MLP half too."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v = (torch.nn.Linear(d, d) for _ in range(3))
+        self.proj_mlp, self.proj_out = torch.nn.Linear(d, 4 * d), torch.nn.Linear(5 * d, d)
+
+    def forward(self, x_t):
+        mlp = torch.nn.functional.gelu(self.proj_mlp(x_t), approximate="tanh")
+        return x_t + self.proj_out(torch.cat([_sdpa(self.to_q(x_t), self.to_k(x_t), self.to_v(x_t)), mlp], dim=2))
+
+
+def _roles_and_regions(module, args):
+    gm = capture_module(module.eval(), args)["forward"]
+    assign_regions(classify_linears(gm))
+    return {n.meta["qvla"].module_path: (n.meta["qvla"].role.value, n.meta["qvla"].region.value, n.meta["qvla"].block)
+            for n in g.linear_nodes(gm)}
+
+
+def test_one_query_serving_two_cores_is_one_attention_in_the_head():
+    x = torch.randn(2, 5, 32)
+    got = _roles_and_regions(SharedQueryHead(), (x, torch.randn(2, 6, 32), torch.randn(2, 4, 32)))
+    assert {p: r[:2] for p, r in got.items()} == {
+        "to_q": ("attn_q", "action_head"), "to_k": ("attn_k", "action_head"), "to_v": ("attn_v", "action_head"),
+        "add_k_proj": ("attn_k", "action_head"), "add_v_proj": ("attn_v", "action_head"),
+        "to_out": ("attn_o", "action_head")}
+    assert len({r[2] for r in got.values()}) == 1  # one block
+
+
+def test_an_mlp_beside_attention_in_one_output_projection():
+    got = _roles_and_regions(SingleStreamBlock(), (torch.randn(2, 5, 32),))
+    assert {p: r[0] for p, r in got.items()} == {"to_q": "attn_q", "to_k": "attn_k", "to_v": "attn_v",
+                                                  "proj_mlp": "mlp", "proj_out": "attn_o"}
+    assert got["proj_out"][2] == -1  # in no attention site: ATM/OHB leave it alone
+
+
 @pytest.mark.skipif(os.environ.get("QVLA_FULL") != "1", reason="full presets: ~3 min each on the meta device; "
                     "set QVLA_FULL=1 to run")
 @pytest.mark.parametrize("name", ["pi05-full", "groot-full"])

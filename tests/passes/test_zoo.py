@@ -78,9 +78,9 @@ ZOO = {
                         _DIFFUSERS, head=("",)),  # input roles inferred: x_t → action, timestep → time
     "state_value_head": ZooCase(zm.StateValueHead, lambda: (_x(), torch.randn(B, 7)),
                                 {"fc_in": "mlp", "fc_out": "mlp"}),  # the state encoder: "other", as GR00T's
-    # the fused k/v einsum takes V's role (the last of K, V): both are attention, and ATM folds only into q
+    # the fused k/v einsum: attn_kv (attention like K and V; ATM folds only into q)
     "einsum_projections": ZooCase(zm.EinsumProjections, lambda: (_x(),),
-                                  {"q_einsum_0": "attn_q", "kv_einsum_0": "attn_v", "attn_vec_einsum_0": "attn_o",
+                                  {"q_einsum_0": "attn_q", "kv_einsum_0": "attn_kv", "attn_vec_einsum_0": "attn_o",
                                    "gating_einsum_0": "mlp", "linear_0": "mlp"}),
     "autocast_block": ZooCase(zm.AutocastBlock, lambda: (_x(),), {**_ATTN, **_SWIGLU}),
     "stacked_experts": ZooCase(zm.StackedExperts, lambda: (_x(),),
