@@ -8,6 +8,7 @@ from torch import nn
 
 import qvla_compiler
 from qvla_compiler import api
+from qvla_compiler.export import InputRoleWarning
 from qvla_compiler.models import build_policy
 from qvla_compiler.protocol import REQUIRED, ProtocolError, VLAPolicy, is_policy, missing_members
 from qvla_compiler.inspect.report import LinearReport, Report, collect_warnings
@@ -91,6 +92,27 @@ def test_input_roles_decide_the_region_of_a_plain_module():
     qp = qvla_compiler.quantize(Plain(), (x,), [(x,)], recipe="w8a8", layout="all", progress=False,
                                 input_roles={"x": "action"})
     assert {r.region for r in qp.report.linears} == {"action_head"}
+
+
+class CrossAttentionOnly(nn.Module):
+    """A head conditioned only by cross-attention: backbone features in, no action or time input by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.TransformerDecoderLayer(16, 2, 32, batch_first=True)
+
+    def forward(self, hidden_states, encoder_hidden_states):
+        return self.block(hidden_states, encoder_hidden_states)
+
+
+def test_backbone_features_without_an_action_input_warn_and_input_roles_settle_it():
+    args = (torch.randn(2, 5, 16), torch.randn(2, 7, 16))
+    with pytest.warns(InputRoleWarning, match="no input is tagged action or time"):
+        qp = qvla_compiler.quantize(CrossAttentionOnly().eval(), args, [args], recipe="w8a8", progress=False)
+    assert any("input_roles" in w for w in qp.report.warnings) and qp.report.int_linears == 7  # attention too
+    qp = qvla_compiler.quantize(CrossAttentionOnly().eval(), args, [args], recipe="w8a8", progress=False,
+                                input_roles={"hidden_states": "action"})
+    assert not qp.report.warnings and qp.report.int_linears == 2  # the head's MLP only
 
 
 def test_layout_that_quantizes_nothing_warns_in_summary_and_json():
