@@ -532,3 +532,58 @@ class StackedExperts(nn.Module):
         act = (up + 1) * (gate * torch.sigmoid(gate * 1.702))
         out = torch.bmm(act, self.down_proj) + self.down_proj_bias[..., None, :]
         return x + (out * routing.T[..., None]).sum(0).view(x.shape)
+
+
+def _sdpa(q, k, v):
+    return _merge(F.scaled_dot_product_attention(_heads(q), _heads(k), _heads(v)))
+
+
+class FusedKVCrossAttention(nn.Module):
+    """Cross-attention with K and V from one linear (Perceiver / DiT `to_kv`), then nn.MultiheadAttention with query ≠
+    key, whose packed in_proj folds into a q slice and one k|v slice: role attn_kv (both were attn_v)."""
+
+    def __init__(self):
+        super().__init__()
+        self.to_q, self.to_kv, self.to_out = nn.Linear(W, W), nn.Linear(W, 2 * W), nn.Linear(W, W)
+        self.mha = nn.MultiheadAttention(W, H, batch_first=True)
+
+    def forward(self, x, context):
+        k, v = self.to_kv(context).chunk(2, dim=-1)
+        x = x + self.to_out(_sdpa(self.to_q(x), k, v))
+        return x + self.mha(x, context, context, need_weights=False)[0]
+
+
+class SharedQueryHead(nn.Module):
+    """Wan I2V / IP-Adapter cross-attention in an action head: one query, two K/V sets (text, image), the two outputs
+    summed before one output projection; then an MLP. The image K/V were backbone (quantized inside the head's
+    attention) and the output projection `other`."""
+
+    def __init__(self):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v, self.to_out = (nn.Linear(W, W) for _ in range(4))
+        self.add_k_proj, self.add_v_proj = nn.Linear(W, W), nn.Linear(W, W)
+        self.norm, self.mlp = nn.LayerNorm(W), SwiGLU()
+
+    def forward(self, x_t, text, image):
+        q = self.to_q(x_t)
+        x = x_t + self.to_out(_sdpa(q, self.to_k(text), self.to_v(text)) +
+                              _sdpa(q, self.add_k_proj(image), self.add_v_proj(image)))
+        return x + self.mlp(self.norm(x))
+
+
+class SingleStreamBlock(nn.Module):
+    """Flux's single-stream block: attention and an MLP side by side over one AdaLN-modulated input, one output
+    projection over both, `proj_out(cat([attn, gelu(proj_mlp(x))]))`, gated back onto the stream. proj_mlp was
+    `other`; proj_out an attention site whose OHB β would scale the MLP half too."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.modulation = nn.LayerNorm(W, elementwise_affine=False), nn.Linear(W, 3 * W)
+        self.to_q, self.to_k, self.to_v = (nn.Linear(W, W) for _ in range(3))
+        self.proj_mlp, self.proj_out = nn.Linear(W, 4 * W), nn.Linear(5 * W, W)
+
+    def forward(self, x_t, t_emb):
+        shift, scale, gate = self.modulation(F.silu(t_emb))[:, None].chunk(3, dim=-1)
+        h = self.norm(x_t) * (1 + scale) + shift
+        mlp = F.gelu(self.proj_mlp(h), approximate="tanh")
+        return x_t + gate * self.proj_out(torch.cat([_sdpa(self.to_q(h), self.to_k(h), self.to_v(h)), mlp], dim=2))

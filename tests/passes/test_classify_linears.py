@@ -10,6 +10,7 @@ from qvla_compiler.models import build_policy
 from qvla_compiler.passes import _graph as g
 from qvla_compiler.passes import assign_regions, classify_linears
 from toy_models import TOY_ROLES, ToyPolicyNet
+import zoo_models as zm
 
 # Ground truth from names (the passes themselves never read names).
 _ROLE_BY_NAME = {"q_proj": Role.ATTN_Q, "to_q": Role.ATTN_Q, "k_proj": Role.ATTN_K, "to_k": Role.ATTN_K,
@@ -95,89 +96,22 @@ def test_cross_attention_kv_follow_their_query():
     assert len(kv) == 2 and all(i.region is Region.ACTION_HEAD for i in kv)
 
 
-class FusedKVCrossAttention(torch.nn.Module):
-    """Cross-attention with K and V from one linear (Perceiver / many DiTs' to_kv), and nn.MultiheadAttention with
-    query ≠ key, whose packed in_proj folds into a q slice and one k|v slice: both k|v linears were labelled attn_v."""
-
-    def __init__(self, d=32, heads=4):
-        super().__init__()
-        self.heads, self.to_q, self.to_kv, self.to_out = heads, *(torch.nn.Linear(d, n) for n in (d, 2 * d, d))
-        self.mha = torch.nn.MultiheadAttention(d, heads, batch_first=True)
-
-    def forward(self, x, feats):
-        split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731
-        k, v = self.to_kv(feats).chunk(2, dim=-1)
-        a = torch.nn.functional.scaled_dot_product_attention(split(self.to_q(x)), split(k), split(v))
-        x = x + self.to_out(a.transpose(1, 2).flatten(2))
-        return x + self.mha(x, feats, feats, need_weights=False)[0]
-
-
-def test_a_fused_kv_projection_is_attn_kv():
-    gm = capture_module(FusedKVCrossAttention().eval(), (torch.randn(2, 5, 32), torch.randn(2, 7, 32)))["forward"]
+def _blocks(module, args, input_roles=None):
+    gm = capture_module(module.eval(), args, input_roles)["forward"]
     classify_linears(gm)
-    roles = {n.meta["qvla"].module_path: n.meta["qvla"].role.value for n in g.linear_nodes(gm)}
-    assert roles == {"to_q": "attn_q", "to_kv": "attn_kv", "to_out": "attn_o", "mha.in_proj_0": "attn_q",
-                     "mha.in_proj_1": "attn_kv", "mha.out_proj": "attn_o"}
+    return {n.meta["qvla"].module_path: n.meta["qvla"].block for n in g.linear_nodes(gm)}
 
 
-def _sdpa(q, k, v, heads=4):
-    split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
-    return torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).flatten(2)
+def test_one_query_serving_two_cores_is_one_attention_block():
+    """Wan I2V / IP-Adapter (zoo: shared_query_head, whose roles and regions test_zoo checks)."""
+    blocks = _blocks(zm.SharedQueryHead(), (torch.randn(2, 5, 32), torch.randn(2, 7, 32), torch.randn(2, 4, 32)))
+    assert len({blocks[p] for p in ("to_q", "to_k", "to_v", "add_k_proj", "add_v_proj", "to_out")}) == 1
 
 
-class SharedQueryHead(torch.nn.Module):
-    """Wan I2V / IP-Adapter cross-attention: one query, two K/V sets (text, image), the two outputs summed before
-    one output projection. The image K/V were backbone (quantized inside the head's attention), the output other."""
-
-    def __init__(self, d=32):
-        super().__init__()
-        names = ("to_q", "to_k", "to_v", "add_k_proj", "add_v_proj", "to_out")
-        for name in names:
-            setattr(self, name, torch.nn.Linear(d, d))
-
-    def forward(self, x_t, text, image):
-        q = self.to_q(x_t)
-        return x_t + self.to_out(_sdpa(q, self.to_k(text), self.to_v(text)) +
-                                 _sdpa(q, self.add_k_proj(image), self.add_v_proj(image)))
-
-
-class SingleStreamBlock(torch.nn.Module):
-    """Flux's single-stream block: attention and an MLP side by side, one output projection over both,
-    `proj_out(cat([attn, gelu(proj_mlp(x))]))`. proj_mlp was other; proj_out an attention site whose β would
-    scale the MLP half too."""
-
-    def __init__(self, d=32):
-        super().__init__()
-        self.to_q, self.to_k, self.to_v = (torch.nn.Linear(d, d) for _ in range(3))
-        self.proj_mlp, self.proj_out = torch.nn.Linear(d, 4 * d), torch.nn.Linear(5 * d, d)
-
-    def forward(self, x_t):
-        mlp = torch.nn.functional.gelu(self.proj_mlp(x_t), approximate="tanh")
-        return x_t + self.proj_out(torch.cat([_sdpa(self.to_q(x_t), self.to_k(x_t), self.to_v(x_t)), mlp], dim=2))
-
-
-def _roles_and_regions(module, args):
-    gm = capture_module(module.eval(), args)["forward"]
-    assign_regions(classify_linears(gm))
-    return {n.meta["qvla"].module_path: (n.meta["qvla"].role.value, n.meta["qvla"].region.value, n.meta["qvla"].block)
-            for n in g.linear_nodes(gm)}
-
-
-def test_one_query_serving_two_cores_is_one_attention_in_the_head():
-    x = torch.randn(2, 5, 32)
-    got = _roles_and_regions(SharedQueryHead(), (x, torch.randn(2, 6, 32), torch.randn(2, 4, 32)))
-    assert {p: r[:2] for p, r in got.items()} == {
-        "to_q": ("attn_q", "action_head"), "to_k": ("attn_k", "action_head"), "to_v": ("attn_v", "action_head"),
-        "add_k_proj": ("attn_k", "action_head"), "add_v_proj": ("attn_v", "action_head"),
-        "to_out": ("attn_o", "action_head")}
-    assert len({r[2] for r in got.values()}) == 1  # one block
-
-
-def test_an_mlp_beside_attention_in_one_output_projection():
-    got = _roles_and_regions(SingleStreamBlock(), (torch.randn(2, 5, 32),))
-    assert {p: r[0] for p, r in got.items()} == {"to_q": "attn_q", "to_k": "attn_k", "to_v": "attn_v",
-                                                  "proj_mlp": "mlp", "proj_out": "attn_o"}
-    assert got["proj_out"][2] == -1  # in no attention site: ATM/OHB leave it alone
+def test_an_output_projection_shared_with_an_mlp_is_in_no_attention_block():
+    """Flux's single-stream block (zoo: single_stream_block): OHB's β must not scale the MLP half of proj_out."""
+    blocks = _blocks(zm.SingleStreamBlock(), (torch.randn(2, 5, 32), torch.randn(2, 32)), {"t_emb": "time"})
+    assert blocks["proj_out"] == -1 and blocks["to_q"] >= 0 and blocks["proj_mlp"] >= 0
 
 
 @pytest.mark.skipif(os.environ.get("QVLA_FULL") != "1", reason="full presets: ~3 min each on the meta device; "

@@ -87,6 +87,17 @@ ZOO = {
                                {f"{p}_proj_{e}": "mlp" for p in ("gate_up", "down") for e in range(4)}),
     "flex_attention_expert": ZooCase(zm.FlexAttentionExpert, lambda: (_x(), torch.randn(B, W)), {**_ATTN, **_SWIGLU},
                                      head=("",), input_roles={"x": "action", "cond": "time"}),
+    "fused_kv_cross_attention": ZooCase(zm.FusedKVCrossAttention, lambda: (_x(), torch.randn(B, 7, W)),
+                                        {"to_q": "attn_q", "to_kv": "attn_kv", "to_out": "attn_o",
+                                         "mha.in_proj_0": "attn_q", "mha.in_proj_1": "attn_kv",
+                                         "mha.out_proj": "attn_o"}),
+    "shared_query_head": ZooCase(zm.SharedQueryHead, lambda: (_x(), torch.randn(B, 7, W), torch.randn(B, 4, W)),
+                                 {"to_q": "attn_q", "to_k": "attn_k", "to_v": "attn_v", "add_k_proj": "attn_k",
+                                  "add_v_proj": "attn_v", "to_out": "attn_o", **_SWIGLU}, head=("",),
+                                 input_roles={"text": "prefix", "image": "prefix"}),
+    "single_stream_block": ZooCase(zm.SingleStreamBlock, lambda: (_x(), torch.randn(B, W)),
+                                   {"to_q": "attn_q", "to_k": "attn_k", "to_v": "attn_v", "proj_mlp": "mlp",
+                                    "proj_out": "attn_o"}, head=("",), input_roles={"t_emb": "time"}),
 }
 
 
