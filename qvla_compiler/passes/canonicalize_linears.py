@@ -20,6 +20,7 @@ import math
 
 import torch
 import torch.fx as fx
+from torch import nn
 
 from qvla_compiler.passes import _graph as g
 
@@ -94,13 +95,19 @@ def _product_operands(node: fx.Node) -> tuple:
 def _parameter_operand(node) -> str | None:
     """A product's operand that is a weight: computed from parameters only (its name), or a parameter indexed by a
     graph input (`W[index]`: GR00T's per-embodiment weights, which stay float as a linear's would)."""
-    if _is_weight(node, dims=None):  # named by the first parameter it is computed from
-        return min(n for n in g.ancestors(node) if n.op == "get_attr").target  # fx nodes order by position
+    if _is_weight(node, dims=None):  # named by the first parameter it is computed from (fx nodes order by position)
+        params = [n for n in g.ancestors(node) if _is_parameter(n)]  # buffers (RoPE's inv_freq) are not weights
+        return min(params).target if params else None
     indexed = False
     while node.op == "call_function" and (node.target in g.LAYOUT_OPS or node.target == g.aten.index.Tensor) \
             and isinstance(node.args[0], fx.Node):
         indexed, node = indexed or node.target == g.aten.index.Tensor, node.args[0]
-    return f"{node.target}[index]" if indexed and node.op == "get_attr" and node.meta["val"].dim() >= 2 else None
+    return f"{node.target}[index]" if indexed and _is_parameter(node) and node.meta["val"].dim() >= 2 else None
+
+
+def _is_parameter(node: fx.Node) -> bool:
+    owner, _, name = node.target.rpartition(".") if node.op == "get_attr" else ("", "", "")
+    return bool(name) and isinstance(getattr(node.graph.owning_module.get_submodule(owner), name, None), nn.Parameter)
 
 
 def _is_weight(node, dims: int | None = 2) -> bool:

@@ -106,9 +106,24 @@ class LowRank(nn.Module):
         return torch.nn.functional.linear(x, torch.einsum("or,ri->oi", self.a, self.b))
 
 
+class RopeFromPositions(nn.Module):
+    """lerobot's π0.5 expert: RoPE angles `inv_freq @ positions` with positions from the input's mask (a buffer
+    times an input: a product, but no weight in it, so no warning; it used to warn)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("inv_freq", torch.rand(4), persistent=False)
+
+    def forward(self, x):
+        positions = (x[..., 0] > 0).long().cumsum(-1).float()[:, None, :]
+        freqs = (self.inv_freq[None, :, None].expand(x.shape[0], -1, 1) @ positions).transpose(1, 2)
+        return x * torch.cat((freqs, freqs), dim=-1).cos()
+
+
 def test_attention_products_and_weight_products_do_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error", FloatProductWarning)
+        _captured(RopeFromPositions(), torch.randn(2, 5, 8))
         assert len(g.linear_nodes(_captured(LowRank(), torch.randn(2, 5, 8)))) == 1
         _captured(Einsum("btd,hd->bth", (6, 8)), torch.randn(2, 5, 8))
         _captured(zm.TorchMHA(), torch.randn(2, zm.T, zm.W))
