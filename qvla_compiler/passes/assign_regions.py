@@ -6,9 +6,10 @@ Rule:   a linear whose input depends on the noisy actions or the timestep is in 
         projections join the region of the query they serve (cross-attention K/V read the backbone's features
         but belong to the head's attention); a linear that depends on the images and on nothing else observed
         (no text, no state) is in the vision tower; everything else is backbone. User overrides by module-path
-        prefix win. Only values count, not shapes: a `reshape(B, ...)` in the vision tower whose B export reads from
-        the text input does not make it backbone. Plain modules get the same rule: capture_module tags their
-        inputs by argument name or input_roles.
+        prefix win. A query computed from parameters only (a learned probe) takes its K/V's region. Only values
+        count, not shapes: a `reshape(B, ...)` in the vision tower whose B export reads from the text input does
+        not make it backbone. Plain modules get the same rule: capture_module tags their inputs by argument name
+        or input_roles.
 """
 from __future__ import annotations
 
@@ -31,9 +32,13 @@ def assign_regions(gm: fx.GraphModule, region_overrides: tuple = ()) -> fx.Graph
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     kinds = {p: roles[i] if i < len(roles) else "input" for i, p in enumerate(placeholders)}
     linears = g.linear_nodes(gm)
+    constant = []  # input computed from parameters only: a learned query (SigLIP's pooling probe, Perceiver latents)
     for node in linears:
         sources = {kinds[a] for a in g.data_ancestors(node.args[0]) if a.op == "placeholder"}
         update(node, region=_region(sources))
+        if not sources:
+            constant.append(node)
+    _queries_follow_kv(constant, linears)
     _kv_follow_query(linears)
     for node in linears:
         forced = _override(node.meta["qvla"].module_path, region_overrides)
@@ -48,6 +53,15 @@ def _region(sources: set[str]) -> Region:
     if "image" in sources and not sources & _OBSERVED_INPUTS:
         return Region.VISION
     return Region.BACKBONE
+
+
+def _queries_follow_kv(queries: list[fx.Node], linears: list[fx.Node]) -> None:
+    """A learned query reads no input: it belongs where what it attends to comes from."""
+    kv_region = {n.meta["qvla"].block: n.meta["qvla"].region for n in linears
+                 if n.meta["qvla"].role in (Role.ATTN_K, Role.ATTN_V, Role.ATTN_KV) and n not in queries}
+    for node in queries:
+        if node.meta["qvla"].role is Role.ATTN_Q and node.meta["qvla"].block in kv_region:
+            update(node, region=kv_region[node.meta["qvla"].block])
 
 
 def _kv_follow_query(linears: list[fx.Node]) -> None:

@@ -29,3 +29,23 @@ def test_a_reshape_sized_by_another_input_does_not_change_a_region():
     assign_regions(classify_linears(gm))
     regions = {n.meta["qvla"].module_path: n.meta["qvla"].region.value for n in g.linear_nodes(gm)}
     assert regions == {"v1": "vision", "v2": "vision", "t": "backbone"}
+
+
+class ProbePooling(nn.Module):
+    """SigLIP's pooling head: a learned probe attends over the image features (nn.MultiheadAttention). The probe's
+    query reads no input; with only values followed it fell to backbone and the default layout quantized it."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch, self.probe = nn.Linear(48, 32), nn.Parameter(torch.randn(1, 1, 32))
+        self.attention = nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, pixel_values):
+        h = self.patch(pixel_values.flatten(2).transpose(1, 2).reshape(pixel_values.shape[0], -1, 48))
+        return self.attention(self.probe.expand(h.shape[0], -1, -1), h, h, need_weights=False)[0]
+
+
+def test_a_learned_query_takes_the_region_of_what_it_attends_to():
+    gm = capture_module(ProbePooling().eval(), (torch.randn(2, 3, 16, 16),))["forward"]
+    assign_regions(classify_linears(gm))
+    assert {n.meta["qvla"].region.value for n in g.linear_nodes(gm)} == {"vision"}
