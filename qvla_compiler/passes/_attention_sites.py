@@ -2,7 +2,8 @@
 
 Shared by observe_attention and fold_attention_scales. A site is read from LinearInfo (role, block, region) that
 classify_linears / assign_regions wrote, so it works on float graphs and on lowered graphs alike (lowering copies the
-annotation onto the qvla:: linear node). Block b is the b-th core of find_attention_cores, as in classify_linears.
+annotation onto the qvla:: linear node). Block b is the b-th core of find_attention_cores, as in classify_linears (a
+core sharing its query with an earlier one, as Wan I2V's image attention, joins that core's block: no site of its own).
 """
 from __future__ import annotations
 
