@@ -110,7 +110,8 @@ def _annotate_attention(core: AttentionCore, block: int, outs: set[fx.Node]) -> 
 
 
 def _unviewed(node: fx.Node) -> fx.Node:
-    while node.op == "call_function" and node.target in g.LAYOUT_OPS | {g.operator.getitem} and node.args:
+    while node.op == "call_function" and node.target in g.LAYOUT_OPS | {g.operator.getitem} and isinstance(
+            node.args[0], fx.Node):  # cat / stack read a list: not a view of one tensor
         node = node.args[0]
     return node
 
@@ -119,7 +120,7 @@ def _mlp_beside_attention(o_proj: fx.Node, outs: set[fx.Node]) -> set[fx.Node]:
     """Up projections concatenated beside an attention output into one output projection, e.g. Flux's
     `proj_out(cat([attn, gelu(proj_mlp(x))]))`; empty for a plain o_proj."""
     cat = o_proj.args[0]
-    while cat.op == "call_function" and cat.target in g.LAYOUT_OPS - {g.aten.cat.default}:
+    while cat.op == "call_function" and cat.target in g.LAYOUT_OPS and isinstance(cat.args[0], fx.Node):
         cat = cat.args[0]
     if cat.target != g.aten.cat.default or not any(_unviewed(a) in outs for a in cat.args[0]):
         return set()

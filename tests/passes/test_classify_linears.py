@@ -114,6 +114,29 @@ def test_an_output_projection_shared_with_an_mlp_is_in_no_attention_block():
     assert blocks["proj_out"] == -1 and blocks["to_q"] >= 0 and blocks["proj_mlp"] >= 0
 
 
+class AttentionOntoAConcatenatedStream(torch.nn.Module):
+    """No o_proj: the attention output is added straight onto a stream made by `cat` (the sum-of-attention-outputs
+    check once followed cat's list argument as if it were a tensor and crashed)."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(d, d) for _ in range(3))
+        self.up, self.down = torch.nn.Linear(d, 2 * d), torch.nn.Linear(2 * d, d)
+
+    def forward(self, a, b):
+        x = torch.cat([a, b], dim=1)
+        x = x + torch.nn.functional.scaled_dot_product_attention(self.q(x)[:, None], self.k(x)[:, None],
+                                                                  self.v(x)[:, None])[:, 0]
+        return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+def test_an_attention_output_summed_onto_a_concatenation():
+    gm = capture_module(AttentionOntoAConcatenatedStream().eval(), (torch.randn(2, 3, 16), torch.randn(2, 4, 16)))
+    classify_linears(gm["forward"])
+    roles = {n.meta["qvla"].module_path: n.meta["qvla"].role.value for n in g.linear_nodes(gm["forward"])}
+    assert roles == {"q": "attn_q", "k": "attn_k", "v": "attn_v", "up": "mlp", "down": "mlp"}
+
+
 @pytest.mark.skipif(os.environ.get("QVLA_FULL") != "1", reason="full presets: ~3 min each on the meta device; "
                     "set QVLA_FULL=1 to run")
 @pytest.mark.parametrize("name", ["pi05-full", "groot-full"])
