@@ -109,17 +109,7 @@ def capture_module(module: nn.Module, args: Sequence[Any], input_roles: Mapping[
         if shapes is None:
             raise
         gm = capture(args, None, roles=roles)
-    if "prefix" in roles and not {"action", "time"} & set(roles):  # a head fed only by cross-attention
-        from qvla_compiler.passes import _graph as g
-
-        g.warn(gm, f"qvla: {type(module).__name__} reads backbone features but no input is tagged action or time, so "
-                   "every linear counts as backbone (the quantvla layout quantizes its attention too); if it is an "
-                   "action head, pass input_roles={'<noisy actions argument>': 'action'}", InputRoleWarning)
     return {"forward": gm}
-
-
-class InputRoleWarning(UserWarning):
-    """A plain module's inputs leave its region to guesswork (backbone features in, no action or time input)."""
 
 
 def leading_batch(args: tuple):

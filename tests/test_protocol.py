@@ -8,7 +8,7 @@ from torch import nn
 
 import qvla_compiler
 from qvla_compiler import api
-from qvla_compiler.export import InputRoleWarning
+from qvla_compiler.passes.assign_regions import InputRoleWarning
 from qvla_compiler.models import build_policy
 from qvla_compiler.protocol import REQUIRED, ProtocolError, VLAPolicy, is_policy, missing_members
 from qvla_compiler.inspect.report import LinearReport, Report, collect_warnings
@@ -95,19 +95,20 @@ def test_input_roles_decide_the_region_of_a_plain_module():
 
 
 class CrossAttentionOnly(nn.Module):
-    """A head conditioned only by cross-attention: backbone features in, no action or time input by name."""
+    """A head conditioned only by cross-attention: backbone features in, and no linear reads an action or time input
+    (its timestep only masks the output)."""
 
     def __init__(self):
         super().__init__()
         self.block = nn.TransformerDecoderLayer(16, 2, 32, batch_first=True)
 
-    def forward(self, hidden_states, encoder_hidden_states):
-        return self.block(hidden_states, encoder_hidden_states)
+    def forward(self, hidden_states, encoder_hidden_states, timestep):  # a time input that reaches no linear
+        return self.block(hidden_states, encoder_hidden_states) * (timestep[:, None, None] >= 0)
 
 
 def test_backbone_features_without_an_action_input_warn_and_input_roles_settle_it():
-    args = (torch.randn(2, 5, 16), torch.randn(2, 7, 16))
-    with pytest.warns(InputRoleWarning, match="no input is tagged action or time"):
+    args = (torch.randn(2, 5, 16), torch.randn(2, 7, 16), torch.rand(2))
+    with pytest.warns(InputRoleWarning, match="none of its attention / MLP linears depends on an input tagged action"):
         qp = qvla_compiler.quantize(CrossAttentionOnly().eval(), args, [args], recipe="w8a8", progress=False)
     assert any("input_roles" in w for w in qp.report.warnings) and qp.report.int_linears == 7  # attention too
     qp = qvla_compiler.quantize(CrossAttentionOnly().eval(), args, [args], recipe="w8a8", progress=False,

@@ -204,5 +204,6 @@ WARNINGS = "qvla_warnings"  # graph meta: what capture warned about, for the qua
 
 def warn(gm: fx.GraphModule, message: str, category: type[Warning]) -> None:
     """Warn, and keep the message in the graph's meta so the quantize report lists it too."""
-    gm.meta.setdefault(WARNINGS, []).append(message)
+    if message not in gm.meta.setdefault(WARNINGS, []):  # a pass run twice on one graph says it once
+        gm.meta[WARNINGS].append(message)
     warnings.warn(message, category, stacklevel=4)

@@ -44,7 +44,17 @@ def assign_regions(gm: fx.GraphModule, region_overrides: tuple = ()) -> fx.Graph
         forced = _override(node.meta["qvla"].module_path, region_overrides)
         if forced is not None:
             update(node, region=Region(forced))
+    blocks = [n.meta["qvla"] for n in linears if n.meta["qvla"].role is not Role.OTHER]
+    if "prefix" in roles and blocks and all(i.region is Region.BACKBONE for i in blocks):
+        g.warn(gm, "qvla: this graph reads backbone features, but none of its attention / MLP linears depends on an "
+                   "input tagged action or time, so all count as backbone (the quantvla layout quantizes their "
+                   "attention too); if it is an action head, tag its noisy actions: input_roles={'<argument>': "
+                   "'action'}", InputRoleWarning)
     return gm
+
+
+class InputRoleWarning(UserWarning):
+    """A graph's inputs leave its regions to guesswork (backbone features in, no block reached by action or time)."""
 
 
 def _region(sources: set[str]) -> Region:
