@@ -83,9 +83,22 @@ def linear_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if is_linear(n)]
 
 
+# ops whose value is their first argument's (the others lend only a dtype or a shape), and factories that read only
+# a shape: `q.type_as(v)` (timm's RoPE) does not make v_proj a producer of q, `full_like(t, 25.0)` depends on no input
+VALUE_OF_FIRST = frozenset({aten.type_as.default, aten.view_as.default, aten.reshape_as.default,
+                            aten.expand_as.default})
+SHAPE_ONLY = frozenset({aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,
+                        aten.empty_like.default, aten.new_zeros.default, aten.new_ones.default, aten.new_full.default,
+                        aten.new_empty.default})
+
+
 def inputs_of(node: fx.Node) -> list[fx.Node]:
-    """The tensors `node` reads; not the symbolic sizes of a dynamic batch (`view(h, [sym_size(x, 0), 6, 128])`)."""
-    return [n for n in node.all_input_nodes if not isinstance(n.meta.get("val"), torch.SymInt)]
+    """The tensors whose values `node` reads: not the symbolic sizes of a dynamic batch (`view(h, [sym_size(x, 0),
+    6, 128])`), not the dtype / shape donors of VALUE_OF_FIRST and SHAPE_ONLY ops."""
+    if node.op == "call_function" and node.target in SHAPE_ONLY:
+        return []
+    reads = node.args[:1] if node.op == "call_function" and node.target in VALUE_OF_FIRST else node.all_input_nodes
+    return [n for n in reads if isinstance(n, fx.Node) and not isinstance(n.meta.get("val"), SCALARS)]
 
 
 def walk(start: Iterable[fx.Node], step: Callable[[fx.Node], Iterable[fx.Node]],
@@ -128,9 +141,9 @@ def ancestors(node: fx.Node) -> set[fx.Node]:
 
 
 def data_ancestors(node: fx.Node) -> set[fx.Node]:
-    """`node` and every node its values depend on: shape reads are not followed (with one dynamic batch for all
-    inputs, export reads the size from one of them, `sym_size(text, 0)`, for every `reshape(B, ...)`)."""
-    return _reach(node, lambda n: [a for a in n.all_input_nodes if not isinstance(a.meta.get("val"), SCALARS)])
+    """`node` and every node its values depend on (inputs_of): shape reads are not followed (with one dynamic batch
+    for all inputs, export reads the size from one of them, `sym_size(text, 0)`, for every `reshape(B, ...)`)."""
+    return _reach(node, inputs_of)
 
 
 def descendants(node: fx.Node) -> set[fx.Node]:

@@ -49,3 +49,35 @@ def test_a_learned_query_takes_the_region_of_what_it_attends_to():
     gm = capture_module(ProbePooling().eval(), (torch.randn(2, 3, 16, 16),))["forward"]
     assign_regions(classify_linears(gm))
     assert {n.meta["qvla"].region.value for n in g.linear_nodes(gm)} == {"vision"}
+
+
+class CastCrossAttentionHead(nn.Module):
+    """RDT / timm-EVA style: `q, k = q.type_as(v), k.type_as(v)` (v lends only a dtype), and a control-frequency token
+    `full_like(t, 25.0)` (t lends only a shape). v_proj was attn_qkv (reached from q, k and v), its backbone region
+    pulled the cross-attention K/V out of the head and the default layout quantized them; `freq` was action head."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.inp, self.freq = nn.Linear(7, d), nn.Linear(1, d)
+        self.q, self.k, self.v, self.proj = (nn.Linear(d, d) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x_t, t, encoder_hidden_states):
+        x = self.inp(x_t) + t[:, None, None] + self.freq(torch.full_like(t, 25.0)[:, None, None])
+        split = lambda z: z.unflatten(-1, (2, -1)).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(x)), split(self.k(encoder_hidden_states)), split(self.v(encoder_hidden_states))
+        q, k = q.type_as(v), k.type_as(v)
+        x = x + self.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+def test_dtype_and_shape_donors_are_not_dataflow():
+    args = (torch.randn(2, 8, 7), torch.rand(2), torch.randn(2, 12, 32))
+    gm = capture_module(CastCrossAttentionHead().eval(), args)["forward"]
+    assign_regions(classify_linears(gm))
+    got = {n.meta["qvla"].module_path: (n.meta["qvla"].role.value, n.meta["qvla"].region.value)
+           for n in g.linear_nodes(gm)}
+    head = "action_head"
+    assert got == {"inp": ("other", head), "freq": ("other", "backbone"), "q": ("attn_q", head),
+                   "k": ("attn_k", head), "v": ("attn_v", head), "proj": ("attn_o", head), "fc1": ("mlp", head),
+                   "fc2": ("mlp", head)}

@@ -99,7 +99,7 @@ def test_toy_stream_folds_exactly_with_one_exit(dropout):
 
 @pytest.mark.parametrize("case", ["gated", "mix"])
 def test_toy_unfoldable_stream_keeps_per_input_pairs(case):
-    with pytest.warns(QuaRotFallbackWarning, match="no foldable RMSNorm residual stream"):
+    with pytest.warns(QuaRotFallbackWarning, match="no foldable residual stream"):
         model, gm, before, _, ids = _toy(gated=case == "gated", mix=case == "mix")
     with torch.no_grad():
         torch.testing.assert_close(gm(ids), model(ids), rtol=1e-10, atol=1e-10)
