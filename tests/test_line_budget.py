@@ -21,13 +21,13 @@ MAX_FILE_LINES = 400
 # flex_attention as attention, the backend's eager fallback, a warning for weights indexed by an input (GR00T's
 # per-embodiment linears), capture's warnings in the quantize report. vulture (60%) lists only *_ref oracles, op
 # registrations and adapters.
-# 15,180 on 2026-12-06 (fourth session, 15,010 at its start) for what running real transformers / diffusers / lerobot
+# 15,190 on 2026-12-06 (fourth session, 15,010 at its start) for what running real transformers / diffusers / lerobot
 # code found wrong: regions followed shape reads (PaliGemma's vision tower quantized), GR00T's bf16 autocast and
 # transformers' vmap masks in capture, products of two constants taken for linears, custom-op MoE experts and QuaRot
 # fallbacks without a warning, eval dropout hiding residual streams, fused K+V, shared-query and Flux single-stream
-# attention, heads without an action input, learned queries, dtype / shape donors. vulture (60%) again lists only
-# *_ref oracles, op registrations and adapters.
-MAX_TOTAL_LINES = 15_180
+# attention, heads without an action input, learned queries and Q-Former blocks, dtype / shape donors. vulture (60%)
+# again lists only *_ref oracles, op registrations and adapters.
+MAX_TOTAL_LINES = 15_190
 
 
 def _line_counts() -> dict[str, int]:

@@ -6,7 +6,8 @@ Rule:   a linear whose input depends on the noisy actions or the timestep is in 
         projections join the region of the query they serve (cross-attention K/V read the backbone's features
         but belong to the head's attention); a linear that depends on the images and on nothing else observed
         (no text, no state) is in the vision tower; everything else is backbone. User overrides by module-path
-        prefix win. A query computed from parameters only (a learned probe) takes its K/V's region. Only values
+        prefix win. A query computed from parameters only (a learned probe) takes its K/V's region, any other
+        linear computed from parameters only the region of the nearest linear it feeds. Only values
         count, not shapes: a `reshape(B, ...)` in the vision tower whose B export reads from the text input does
         not make it backbone. Plain modules get the same rule: capture_module tags their inputs by argument name
         or input_roles.
@@ -65,13 +66,22 @@ def _region(sources: set[str]) -> Region:
     return Region.BACKBONE
 
 
-def _queries_follow_kv(queries: list[fx.Node], linears: list[fx.Node]) -> None:
-    """A learned query reads no input: it belongs where what it attends to comes from."""
+def _queries_follow_kv(constant: list[fx.Node], linears: list[fx.Node]) -> None:
+    """A learned query reads no input: it belongs where what it attends to comes from. Other linears that read no
+    input (a Q-Former's self-attention over its queries) belong where their output goes: the nearest linear
+    downstream that reads data, or such a query."""
     kv_region = {n.meta["qvla"].block: n.meta["qvla"].region for n in linears
-                 if n.meta["qvla"].role in (Role.ATTN_K, Role.ATTN_V, Role.ATTN_KV) and n not in queries}
-    for node in queries:
+                 if n.meta["qvla"].role in (Role.ATTN_K, Role.ATTN_V, Role.ATTN_KV) and n not in constant}
+    settled = set(linears) - set(constant)
+    for node in constant:
         if node.meta["qvla"].role is Role.ATTN_Q and node.meta["qvla"].block in kv_region:
             update(node, region=kv_region[node.meta["qvla"].block])
+            settled.add(node)
+    for node in reversed(constant):  # graph order reversed: what a constant linear feeds is settled first
+        after = min((n for n in g.descendants(node) if n in settled and n is not node), default=None)
+        if node not in settled and after is not None:
+            update(node, region=after.meta["qvla"].region)
+            settled.add(node)
 
 
 def _kv_follow_query(linears: list[fx.Node]) -> None:

@@ -54,7 +54,8 @@ def test_a_learned_query_takes_the_region_of_what_it_attends_to():
 class CastCrossAttentionHead(nn.Module):
     """RDT / timm-EVA style: `q, k = q.type_as(v), k.type_as(v)` (v lends only a dtype), and a control-frequency token
     `full_like(t, 25.0)` (t lends only a shape). v_proj was attn_qkv (reached from q, k and v), its backbone region
-    pulled the cross-attention K/V out of the head and the default layout quantized them; `freq` was action head."""
+    pulled the cross-attention K/V out of the head and the default layout quantized them. `freq` reads no input and
+    is in the head because it feeds the head, not because of t's shape."""
 
     def __init__(self, d=32):
         super().__init__()
@@ -78,6 +79,29 @@ def test_dtype_and_shape_donors_are_not_dataflow():
     got = {n.meta["qvla"].module_path: (n.meta["qvla"].role.value, n.meta["qvla"].region.value)
            for n in g.linear_nodes(gm)}
     head = "action_head"
-    assert got == {"inp": ("other", head), "freq": ("other", "backbone"), "q": ("attn_q", head),
+    assert got == {"inp": ("other", head), "freq": ("other", head), "q": ("attn_q", head),
                    "k": ("attn_k", head), "v": ("attn_v", head), "proj": ("attn_o", head), "fc1": ("mlp", head),
                    "fc2": ("mlp", head)}
+
+
+class QFormer(nn.Module):
+    """BLIP-2's Q-Former order: the learned queries first attend to each other (every linear of that block reads
+    parameters only), then to the image. The self-attention block was backbone, quantized in an image-only module."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.patch, self.queries = nn.Linear(48, d), nn.Parameter(torch.randn(1, 4, d))
+        self.self_attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(d, 2, batch_first=True)
+
+    def forward(self, pixel_values):
+        img = self.patch(pixel_values.flatten(2).transpose(1, 2).reshape(pixel_values.shape[0], -1, 48))
+        q = self.queries.expand(pixel_values.shape[0], -1, -1)
+        q = q + self.self_attn(q, q, q, need_weights=False)[0]
+        return q + self.cross_attn(q, img, img, need_weights=False)[0]
+
+
+def test_linears_reading_only_parameters_take_the_region_they_feed():
+    gm = capture_module(QFormer().eval(), (torch.randn(2, 3, 16, 16),))["forward"]
+    assign_regions(classify_linears(gm))
+    assert {n.meta["qvla"].region.value for n in g.linear_nodes(gm)} == {"vision"}
