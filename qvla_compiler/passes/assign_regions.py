@@ -39,7 +39,7 @@ def assign_regions(gm: fx.GraphModule, region_overrides: tuple = ()) -> fx.Graph
         update(node, region=_region(sources))
         if not sources:
             constant.append(node)
-    _queries_follow_kv(constant, linears)
+    _place_constant_inputs(constant, linears)
     _kv_follow_query(linears)
     for node in linears:
         forced = _override(node.meta["qvla"].module_path, region_overrides)
@@ -66,7 +66,7 @@ def _region(sources: set[str]) -> Region:
     return Region.BACKBONE
 
 
-def _queries_follow_kv(constant: list[fx.Node], linears: list[fx.Node]) -> None:
+def _place_constant_inputs(constant: list[fx.Node], linears: list[fx.Node]) -> None:
     """A learned query reads no input: it belongs where what it attends to comes from. Other linears that read no
     input (a Q-Former's self-attention over its queries) belong where their output goes: the nearest linear
     downstream that reads data, or such a query."""
@@ -77,9 +77,9 @@ def _queries_follow_kv(constant: list[fx.Node], linears: list[fx.Node]) -> None:
         if node.meta["qvla"].role is Role.ATTN_Q and node.meta["qvla"].block in kv_region:
             update(node, region=kv_region[node.meta["qvla"].block])
             settled.add(node)
-    for node in reversed(constant):  # graph order reversed: what a constant linear feeds is settled first
+    for node in reversed([n for n in constant if n not in settled]):  # what a constant linear feeds comes first
         after = min((n for n in g.descendants(node) if n in settled and n is not node), default=None)
-        if node not in settled and after is not None:
+        if after is not None:
             update(node, region=after.meta["qvla"].region)
             settled.add(node)
 

@@ -74,8 +74,9 @@ class FloatProductWarning(UserWarning):
 
 
 def _warn_float_products(gm: fx.GraphModule) -> None:
-    left = [f"{n.target.__name__}({name})" for n in gm.graph.nodes if not _is_weight(n, dims=None)
-            for w in _product_operands(n) if (name := _parameter_operand(w))]
+    products = [(n, operands) for n in gm.graph.nodes if (operands := _product_operands(n))]
+    left = [f"{n.target.__name__}({name})" for n, operands in products if not _is_weight(n, dims=None)
+            for w in operands if (name := _parameter_operand(w))]  # a product of weights is a weight: no warning
     if left:
         g.warn(gm, f"qvla: {len(left)} product(s) with a parameter are not linear layers and stay float: "
                    f"{', '.join(left[:6])}{' ...' if len(left) > 6 else ''}. Write them as nn.Linear / F.linear to "

@@ -28,6 +28,7 @@ from qvla_compiler.passes import _graph as g
 
 # gates, branch sums (experts' sum over their stack too) and the residual add
 _RESIDUAL_PATH = g.LAYOUT_OPS | {g.aten.mul.Tensor, g.aten.sum.dim_IntList} | g.ADD_OPS
+_VIEWS = g.LAYOUT_OPS | {g.operator.getitem}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +102,7 @@ def _annotate_attention(core: AttentionCore, block: int, outs: set[fx.Node]) -> 
         for lin in linears:
             final = Role.ATTN_QKV if lin in fused else Role.ATTN_KV if lin in fused_kv else role
             update(lin, role=final, block=block, head_dim=head_dim, heads=lin.meta["qvla"].out_features // head_dim)
+
     def to_output(node: fx.Node) -> bool:  # reshapes, and sums of attention outputs only
         return _passable(g.LAYOUT_OPS)(node) or node.target in g.ADD_OPS and all(
             _unviewed(a) in outs for a in node.args if isinstance(a, fx.Node))
@@ -110,8 +112,8 @@ def _annotate_attention(core: AttentionCore, block: int, outs: set[fx.Node]) -> 
 
 
 def _unviewed(node: fx.Node) -> fx.Node:
-    while node.op == "call_function" and node.target in g.LAYOUT_OPS | {g.operator.getitem} and isinstance(
-            node.args[0], fx.Node):  # cat / stack read a list: not a view of one tensor
+    """The value `node` moves or reshapes; a cat / stack (reading a list) is a value of its own."""
+    while node.op == "call_function" and node.target in _VIEWS and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node
 
@@ -119,9 +121,7 @@ def _unviewed(node: fx.Node) -> fx.Node:
 def _mlp_beside_attention(o_proj: fx.Node, outs: set[fx.Node]) -> set[fx.Node]:
     """Up projections concatenated beside an attention output into one output projection, e.g. Flux's
     `proj_out(cat([attn, gelu(proj_mlp(x))]))`; empty for a plain o_proj."""
-    cat = o_proj.args[0]
-    while cat.op == "call_function" and cat.target in g.LAYOUT_OPS and isinstance(cat.args[0], fx.Node):
-        cat = cat.args[0]
+    cat = _unviewed(o_proj.args[0])
     if cat.target != g.aten.cat.default or not any(_unviewed(a) in outs for a in cat.args[0]):
         return set()
     ups = set()
