@@ -30,6 +30,7 @@ VARIANTS = {  # name → the one field changed
     "atm_ohb": dict(atm=True, ohb=True),
     "awq": dict(smooth="awq"),
     "per_step": dict(act_mode="per_step"),
+    "static": dict(act_mode="static"),
 }
 KEYS = ("model", "recipe", "success_q", "success_fp", "p_value", "action_divergence")
 

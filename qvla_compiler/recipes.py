@@ -149,7 +149,7 @@ RECIPES["quantvla-w4a4"] = QuantRecipe("quantvla-w4a4", w_bits=4, a_bits=4, rota
 
 # Ω-QVLA-style uniform W4A4: every block linear of backbone and action head integer (attention included), the composite
 # SVD·Hadamard rotation on every input and GPTQ weights. Activations stay per token: per-step static scales
-# ("+per_step") measured 7.7 points worse in closed loop on pi05-tabletop and within noise on groot (RESULTS §13).
+# ("+per_step") came within 1-2 points of them in closed loop, not above, on held-out episodes (RESULTS §16).
 RECIPES["omega-w4a4"] = QuantRecipe("omega-w4a4", layout="uniform", w_bits=4, a_bits=4, rotation="svd-hadamard",
                                     weight_method="gptq")
 

@@ -27,7 +27,10 @@ MAX_FILE_LINES = 400
 # fallbacks without a warning, eval dropout hiding residual streams, fused K+V, shared-query and Flux single-stream
 # attention, heads without an action input, learned queries and Q-Former blocks, dtype / shape donors. vulture (60%)
 # again lists only *_ref oracles, op registrations and adapters.
-MAX_TOTAL_LINES = 15_190
+# 15,215 on 2026-12-06 (fifth session) for static activation scales chosen by squared error over a weighted value
+# sample instead of the maximum (per-step W4A4 had lost pi05 10 points of closed-loop success to it; RESULTS §16),
+# the percentile code removed and the weight MSE clip search shared. vulture (60%) finds nothing new.
+MAX_TOTAL_LINES = 15_215
 
 
 def _line_counts() -> dict[str, int]:

@@ -38,7 +38,6 @@ from qvla_compiler.quant.released import release, storage_key
 from qvla_compiler.quant.step_scales import bucket_of
 
 STATIC_MODES = ("static", "per_step")  # activation modes whose scales come from calibration
-STATIC_PERCENTILE = 99.9  # of per-token absmax: one outlier token does not set the whole tensor's scale
 KEPT_FLOAT = "qvla_kept_float"
 SITE_SQNR = "qvla_sqnr_db"  # node.meta: float | None, the integer call site's output SQNR on its sample
 GPTQ_OPTIONS = dict(clip="mse", refit_scales=True, damp=0.01)  # see _quantize_weight
@@ -189,8 +188,8 @@ def _act_scale(observer, spec, step_bounds: torch.Tensor | None) -> torch.Tensor
     4 bits cost 14-17 points of closed-loop success (benchmarks/RESULTS.md §13)."""
     qmax = qmax_for(spec.a_bits)
     if spec.act_mode == "per_step":
-        return observer.step_scales(qmax, STATIC_PERCENTILE, step_bounds) if step_bounds is not None else None
-    return observer.tensor_scale(qmax, STATIC_PERCENTILE)
+        return observer.step_scales(qmax, step_bounds) if step_bounds is not None else None
+    return observer.tensor_scale(qmax)
 
 
 def _quantize_weight(gm: fx.GraphModule, node: fx.Node, method: str):

@@ -14,6 +14,8 @@ from typing import Sequence
 
 import torch
 
+from qvla_compiler.quant.quantizers import mse_clip_scale
+
 
 def step_bounds(timesteps: Sequence[float]) -> torch.Tensor:
     """fp32 [S-1]: ascending midpoints between the sorted distinct timesteps (S buckets)."""
@@ -38,16 +40,12 @@ def row_times(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def per_step_scales(absmax: torch.Tensor, times: torch.Tensor, bounds: torch.Tensor, qmax: int,
-                    percentile: float) -> torch.Tensor:
-    """fp32 [S]: the `percentile` of per-token absmax among the tokens of each bucket, / qmax. A bucket calibration
-    never reached (fewer steps than the schedule) gets the scale of all tokens together."""
+def per_step_scales(values: torch.Tensor, weights: torch.Tensor, times: torch.Tensor, bounds: torch.Tensor,
+                    qmax: int) -> torch.Tensor:
+    """fp32 [S]: per bucket, the static scale chosen among that bucket's weighted |x| values as one static scale is
+    (quantizers.mse_clip_scale). A bucket calibration never reached (fewer steps than the schedule) gets the scale
+    of all values together."""
     buckets = bucket_of(times, bounds)
-    overall = _top(absmax, percentile)
-    tops = [_top(absmax[buckets == b], percentile) if (buckets == b).any() else overall
-            for b in range(bounds.numel() + 1)]
-    return (torch.stack(tops) / qmax).clamp_min(1e-8).float()
-
-
-def _top(values: torch.Tensor, percentile: float) -> torch.Tensor:
-    return values.max() if percentile >= 100 else torch.quantile(values.float(), percentile / 100)
+    overall = mse_clip_scale(values, weights, qmax)
+    return torch.stack([mse_clip_scale(values[buckets == b], weights[buckets == b], qmax)
+                        if (buckets == b).any() else overall for b in range(bounds.numel() + 1)])
