@@ -35,7 +35,7 @@ from qvla_compiler.recipes import QuantRecipe
 
 
 class QuaRotFallbackWarning(UserWarning):
-    """QuaRot found no residual stream it can fold (post-norms, LayerNorm, nn.RMSNorm's fused op, an op in between):
+    """QuaRot found no residual stream it can fold (post-norms, LayerNorm, an op in between):
     the graph's quantized inputs get the online Hadamard instead, as `hadamard` would give them."""
 
 
@@ -43,8 +43,8 @@ def _quarot(gm: fx.GraphModule) -> fx.GraphModule:
     annotate_residual_streams(gm)  # structural and deterministic: the same streams as when the labels were decided
     quantized = [info(n).module_path for n in g.linear_nodes(gm) if info(n).is_quantized]
     if quantized and not any(residual_tag(n) is not None for n in gm.graph.nodes):
-        g.warn(gm, f"qvla: QuaRot found no foldable residual stream in the graph of {quantized[0]} (it folds written-"
-                   "out RMSNorms x·rsqrt(mean(x²)+ε)·γ only, not nn.RMSNorm's fused op, post-norms or LayerNorm): its "
+        g.warn(gm, f"qvla: QuaRot found no foldable residual stream in the graph of {quantized[0]} (it folds pre-norm "
+                   "RMSNorm streams only — written out or nn.RMSNorm's fused op — not post-norms or LayerNorm): its "
                    "quantized inputs get an online Hadamard instead, as with rotation='hadamard'", QuaRotFallbackWarning)
     return rotate_hadamard(rotate_residual(gm))
 

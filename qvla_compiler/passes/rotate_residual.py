@@ -8,7 +8,7 @@ After:  every stream value carries x·Qᵀ (Q = H_d orthonormal, hadamard.py): w
         (the final norm returned, vlln's LayerNorm) one online qvla::hadamard(·, H_mᵀ) un-rotates it.
 Invariant: exact in real arithmetic; ops outside a folded stream see the values they saw before.
 
-A stream is grown from an RMS norm's input (pow(x, 2) → mean over channels) along the ops that commute with Q — sums,
+A stream is grown from an RMS norm's input (pow(x, 2) → mean over channels, or a fused rms_norm) along the ops that commute with Q — sums,
 casts, observers, row cat/slice/select, scaling by a number or a per-token [..., 1] tensor — and ends at entries
 (linear outputs, embedding lookups), readers (linears, or a constant per-channel gain whose consumers are all linears),
 invariant reads (the pow → mean, dtype/shape checks) and exits (anything else). A stream with an entry that is none of
@@ -127,8 +127,16 @@ def rotate_residual(gm: fx.GraphModule) -> fx.GraphModule:
 
 # ------------------------------------------------------------------------------------------------------- deciding
 def _rms_inputs(gm: fx.GraphModule) -> list[fx.Node]:
-    """x of every pow(x, 2) whose only readers average it over the channel dim (an RMS norm's statistic)."""
-    return [n.args[0] for n in gm.graph.nodes if _sum_of_squares(n)]
+    """x of every pow(x, 2) whose only readers average it over the channel dim (an RMS norm's statistic), and of
+    every fused rms_norm (nn.RMSNorm, F.rms_norm) over the channel dim."""
+    return [n.args[0] for n in gm.graph.nodes if _sum_of_squares(n) or _fused_rms(n)]
+
+
+def _fused_rms(node: fx.Node) -> bool:
+    """aten.rms_norm(x, [d], w, eps) normalising over x's channel dim d: rms(x·Qᵀ) = rms(x), so it commutes with Q
+    once its gain w is folded into the readers (a GAIN) or when it has none (a MEMBER)."""
+    return (_is(node, {g.aten.rms_norm.default}) and isinstance(node.args[0], fx.Node)
+            and list(node.args[1]) == [node.args[0].meta["val"].shape[-1]])
 
 
 def _sum_of_squares(node: fx.Node) -> bool:
@@ -212,6 +220,8 @@ def _stream_args(node: fx.Node, width: int) -> list[fx.Node] | None:
         return [node.args[0]]
     if node.op != "call_function" or not _full(node, width):
         return None
+    if _fused_rms(node) and (len(node.args) < 3 or node.args[2] is None):
+        return [node.args[0]]
     if node.target in _SUMS and all(_full(a, width) for a in node.args[:2]):
         return list(node.args[:2])
     if node.target in _ROWS:
@@ -245,6 +255,9 @@ def _invariant_read(user: fx.Node, value: fx.Node) -> bool:
 def _gain_split(node: fx.Node, width: int, value: fx.Node | None = None):
     """(x, (get_attr w, the node reading w, unit offset)) when `node` = x·γ, γ = w or 1 + w a constant per-channel
     gain (through casts) and x a full-width activation (`value` if given), else None."""
+    if _fused_rms(node) and len(node.args) > 2 and node.args[2] is not None:
+        source = _gain_source(node.args[2], width, node)
+        return (node.args[0], source) if source is not None and node.args[0] is (value or node.args[0]) else None
     if not _is(node, {g.aten.mul.Tensor}):
         return None
     for x, gain in (node.args[:2], node.args[1::-1]):

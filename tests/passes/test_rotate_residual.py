@@ -33,8 +33,10 @@ f64 = torch.float64
 class ToyDecoder(nn.Module):
     """emb(ids) → 2 × [x + down(silu(gate(n))·up(n))·(g)], n = rms(x)·γ → LayerNorm (the stream's exit)."""
 
-    def __init__(self, d: int = 24, h: int = 40, gated: bool = False, mix: bool = False, dropout: bool = False):
+    def __init__(self, d: int = 24, h: int = 40, gated: bool = False, mix: bool = False, dropout: bool = False,
+                 norm: str = "spelled"):
         super().__init__()
+        self.norm = norm  # "spelled" out, "fused" (aten.rms_norm with the gain, as nn.RMSNorm), "fused_plain" (no gain)
         self.emb = nn.Embedding(32, d, dtype=f64)
         self.gains = nn.ParameterList(nn.Parameter(torch.rand(d, dtype=f64) + 0.5) for _ in range(2))
         for gain in self.gains:
@@ -52,15 +54,20 @@ class ToyDecoder(nn.Module):
         if self.mix is not None:
             x = x + self.mix(x)
         for i in range(2):
-            n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.gains[i]
+            if self.norm == "spelled":
+                n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.gains[i]
+            elif self.norm == "fused":
+                n = F.rms_norm(x, (x.shape[-1],), self.gains[i], 1e-6)
+            else:
+                n = F.rms_norm(x, (x.shape[-1],), None, 1e-6) * self.gains[i]
             y = self.drop(self.down[i](F.silu(self.gate[i](n)) * self.up[i](n)))
             x = x + (y if self.res_gate is None else y * self.res_gate)  # a per-channel gate: not foldable
         return self.out(x)
 
 
-def _toy(gated=False, layout="all", mix=False, dropout=False):
+def _toy(gated=False, layout="all", mix=False, dropout=False, norm="spelled"):
     torch.manual_seed(0)
-    model = ToyDecoder(gated=gated, mix=mix, dropout=dropout).eval()
+    model = ToyDecoder(gated=gated, mix=mix, dropout=dropout, norm=norm).eval()
     batches = [(torch.randint(0, 32, (2, 5)),) for _ in range(2)]
     gm, before, code = rotate_toy(model, batches, QuantRecipe("t", layout=layout, rotation="quarot"))
     return model, gm, before, code, batches[0][0]
@@ -75,11 +82,12 @@ def _roles(gm) -> dict[StreamRole, int]:
     return {r: roles.count(r) for r in StreamRole if r in roles}
 
 
-@pytest.mark.parametrize("dropout", [False, True])
-def test_toy_stream_folds_exactly_with_one_exit(dropout):
+@pytest.mark.parametrize("dropout, norm", [(False, "spelled"), (True, "spelled"), (False, "fused"),
+                                           (False, "fused_plain")])
+def test_toy_stream_folds_exactly_with_one_exit(dropout, norm):
     with warnings.catch_warnings():
         warnings.simplefilter("error", QuaRotFallbackWarning)
-        model, gm, before, _, ids = _toy(dropout=dropout)
+        model, gm, before, _, ids = _toy(dropout=dropout, norm=norm)
     with torch.no_grad():
         torch.testing.assert_close(gm(ids), model(ids), rtol=1e-10, atol=1e-10)
     assert compute_schedule(gm) == before  # only qvla::hadamard was added
