@@ -47,10 +47,11 @@ class LogitObserver(nn.Module):
         return x
 
     def _record(self, scores: torch.Tensor, valid: torch.Tensor) -> None:
-        flat, keep = scores.flatten(2), valid.flatten(2).to(scores.dtype)  # [B, H, Tq*Tk]
+        keep = valid.flatten(2)  # [B, H, Tq*Tk]
+        flat = torch.where(keep, scores.flatten(2), 0.0)  # masked logits may be -inf, and -inf·0 would be NaN
         n = keep.sum(-1).clamp_min(1)
-        mean = (flat * keep).sum(-1) / n
-        std = ((((flat - mean[..., None]) ** 2) * keep).sum(-1) / n).sqrt()  # population std per (b, h)
+        mean = flat.sum(-1) / n
+        std = (torch.where(keep, flat - mean[..., None], 0.0).pow(2).sum(-1) / n).sqrt()  # population std per (b, h)
         per_head = std.mean(0)
         self.std_sum = per_head if self.std_sum is None else self.std_sum + per_head
         self.calls += 1

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from qvla_compiler.errors import CalibrationError
+
 EPS = 1e-6
 
 
@@ -32,6 +34,9 @@ ATM_STYLES = {
 
 def atm_alpha(teacher_std: list[float], student_std: list[float], style: AtmStyle) -> list[float]:
     """Per-head α: ratio, clip, neutral band."""
+    if not all(map(math.isfinite, (*teacher_std, *student_std))):  # a NaN α would be folded into q silently
+        raise CalibrationError(f"ATM: non-finite attention-logit statistics (teacher {teacher_std}, student "
+                               f"{student_std}); check that the float model is finite on the calibration data")
     out = []
     for t, s in zip(teacher_std, student_std):
         a = 1.0 if s <= 0 else min(max(t / (s + EPS), style.lo), style.hi)

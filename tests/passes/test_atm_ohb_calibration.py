@@ -14,9 +14,11 @@ import torch
 import qvla_compiler
 from qvla_compiler.calibration import (ATM_STYLES, AtmStyle, atm_alpha, collect_batches, observe_program,
                                        observe_teacher, ohb_beta)
+from qvla_compiler.errors import CalibrationError
 from qvla_compiler.export import capture_policy
 from qvla_compiler.models import build_policy
 from qvla_compiler.passes._attention_sites import attention_sites
+from qvla_compiler.passes.observe_attention import LogitObserver
 from qvla_compiler.passes.check_schedule import check_schedule
 from qvla_compiler.passes._graph import attr_tensor as _get, replace_attr_tensor as _set
 from qvla_compiler.program import Program, with_noise
@@ -34,6 +36,50 @@ def test_alpha_clip_and_neutral_bands():
     assert atm_alpha([1.03], [1.0], groot) == pytest.approx([1.03], rel=1e-5)  # outside GR00T's 0.02 band
     assert atm_alpha([1.019], [1.0], groot) == [1.0]
     assert atm_alpha([1.0], [0.0], pi05) == [1.0]  # a silent student head is left alone
+    with pytest.raises(CalibrationError, match="non-finite"):  # never a NaN folded into q
+        atm_alpha([float("nan")], [1.0], pi05)
+
+
+def test_logit_std_skips_minus_inf_masked_entries():
+    scores = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    valid = torch.rand(2, 1, 1, 5) > 0.3
+    valid[..., 0] = True
+    obs = LogitObserver()
+    obs(scores.masked_fill(~valid, float("-inf")))  # masked_fill(-inf), nn.MultiheadAttention's key padding
+    want = [float(torch.stack([scores[b, h][valid[b, 0].expand(4, 5)].std(unbiased=False) for b in range(2)]).mean())
+            for h in range(3)]
+    assert obs.std() == pytest.approx(want, rel=1e-12)
+
+
+class _MaskedCrossAttention(torch.nn.Module):
+    """An action head's cross-attention over a padded prefix, keys masked with -inf (evo1's shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = torch.nn.Linear(6, 32), torch.nn.Linear(32, 6)
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(32, 32) for _ in range(4))
+
+    def forward(self, x_t, t, prefix, prefix_mask):
+        h = self.inp(x_t) + t[:, None, None]
+        split = lambda z: z.unflatten(-1, (4, 8)).transpose(1, 2)  # noqa: E731
+        s = split(self.q(h)) @ split(self.k(prefix)).transpose(-1, -2) / 8 ** 0.5
+        s = s.masked_fill(~prefix_mask[:, None, None, :], float("-inf"))
+        return self.out(h + self.o((s.softmax(-1) @ split(self.v(prefix))).transpose(1, 2).flatten(2)))
+
+
+def test_atm_on_minus_inf_masked_attention_stays_finite():
+    def inputs(seed):
+        g = torch.Generator().manual_seed(seed)
+        mask = torch.ones(2, 5, dtype=torch.bool)
+        mask[1, -2:] = False
+        return torch.randn(2, 4, 6, generator=g), torch.rand(2, generator=g), torch.randn(2, 5, 32, generator=g), mask
+
+    torch.manual_seed(0)
+    qp = qvla_compiler.quantize(_MaskedCrossAttention().eval(), inputs(0), [inputs(i) for i in range(1, 4)],
+                                "w8a8+atm", progress=False, input_roles={"prefix": "prefix", "prefix_mask": "prefix"})
+    (site,) = qp.quant_plan.attention["graphs"]["forward"]
+    assert all(map(math.isfinite, site["alpha"] + site["logit_std_teacher"] + site["logit_std_student"]))
+    assert qp.report.action_rel_l2 < 0.01  # was NaN: -inf · 0 in the logit statistics
 
 
 def test_beta_log_clip_and_neutral_band():
