@@ -93,16 +93,20 @@ def _product_operands(node: fx.Node) -> tuple:
     return tuple(node.all_input_nodes) if opaque else ()
 
 
+_GATHERS = frozenset({g.aten.index.Tensor, g.aten.embedding.default})  # rows of a parameter picked by an input
+
+
 def _parameter_operand(node) -> str | None:
     """A product's operand that is a weight: computed from parameters only (its name), or a parameter indexed by a
-    graph input (`W[index]`: GR00T's per-embodiment weights, which stay float as a linear's would)."""
+    graph input (`W[index]`: GR00T's per-embodiment weights, or an nn.Embedding row viewed as a matrix: X-VLA's
+    per-domain linears), which stays float as a linear's would."""
     if _is_weight(node, dims=None):  # named by the first parameter it is computed from (fx nodes order by position)
         params = [n for n in g.ancestors(node) if _is_parameter(n)]  # buffers (RoPE's inv_freq) are not weights
         return min(params).target if params else None
     indexed = False
-    while node.op == "call_function" and (node.target in g.LAYOUT_OPS or node.target == g.aten.index.Tensor) \
+    while node.op == "call_function" and (node.target in g.LAYOUT_OPS or node.target in _GATHERS) \
             and isinstance(node.args[0], fx.Node):
-        indexed, node = indexed or node.target == g.aten.index.Tensor, node.args[0]
+        indexed, node = indexed or node.target in _GATHERS, node.args[0]
     return f"{node.target}[index]" if indexed and _is_parameter(node) and node.meta["val"].dim() >= 2 else None
 
 

@@ -161,13 +161,26 @@ class CategorySpecific(nn.Module):
         return torch.bmm(x, self.W[cat_ids]) + self.b[cat_ids].unsqueeze(1)
 
 
-def test_a_weight_indexed_by_an_input_warns_and_the_report_says_so():
-    module, args = CategorySpecific().eval(), (torch.randn(2, 5, 8), torch.tensor([0, 2]))
-    with pytest.warns(FloatProductWarning, match=r"bmm.default\(W\[index\]\)"):
+class DomainAware(nn.Module):
+    """X-VLA's per-domain linear: the weight is an nn.Embedding row viewed as a matrix (it was silent)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Embedding(3, 64)
+
+    def forward(self, x, cat_ids):
+        return torch.matmul(x, self.fc(cat_ids).view(-1, 8, 8))
+
+
+@pytest.mark.parametrize("cls, name", [(CategorySpecific, r"bmm.default\(W\[index\]\)"),
+                                       (DomainAware, r"matmul.default\(fc.weight\[index\]\)")])
+def test_a_weight_indexed_by_an_input_warns_and_the_report_says_so(cls, name):
+    module, args = cls().eval(), (torch.randn(2, 5, 8), torch.tensor([0, 2]))
+    with pytest.warns(FloatProductWarning, match=name):
         capture_module(module, args, None, dynamic_batch=False)
     with pytest.warns(FloatProductWarning):
         qp = qvla_compiler.quantize(module, args, [args], "w8a8", layout="all", progress=False)
-    assert any("W[index]" in w for w in qp.report.warnings) and "W[index]" in qp.report.to_json()
+    assert any("[index]" in w for w in qp.report.warnings) and "[index]" in qp.report.to_json()
 
 
 class ConstantProducts(nn.Module):
