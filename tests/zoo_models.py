@@ -587,3 +587,20 @@ class SingleStreamBlock(nn.Module):
         h = self.norm(x_t) * (1 + scale) + shift
         mlp = F.gelu(self.proj_mlp(h), approximate="tanh")
         return x_t + gate * self.proj_out(torch.cat([_sdpa(self.to_q(h), self.to_k(h), self.to_v(h)), mlp], dim=2))
+
+
+class MaskedCrossAttention(nn.Module):
+    """lerobot evo1's action head: cross-attention over a padded prefix whose padding is masked with -inf before the
+    softmax (masked_fill; nn.MultiheadAttention's key_padding_mask does the same). ATM's logit statistics were NaN
+    there (-inf·0), and the folded α made the whole program NaN."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(W, W) for _ in range(4))
+        self.norm, self.mlp = nn.LayerNorm(W), SwiGLU()
+
+    def forward(self, x_t, prefix, prefix_mask):
+        scores = _heads(self.q_proj(x_t)) @ _heads(self.k_proj(prefix)).transpose(-1, -2) / math.sqrt(W // H)
+        scores = scores.masked_fill(~prefix_mask[:, None, None, :], float("-inf"))
+        x = x_t + self.o_proj(_merge(scores.softmax(-1) @ _heads(self.v_proj(prefix))))
+        return x + self.mlp(self.norm(x))

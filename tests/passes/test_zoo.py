@@ -29,6 +29,13 @@ def _x(width=W):
     return torch.randn(B, T, width)
 
 
+def _padded(length: int) -> torch.Tensor:
+    """A key mask [B, length] whose last sample has its two last keys padded out."""
+    mask = torch.ones(B, length, dtype=torch.bool)
+    mask[-1, -2:] = False
+    return mask
+
+
 _ATTN = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_o", "out_proj": "attn_o"}
 _SWIGLU = {"gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 _DIFFUSERS = {"to_q": "attn_q", "to_k": "attn_k", "to_v": "attn_v", "to_out": "attn_o", "ff.proj": "mlp",
@@ -95,6 +102,9 @@ ZOO = {
                                  {"to_q": "attn_q", "to_k": "attn_k", "to_v": "attn_v", "add_k_proj": "attn_k",
                                   "add_v_proj": "attn_v", "to_out": "attn_o", **_SWIGLU}, head=("",),
                                  input_roles={"text": "prefix", "image": "prefix"}),
+    "masked_cross_attention": ZooCase(zm.MaskedCrossAttention, lambda: (_x(), torch.randn(B, 7, W), _padded(7)),
+                                      {**_ATTN, **_SWIGLU}, head=("",),
+                                      input_roles={"prefix": "prefix", "prefix_mask": "prefix"}),
     "single_stream_block": ZooCase(zm.SingleStreamBlock, lambda: (_x(), torch.randn(B, W)),
                                    {"to_q": "attn_q", "to_k": "attn_k", "to_v": "attn_v", "proj_mlp": "mlp",
                                     "proj_out": "attn_o"}, head=("",), input_roles={"t_emb": "time"}),
