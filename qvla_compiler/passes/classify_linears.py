@@ -100,6 +100,8 @@ def _annotate_attention(core: AttentionCore, block: int, outs: set[fx.Node]) -> 
     fused_kv = found[Role.ATTN_K] & found[Role.ATTN_V] - fused
     for role, linears in found.items():
         for lin in linears:
+            if role is not Role.ATTN_Q and lin.meta["qvla"].block not in (-1, block):
+                continue  # K/V of an earlier block that a later query reads too (a prefix's KV in joint attention)
             final = Role.ATTN_QKV if lin in fused else Role.ATTN_KV if lin in fused_kv else role
             update(lin, role=final, block=block, head_dim=head_dim, heads=lin.meta["qvla"].out_features // head_dim)
 

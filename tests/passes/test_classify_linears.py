@@ -108,6 +108,37 @@ def test_one_query_serving_two_cores_is_one_attention_block():
     assert len({blocks[p] for p in ("to_q", "to_k", "to_v", "add_k_proj", "add_v_proj", "to_out")}) == 1
 
 
+class JointAttentionOverPrefixKV(torch.nn.Module):
+    """One graph with a prefix attention and an action attention whose keys/values are the prefix's K/V and its own
+    (π0's joint attention, EO1 with prefix and denoise step in one graph). The prefix's k/v projections took the
+    later, action block and region (so `quantvla` kept them float while their q/o were integer)."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.pre = torch.nn.ModuleDict({n: torch.nn.Linear(d, d) for n in ("q_proj", "k_proj", "v_proj", "o_proj")})
+        self.act = torch.nn.ModuleDict({n: torch.nn.Linear(d, d) for n in ("q_proj", "k_proj", "v_proj", "o_proj")})
+        self.act_in = torch.nn.Linear(8, d)
+
+    def forward(self, prefix_emb, x_t):
+        heads = lambda z: z.unflatten(-1, (4, -1)).transpose(1, 2)  # noqa: E731
+        merge = lambda z: z.transpose(1, 2).flatten(2)  # noqa: E731
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        kp, vp = heads(self.pre["k_proj"](prefix_emb)), heads(self.pre["v_proj"](prefix_emb))
+        pre = prefix_emb + self.pre["o_proj"](merge(sdpa(heads(self.pre["q_proj"](prefix_emb)), kp, vp)))
+        a = self.act_in(x_t)
+        k, v = torch.cat([kp, heads(self.act["k_proj"](a))], 2), torch.cat([vp, heads(self.act["v_proj"](a))], 2)
+        return pre, a + self.act["o_proj"](merge(sdpa(heads(self.act["q_proj"](a)), k, v)))
+
+
+def test_prefix_kv_read_by_a_later_attention_stays_in_the_prefix_block():
+    gm = capture_module(JointAttentionOverPrefixKV().eval(), (torch.randn(2, 10, 32), torch.randn(2, 6, 8)),
+                        {"prefix_emb": "text"})["forward"]
+    assign_regions(classify_linears(gm))
+    got = {n.meta["qvla"].module_path: (n.meta["qvla"].block, n.meta["qvla"].region) for n in g.linear_nodes(gm)}
+    assert {got[f"pre.{p}"] for p in ("q_proj", "k_proj", "v_proj", "o_proj")} == {(0, Region.BACKBONE)}
+    assert {got[f"act.{p}"] for p in ("q_proj", "k_proj", "v_proj", "o_proj")} == {(1, Region.ACTION_HEAD)}
+
+
 def test_an_output_projection_shared_with_an_mlp_is_in_no_attention_block():
     """Flux's single-stream block (zoo: single_stream_block): OHB's β must not scale the MLP half of proj_out."""
     blocks = _blocks(zm.SingleStreamBlock(), (torch.randn(2, 5, 32), torch.randn(2, 32)), {"t_emb": "time"})
