@@ -26,8 +26,8 @@ import torch.fx as fx
 from qvla_compiler.meta import LinearInfo, Role, annotate, update
 from qvla_compiler.passes import _graph as g
 
-# gates, branch sums (experts' sum over their stack too) and the residual add
-_RESIDUAL_PATH = g.LAYOUT_OPS | {g.aten.mul.Tensor, g.aten.sum.dim_IntList} | g.ADD_OPS
+# gates, branch sums (experts' sum over their stack too), experts picked per token by where, and the residual add
+_RESIDUAL_PATH = g.LAYOUT_OPS | {g.aten.mul.Tensor, g.aten.sum.dim_IntList, g.aten.where.self} | g.ADD_OPS
 _VIEWS = g.LAYOUT_OPS | {g.operator.getitem}
 
 

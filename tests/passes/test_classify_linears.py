@@ -139,6 +139,30 @@ def test_prefix_kv_read_by_a_later_attention_stays_in_the_prefix_block():
     assert {got[f"act.{p}"] for p in ("q_proj", "k_proj", "v_proj", "o_proj")} == {(1, Region.ACTION_HEAD)}
 
 
+class ExpertsPickedByWhere(torch.nn.Module):
+    """Hard-routed experts, each token's output picked by torch.where (an export-friendly MoE, Wall-X's modality
+    experts): the down projections reach the residual add through `where`; they were `other`, float in quantvla."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(d)
+        self.experts = torch.nn.ModuleList(torch.nn.ModuleDict({"up": torch.nn.Linear(d, 64),
+                                                                "down": torch.nn.Linear(64, d)}) for _ in range(2))
+
+    def forward(self, x, token_types):
+        h, out = self.norm(x), torch.zeros_like(x)
+        for i, e in enumerate(self.experts):
+            out = torch.where((token_types == i)[..., None], e["down"](torch.relu(e["up"](h))), out)
+        return x + out
+
+
+def test_experts_picked_by_where_are_mlp():
+    gm = capture_module(ExpertsPickedByWhere().eval(), (torch.randn(2, 8, 32), torch.randint(0, 2, (2, 8))),
+                        {"token_types": "input"})["forward"]
+    classify_linears(gm)
+    assert {n.meta["qvla"].role for n in g.linear_nodes(gm)} == {Role.MLP}
+
+
 def test_an_output_projection_shared_with_an_mlp_is_in_no_attention_block():
     """Flux's single-stream block (zoo: single_stream_block): OHB's β must not scale the MLP half of proj_out."""
     blocks = _blocks(zm.SingleStreamBlock(), (torch.randn(2, 5, 32), torch.randn(2, 32)), {"t_emb": "time"})
