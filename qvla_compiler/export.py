@@ -105,11 +105,22 @@ def capture_module(module: nn.Module, args: Sequence[Any], input_roles: Mapping[
     shapes = leading_batch(args) if dynamic_batch else None
     try:  # any batch, like a policy's graphs; a module that fixes its batch (a reshape to 2) keeps the example's
         gm = capture(args, shapes, roles=roles)
-    except ExportError:
+    except ExportError as err:
         if shapes is None:
             raise
         gm = capture(args, None, roles=roles)
+        from qvla_compiler.passes._graph import warn  # passes import us
+
+        batch = torch.utils._pytree.tree_leaves(args)[0].shape[0]
+        warn(gm, f"qvla: {type(module).__name__} exports only at the example's batch ({batch}), so the program "
+                 f"takes batch {batch} only (another batch fails torch's input guard). Why the batch could not be "
+                 f"dynamic: {next((ln.strip() for ln in str(err).splitlines() if 'cause:' in ln), str(err).splitlines()[0])}",
+             FixedBatchWarning)
     return {"forward": gm}
+
+
+class FixedBatchWarning(UserWarning):
+    """A module's batch could not be made dynamic in capture: its program runs at the example's batch only."""
 
 
 def leading_batch(args: tuple):

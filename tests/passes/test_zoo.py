@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from qvla_compiler.errors import ArtifactError, RecipeError
-from qvla_compiler.export import INPUTS_KEY, InputRoleError, capture_module
+from qvla_compiler.export import INPUTS_KEY, FixedBatchWarning, InputRoleError, capture_module
 from qvla_compiler.meta import Region, Role
 from qvla_compiler.passes import _graph as g
 from qvla_compiler.passes import (apply_layout, assign_regions, canonicalize_linears, classify_linears,
@@ -322,3 +322,23 @@ def test_a_module_program_takes_any_batch_saved_and_loaded(tmp_path):
     loaded = qvla_compiler.load(qp.save(tmp_path / "m.pt2")).module(compiled=False)
     assert torch.equal(loaded(x3), qp.module(compiled=False)(x3))
     assert (loaded(x3) - module(x3)).norm() < 0.02 * module(x3).norm()
+
+
+class BatchAtDimOne(nn.Module):
+    """An input whose batch sits at dim 1 (Qwen2.5-VL's mrope position ids, (3, B, S): EO1's denoise step), so the
+    batch cannot be dynamic: the program is captured at the example's batch, which was silent."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(W, 64), nn.Linear(64, W)
+
+    def forward(self, x_t, pos):
+        return x_t + self.down(torch.relu(self.up(x_t + pos.float().mean(0)[..., None])))
+
+
+def test_a_module_fixed_at_its_example_batch_says_so():
+    args = (_x(), torch.arange(T).expand(3, B, T).contiguous())
+    with pytest.warns(FixedBatchWarning, match=rf"batch \({B}\).*takes batch {B} only.*Constraints violated"):
+        qp = qvla_compiler.quantize(BatchAtDimOne().eval(), args, [args], "w8a8", layout="all", progress=False,
+                                    input_roles={"pos": "input"})
+    assert any("takes batch" in w for w in qp.report.warnings)
