@@ -97,3 +97,28 @@ def test_cli_calibrate_then_quantize_with_plan(tmp_path):
                           str(tmp_path / "p.pt2"), "--json"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout)["int_linears"] == 20
+
+
+class _OneMLPTwoPasses(torch.nn.Module):
+    """One MLP run on the prefix, then on the action tokens (EO1 runs its LM so): one weight, two regions."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down, self.action_in = torch.nn.Linear(32, 64), torch.nn.Linear(64, 32), torch.nn.Linear(8, 32)
+
+    def forward(self, prefix_emb, x_t):
+        mlp = lambda x: x + self.down(torch.relu(self.up(x)))  # noqa: E731
+        return mlp(prefix_emb), mlp(self.action_in(x_t))
+
+
+def test_a_weight_shared_by_two_regions_keeps_each_call_sites_region_through_a_plan(tmp_path):
+    module, args = _OneMLPTwoPasses().eval(), (torch.randn(2, 10, 32), torch.randn(2, 6, 8))
+    qp = qvla_compiler.quantize(module, args, [args], "w8a8", layout="all", progress=False,
+                                input_roles={"prefix_emb": "text"})
+    want = [("up", 0, "backbone"), ("down", 0, "backbone"), ("action_in", 0, "action_head"),
+            ("up", 1, "action_head"), ("down", 1, "action_head")]
+    assert [(r.module_path, r.call_site, r.region) for r in qp.report.linears] == want  # site 1 was backbone
+    qp.quant_plan.save(tmp_path / "p")
+    again = qvla_compiler.quantize(module, args, plan=str(tmp_path / "p"), progress=False,
+                                   input_roles={"prefix_emb": "text"})
+    assert [(r.module_path, r.call_site, r.region) for r in again.report.linears] == want

@@ -25,12 +25,15 @@ def apply_plan(gm: fx.GraphModule, plan: QuantPlan, graph: str) -> fx.GraphModul
         raise PlanError(f"graph {graph!r} has {len(unknown)} of {len(linears)} linear(s) the plan does not cover: "
                         f"{', '.join(unknown[:8])}{' …' if len(unknown) > 8 else ''}. The plan was made for another "
                         f"model ({plan.model}); re-run `qvla calibrate` for this one")
+    sites: dict[str, int] = {}  # module path → call sites seen so far in this graph
     for node in linears:
         entry = plan.modules[node.meta["qvla"].module_path]
+        site = sites[entry.module_path] = sites.get(entry.module_path, -1) + 1
+        region = entry.extra.get("site_regions", {}).get(graph, [entry.region] * (site + 1))[site]
         if node.args[1].op == "get_attr":  # a weight computed in the graph has no fixed value to compare
             check_fingerprint(entry, _fetch(gm, node.args[1]), f"graph {graph!r}")
         out_scale = entry.extra.get("out_scale")
-        update(node, region=Region(entry.region), role=Role(entry.role), spec=entry.spec,
+        update(node, region=Region(region), role=Role(entry.role), spec=entry.spec,
                out_scale=tuple(out_scale) if out_scale is not None else None, rotation=entry.extra.get("rotation"))
         if entry.extra.get("kept_float"):
             node.meta[KEPT_FLOAT] = KeptFloat(entry.extra["kept_float"])

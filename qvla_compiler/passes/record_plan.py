@@ -35,11 +35,13 @@ def record_plan(graphs: dict[str, fx.GraphModule], recipe, model: str, fingerpri
     first_sqnr: dict[tuple[str, str], float | None] = {}
     for row in rows:
         first_sqnr.setdefault((row.graph, row.module_path), row.sqnr_db)
+    regions: dict[str, dict[str, list[str]]] = {}  # module path → graph → the region of each call site
     for graph, gm in graphs.items():
         sites: dict[str, int] = {}  # module path → call sites seen so far in this graph
         for node in g.linear_nodes(gm):
             info = node.meta["qvla"]
             site = sites[info.module_path] = sites.get(info.module_path, -1) + 1
+            regions.setdefault(info.module_path, {}).setdefault(graph, []).append(_region(info))
             entry = modules.get(info.module_path)
             if entry is None:
                 entry = modules[info.module_path] = _entry(info, node, fingerprints.get(info.module_path))
@@ -49,6 +51,9 @@ def record_plan(graphs: dict[str, fx.GraphModule], recipe, model: str, fingerpri
             _collect_tensors(entry, gm, node, act_scale_key(graph, site))
         for obs_node, _, linears in observed_groups(gm):
             _collect_transform(modules[linears[0].meta["qvla"].module_path], obs_node.meta.get(TRANSFORM))
+    for path, per_graph in regions.items():  # a weight shared by a backbone and an action-head pass (EO1's LM)
+        if {r for sites in per_graph.values() for r in sites} != {modules[path].region}:
+            modules[path].extra["site_regions"] = per_graph
     recipe_json = json.loads(json.dumps(dataclasses.asdict(recipe), default=str))
     bounds = step_bounds.tolist() if step_bounds is not None else None
     return QuantPlan(model, recipe_json, modules, step_bounds=bounds)
@@ -62,8 +67,12 @@ def _entry(info: LinearInfo, node: fx.Node, fingerprint) -> ModulePlan:
         extra["out_scale"] = list(info.out_scale)
     if fingerprint is not None:
         extra["fingerprint"] = fingerprint
-    return ModulePlan(info.module_path, info.region.value if info.region else "backbone", info.role.value,
+    return ModulePlan(info.module_path, _region(info), info.role.value,
                       info.in_features, info.out_features, info.spec, (), {}, extra)
+
+
+def _region(info: LinearInfo) -> str:
+    return info.region.value if info.region else "backbone"
 
 
 def _collect_tensors(entry: ModulePlan, gm: fx.GraphModule, node: fx.Node, act_key: str) -> None:
