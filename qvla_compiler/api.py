@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from qvla_compiler import calibration, pipeline
-from qvla_compiler.errors import ArtifactError, CalibrationError
+from qvla_compiler.errors import ArtifactError, CalibrationError, ShapeError
 from qvla_compiler.calibration import check_batches
 from qvla_compiler.export import OBS_KEYS, capture_module, capture_policy, widen_batch
 from qvla_compiler.models.sampling import FlowSchedule
@@ -128,16 +128,36 @@ class LoadedProgram:
 
 
 def _runnable(module: nn.Module, compiled: bool | None) -> nn.Module:
-    """`module` as is (compiled=False, or None under QVLA_COMPILE=0), or compiled lazily with one shared fallback."""
+    """`module` as is (compiled=False, or None under QVLA_COMPILE=0), or compiled lazily with one shared fallback;
+    a plain module's program names a mismatching input (_NamedInputErrors)."""
     from qvla_compiler.kernels.inductor import Fallback, LazyCompiled, compile_by_default
 
     if not (compile_by_default() if compiled is None else compiled):
-        return module
+        return module if isinstance(module, PolicyProgram) else _NamedInputErrors(module)
     fallback = Fallback()
     if isinstance(module, PolicyProgram):
         return PolicyProgram(LazyCompiled(module.prefix, fallback), LazyCompiled(module.denoise, fallback),
                              module.schedule)
-    return LazyCompiled(module, fallback)
+    return _NamedInputErrors(LazyCompiled(module, fallback))
+
+
+class _NamedInputErrors(nn.Module):
+    """Runs a plain module's program. torch.export's input guards fail with a bare AssertionError ('Guard failed:
+    x.size()[0] == 2'); that becomes a ShapeError saying what the program takes."""
+
+    def __init__(self, program: nn.Module):
+        super().__init__()
+        self.program = program
+
+    def forward(self, *args, **kwargs):
+        try:
+            return self.program(*args, **kwargs)
+        except AssertionError as err:
+            if "Guard failed" not in str(err):
+                raise
+            raise ShapeError(f"the inputs do not fit the program ({err}); it takes inputs shaped like the example "
+                             "it was captured with, and a module captured at a fixed batch (FixedBatchWarning in its "
+                             "report) takes that batch only") from err
 
 
 def quantize(module: nn.Module, example_inputs: Any, calib: Iterable | Any = None,

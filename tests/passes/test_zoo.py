@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from qvla_compiler.errors import ArtifactError, RecipeError
+from qvla_compiler.errors import ArtifactError, RecipeError, ShapeError
 from qvla_compiler.export import INPUTS_KEY, FixedBatchWarning, InputRoleError, capture_module
 from qvla_compiler.meta import Region, Role
 from qvla_compiler.passes import _graph as g
@@ -336,9 +336,15 @@ class BatchAtDimOne(nn.Module):
         return x_t + self.down(torch.relu(self.up(x_t + pos.float().mean(0)[..., None])))
 
 
-def test_a_module_fixed_at_its_example_batch_says_so():
+def test_a_module_fixed_at_its_example_batch_says_so(tmp_path):
     args = (_x(), torch.arange(T).expand(3, B, T).contiguous())
     with pytest.warns(FixedBatchWarning, match=rf"batch \({B}\).*takes batch {B} only.*Constraints violated"):
         qp = qvla_compiler.quantize(BatchAtDimOne().eval(), args, [args], "w8a8", layout="all", progress=False,
                                     input_roles={"pos": "input"})
     assert any("takes batch" in w for w in qp.report.warnings)
+    other = (torch.randn(B + 1, T, W), torch.arange(T).expand(3, B + 1, T).contiguous())
+    loaded = qvla_compiler.load(qp.save(tmp_path / "fixed.pt2")).module(compiled=False)
+    for program in (qp.module(compiled=False), loaded):  # a named error, not torch's bare AssertionError
+        with pytest.raises(ShapeError, match=rf"Guard failed.*fixed batch"):
+            program(*other)
+    assert torch.equal(loaded(*args), qp.module(compiled=False)(*args))
