@@ -111,11 +111,11 @@ def capture_module(module: nn.Module, args: Sequence[Any], input_roles: Mapping[
         gm = capture(args, None, roles=roles)
         from qvla_compiler.passes._graph import warn  # passes import us
 
-        batch = torch.utils._pytree.tree_leaves(args)[0].shape[0]
+        batch, lines = torch.utils._pytree.tree_leaves(args)[0].shape[0], str(err).splitlines()
+        why = next((line.strip() for line in lines if "cause:" in line), lines[0])
         warn(gm, f"qvla: {type(module).__name__} exports only at the example's batch ({batch}), so the program "
                  f"takes batch {batch} only (another batch fails torch's input guard). Why the batch could not be "
-                 f"dynamic: {next((ln.strip() for ln in str(err).splitlines() if 'cause:' in ln), str(err).splitlines()[0])}",
-             FixedBatchWarning)
+                 f"dynamic: {why}", FixedBatchWarning)
     return {"forward": gm}
 
 

@@ -29,7 +29,8 @@ def apply_plan(gm: fx.GraphModule, plan: QuantPlan, graph: str) -> fx.GraphModul
     for node in linears:
         entry = plan.modules[node.meta["qvla"].module_path]
         site = sites[entry.module_path] = sites.get(entry.module_path, -1) + 1
-        region = entry.extra.get("site_regions", {}).get(graph, [entry.region] * (site + 1))[site]
+        per_site = entry.extra.get("site_regions", {}).get(graph)  # only where a shared weight's sites differ
+        region = per_site[site] if per_site else entry.region
         if node.args[1].op == "get_attr":  # a weight computed in the graph has no fixed value to compare
             check_fingerprint(entry, _fetch(gm, node.args[1]), f"graph {graph!r}")
         out_scale = entry.extra.get("out_scale")

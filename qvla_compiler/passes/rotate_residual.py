@@ -8,13 +8,14 @@ After:  every stream value carries x·Qᵀ (Q = H_d orthonormal, hadamard.py): w
         (the final norm returned, vlln's LayerNorm) one online qvla::hadamard(·, H_mᵀ) un-rotates it.
 Invariant: exact in real arithmetic; ops outside a folded stream see the values they saw before.
 
-A stream is grown from an RMS norm's input (pow(x, 2) → mean over channels, or a fused rms_norm) along the ops that commute with Q — sums,
-casts, observers, row cat/slice/select, scaling by a number or a per-token [..., 1] tensor — and ends at entries
-(linear outputs, embedding lookups), readers (linears, or a constant per-channel gain whose consumers are all linears),
-invariant reads (the pow → mean, dtype/shape checks) and exits (anything else). A stream with an entry that is none of
-these (a gated residual `attn · gate`, a placeholder) is not folded, nor one without a quantized reader. So it covers
-the language-model backbones of pi05 and groot; LayerNorm streams (the SigLIP tower: mean-centring does not commute
-with Q) and AdaLN/adaRMS action heads (time-modulated gains and gated residuals) keep the per-input Hadamard pair.
+A stream is grown from an RMS norm's input (pow(x, 2) → mean over channels, or a fused rms_norm) along the ops that
+commute with Q — sums, casts, observers, row cat/slice/select, scaling by a number or a per-token [..., 1] tensor, a
+fused rms_norm without a gain — and ends at entries (linear outputs, embedding lookups), readers (linears, or a
+constant per-channel gain whose consumers are all linears), invariant reads (the pow → mean, dtype/shape checks) and
+exits (anything else). A stream with an entry that is none of these (a gated residual `attn · gate`, a placeholder) is
+not folded, nor one without a quantized reader. So it covers the language-model backbones of pi05 and groot; LayerNorm
+streams (the SigLIP tower: mean-centring does not commute with Q) and AdaLN/adaRMS action heads (time-modulated gains
+and gated residuals) keep the per-input Hadamard pair.
 Not done: random signs (Q = H·diag(±1) would need a sign flip beside each exit op), the per-head R2 fold into v_proj,
 linears that both read and write a stream (rejected).
 """
