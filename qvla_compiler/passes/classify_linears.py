@@ -3,17 +3,17 @@
 Before: aten.linear nodes with no qvla annotation.
 After:  every aten.linear carries LinearInfo(role, block, heads, head_dim, mlp_part); the graph is unchanged.
 How:    attention cores are found first, in both forms: fused (SDPA, flex_attention), and matmul → scale/mask →
-        softmax → matmul.
-        Walking back from a core's q/k/v operands (through RoPE, q/k-norm, GQA repeats, KV concatenation, splits)
-        reaches the projections; walking forward from its output through reshapes (and sums of attention outputs:
-        one query serving two cores, as Wan I2V / IP-Adapter, is one block) reaches o_proj. Matmul-like
-        ops (matmul, bmm, baddbmm, two-operand einsum) and pointwise masking (scale, add, where, masked_fill) are
-        tables in _graph. An MLP block is a down projection whose input is a pointwise function of up projections
-        only, and whose output (possibly gated, or summed with other branches such as parallel attention or
-        routed experts) is added back onto the residual stream the up projections read; experts stacked in one
-        weight (canonicalize_linears: one linear per expert) form one block whose downs all read the stack of ups.
-        Up projections concatenated beside an attention output into one output projection (Flux's single-stream
-        blocks) are MLP; that projection stays attn_o in no attention block. Everything else is `other`.
+        softmax → matmul. Walking back from a core's q/k/v operands (through RoPE, q/k-norm, GQA repeats, KV
+        concatenation, splits) reaches the projections; walking forward from its output through reshapes (and
+        sums of attention outputs: one query serving two cores, as Wan I2V / IP-Adapter, is one block) reaches
+        o_proj. Matmul-like ops (matmul, bmm, baddbmm, two-operand einsum) and pointwise masking (scale, add,
+        where, masked_fill) are tables in _graph. An MLP block is a down projection whose input is a pointwise
+        function (a norm over the channels allowed) of up projections only, and whose output (possibly gated,
+        or summed with other branches such as parallel attention or routed experts) is added back onto the
+        residual stream the up projections read; experts stacked in one weight (canonicalize_linears: one
+        linear per expert) form one block whose downs all read the stack of ups. Up projections concatenated
+        beside an attention output into one output projection (Flux's single-stream blocks) are MLP; that
+        projection stays attn_o in no attention block. Everything else is `other`.
 Expects a functional graph (run normalize_graph first: in-place ops would hide the dataflow).
 Invariant: module names are never read, except through the recipe's explicit role overrides.
 """
@@ -29,6 +29,7 @@ from qvla_compiler.passes import _graph as g
 # gates, branch sums (experts' sum over their stack too), experts picked per token by where, and the residual add
 _RESIDUAL_PATH = g.LAYOUT_OPS | {g.aten.mul.Tensor, g.aten.sum.dim_IntList, g.aten.where.self} | g.ADD_OPS
 _VIEWS = g.LAYOUT_OPS | {g.operator.getitem}
+_ROW_NORMS = frozenset({g.aten.layer_norm.default, g.aten.rms_norm.default})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +106,8 @@ def _annotate_attention(core: AttentionCore, block: int, outs: set[fx.Node]) -> 
             final = Role.ATTN_QKV if lin in fused else Role.ATTN_KV if lin in fused_kv else role
             update(lin, role=final, block=block, head_dim=head_dim, heads=lin.meta["qvla"].out_features // head_dim)
 
-    def to_output(node: fx.Node) -> bool:  # reshapes, and sums of attention outputs only
-        return _passable(g.LAYOUT_OPS)(node) or node.target in g.ADD_OPS and all(
+    def to_output(node: fx.Node) -> bool:  # reshapes, a sub-LN norm, and sums of attention outputs only
+        return _passable(g.LAYOUT_OPS)(node) or _row_norm(node) or node.target in g.ADD_OPS and all(
             _unviewed(a) in outs for a in node.args if isinstance(a, fx.Node))
 
     for lin in g.consumers(core.out, to_output):
@@ -138,7 +139,7 @@ def _annotate_mlp(down: fx.Node, block: int) -> int | None:
     """Annotate `down` and its up projections as MLP block `block`, or as a further down projection of the block
     its ups already form (experts stacked in one weight: every expert's down reads the stack of all ups). Returns the
     block, or None when `down` is not an MLP's down projection."""
-    ups, blocked = g.producers(down.args[0], _elementwise)
+    ups, blocked = g.producers(down.args[0], _per_token)
     if not ups or any(not g.is_constant(b) for b in blocked) or len({_viewed(u.args[0]) for u in ups}) != 1:
         return None
     owners = {(u.meta["qvla"].role, u.meta["qvla"].mlp_part, u.meta["qvla"].block) for u in ups}
@@ -206,6 +207,17 @@ def _is_matmul(node: fx.Node) -> bool:
 
 def _elementwise(node: fx.Node) -> bool:
     return g.is_pointwise(node) or g.op_in(g.LAYOUT_OPS)(node)
+
+
+def _per_token(node: fx.Node) -> bool:
+    """Pointwise, or a fused norm over the channel dim: an MLP's hidden activation (or an attention output) may be
+    normalised before the down (output) projection: timm's Mlp(norm_layer=…), EVA-02's SwiGLU, sub-LN."""
+    return _elementwise(node) or _row_norm(node)
+
+
+def _row_norm(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _ROW_NORMS and isinstance(node.args[0], fx.Node) \
+        and list(node.args[1]) == [node.args[0].meta["val"].shape[-1]]
 
 
 def _module_path(node: fx.Node, prefix: str) -> str:

@@ -163,6 +163,50 @@ def test_experts_picked_by_where_are_mlp():
     assert {n.meta["qvla"].role for n in g.linear_nodes(gm)} == {Role.MLP}
 
 
+class NormedHiddenMLP(torch.nn.Module):
+    """timm's Mlp(norm_layer=nn.LayerNorm) and EVA-02's SwiGLU with its ffn LayerNorm (sub-LN): a norm between the
+    up and the down projection. Both were `other`, float under quantvla."""
+
+    def __init__(self, d=32, h=64):
+        super().__init__()
+        self.norm1, self.norm2 = torch.nn.LayerNorm(d), torch.nn.RMSNorm(d)
+        self.fc1, self.hidden_norm, self.fc2 = torch.nn.Linear(d, h), torch.nn.LayerNorm(h), torch.nn.Linear(h, d)
+        self.w1, self.w2 = torch.nn.Linear(d, h), torch.nn.Linear(d, h)
+        self.ffn_ln, self.w3 = torch.nn.RMSNorm(h), torch.nn.Linear(h, d)
+
+    def forward(self, x):
+        x = x + self.fc2(self.hidden_norm(torch.nn.functional.gelu(self.fc1(self.norm1(x)))))
+        h = self.norm2(x)
+        return x + self.w3(self.ffn_ln(torch.nn.functional.silu(self.w1(h)) * self.w2(h)))
+
+
+def test_an_mlp_with_a_norm_before_its_down_projection_is_an_mlp():
+    gm = capture_module(NormedHiddenMLP().eval(), (torch.randn(2, 5, 32),))["forward"]
+    classify_linears(gm)
+    got = {n.meta["qvla"].module_path: (n.meta["qvla"].role, n.meta["qvla"].mlp_part, n.meta["qvla"].block)
+           for n in g.linear_nodes(gm)}
+    assert got == {"fc1": (Role.MLP, "up", 0), "fc2": (Role.MLP, "down", 0), "w1": (Role.MLP, "up", 1),
+                   "w2": (Role.MLP, "up", 1), "w3": (Role.MLP, "down", 1)}
+
+
+def test_an_attention_output_normalised_before_its_projection_is_attn_o():
+    """Sub-LN (Magneto, BitNet; timm's `attn.norm` before `proj`): the norm hid the output projection."""
+    class SubLN(torch.nn.Module):
+        def __init__(self, d=32):
+            super().__init__()
+            self.qkv, self.norm, self.proj = torch.nn.Linear(d, 3 * d), torch.nn.LayerNorm(d), torch.nn.Linear(d, d)
+
+        def forward(self, x):
+            q, k, v = (z.unflatten(-1, (4, 8)).transpose(1, 2) for z in self.qkv(x).chunk(3, -1))
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+            return x + self.proj(self.norm(a))
+
+    gm = capture_module(SubLN().eval(), (torch.randn(2, 5, 32),))["forward"]
+    classify_linears(gm)
+    assert [(n.meta["qvla"].role, n.meta["qvla"].block) for n in g.linear_nodes(gm)] == [(Role.ATTN_QKV, 0),
+                                                                                         (Role.ATTN_O, 0)]
+
+
 def test_an_output_projection_shared_with_an_mlp_is_in_no_attention_block():
     """Flux's single-stream block (zoo: single_stream_block): OHB's β must not scale the MLP half of proj_out."""
     blocks = _blocks(zm.SingleStreamBlock(), (torch.randn(2, 5, 32), torch.randn(2, 32)), {"t_emb": "time"})
