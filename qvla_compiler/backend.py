@@ -7,7 +7,8 @@ the planned model). The graph is then captured like any module — torch.export 
 constants, the same canonical passes — and the plan is applied by `pipeline.apply`, the one path every program is
 built by: layout, rotations and smoothing, integer weights, ATM/OHB, for every recipe. The lowered graph goes to
 Inductor (`compile_fx`) with the qvla:: ops' CPU decompositions registered (kernels/inductor.py), so they fuse with
-their neighbours as in `compile_program`. Run it under `torch.no_grad()`.
+their neighbours as in `compile_program`. Run it under `torch.no_grad()`. When Dynamo makes sizes symbolic (its second
+batch size, or dynamic=True), the backend builds one program per concrete shape at its first call.
 
 Example::
 
@@ -66,6 +67,23 @@ class QvlaBackend:
         self.graph_modules: list[fx.GraphModule] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[torch.Tensor]):
+        if any(isinstance(v, torch.SymInt) for v in example_inputs):  # Dynamo made sizes symbolic (a 2nd batch)
+            return self._per_shape(gm)
+        return self._compile(gm, example_inputs)
+
+    def _per_shape(self, gm: fx.GraphModule):
+        """A Dynamo graph with symbolic sizes: one integer program per concrete shape, built at its first call (as
+        torch.compile(dynamic=False) would recompile), since capture and the plan's static scales need real sizes."""
+        programs = {}
+
+        def run(*args):
+            key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+            if key not in programs:
+                programs[key] = self._compile(gm, list(args))
+            return programs[key](*args)
+        return run
+
+    def _compile(self, gm: fx.GraphModule, example_inputs: list):
         captured = capture_dynamo_graph(gm, example_inputs, self.plan)
         match = GraphMatch(len(self.graphs), len(captured.linears), unmatched=captured.unmatched)
         self.graphs.append(match)

@@ -164,3 +164,22 @@ def test_a_graph_inductor_cannot_compile_runs_the_integer_graph_eagerly_with_a_w
     with pytest.warns(RuntimeWarning, match="Inductor could not compile"), torch.no_grad():
         got = torch.compile(module, backend=be)(*args)
     assert torch.equal(got, qp.module(compiled=False)(*args))
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_a_second_batch_size_compiles_again_instead_of_failing(dynamic):
+    """torch.compile's default makes the batch symbolic on the second batch size (and dynamic=True on the first):
+    Dynamo then passes SymInt inputs, which the capture took for tensors ('Unsupported input type torch.SymInt').
+    The backend now builds one program per concrete shape, each equal to the quantized program at that batch."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).eval()
+    qp = qvla_compiler.quantize(module, (torch.randn(2, 5, 16),), [(torch.randn(2, 5, 16),)], "w8a8", layout="all",
+                                progress=False)
+    be = qvla_compiler.backend(plan=qp.quant_plan, inductor=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend=be, dynamic=dynamic)
+    for batch in (2, 3, 1):
+        x = torch.randn(batch, 5, 16)
+        with torch.no_grad():
+            assert torch.equal(compiled(x), qp.module(compiled=False)(x))
+    assert all(len(m.quantized) == 2 for m in be.graphs)

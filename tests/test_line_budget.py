@@ -36,8 +36,9 @@ MAX_FILE_LINES = 400
 # 15,255 for three more from EO1 / Wall-X: a prefix's K/V taking a later block, experts picked by where, and a
 # fixed-batch capture that said nothing; 15,265 for the region of each call site of a shared weight in the plan;
 # 15,285 for a ShapeError where a plain module's program met an input its guards refuse (a bare AssertionError);
-# 15,300 for MLPs and attention outputs normalised before their projection (timm, EVA-02, sub-LN; §9e open item).
-MAX_TOTAL_LINES = 15_300
+# 15,300 for MLPs and attention outputs normalised before their projection (timm, EVA-02, sub-LN; §9e open item);
+# 15,320 for the backend under Dynamo's symbolic sizes (torch.compile failed on every model's second batch size).
+MAX_TOTAL_LINES = 15_320
 
 
 def _line_counts() -> dict[str, int]:
