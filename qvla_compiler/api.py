@@ -143,21 +143,27 @@ def _runnable(module: nn.Module, compiled: bool | None) -> nn.Module:
 
 class _NamedInputErrors(nn.Module):
     """Runs a plain module's program. torch.export's input guards fail with a bare AssertionError ('Guard failed:
-    x.size()[0] == 2'); that becomes a ShapeError saying what the program takes."""
+    x.size()[0] == 2') or RuntimeError ('Runtime assertion failed for expression u0 >= 512'); that becomes a
+    ShapeError saying what the program takes."""
 
     def __init__(self, program: nn.Module):
         super().__init__()
         self.program = program
 
+    def __getattr__(self, name: str):  # the program's own attributes (`.graph`, `.code`) read through
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.program, name)
+
     def forward(self, *args, **kwargs):
         try:
             return self.program(*args, **kwargs)
-        except AssertionError as err:
-            if "Guard failed" not in str(err):
+        except (AssertionError, RuntimeError) as err:  # a guard, or a size bound export derived from the example
+            if "Guard failed" not in str(err) and "Runtime assertion failed" not in str(err):
                 raise
             raise ShapeError(f"the inputs do not fit the program ({err}); it takes inputs shaped like the example "
-                             "it was captured with, and a module captured at a fixed batch (FixedBatchWarning in its "
-                             "report) takes that batch only") from err
+                             "it was captured with; a FixedBatchWarning in its report says which batch it takes") from err
 
 
 def quantize(module: nn.Module, example_inputs: Any, calib: Iterable | Any = None,

@@ -105,6 +105,8 @@ def capture_module(module: nn.Module, args: Sequence[Any], input_roles: Mapping[
     shapes = leading_batch(args) if dynamic_batch else None
     try:  # any batch, like a policy's graphs; a module that fixes its batch (a reshape to 2) keeps the example's
         gm = capture(args, shapes, roles=roles)
+        if shapes is not None:
+            _check_batch_one(gm, args, module)
     except ExportError as err:
         if shapes is None:
             raise
@@ -120,7 +122,26 @@ def capture_module(module: nn.Module, args: Sequence[Any], input_roles: Mapping[
 
 
 class FixedBatchWarning(UserWarning):
-    """A module's batch could not be made dynamic in capture: its program runs at the example's batch only."""
+    """A module's batch could not be made dynamic in capture: its program runs at the example's batch only (or, with
+    a dynamic batch, not at batch 1)."""
+
+
+def _check_batch_one(gm: fx.GraphModule, args: tuple, module: nn.Module) -> None:
+    """torch.export can bound a size computed from the batch by the example's (a boolean-mask gather, as VLMs merge
+    image features: 'Runtime assertion failed for expression u0 >= 512'); the program then fails at batch 1, the usual
+    robot batch. Run the float graph there once and say so."""
+    size = torch.utils._pytree.tree_leaves(args)[0].shape[0]
+    one = torch.utils._pytree.tree_map(
+        lambda t: t[:1] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == size else t, args)
+    try:
+        with torch.no_grad():
+            gm(*one)
+    except (RuntimeError, AssertionError) as err:
+        from qvla_compiler.passes._graph import warn  # passes import us
+
+        warn(gm, f"qvla: {type(module).__name__}'s program fails at batch 1 ({str(err).splitlines()[0][:200]}): "
+                 f"torch.export bounded a size by the example's batch ({size}); to run batch 1, capture with a batch-1 "
+                 "example", FixedBatchWarning)
 
 
 def leading_batch(args: tuple):

@@ -37,8 +37,9 @@ MAX_FILE_LINES = 400
 # fixed-batch capture that said nothing; 15,265 for the region of each call site of a shared weight in the plan;
 # 15,285 for a ShapeError where a plain module's program met an input its guards refuse (a bare AssertionError);
 # 15,300 for MLPs and attention outputs normalised before their projection (timm, EVA-02, sub-LN; §9e open item);
-# 15,320 for the backend under Dynamo's symbolic sizes (torch.compile failed on every model's second batch size).
-MAX_TOTAL_LINES = 15_320
+# 15,320 for the backend under Dynamo's symbolic sizes (torch.compile failed on every model's second batch size);
+# 15,345 for modules whose program export bounded away from batch 1 (VLM feature merges): a warning, a ShapeError.
+MAX_TOTAL_LINES = 15_345
 
 
 def _line_counts() -> dict[str, int]:

@@ -345,6 +345,37 @@ def test_a_module_fixed_at_its_example_batch_says_so(tmp_path):
     other = (torch.randn(B + 1, T, W), torch.arange(T).expand(3, B + 1, T).contiguous())
     loaded = qvla_compiler.load(qp.save(tmp_path / "fixed.pt2")).module(compiled=False)
     for program in (qp.module(compiled=False), loaded):  # a named error, not torch's bare AssertionError
-        with pytest.raises(ShapeError, match=rf"Guard failed.*fixed batch"):
+        with pytest.raises(ShapeError, match="Guard failed.*FixedBatchWarning"):
             program(*other)
     assert torch.equal(loaded(*args), qp.module(compiled=False)(*args))
+
+
+class MaskedScatterMerge(nn.Module):
+    """Image features written into the text embeddings at placeholder tokens (masked_scatter with a numel check, as
+    transformers' VLMs merge them): torch.export bounds the gathered count by the example's batch, so the program
+    failed at batch 1 with a bare RuntimeError and no warning."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.vis, self.lm = nn.Embedding(64, W), nn.Linear(12, W), nn.Linear(W, W)
+
+    def forward(self, input_ids, pixel_values):
+        x, f = self.emb(input_ids), self.vis(pixel_values)
+        mask = (input_ids == 7).unsqueeze(-1).expand_as(x)
+        torch._check(x[mask].numel() == f.numel())
+        return self.lm(x.masked_scatter(mask, f))
+
+
+def test_a_program_that_cannot_run_batch_1_says_so_and_names_the_error():
+    def inputs(batch):
+        ids = torch.randint(8, 64, (batch, 10))
+        ids[:, :4] = 7
+        return ids, torch.randn(batch, 4, 12)
+
+    with pytest.warns(FixedBatchWarning, match="fails at batch 1.*Runtime assertion failed"):
+        qp = qvla_compiler.quantize(MaskedScatterMerge().eval(), inputs(2), [inputs(2)], "w8a8", layout="all",
+                                    progress=False, input_roles={"input_ids": "text", "pixel_values": "image"})
+    program = qp.module(compiled=False)
+    assert program(*inputs(3)).shape == (3, 10, W)
+    with pytest.raises(ShapeError, match="Runtime assertion failed"):
+        program(*inputs(1))
