@@ -103,21 +103,25 @@ def capture_module(module: nn.Module, args: Sequence[Any], input_roles: Mapping[
     args, capture = tuple(args), functools.partial(export_graph, module, what="forward", prefix="", canonical=canonical)
     roles = input_roles_of(module, args, input_roles or {})
     shapes = leading_batch(args) if dynamic_batch else None
+    leaves = [t for t in torch.utils._pytree.tree_leaves(args) if isinstance(t, torch.Tensor) and t.dim()]
+    size = leaves[0].shape[0] if leaves else None
     try:  # any batch, like a policy's graphs; a module that fixes its batch (a reshape to 2) keeps the example's
         gm = capture(args, shapes, roles=roles)
-        if shapes is not None:
-            _check_batch_one(gm, args, module)
     except ExportError as err:
         if shapes is None:
             raise
-        gm = capture(args, None, roles=roles)
-        from qvla_compiler.passes._graph import warn  # passes import us
-
-        batch, lines = torch.utils._pytree.tree_leaves(args)[0].shape[0], str(err).splitlines()
+        gm, lines = capture(args, None, roles=roles), str(err).splitlines()
         why = next((line.strip() for line in lines if "cause:" in line), lines[0])
-        warn(gm, f"qvla: {type(module).__name__} exports only at the example's batch ({batch}), so the program "
-                 f"takes batch {batch} only (another batch fails torch's input guard). Why the batch could not be "
-                 f"dynamic: {why}", FixedBatchWarning)
+        _fixed_batch(gm, f"qvla: {type(module).__name__} exports only at the example's batch ({size}), so the "
+                         f"program takes batch {size} only (another batch fails torch's input guard). Why the batch "
+                         f"could not be dynamic: {why}")
+        return {"forward": gm}
+    if shapes is not None:
+        _check_batch_one(gm, args, module, size)
+    elif dynamic_batch and size == 1:
+        _fixed_batch(gm, f"qvla: {type(module).__name__} has a batch-1 example, and torch.export specialises a size-1 "
+                         "dimension: the program takes batch 1 only; give an example with batch 2 or more to take any "
+                         "batch")
     return {"forward": gm}
 
 
@@ -126,22 +130,25 @@ class FixedBatchWarning(UserWarning):
     a dynamic batch, not at batch 1)."""
 
 
-def _check_batch_one(gm: fx.GraphModule, args: tuple, module: nn.Module) -> None:
+def _check_batch_one(gm: fx.GraphModule, args: tuple, module: nn.Module, size: int) -> None:
     """torch.export can bound a size computed from the batch by the example's (a boolean-mask gather, as VLMs merge
     image features: 'Runtime assertion failed for expression u0 >= 512'); the program then fails at batch 1, the usual
     robot batch. Run the float graph there once and say so."""
-    size = torch.utils._pytree.tree_leaves(args)[0].shape[0]
     one = torch.utils._pytree.tree_map(
         lambda t: t[:1] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == size else t, args)
     try:
         with torch.no_grad():
             gm(*one)
     except (RuntimeError, AssertionError) as err:
-        from qvla_compiler.passes._graph import warn  # passes import us
+        _fixed_batch(gm, f"qvla: {type(module).__name__}'s program fails at batch 1 ({str(err).splitlines()[0][:200]}): "
+                         f"torch.export bounded a size by the example's batch ({size}); to run batch 1, capture with a "
+                         "batch-1 example")
 
-        warn(gm, f"qvla: {type(module).__name__}'s program fails at batch 1 ({str(err).splitlines()[0][:200]}): "
-                 f"torch.export bounded a size by the example's batch ({size}); to run batch 1, capture with a batch-1 "
-                 "example", FixedBatchWarning)
+
+def _fixed_batch(gm: fx.GraphModule, message: str) -> None:
+    from qvla_compiler.passes._graph import warn  # passes import us
+
+    warn(gm, message, FixedBatchWarning)
 
 
 def leading_batch(args: tuple):

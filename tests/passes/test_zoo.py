@@ -366,6 +366,15 @@ class MaskedScatterMerge(nn.Module):
         return self.lm(x.masked_scatter(mask, f))
 
 
+def test_a_batch_1_example_gives_a_batch_1_program_and_says_so():
+    case = ZOO["qk_norm_rope"]
+    module, x = case.build().eval(), torch.randn(1, T, W)
+    with pytest.warns(FixedBatchWarning, match="batch-1 example.*takes batch 1 only"):
+        qp = qvla_compiler.quantize(module, (x,), [(x,)], "w8a8", layout="all", progress=False)
+    with pytest.raises(ShapeError, match="Guard failed"):
+        qp.module(compiled=False)(torch.randn(2, T, W))
+
+
 def test_a_program_that_cannot_run_batch_1_says_so_and_names_the_error():
     def inputs(batch):
         ids = torch.randint(8, 64, (batch, 10))
