@@ -350,6 +350,15 @@ def test_a_module_fixed_at_its_example_batch_says_so(tmp_path):
     assert torch.equal(loaded(*args), qp.module(compiled=False)(*args))
 
 
+def test_a_batch_1_example_gives_a_batch_1_program_and_says_so():
+    case = ZOO["qk_norm_rope"]
+    module, x = case.build().eval(), torch.randn(1, T, W)
+    with pytest.warns(FixedBatchWarning, match="batch-1 example.*takes batch 1 only"):
+        qp = qvla_compiler.quantize(module, (x,), [(x,)], "w8a8", layout="all", progress=False)
+    with pytest.raises(ShapeError, match="Guard failed"):
+        qp.module(compiled=False)(torch.randn(2, T, W))
+
+
 class MaskedScatterMerge(nn.Module):
     """Image features written into the text embeddings at placeholder tokens (masked_scatter with a numel check, as
     transformers' VLMs merge them): torch.export bounds the gathered count by the example's batch, so the program
@@ -364,15 +373,6 @@ class MaskedScatterMerge(nn.Module):
         mask = (input_ids == 7).unsqueeze(-1).expand_as(x)
         torch._check(x[mask].numel() == f.numel())
         return self.lm(x.masked_scatter(mask, f))
-
-
-def test_a_batch_1_example_gives_a_batch_1_program_and_says_so():
-    case = ZOO["qk_norm_rope"]
-    module, x = case.build().eval(), torch.randn(1, T, W)
-    with pytest.warns(FixedBatchWarning, match="batch-1 example.*takes batch 1 only"):
-        qp = qvla_compiler.quantize(module, (x,), [(x,)], "w8a8", layout="all", progress=False)
-    with pytest.raises(ShapeError, match="Guard failed"):
-        qp.module(compiled=False)(torch.randn(2, T, W))
 
 
 def test_a_program_that_cannot_run_batch_1_says_so_and_names_the_error():
