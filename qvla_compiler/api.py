@@ -314,7 +314,8 @@ def load(path: str | os.PathLike, *, trust: bool = False) -> LoadedProgram:
     """
     path = Path(path)
     if not path.is_file():
-        raise ArtifactError(f"no program at {path}; write one with `qvla quantize --out {path}`")
+        what = "is a directory, not a .pt2 file" if path.is_dir() else "does not exist"
+        raise ArtifactError(f"no program at {path} (it {what}); write one with `qvla quantize --out <file>.pt2`")
     from qvla_compiler.artifact import read_archive  # torch's serde imports dynamo: ~2 s, only when used
 
     runners = _aoti_runners(path, trust)
