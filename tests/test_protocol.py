@@ -124,6 +124,8 @@ def test_layout_that_quantizes_nothing_warns_in_summary_and_json():
     assert "quantized 0 of 2 linears" in warnings[0] and "no attention or MLP block" in warnings[1]
     again = Report.from_json(qp.report.to_json())
     assert again.warnings == qp.report.warnings and again.linears == qp.report.linears
+    everything = qvla_compiler.quantize(Plain(), (x,), [(x,)], recipe="w8a8", layout="all", progress=False)
+    assert everything.report.int_linears == 2 and not everything.report.warnings  # roles decide nothing there
 
 
 def test_report_json_without_the_newer_fields_still_loads():

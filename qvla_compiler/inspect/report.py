@@ -185,7 +185,7 @@ def collect_warnings(rows, layout: str, is_policy: bool, captured: Iterable[str]
                    "regions and roles in the report rows, or try layout='all'")
     for graph in dict.fromkeys(r.graph for r in rows):
         roles = {r.role for r in rows if r.graph == graph}
-        if roles == {"other"}:
+        if roles == {"other"} and layout != "all":  # under 'all' roles decide nothing
             out.append(f"graph {graph!r} has linears but no attention or MLP block was recognised, so every one "
                        "is role 'other' (float under the quantvla/strict layouts); name them with "
                        "QuantRecipe(role_overrides=...) or use layout='all'")
