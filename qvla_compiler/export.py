@@ -102,9 +102,7 @@ def capture_module(module: nn.Module, args: Sequence[Any], input_roles: Mapping[
     """
     args, capture = tuple(args), functools.partial(export_graph, module, what="forward", prefix="", canonical=canonical)
     roles = input_roles_of(module, args, input_roles or {})
-    shapes = leading_batch(args) if dynamic_batch else None
-    leaves = [t for t in torch.utils._pytree.tree_leaves(args) if isinstance(t, torch.Tensor) and t.dim()]
-    size = leaves[0].shape[0] if leaves else None
+    shapes, size = leading_batch(args) if dynamic_batch else None, _leading_size(args)
     try:  # any batch, like a policy's graphs; a module that fixes its batch (a reshape to 2) keeps the example's
         gm = capture(args, shapes, roles=roles)
     except ExportError as err:
@@ -154,12 +152,18 @@ def _fixed_batch(gm: fx.GraphModule, message: str) -> None:
 def leading_batch(args: tuple):
     """dynamic_shapes marking dim 0 of every tensor as the batch where it has the first tensor's leading size (>= 2:
     export specialises a size-1 dimension), or None."""
-    leaves = [t for t in torch.utils._pytree.tree_leaves(args) if isinstance(t, torch.Tensor) and t.dim()]
-    if not leaves or leaves[0].shape[0] < 2:
+    size = _leading_size(args)
+    if size is None or size < 2:
         return None
-    size, batch = leaves[0].shape[0], _batch_dim()
+    batch = _batch_dim()
     return torch.utils._pytree.tree_map(
         lambda t: {0: batch} if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == size else None, args)
+
+
+def _leading_size(args: tuple) -> int | None:
+    """Dim 0 of the first tensor (of rank ≥ 1) among `args`' leaves: the example's batch."""
+    return next((t.shape[0] for t in torch.utils._pytree.tree_leaves(args) if isinstance(t, torch.Tensor) and t.dim()),
+                None)
 
 
 def input_roles_of(module: nn.Module, args: tuple, given: Mapping[str, str]) -> tuple[str, ...]:

@@ -39,8 +39,9 @@ MAX_FILE_LINES = 400
 # 15,300 for MLPs and attention outputs normalised before their projection (timm, EVA-02, sub-LN; §9e open item);
 # 15,320 for the backend under Dynamo's symbolic sizes (torch.compile failed on every model's second batch size);
 # 15,350 for modules whose program export bounded away from batch 1 (VLM feature merges) or fixed at a batch-1
-# example: a warning, a ShapeError.
-MAX_TOTAL_LINES = 15_350
+# example: a warning, a ShapeError. 15,360 after the review: one channel-norm predicate in _graph and one
+# example-batch helper in export, each replacing two copies, with their docstrings.
+MAX_TOTAL_LINES = 15_360
 
 
 def _line_counts() -> dict[str, int]:

@@ -92,6 +92,15 @@ SHAPE_ONLY = frozenset({aten.zeros_like.default, aten.ones_like.default, aten.fu
                         aten.new_empty.default})
 
 
+CHANNEL_NORMS = frozenset({aten.layer_norm.default, aten.rms_norm.default})
+
+
+def normalises_channels(node: fx.Node, targets: frozenset = CHANNEL_NORMS) -> bool:
+    """A fused norm (one of `targets`) over its input's last dim only: a per-token function of the input."""
+    return (node.op == "call_function" and node.target in targets and isinstance(node.args[0], fx.Node)
+            and list(node.args[1]) == [node.args[0].meta["val"].shape[-1]])
+
+
 def inputs_of(node: fx.Node) -> list[fx.Node]:
     """The tensors whose values `node` reads: not the symbolic sizes of a dynamic batch (`view(h, [sym_size(x, 0),
     6, 128])`), not the dtype / shape donors of VALUE_OF_FIRST and SHAPE_ONLY ops."""

@@ -29,7 +29,6 @@ from qvla_compiler.passes import _graph as g
 # gates, branch sums (experts' sum over their stack too), experts picked per token by where, and the residual add
 _RESIDUAL_PATH = g.LAYOUT_OPS | {g.aten.mul.Tensor, g.aten.sum.dim_IntList, g.aten.where.self} | g.ADD_OPS
 _VIEWS = g.LAYOUT_OPS | {g.operator.getitem}
-_ROW_NORMS = frozenset({g.aten.layer_norm.default, g.aten.rms_norm.default})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +106,7 @@ def _annotate_attention(core: AttentionCore, block: int, outs: set[fx.Node]) -> 
             update(lin, role=final, block=block, head_dim=head_dim, heads=lin.meta["qvla"].out_features // head_dim)
 
     def to_output(node: fx.Node) -> bool:  # reshapes, a sub-LN norm, and sums of attention outputs only
-        return _passable(g.LAYOUT_OPS)(node) or _row_norm(node) or node.target in g.ADD_OPS and all(
+        return _passable(g.LAYOUT_OPS)(node) or g.normalises_channels(node) or node.target in g.ADD_OPS and all(
             _unviewed(a) in outs for a in node.args if isinstance(a, fx.Node))
 
     for lin in g.consumers(core.out, to_output):
@@ -212,12 +211,7 @@ def _elementwise(node: fx.Node) -> bool:
 def _per_token(node: fx.Node) -> bool:
     """Pointwise, or a fused norm over the channel dim: an MLP's hidden activation (or an attention output) may be
     normalised before the down (output) projection: timm's Mlp(norm_layer=…), EVA-02's SwiGLU, sub-LN."""
-    return _elementwise(node) or _row_norm(node)
-
-
-def _row_norm(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in _ROW_NORMS and isinstance(node.args[0], fx.Node) \
-        and list(node.args[1]) == [node.args[0].meta["val"].shape[-1]]
+    return _elementwise(node) or g.normalises_channels(node)
 
 
 def _module_path(node: fx.Node, prefix: str) -> str:

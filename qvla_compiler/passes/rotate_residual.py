@@ -45,6 +45,7 @@ _SUMS = frozenset({g.aten.add.Tensor, g.aten.sub.Tensor})
 _SCALES = frozenset({g.aten.mul.Tensor, g.aten.div.Tensor})
 _INVARIANT = frozenset({g.aten._assert_tensor_metadata.default, g.aten.sym_size.int})
 _MEANS = frozenset({g.aten.mean.dim, g.aten.sum.dim_IntList})
+_RMS_NORM = frozenset({g.aten.rms_norm.default})
 
 
 class StreamRole(str, enum.Enum):
@@ -136,8 +137,7 @@ def _rms_inputs(gm: fx.GraphModule) -> list[fx.Node]:
 def _fused_rms(node: fx.Node) -> bool:
     """aten.rms_norm(x, [d], w, eps) normalising over x's channel dim d: rms(x·Qᵀ) = rms(x), so it commutes with Q
     once its gain w is folded into the readers (a GAIN) or when it has none (a MEMBER)."""
-    return (_is(node, {g.aten.rms_norm.default}) and isinstance(node.args[0], fx.Node)
-            and list(node.args[1]) == [node.args[0].meta["val"].shape[-1]])
+    return g.normalises_channels(node, _RMS_NORM)
 
 
 def _sum_of_squares(node: fx.Node) -> bool:

@@ -46,6 +46,7 @@ def per_step_scales(values: torch.Tensor, weights: torch.Tensor, times: torch.Te
     (quantizers.mse_clip_scale). A bucket calibration never reached (fewer steps than the schedule) gets the scale
     of all values together."""
     buckets = bucket_of(times, bounds)
-    overall = mse_clip_scale(values, weights, qmax)
-    return torch.stack([mse_clip_scale(values[buckets == b], weights[buckets == b], qmax)
-                        if (buckets == b).any() else overall for b in range(bounds.numel() + 1)])
+    seen = set(buckets.unique().tolist())
+    overall = mse_clip_scale(values, weights, qmax) if len(seen) <= bounds.numel() else None  # only when needed
+    return torch.stack([mse_clip_scale(values[buckets == b], weights[buckets == b], qmax) if b in seen else overall
+                        for b in range(bounds.numel() + 1)])

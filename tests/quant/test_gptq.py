@@ -261,6 +261,7 @@ def test_observer_hessian_off_by_default_and_bit_identical():
         assert plain(x) is x and tracked(x) is x
     assert plain.hessian is None and plain.hessian_tokens == 0 and not plain.track_hessian
     assert torch.equal(plain.channel_absmax, tracked.channel_absmax) and torch.equal(plain.sample, tracked.sample)
+    assert len(plain.values) == len(tracked.values) == 2
     assert all(torch.equal(a, b) for pa, pb in zip(plain.values, tracked.values) for a, b in zip(pa[:2], pb[:2]))
     assert plain.calls == tracked.calls == 2
     with pytest.raises(CalibrationError, match="track_hessian"):
