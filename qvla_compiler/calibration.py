@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from qvla_compiler.errors import CalibrationError, RecipeError, ScheduleError
 from qvla_compiler.kernels.cpu_gemm import uncached_weights
+from qvla_compiler.kernels.ops import WEIGHT_BITS
 from qvla_compiler.meta import Region
 from qvla_compiler.passes import assign_regions, classify_linears
 from qvla_compiler.passes._attention_sites import attention_sites
@@ -246,7 +247,7 @@ def choose_weight_bits(program: Program, recipe, batches: list, *, progress: boo
     return recipe.with_(weight_bits=tuple(sorted(widths.items())))
 
 
-def measure_weight_sensitivity(program: Program, recipe, batch, widths=(4, 8), *, progress: bool = True):
+def measure_weight_sensitivity(program: Program, recipe, batch, widths=WEIGHT_BITS, *, progress: bool = True):
     """({module path: {width: action rel-L2}}, {module path: weight params}) for every linear the layout makes
     integer: the whole sampler's output error when only that linear's weight is rounded (RTN, the recipe's group
     size and clip) to each width, activations float. The weights are restored after each measurement."""

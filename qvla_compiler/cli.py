@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--recipe", help=f"one of {', '.join(RECIPES)} (default {DEFAULT_RECIPE}, or the plan's), "
                    "optionally with +options, e.g. quantvla-w4a8+gptq")
     q.add_argument("--layout", choices=sorted(LAYOUTS), help="override the recipe's layout")
-    q.add_argument("--bpw", type=float, help="with --layout auto: average weight bits per linear (4-16) to allocate "
+    q.add_argument("--bpw", type=float, help="with --layout auto: average weight bits per linear (2-16) to allocate "
                    "by each linear's measured action error")
     q.add_argument("--rotation", choices=ROTATIONS, help="override the recipe's rotation of integer-linear inputs")
     q.add_argument("--smooth", choices=SMOOTHINGS, help="override the recipe's smoothing (SmoothQuant or AWQ, folded)")
@@ -101,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default=DEFAULT_MODEL)
     c.add_argument("--recipe", default=DEFAULT_RECIPE)
     c.add_argument("--layout", choices=sorted(LAYOUTS))
-    c.add_argument("--bpw", type=float, help="with --layout auto: average weight bits per linear (4-16)")
+    c.add_argument("--bpw", type=float, help="with --layout auto: average weight bits per linear (2-16)")
     c.add_argument("--calib-steps", type=int, default=8)
     c.add_argument("--seed", type=int, default=0)
     _add_dtype(c)

@@ -6,6 +6,7 @@ import re
 from typing import Mapping
 
 from qvla_compiler.errors import RecipeError
+from qvla_compiler.kernels.ops import WEIGHT_BITS
 from qvla_compiler.meta import QuantSpec, Region, Role
 
 _ATTN = frozenset({Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.ATTN_O, Role.ATTN_QKV, Role.ATTN_KV})
@@ -71,12 +72,12 @@ class QuantRecipe:
     ohb_log_clip: float = 0.3  # |log β| <= this
     ohb_neutral: float = 0.03  # β = 1 when |log β| < this
     float_dtype: str = "fp32"  # "bf16": the float linears stored and run in bf16 (lowering.cast_float_linears)
-    bpw: float | None = None  # layout "auto": average weight bits over the candidate linears (>= 4; 16 = float)
-    weight_bits: tuple[tuple[str, int], ...] = ()  # module path → weight width (4, 8; 16 = float), set by "auto"
+    bpw: float | None = None  # layout "auto": average weight bits over the candidate linears (>= 2; 16 = float)
+    weight_bits: tuple[tuple[str, int], ...] = ()  # module path → weight width (2, 3, 4, 8; 16 = float), by "auto"
 
     def __post_init__(self):
         _require(self.layout in LAYOUTS, f"unknown layout {self.layout!r}; choose one of {sorted(LAYOUTS)}")
-        _require(self.w_bits in (4, 8), f"w_bits must be 4 or 8, got {self.w_bits}")
+        _require(self.w_bits in WEIGHT_BITS, f"w_bits must be one of {WEIGHT_BITS}, got {self.w_bits}")
         _require(self.a_bits in (4, 8), f"a_bits must be 4 or 8, got {self.a_bits}")
         _require(self.group_size == -1 or self.group_size >= 2 and self.group_size % 2 == 0,
                  f"group_size must be -1 (per channel) or an even number >= 2, got {self.group_size}")
@@ -97,10 +98,11 @@ class QuantRecipe:
                  f"ohb_neutral must be in [0, ohb_log_clip], got {self.ohb_neutral}")
         _require(self.layout != "auto" or self.weight_bits or self.bpw is not None,
                  "layout 'auto' allocates weight bits under a budget: give bpw (e.g. --bpw 4.5)")
-        _require(self.bpw is None or 4 <= self.bpw <= 16,
-                 f"bpw must be in [4, 16] (the kernels have 4- and 8-bit weights; 16 = float), got {self.bpw}")
-        _require(all(w in (4, 8, 16) for _, w in self.weight_bits),
-                 f"weight_bits widths must be 4, 8 or 16, got {sorted({w for _, w in self.weight_bits})}")
+        _require(self.bpw is None or min(WEIGHT_BITS) <= self.bpw <= 16,
+                 f"bpw must be in [{min(WEIGHT_BITS)}, 16] (the integer weights have {WEIGHT_BITS} bits; 16 = "
+                 f"float), got {self.bpw}")
+        _require(all(w in (*WEIGHT_BITS, 16) for _, w in self.weight_bits),
+                 f"weight_bits widths must be in {(*WEIGHT_BITS, 16)}, got {sorted({w for _, w in self.weight_bits})}")
         _require(self.float_dtype in FLOAT_DTYPES,
                  f"float_dtype must be one of {FLOAT_DTYPES}, got {self.float_dtype!r}")
 
@@ -136,6 +138,9 @@ RECIPES: Mapping[str, QuantRecipe] = {
     "w8a8-static": QuantRecipe("w8a8-static", w_bits=8, a_bits=8, act_mode="static"),
     "w8a8-perstep": QuantRecipe("w8a8-perstep", w_bits=8, a_bits=8, act_mode="per_step"),
     "w4a8-mse": QuantRecipe("w4a8-mse", w_bits=4, a_bits=8, weight_clip="mse"),
+    # 3-bit weights (7 levels, bf16 group scales: 3.125 bits a weight), with error compensation and without
+    "w3a8": QuantRecipe("w3a8", w_bits=3, a_bits=8),
+    "w3a8-gptq": QuantRecipe("w3a8-gptq", w_bits=3, a_bits=8, weight_method="gptq"),
     "w4a8-gptq": QuantRecipe("w4a8-gptq", w_bits=4, a_bits=8, weight_method="gptq"),
     "w4a4-gptq": QuantRecipe("w4a4-gptq", w_bits=4, a_bits=4, weight_method="gptq"),
 }

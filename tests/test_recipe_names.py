@@ -19,7 +19,7 @@ def test_a_budget_option_picks_the_auto_layout():
     r = recipe_from_name("w4a8+bpw4.75")
     assert (r.layout, r.bpw, r.needs_bit_allocation) == ("auto", 4.75, True)
     with pytest.raises(RecipeError, match="bpw"):
-        recipe_from_name("w4a8+bpw3")  # below the kernels' 4 bits
+        recipe_from_name("w4a8+bpw1.5")  # below the kernels' 2 bits
 
 
 def test_a_plain_preset_is_the_preset_object():

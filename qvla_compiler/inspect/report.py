@@ -115,9 +115,10 @@ def quant_bytes(info, k: int, n: int, has_bias: bool) -> int:
     scale_bytes = SCALE_DTYPES[spec.w_bits].itemsize
     if spec.w_bits == 8:
         weight, scales = n * k, scale_bytes * n
-    else:
+    else:  # int4: two per byte; 2 and 3 bits: `bits` bit-planes of ceil(K/8) bytes (kernels/ops.py)
         gs = k if spec.group_size <= 0 else spec.group_size
-        weight, scales = n * ((k + 1) // 2), scale_bytes * n * math.ceil(k / gs)
+        row = (k + 1) // 2 if spec.w_bits == 4 else spec.w_bits * math.ceil(k / 8)
+        weight, scales = n * row, scale_bytes * n * math.ceil(k / gs)
     return weight + scales + (BF16 * n if has_bias else 0)
 
 

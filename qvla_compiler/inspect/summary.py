@@ -26,8 +26,10 @@ from typing import Any
 
 import torch
 
+from qvla_compiler.kernels.ops import QVLA_LINEAR_NAMES
+
 _MAX_PARENTS = 3
-_LINEAR_OPS = {"aten.linear.default": 1, "qvla.int8_linear.default": 2, "qvla.int4_linear.default": 2}
+_LINEAR_OPS = {"aten.linear.default": 1, **{name: 2 for name in QVLA_LINEAR_NAMES}}  # op -> index of its weight
 _ROTATION_OPS = ("qvla.hadamard", "qvla.block_rotate")
 _PASS_THROUGH = ("qvla.quantize_act", "<built-in function getitem>")
 

@@ -9,9 +9,9 @@ tensor is decomposed into aten primitives that Inductor fuses with its neighbour
 * int8_linear  -> the exact integer GEMM of `cpu_gemm.backend()` (`_int_mm` on AVX512-VNNI/AMX, which Inductor may
   turn into oneDNN's quantized linear; on AVX2 the int8 operands as fp32 in K chunks of <= 1024, every partial sum an
   exactly represented integer), then acc * x_scale * w_scale + bias as one fused epilogue;
-* int4_linear  -> the nibble unpack (a constant under freezing: done once at compile time, never per call), then the
-  same GEMM per K-group (one batched GEMM, each group's sum an exact integer) and the per-group scales summed in the
-  fused epilogue.
+* int4_linear, bitplane_linear -> the unpack of the nibbles or bit-planes (a constant under freezing: done once at
+  compile time, never per call), then the same GEMM per K-group (one batched GEMM, each group's sum an exact
+  integer) and the per-group scales summed in the fused epilogue.
 
 The decompositions compute exactly what the eager CPU kernels compute (same integer accumulators, same float
 epilogue order), so the compiled program equals the eager one; the tests assert it against the *_ref semantics.
@@ -26,7 +26,7 @@ import warnings
 import torch
 
 from qvla_compiler.kernels import cpu_gemm
-from qvla_compiler.kernels.ops import quantize_act_ref, unpack_int4
+from qvla_compiler.kernels.ops import quantize_act_ref, unpack_bitplanes, unpack_int4
 
 
 def _cpu(*tensors) -> bool:
@@ -90,9 +90,21 @@ def int4_linear_decomp(xq, x_scale, w_packed, w_scale, bias, group_size, out_dty
     k = xq.shape[-1]
     if not _cpu(xq, x_scale, w_packed, w_scale, bias) or (k + 1) // 2 != w_packed.shape[1] or xq.numel() == 0:
         return NotImplemented
-    lead, n = xq.shape[:-1], w_packed.shape[0]
+    # constant-folded under freezing: unpacked once, at compile time
+    return _grouped_decomp(xq, x_scale, unpack_int4(w_packed, k), w_scale, bias, group_size, out_dtype)
+
+
+def bitplane_linear_decomp(xq, x_scale, w_planes, w_scale, bias, bits, group_size, out_dtype):
+    k = xq.shape[-1]
+    if not _cpu(xq, x_scale, w_planes, w_scale, bias) or w_planes.shape[1:] != (bits, -(-k // 8)) or xq.numel() == 0:
+        return NotImplemented
+    return _grouped_decomp(xq, x_scale, unpack_bitplanes(w_planes, bits, k), w_scale, bias, group_size, out_dtype)
+
+
+def _grouped_decomp(xq, x_scale, w, w_scale, bias, group_size, out_dtype):
+    """ops._grouped_linear in aten ops Inductor lowers, on the unpacked int8 weight w [N, K]."""
+    k, lead, n = xq.shape[-1], xq.shape[:-1], w.shape[0]
     x = xq.reshape(-1, k)
-    w = unpack_int4(w_packed, k)  # constant-folded under freezing: unpacked once, at compile time
     if w_scale.shape[1] == 1:
         out = w_scale[:, 0] * _int_acc_as_float(x, w)  # operands swapped: see int8_linear_decomp
     elif group_size > cpu_gemm.EXACT_CHUNK or cpu_gemm.backend() == "int_mm":
@@ -114,6 +126,7 @@ DECOMPOSITIONS = {
     "quantize_act": quantize_act_decomp,
     "int8_linear": int8_linear_decomp,
     "int4_linear": int4_linear_decomp,
+    "bitplane_linear": bitplane_linear_decomp,
 }
 
 

@@ -6,10 +6,12 @@ A quantized linear is two ops, so one activation quantization can feed every con
     xq, xs = qvla::quantize_act(x, bits, static_scale)          # per-token (or static per-tensor) symmetric
     y      = qvla::int8_linear(xq, xs, w_q, w_scale, bias, dtype)  # int8 x int8 -> int32, scales in the epilogue
     y      = qvla::int4_linear(xq, xs, w_packed, w_scale, bias, group_size, dtype)
+    y      = qvla::bitplane_linear(xq, xs, w_planes, w_scale, bias, bits, group_size, dtype)   # 2- or 3-bit weights
 
 The CPU implementations do exact integer arithmetic (int32 accumulators, K-split with int64 sums past 131,071 terms
 so no K overflows; `kernels/cpu_gemm.py` picks `torch._int_mm` or an exact chunked fp32 GEMM, whichever is fast on
-this CPU); int4 weights are unpacked to int8 on the fly and accumulated per group of `group_size` along K.
+this CPU); int4 weights (two per byte) and 2-/3-bit weights (bit-planes: `bits` bytes per 8 weights) are unpacked
+to int8 once per weight (cached) and accumulated exactly per group of `group_size` along K.
 Non-finite activations propagate as in float: quantize_act gives the token a NaN scale, which the epilogue multiplies
 in. The GPU implementations (Triton)
 register themselves for the "cuda" dispatch key on top of these schemas, so one saved program runs on both.
@@ -50,6 +52,28 @@ def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
     lo = (packed << 4) >> 4  # int8 arithmetic shift sign-extends the low nibble
     hi = packed >> 4
     return torch.stack((lo, hi), dim=-1).flatten(-2)[..., :k]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2- and 3-bit packing: bit-planes. Row n's plane p holds bit p of the offset-binary code u = w + 2^(bits-1) of every
+# weight, 8 weights per byte (bit i of byte j = weight 8j + i), so a row takes bits·ceil(K/8) bytes, any bits <= 8.
+# --------------------------------------------------------------------------------------------------------------
+def pack_bitplanes(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """int8 [N, K] with values in [-2^(bits-1), 2^(bits-1)) -> uint8 [N, bits, ceil(K/8)] (padding codes are 0)."""
+    k = w.shape[-1]
+    u = (w.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8)
+    u = torch.nn.functional.pad(u, (0, -k % 8)).reshape(*w.shape[:-1], 1, -1, 8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=w.device)
+    planes = (u >> shifts[:bits, None, None]) & 1  # [N, bits, K/8, 8]
+    return (planes << shifts).sum(-1, dtype=torch.uint8)  # disjoint bits: the sum is their OR
+
+
+def unpack_bitplanes(planes: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of pack_bitplanes: uint8 [N, bits, ceil(K/8)] -> int8 [N, K]."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=planes.device)
+    bit = ((planes[..., None] >> shifts) & 1).flatten(-2).to(torch.int16)  # [N, bits, 8·ceil(K/8)]
+    u = (bit << shifts[:bits, None].to(torch.int16)).sum(-2)
+    return (u - 2 ** (bits - 1)).to(torch.int8)[..., :k]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -126,13 +150,13 @@ def _(xq, x_scale, w_q, w_scale, bias, out_dtype):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# int4_linear
+# grouped weights: int4_linear (two nibbles per byte) and bitplane_linear (2 or 3 bits), one integer sum per K-group
 # --------------------------------------------------------------------------------------------------------------
-def int4_linear_ref(xq, x_scale, w_packed, w_scale, bias=None, group_size=128, out_dtype=torch.float32):
+def grouped_linear_ref(xq, x_scale, w, w_scale, bias=None, group_size=128, out_dtype=torch.float32):
+    """Reference in int64/float64 over the unpacked integer weight w [N, K]: Σ_g (x_g · w_gᵀ) s_g, times x_scale."""
     k = xq.shape[-1]
-    w = unpack_int4(w_packed, k).to(torch.int64)
-    x = xq.to(torch.int64)
-    out = torch.zeros((*xq.shape[:-1], w.shape[0]), dtype=torch.float64)
+    w, x = w.to(torch.int64), xq.to(torch.int64)
+    out = torch.zeros((*xq.shape[:-1], w.shape[0]), dtype=torch.float64, device=xq.device)
     for g, start in enumerate(range(0, k, group_size)):
         acc = x[..., start:start + group_size] @ w[:, start:start + group_size].t()
         out += acc.double() * w_scale[:, g].double()
@@ -140,6 +164,42 @@ def int4_linear_ref(xq, x_scale, w_packed, w_scale, bias=None, group_size=128, o
     if bias is not None:
         out = out + bias.double()
     return out.to(out_dtype)
+
+
+def int4_linear_ref(xq, x_scale, w_packed, w_scale, bias=None, group_size=128, out_dtype=torch.float32):
+    return grouped_linear_ref(xq, x_scale, unpack_int4(w_packed, xq.shape[-1]), w_scale, bias, group_size, out_dtype)
+
+
+def bitplane_linear_ref(xq, x_scale, w_planes, w_scale, bias=None, bits=3, group_size=128, out_dtype=torch.float32):
+    w = unpack_bitplanes(w_planes, bits, xq.shape[-1])
+    return grouped_linear_ref(xq, x_scale, w, w_scale, bias, group_size, out_dtype)
+
+
+def _grouped_linear(xq, x_scale, w_stored, unpack: Callable, w_scale, bias, group_size: int, out_dtype):
+    """The CPU kernel of both grouped formats. `unpack()` gives the int8 [N, K] weight of `w_stored`; it runs once
+    per stored weight (cpu_gemm.weight_operand caches it), not at every call."""
+    k = xq.shape[-1]
+    lead, n = xq.shape[:-1], w_stored.shape[0]
+    x = xq.reshape(-1, k).contiguous()
+
+    def unpacked():
+        return cpu_gemm.weight_operand(w_stored, ("unpacked", k), unpack)
+
+    if w_scale.shape[1] == 1:
+        out = cpu_gemm.int_matmul_prepared(x, unpacked()) * w_scale[:, 0]
+    elif cpu_gemm.backend() == "fp32_exact" and group_size <= cpu_gemm.EXACT_CHUNK and x.shape[0] and n:
+        # one batched fp32 GEMM over the K-groups; each group's sum (<= 1024 terms) is an exact integer
+        n_groups = -(-k // group_size)
+        xa = torch.nn.functional.pad(x, (0, n_groups * group_size - k)).float()
+        xa = xa.reshape(x.shape[0], n_groups, group_size).transpose(0, 1)
+        wb = cpu_gemm.grouped_operand(w_stored, group_size, k, unpack)
+        out = (torch.bmm(xa, wb) * w_scale.t()[:, None, :]).sum(0)
+    else:  # exact int32 sum per group, then the group's scale: sum_g acc_g * s[:, g]
+        out = (grouped_int_matmul(x, unpacked(), group_size).float() * w_scale.t()[:, None, :]).sum(0)
+    out = out * x_scale.reshape(-1, 1)
+    if bias is not None:
+        out = out + bias.float()
+    return out.reshape(*lead, n).to(out_dtype)
 
 
 @torch.library.custom_op(f"{_LIB}::int4_linear", mutates_args=())
@@ -151,27 +211,8 @@ def int4_linear(
     k = xq.shape[-1]
     # the packed weight holds ceil(K/2) bytes per row, so K and K+1 (odd K) both fit; report the even one
     _check_linear("int4_linear", xq, x_scale, k if (k + 1) // 2 == w_packed.shape[1] else 2 * w_packed.shape[1])
-    lead, n = xq.shape[:-1], w_packed.shape[0]
-    x = xq.reshape(-1, k).contiguous()
-    # the weight is unpacked once per packed weight and cached (cpu_gemm.weight_operand), not at every call
-    def unpacked():
-        return cpu_gemm.weight_operand(w_packed, ("unpack_int4", k), lambda: unpack_int4(w_packed, k))
-
-    if w_scale.shape[1] == 1:
-        out = cpu_gemm.int_matmul_prepared(x, unpacked()) * w_scale[:, 0]
-    elif cpu_gemm.backend() == "fp32_exact" and group_size <= cpu_gemm.EXACT_CHUNK and x.shape[0] and n:
-        # one batched fp32 GEMM over the K-groups; each group's sum (<= 1024 terms) is an exact integer
-        n_groups = -(-k // group_size)
-        xa = torch.nn.functional.pad(x, (0, n_groups * group_size - k)).float()
-        xa = xa.reshape(x.shape[0], n_groups, group_size).transpose(0, 1)
-        wb = cpu_gemm.grouped_operand(w_packed, group_size, k, lambda: unpack_int4(w_packed, k))
-        out = (torch.bmm(xa, wb) * w_scale.t()[:, None, :]).sum(0)
-    else:  # exact int32 sum per group, then the group's scale: sum_g acc_g * s[:, g]
-        out = (grouped_int_matmul(x, unpacked(), group_size).float() * w_scale.t()[:, None, :]).sum(0)
-    out = out * x_scale.reshape(-1, 1)
-    if bias is not None:
-        out = out + bias.float()
-    return out.reshape(*lead, n).to(out_dtype)
+    return _grouped_linear(xq, x_scale, w_packed, lambda: unpack_int4(w_packed, k), w_scale, bias, group_size,
+                           out_dtype)
 
 
 @int4_linear.register_fake
@@ -179,20 +220,53 @@ def _(xq, x_scale, w_packed, w_scale, bias, group_size, out_dtype):
     return xq.new_empty((*xq.shape[:-1], w_packed.shape[0]), dtype=out_dtype)
 
 
-QVLA_LINEAR_OPS = (torch.ops.qvla.int8_linear.default, torch.ops.qvla.int4_linear.default)
+@torch.library.custom_op(f"{_LIB}::bitplane_linear", mutates_args=())
+def bitplane_linear(
+    xq: torch.Tensor, x_scale: torch.Tensor, w_planes: torch.Tensor, w_scale: torch.Tensor,
+    bias: torch.Tensor | None, bits: int, group_size: int, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """int8/int4 activations x 2- or 3-bit weights in bit-planes (uint8 [N, bits, ceil(K/8)]), as int4_linear."""
+    k = xq.shape[-1]
+    if w_planes.dim() != 3 or w_planes.shape[1] != bits or w_planes.dtype != torch.uint8:
+        raise ShapeError(f"qvla::bitplane_linear: w_planes must be uint8 [N, {bits}, ceil(K/8)] for {bits}-bit "
+                         f"weights, got {w_planes.dtype} {tuple(w_planes.shape)}")
+    _check_linear("bitplane_linear", xq, x_scale, k if -(-k // 8) == w_planes.shape[2] else 8 * w_planes.shape[2])
+    return _grouped_linear(xq, x_scale, w_planes, lambda: unpack_bitplanes(w_planes, bits, k), w_scale, bias,
+                           group_size, out_dtype)
+
+
+@bitplane_linear.register_fake
+def _(xq, x_scale, w_planes, w_scale, bias, bits, group_size, out_dtype):
+    return xq.new_empty((*xq.shape[:-1], w_planes.shape[0]), dtype=out_dtype)
+
+
+QVLA_LINEAR_OPS = (torch.ops.qvla.int8_linear.default, torch.ops.qvla.int4_linear.default,
+                   torch.ops.qvla.bitplane_linear.default)
+QVLA_LINEAR_NAMES = tuple(str(op) for op in QVLA_LINEAR_OPS)  # "qvla.int8_linear.default", ...: how FX prints them
 
 
 @dataclasses.dataclass(frozen=True)
 class Lowering:
-    """What a quantized linear of one weight width becomes: the op, and its arguments after (xq, xs, Wq, Ws, b)."""
+    """One weight width's integer format: the op a quantized linear becomes, its arguments after (xq, xs, Wq, Ws,
+    b), and how the integers [N, K] are packed into the stored weight and back."""
 
     op: Callable
     extra_args: Callable[[QuantSpec], tuple]
+    pack: Callable[[torch.Tensor], torch.Tensor]
+    unpack: Callable[[torch.Tensor, int], torch.Tensor]  # (stored weight, K) -> int8 [N, K]
+
+
+def _bitplanes(bits: int) -> Lowering:
+    return Lowering(torch.ops.qvla.bitplane_linear.default, lambda spec: (bits, spec.group_size),
+                    lambda q: pack_bitplanes(q, bits), lambda p, k: unpack_bitplanes(p, bits, k))
 
 
 # Patterns are data: aten.linear with W{bits} → this op (lowering/lower_linears.py rewrites by this table).
 LOWERINGS: dict[int, Lowering] = {
-    8: Lowering(torch.ops.qvla.int8_linear.default, lambda spec: ()),
-    4: Lowering(torch.ops.qvla.int4_linear.default, lambda spec: (spec.group_size,)),
+    8: Lowering(torch.ops.qvla.int8_linear.default, lambda spec: (), lambda q: q, lambda q, k: q),
+    4: Lowering(torch.ops.qvla.int4_linear.default, lambda spec: (spec.group_size,), pack_int4, unpack_int4),
+    3: _bitplanes(3),
+    2: _bitplanes(2),
 }
+WEIGHT_BITS = tuple(sorted(LOWERINGS))  # (2, 3, 4, 8): the integer weight widths
 QVLA_QUANT_OPS = (torch.ops.qvla.quantize_act.default,)

@@ -24,6 +24,8 @@ from triton import knobs
 
 from qvla_compiler.errors import AccumulatorOverflowError, ShapeError
 from qvla_compiler.kernels.cpu_gemm import INT4_MAG, INT8_MAG, k_chunks, max_exact_k
+from qvla_compiler.kernels import ops
+from qvla_compiler.kernels.ops import pack_int4, unpack_bitplanes
 
 _INTERPRET = bool(knobs.runtime.interpret)
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -307,15 +309,13 @@ def unpack_int4_weight_ref(w_packed: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def int4_linear_ref(xq, x_scale, w_packed, w_scale, bias=None, group_size=128, out_dtype=torch.bfloat16):
-    """Pure-torch reference: int64 per-group sums, float64 scaling, one rounding to out_dtype."""
-    k = xq.shape[-1]
-    w = unpack_int4_weight_ref(w_packed, k).to(torch.int64)
-    x = xq.to(torch.int64)
-    out = torch.zeros((*xq.shape[:-1], w.shape[0]), dtype=torch.float64, device=xq.device)
-    for g, k0 in enumerate(range(0, k, group_size)):
-        acc_g = x[..., k0:k0 + group_size] @ w[:, k0:k0 + group_size].T
-        out += acc_g.double() * w_scale[:, g].double()
-    out = out * x_scale.double()
-    if bias is not None:
-        out = out + bias.double()
-    return out.to(out_dtype)
+    """Pure-torch reference: int64 per-group sums, float64 scaling, one rounding to out_dtype (ops' oracle)."""
+    return ops.int4_linear_ref(xq, x_scale, w_packed, w_scale, bias, group_size, out_dtype)
+
+
+def bitplane_linear(xq, x_scale, w_planes, w_scale, bias, bits, group_size, out_dtype):
+    """`qvla::bitplane_linear` on the GPU: the 2-/3-bit weights repacked to int4 nibbles (exact: every value fits a
+    nibble), then the int4 kernel. The repack runs at every call (a few elementwise kernels over [N, K]): no kernel
+    reads the bit-planes directly."""
+    w4 = pack_int4(unpack_bitplanes(w_planes, bits, xq.shape[-1]))
+    return int4_linear(xq, x_scale, w4, w_scale, bias, group_size, out_dtype)

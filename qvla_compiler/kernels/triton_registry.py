@@ -6,7 +6,7 @@ imports and the op is already defined, so a CPU-only install keeps working uncha
 
 import torch
 
-_OP_NAMES = ("quantize_act", "int8_linear", "int4_linear")
+_OP_NAMES = ("quantize_act", "int8_linear", "int4_linear", "bitplane_linear")
 _registered: dict[str, list[str]] = {}
 _libs: list = []  # keeps the registrations alive
 
@@ -23,7 +23,8 @@ def _cuda_impls():
     def int4_linear(xq, x_scale, w_packed, w_scale, bias, group_size, out_dtype):
         return triton_int4_linear.int4_linear(xq, x_scale, w_packed, w_scale, bias, group_size, out_dtype)
 
-    return {"quantize_act": quantize_act, "int8_linear": int8_linear, "int4_linear": int4_linear}
+    return {"quantize_act": quantize_act, "int8_linear": int8_linear, "int4_linear": int4_linear,
+            "bitplane_linear": triton_int4_linear.bitplane_linear}
 
 
 def _op_exists(namespace: str, name: str) -> bool:

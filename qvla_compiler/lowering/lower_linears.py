@@ -5,6 +5,7 @@ After:  xq, xs = qvla::quantize_act(x, a_bits, static_scale)     — one per (x,
         a per-step scale table [S] is read as static_scale = qvla::step_scale(table, bounds, t, rank)
         y = qvla::int8_linear(xq, xs, Wq, Ws, b, dtype)           — W8
         y = qvla::int4_linear(xq, xs, Wp, Ws, b, group, dtype)    — W4 (packed, per-group scales)
+        y = qvla::bitplane_linear(xq, xs, Wp, Ws, b, bits, group, dtype)  — W3, W2 (bit-planes, per-group scales)
         and the float weight W is deleted from the module once no node reads it (the saved program carries only
         the integer form). Call sites sharing one weight share one get_attr of its integer buffers.
 Invariant: compute ops keep their order; check_schedule verifies it.

@@ -48,7 +48,7 @@ def check_accumulator_bounds(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         spec = info.spec
         bound = accumulator_bound(info.in_features, qmax_for(spec.a_bits), qmax_for(spec.w_bits))
-        if spec.w_bits == 4:
+        if spec.w_bits < 8:  # grouped weights; the 2-/3-bit ones run in the int4 kernel on GPU
             _check_int4_group(info.module_path, info.in_features, spec.group_size)
         node.meta[ACC_META] = bound
     return gm

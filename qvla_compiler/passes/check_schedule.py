@@ -13,10 +13,11 @@ import torch
 import torch.fx as fx
 
 from qvla_compiler.errors import ScheduleError
+from qvla_compiler.kernels.ops import QVLA_LINEAR_NAMES
 
 SCHEDULE_KEY = "qvla_schedule"
 _TRANSPARENT_PREFIXES = ("qvla.quantize_act", "qvla.hadamard", "qvla.block_rotate", "qvla.step_scale")
-_LINEAR_OPS = ("qvla.int8_linear", "qvla.int4_linear")
+_LINEAR_OPS = QVLA_LINEAR_NAMES
 
 
 def compute_schedule(gm: fx.GraphModule) -> list[str]:

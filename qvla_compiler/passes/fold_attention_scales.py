@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from qvla_compiler.meta import update
+from qvla_compiler.kernels.ops import QVLA_LINEAR_NAMES
 from qvla_compiler.passes import _graph as g
 from qvla_compiler.passes._attention_sites import AttentionSite, attention_sites
 
@@ -24,7 +25,7 @@ _FUSED_NORM_OPS = frozenset({g.aten.rms_norm.default, g.aten.layer_norm.default,
                              g.aten.group_norm.default})
 _CASTS = frozenset({g.aten.to.dtype, g.aten._to_copy.default, g.aten.type_as.default, g.aten.clone.default,
                     g.aten.detach.default, g.aten.alias.default})
-_QVLA_LINEARS = ("qvla.int8_linear", "qvla.int4_linear")
+_QVLA_LINEARS = QVLA_LINEAR_NAMES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from qvla_compiler.errors import CalibrationError, RecipeError, ShapeError
+from qvla_compiler.kernels.ops import WEIGHT_BITS
 from qvla_compiler.quant.quantizers import dequantize_weight, quantize_weight
 from qvla_compiler.quant.smoothquant import fill_silent_channels
 
@@ -76,9 +77,9 @@ def _checked(weights, act_stat: Tensor, x_sample: Tensor, bits: int, grid: int,
     if not ws or k < 1 or any(w.dim() != 2 or w.shape[1] != k for w in ws) or x_sample.shape[-1] != k:
         raise ShapeError(f"awq_search_scales: need act_stat [K], every weight [N_i, K] and x_sample [..., K]; got "
                          f"{tuple(act_stat.shape)}, {[tuple(w.shape) for w in ws]}, {tuple(x_sample.shape)}")
-    if bits not in (4, 8) or grid < 1 or clip not in ("absmax", "mse"):
-        raise RecipeError(f"awq_search_scales: bits must be 4 or 8, grid ≥ 1, clip 'absmax' or 'mse'; got bits "
-                          f"{bits}, grid {grid}, clip {clip!r}")
+    if bits not in WEIGHT_BITS or grid < 1 or clip not in ("absmax", "mse"):
+        raise RecipeError(f"awq_search_scales: bits must be one of {WEIGHT_BITS}, grid ≥ 1, clip 'absmax' or "
+                          f"'mse'; got bits {bits}, grid {grid}, clip {clip!r}")
     x = x_sample.detach().reshape(-1, k).float()
     if x.shape[0] == 0 or not torch.isfinite(x).all() or not torch.isfinite(act_stat).all():
         raise CalibrationError("awq_search_scales: the activation sample is empty or the sample/statistics hold "

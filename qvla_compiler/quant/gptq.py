@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from qvla_compiler.errors import CalibrationError, RecipeError, ShapeError
-from qvla_compiler.kernels.ops import pack_int4, qmax_for
+from qvla_compiler.kernels.ops import LOWERINGS, WEIGHT_BITS, qmax_for
 from qvla_compiler.quant.quantizers import _scales, quantize_weight, stored_scale
 
 _DAMP_RETRIES = 4  # a non-positive-definite H is retried with damping ×10 each time, this many times in all
@@ -31,7 +31,7 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, group_size: int = 128, 
     """W [N, K] and the input Hessian H [K, K] (2·XᵀX/n; any positive multiple gives the same result) ->
     (integer weight, scales), in the format of `quantize_weight(w, bits, group_size, clip)`:
     bits 8: int8 [N, K] and fp32 scales [N] (per output channel; group_size ignored);
-    bits 4: packed int8 [N, ceil(K/2)] and bf16 scales [N, G], one per group of `group_size` columns (-1: per row);
+    bits 4, 3, 2: packed integers and bf16 scales [N, G], one per group of `group_size` columns (-1: per row);
     the sweep rounds on the stored (bf16) group scales, and refitted scales are rounded to bf16 at the end.
 
     Dead inputs (H_jj = 0: the channel was always zero in calibration) get H_jj = 1 and W[:, j] = 0, and
@@ -62,21 +62,21 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, group_size: int = 128, 
     else:
         scales = w.new_zeros(n, -(-k // gs))  # filled in as the sweep reaches each group
     u, lam = _inverse_cholesky(h[perm][:, perm], damp)
-    groups = perm // gs if bits == 4 else torch.zeros_like(perm)
-    codes = _sweep(w[:, perm], u, scales, groups.tolist(), qmax_for(bits),
-                   gs if bits == 4 and not (act_order or static_groups) else 0, clip, max(1, block_size))
+    groups = perm // gs if bits < 8 else torch.zeros_like(perm)
+    codes = _sweep(w[:, perm], u, scales, groups.tolist(), bits,
+                   gs if bits < 8 and not (act_order or static_groups) else 0, clip, max(1, block_size))
     codes = codes[:, torch.argsort(perm)]
     if refit_scales:
         h.diagonal().add_(lam)
         scales = _refit_scales(w, h, codes, scales, gs)
     if bits == 8:
         return codes.contiguous(), scales[:, 0].contiguous()
-    return pack_int4(codes), stored_scale(scales, bits).contiguous()
+    return LOWERINGS[bits].pack(codes), stored_scale(scales, bits).contiguous()
 
 
 def _checked(w: Tensor, hessian: Tensor, bits: int, clip: str) -> tuple[Tensor, Tensor]:
-    if bits not in (4, 8):
-        raise RecipeError(f"gptq_quantize: bits must be 4 or 8, got {bits}")
+    if bits not in WEIGHT_BITS:
+        raise RecipeError(f"gptq_quantize: bits must be one of {WEIGHT_BITS}, got {bits}")
     if clip not in ("absmax", "mse"):
         raise RecipeError(f"gptq_quantize: clip must be 'absmax' or 'mse', got {clip!r}")
     if w.dim() != 2 or w.numel() == 0 or tuple(hessian.shape) != (w.shape[1], w.shape[1]):
@@ -138,11 +138,12 @@ def _refit_scales(w: Tensor, h: Tensor, codes: Tensor, scales: Tensor, gs: int) 
     return torch.where(ok, new, old).float()
 
 
-def _sweep(w: Tensor, u: Tensor, scales: Tensor, groups: list[int], qmax: int, dynamic_gs: int, clip: str,
+def _sweep(w: Tensor, u: Tensor, scales: Tensor, groups: list[int], bits: int, dynamic_gs: int, clip: str,
            block_size: int) -> Tensor:
     """The GPTQ column loop over W [N, K], in blocks of `block_size` columns; returns the integer codes [N, K] int8.
     Column j uses scales[:, groups[j]]; with dynamic_gs > 0 that scale is computed from the current weights when
     j is a multiple of dynamic_gs. Works on Wᵀ (float64) so that each column is a contiguous row on the CPU."""
+    qmax = qmax_for(bits)
     wt = w.T.contiguous().double()  # [K, N], updated in place
     k, n = wt.shape
     codes = torch.empty(k, n, dtype=torch.int8, device=wt.device)
@@ -155,7 +156,7 @@ def _sweep(w: Tensor, u: Tensor, scales: Tensor, groups: list[int], qmax: int, d
             if dynamic_gs and j % dynamic_gs == 0:
                 cur = _current_rows(wt, err, u, i1, i, i2, min(j + dynamic_gs, k))
                 group_scale = _scales(cur.T.float()[:, None, :], qmax, clip)[:, 0]
-                scales[:, groups[j]] = stored_scale(group_scale, 4).float()  # dynamic groups are int4 only
+                scales[:, groups[j]] = stored_scale(group_scale, bits).float()
             s = scales[:, groups[j]].double()
             q = torch.clamp(torch.round(blk[i] / s), -qmax, qmax)
             codes[j] = q.to(torch.int8)

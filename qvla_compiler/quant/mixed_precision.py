@@ -4,9 +4,9 @@ Each candidate linear's sensitivity is measured directly: the action-chunk error
 only that linear's weight is rounded to `b` bits, for every candidate width (calibration.measure_weight_sensitivity).
 Errors are taken as additive across linears (first order), and the widths that minimise their sum under the
 budget are found exactly by dynamic programming over the extra bits (a multiple-choice knapsack; the bit unit is the
-gcd of the costs, coarsened only when that would need more than MAX_UNITS cells). Widths: 4 and 8 (the kernels'
-integer formats) and 16 (stays float, counted as bf16). Narrower weights (2-3 bits) have no kernels here, so budgets
-below 4 bits per weight are refused.
+gcd of the costs, coarsened only when that would need more than MAX_UNITS cells). Widths: 2, 3, 4 and 8 (the
+kernels' integer formats, ops.WEIGHT_BITS; 2 bits is ternary) and 16 (stays float, counted as bf16). Bits per weight
+count the integers only, not the group scales (bf16 per 128 weights: +0.125).
 """
 from __future__ import annotations
 
@@ -14,15 +14,17 @@ import math
 
 import numpy as np
 
-WIDTHS = (4, 8, 16)  # 16 = the linear stays float (bf16 bytes)
+from qvla_compiler.kernels.ops import WEIGHT_BITS
+
+WIDTHS = (*WEIGHT_BITS, 16)  # 16 = the linear stays float (bf16 bytes)
 MAX_UNITS = 200_000  # DP cells over the budget; beyond it the unit is coarsened (costs rounded up: budget still kept)
 
 
 def allocate_bits(errors: dict[str, dict[int, float]], params: dict[str, int], bpw: float) -> dict[str, int]:
     """Module path → weight width minimising Σ errors[path][width] with Σ params·width ≤ bpw · Σ params.
 
-    `errors[path]` holds the error at each measured width (16 is 0). Deterministic: paths in sorted order, ties
-    keep the narrower width."""
+    `errors[path]` holds the error at each measured width (16 is 0); a width not measured is not a candidate.
+    Deterministic: paths in sorted order, ties keep the narrower width."""
     paths = sorted(params)
     total = sum(params.values())
     if not paths or total == 0:
@@ -45,6 +47,8 @@ def allocate_bits(errors: dict[str, dict[int, float]], params: dict[str, int], b
                 options[j, c:] = best[:cells - c] + _err(errors, path, w)
         choice[i] = options.argmin(0)  # argmin keeps the first (narrowest) of equal options
         best = options.min(0)
+    if not np.isfinite(best[-1]):
+        raise ValueError(f"a budget of {bpw} bits per weight is below the narrowest measured widths")
     widths, b = {}, cells - 1
     for i in range(len(paths) - 1, -1, -1):
         j = int(choice[i, b])
@@ -59,4 +63,4 @@ def average_bits(widths: dict[str, int], params: dict[str, int]) -> float:
 
 
 def _err(errors: dict[str, dict[int, float]], path: str, width: int) -> float:
-    return 0.0 if width == 16 else errors[path][width]
+    return 0.0 if width == 16 else errors[path].get(width, math.inf)

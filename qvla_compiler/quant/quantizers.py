@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from qvla_compiler.kernels.ops import pack_int4, qmax_for, unpack_int4
+from qvla_compiler.kernels.ops import LOWERINGS, qmax_for
 
 _MSE_RATIOS = torch.linspace(0.5, 1.0, 21)  # clipping ratios tried per row (or group) by the MSE search
 # ... and for a static activation scale, whose values have heavier tails than weights (at 4 bits the chosen clip on
@@ -13,8 +13,9 @@ _MSE_RATIOS = torch.linspace(0.5, 1.0, 21)  # clipping ratios tried per row (or 
 _ACT_RATIOS = torch.linspace(0.05, 1.0, 39)
 # What weight scales are stored in. int4's group scales in fp32 cost a quarter bit a weight at g=128 (4.25 bits:
 # 73.4% saved against bf16); bf16 halves that (4.125 bits: 74.2%) with fp32's range, and the integers are rounded
-# on the stored grid, so the kernels compute with exactly what is stored. int8's per-row scales stay fp32.
-SCALE_DTYPES = {8: torch.float32, 4: torch.bfloat16}
+# on the stored grid, so the kernels compute with exactly what is stored. int8's per-row scales stay fp32; the 2- and
+# 3-bit group scales are bf16 like int4's.
+SCALE_DTYPES = {8: torch.float32, 4: torch.bfloat16, 3: torch.bfloat16, 2: torch.bfloat16}
 
 
 def stored_scale(scale: torch.Tensor, bits: int) -> torch.Tensor:
@@ -56,7 +57,9 @@ def mse_clip_scale(values: torch.Tensor, weights: torch.Tensor, qmax: int) -> to
 
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int = -1, clip: str = "absmax"):
     """W [N, K] -> (integer weight, scales). bits 8: int8 [N, K], fp32 scales [N] (per channel, group ignored).
-    bits 4: packed int8 [N, ceil(K/2)], bf16 scales [N, G] per group of `group_size` (-1: one group per row)."""
+    bits 4, 3, 2: the packed integers of ops.LOWERINGS[bits] (int4: int8 [N, ceil(K/2)]; 3 and 2: uint8 bit-planes
+    [N, bits, ceil(K/8)]) on the symmetric grid ±(2^(bits-1) - 1) (2 bits: ternary), bf16 scales [N, G] per group of
+    `group_size` (-1: one group per row)."""
     w = w.detach().float()
     qmax = qmax_for(bits)
     wg = _grouped(w, -1 if bits == 8 else group_size)
@@ -65,14 +68,14 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int = -1, clip: str 
     q = q.reshape(w.shape[0], -1)[:, : w.shape[1]]
     if bits == 8:
         return q.contiguous(), scale[:, 0].contiguous()
-    return pack_int4(q), stored_scale(scale, bits).contiguous()
+    return LOWERINGS[bits].pack(q), stored_scale(scale, bits).contiguous()
 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, bits: int, k: int, group_size: int = -1) -> torch.Tensor:
     """Inverse of quantize_weight, in fp32."""
     if bits == 8:
         return q.float() * scale.float()[:, None]
-    w = unpack_int4(q, k).float()
+    w = LOWERINGS[bits].unpack(q, k).float()
     return (_grouped(w, group_size) * scale.float()[..., None]).reshape(w.shape[0], -1)[:, :k]
 
 

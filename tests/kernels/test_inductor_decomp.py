@@ -52,6 +52,24 @@ def test_int4_linear_decomp_equals_eager(monkeypatch, which, k, group):
     torch.testing.assert_close(got, ops.int4_linear_ref(xq, xs, packed, ws, b, gs), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("which", ["int_mm", "fp32_exact"])
+@pytest.mark.parametrize("bits,k,group", [(3, 300, 128), (2, 255, 32), (3, 64, -1)])
+def test_bitplane_linear_decomp_equals_eager(monkeypatch, which, bits, k, group):
+    monkeypatch.setattr(cpu_gemm, "backend", lambda: which)
+    gen = torch.Generator().manual_seed(2)
+    xq, xs = qvla.quantize_act(torch.randn(3, 5, k, generator=gen), 8, None)
+    w = torch.randint(-2 ** (bits - 1), 2 ** (bits - 1), (12, k), dtype=torch.int8, generator=gen)
+    gs = k if group == -1 else group
+    ws, b = torch.rand(12, -(-k // gs), generator=gen) * 0.1 + 1e-3, torch.randn(12, generator=gen)
+    planes = ops.pack_bitplanes(w, bits)
+    got = inductor.bitplane_linear_decomp(xq, xs, planes, ws, b, bits, gs, torch.float32)
+    torch.testing.assert_close(got, qvla.bitplane_linear(xq, xs, planes, ws, b, bits, gs, torch.float32),
+                               rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(got, ops.bitplane_linear_ref(xq, xs, planes, ws, b, bits, gs), rtol=1e-5, atol=1e-5)
+    assert inductor.bitplane_linear_decomp(xq, xs, planes, ws, b, 2 if bits == 3 else 3, gs, torch.float32) \
+        is NotImplemented  # planes of another width: the op's own check reports it
+
+
 @pytest.mark.parametrize("static", [False, True])
 def test_quantize_act_decomp_equals_eager(static):
     x = torch.randn(3, 17, 40) * 3
@@ -74,7 +92,8 @@ def test_decompositions_decline_off_cpu():
 
 
 class _TinyQuantized(torch.nn.Module):
-    """norm -> quantize_act -> int8 linear -> gelu -> quantize_act -> int4 linear (grouped)."""
+    """norm -> quantize_act -> int8 linear -> gelu -> quantize_act -> int4 linear (grouped) -> quantize_act ->
+    3-bit linear (bit-planes, grouped)."""
 
     def __init__(self, k=96, n=64, group=32):
         super().__init__()
@@ -84,6 +103,8 @@ class _TinyQuantized(torch.nn.Module):
         self.register_buffer("b8", torch.randn(n, generator=gen))
         self.register_buffer("w4", ops.pack_int4(torch.randint(-8, 8, (k, n), dtype=torch.int8, generator=gen)))
         self.register_buffer("s4", torch.rand(k, n // group, generator=gen) * 0.1 + 1e-3)
+        self.register_buffer("w3", ops.pack_bitplanes(torch.randint(-4, 4, (24, k), dtype=torch.int8, generator=gen), 3))
+        self.register_buffer("s3", torch.rand(24, k // group, generator=gen) * 0.1 + 1e-3)
         self.group = group
 
     def forward(self, x):
@@ -91,7 +112,9 @@ class _TinyQuantized(torch.nn.Module):
         xq, xs = qvla.quantize_act(x, 8, None)
         h = torch.nn.functional.gelu(qvla.int8_linear(xq, xs, self.w8, self.s8, self.b8, torch.float32))
         hq, hs = qvla.quantize_act(h, 8, None)
-        return qvla.int4_linear(hq, hs, self.w4, self.s4, None, self.group, torch.float32)
+        y = qvla.int4_linear(hq, hs, self.w4, self.s4, None, self.group, torch.float32)
+        yq, ys = qvla.quantize_act(y, 4, None)
+        return qvla.bitplane_linear(yq, ys, self.w3, self.s3, None, 3, self.group, torch.float32)
 
 
 @pytest.mark.parametrize("freezing", [True, False])
@@ -107,7 +130,8 @@ def test_compiled_program_has_no_opaque_qvla_op_and_matches_eager(freezing):
     assert not any("torch.ops.qvla" in code for code in codes), "a qvla:: op stayed opaque to Inductor"
     # upstream float ops (layer norm, gelu) are compiled too, so a quantized activation may move by one step
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
-    assert inductor.register() == ("qvla::quantize_act", "qvla::int8_linear", "qvla::int4_linear")
+    assert inductor.register() == ("qvla::quantize_act", "qvla::int8_linear", "qvla::int4_linear",
+                                   "qvla::bitplane_linear")
 
 
 class _QuantThenLinear(torch.nn.Module):

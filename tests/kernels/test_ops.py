@@ -72,6 +72,41 @@ def test_int4_linear_matches_reference(m, k, n, group, a_bits, scale_dtype):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("k", [1, 7, 8, 9, 64, 129])
+def test_bitplane_pack_roundtrip_full_range(bits, k):
+    w = torch.randint(-2 ** (bits - 1), 2 ** (bits - 1), (5, k), dtype=torch.int8)
+    planes = ops.pack_bitplanes(w, bits)
+    assert planes.shape == (5, bits, -(-k // 8)) and planes.dtype == torch.uint8  # bits / 8 bytes a weight
+    assert torch.equal(ops.unpack_bitplanes(planes, bits, k), w)
+
+
+def test_bitplane_layout_is_the_documented_one():
+    # weight 8j + i holds bit p of its offset code in bit i of byte j of plane p: 3-bit, code = w + 4
+    w = torch.tensor([[-4, 3, 0, -1, 1, 2, -3, -2, 3]], dtype=torch.int8)  # codes 0 7 4 3 5 6 1 2 | 7
+    planes = ops.pack_bitplanes(w, 3)
+    codes = [0, 7, 4, 3, 5, 6, 1, 2]
+    for p in range(3):
+        assert planes[0, p, 0] == sum(((c >> p) & 1) << i for i, c in enumerate(codes))
+        assert planes[0, p, 1] == 1  # the ninth weight (code 7) sets bit 0 of the second byte in every plane
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("bits,group", [(3, 16), (3, -1), (2, 32), (2, 128)])
+@pytest.mark.parametrize("a_bits", [8, 4])
+def test_bitplane_linear_matches_reference(m, k, n, bits, group, a_bits):
+    xq, xs = ops.quantize_act(torch.randn(m, k), a_bits, None)
+    w = torch.randint(-2 ** (bits - 1), 2 ** (bits - 1), (n, k), dtype=torch.int8)
+    gs = k if group == -1 else group
+    ws, b = (torch.rand(n, -(-k // gs)) / 10).bfloat16(), torch.randn(n)
+    planes = ops.pack_bitplanes(w, bits)
+    out = ops.bitplane_linear(xq, xs, planes, ws, b, bits, gs, torch.float32)
+    ref = ops.bitplane_linear_ref(xq, xs, planes, ws, b, bits, gs, torch.float64)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    # the same integers through the int4 format give the same numbers: one grouped kernel behind both
+    assert torch.equal(out, ops.int4_linear(xq, xs, ops.pack_int4(w), ws, b, gs, torch.float32))
+
+
 def test_int4_linear_group_accumulation_is_exact():
     m, k, n, gs = 3, 70, 4, 32
     xq, w = _int8(m, k), torch.randint(-7, 8, (n, k), dtype=torch.int8)
@@ -88,6 +123,9 @@ def test_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.qvla.int8_linear.default, (xq, xs, _int8(6, 10), torch.rand(6), None, torch.float32))
     w = ops.pack_int4(torch.randint(-7, 8, (6, 10), dtype=torch.int8))
     torch.library.opcheck(torch.ops.qvla.int4_linear.default, (xq, xs, w, torch.rand(6, 1), None, 128, torch.float32))
+    planes = ops.pack_bitplanes(torch.randint(-4, 4, (6, 10), dtype=torch.int8), 3)
+    torch.library.opcheck(torch.ops.qvla.bitplane_linear.default,
+                          (xq, xs, planes, torch.rand(6, 2), None, 3, 8, torch.float32))
 
 
 def test_bad_inputs_raise_shape_error():
@@ -98,3 +136,9 @@ def test_bad_inputs_raise_shape_error():
         ops.int8_linear(xq.float(), xs, _int8(6, 10), torch.rand(6), None, torch.float32)
     with pytest.raises(ShapeError, match="4 or 8"):
         ops.quantize_act(torch.randn(3, 10), 6, None)
+    planes = ops.pack_bitplanes(torch.zeros(6, 10, dtype=torch.int8), 3)
+    with pytest.raises(ShapeError, match=r"uint8 \[N, 2, ceil\(K/8\)\] for 2-bit"):
+        ops.bitplane_linear(xq, xs, planes, torch.rand(6, 1), None, 2, 16, torch.float32)
+    with pytest.raises(ShapeError, match="K=17 but the weight expects K=16"):
+        xq17, xs17 = ops.quantize_act(torch.randn(3, 17), 8, None)
+        ops.bitplane_linear(xq17, xs17, planes, torch.rand(6, 1), None, 3, 16, torch.float32)

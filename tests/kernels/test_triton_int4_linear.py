@@ -91,6 +91,19 @@ def test_scaled_output(out_dtype, with_bias):
     torch.testing.assert_close(out.cpu().double(), ref, rtol=_RTOL[out_dtype], atol=1e-6 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("bits", [2, 3])
+def test_bitplane_weights_run_in_the_int4_kernel(bits):
+    # the GPU implementation of qvla::bitplane_linear: bit-planes repacked to nibbles, then this kernel
+    from qvla_compiler.kernels import ops
+
+    xq, xs, _, _, ws, bias = _operands(17, 45, 161, 32, seed=bits)
+    w = _ints(-2 ** (bits - 1), 2 ** (bits - 1), 45, 161, seed=bits + 7)
+    planes = ops.pack_bitplanes(w, bits).to(DEVICE)
+    out = k4.bitplane_linear(xq, xs, planes, ws, bias, bits, 32, torch.float32)
+    ref = ops.bitplane_linear_ref(xq.cpu(), xs.cpu(), planes.cpu(), ws.cpu(), bias.cpu(), bits, 32, torch.float64)
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=_RTOL[torch.float32], atol=1e-6 * ref.abs().max().item())
+
+
 def test_split_k_path_scaled_three_d():
     # M <= 16, K >= 1024, several groups: the atomic split-K launch; activations [2, 3, K]
     xq, xs, _, w_packed, ws, bias = _operands(6, 40, 1031, 128, seed=8)

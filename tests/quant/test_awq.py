@@ -86,6 +86,6 @@ def test_errors():
     with pytest.raises(ShapeError):
         awq_search_scales([w, torch.randn(8, 15)], torch.ones(16), x, 4, 8)
     with pytest.raises(RecipeError):
-        awq_search_scales(w, torch.ones(16), x, 3, 8)
+        awq_search_scales(w, torch.ones(16), x, 5, 8)
     with pytest.raises(CalibrationError):
         awq_search_scales(w, torch.ones(16), torch.full((4, 16), float("nan")), 4, 8)

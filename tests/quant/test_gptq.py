@@ -92,6 +92,10 @@ _SLOW_CASES = [
     (4, 32, 24, 72, 16, True, "absmax"),  # act order, static groups
     (4, 16, 8, 37, 128, True, "mse"),
     (8, -1, 16, 72, 32, True, "absmax"),
+    (3, 32, 24, 72, 128, False, "absmax"),  # 3-bit bit-planes: same grid logic, qmax 3
+    (3, 16, 8, 37, 12, True, "mse"),
+    (2, 16, 8, 40, 5, False, "mse"),  # ternary
+    (2, -1, 16, 72, 32, False, "absmax"),
 ]
 
 
@@ -147,7 +151,7 @@ def test_production_options_beat_plain_gptq_and_rounding():
 
 
 @pytest.mark.parametrize("bits,gs,n,k", [(4, 32, 24, 72), (4, 128, 1, 40), (4, 32, 5, 33), (4, -1, 3, 7),
-                                         (8, 128, 16, 72), (8, -1, 1, 5)])
+                                         (8, 128, 16, 72), (8, -1, 1, 5), (3, 32, 5, 33), (2, -1, 3, 7)])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_format_is_quantize_weights(bits, gs, n, k, act_order):
     w = _weight(n, k)
@@ -157,7 +161,8 @@ def test_format_is_quantize_weights(bits, gs, n, k, act_order):
     assert q.is_contiguous() and s.is_contiguous()
 
 
-@pytest.mark.parametrize("bits,gs,clip", [(4, 32, "absmax"), (4, -1, "mse"), (8, -1, "absmax"), (8, -1, "mse")])
+@pytest.mark.parametrize("bits,gs,clip", [(4, 32, "absmax"), (4, -1, "mse"), (8, -1, "absmax"), (8, -1, "mse"),
+                                          (3, 32, "mse"), (2, -1, "absmax")])
 def test_identity_hessian_is_plain_rounding(bits, gs, clip):
     # H = I: no column sees another's error, so GPTQ must be round-to-nearest bit for bit
     w = _weight(12, 72)
@@ -173,7 +178,7 @@ _MAX_RATIO = {"iid": 0.97, "outliers": 0.98, "correlated": 0.6}
 
 
 @pytest.mark.parametrize("kind", sorted(_MAX_RATIO))
-@pytest.mark.parametrize("bits,gs", [(4, 128), (4, -1), (8, -1)])
+@pytest.mark.parametrize("bits,gs", [(4, 128), (4, -1), (8, -1), (3, 128)])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_output_error_below_rounding(bits, gs, kind, act_order):
     k = 256
@@ -228,7 +233,7 @@ def test_errors():
     with pytest.raises(ShapeError):
         gptq_quantize(w, torch.eye(15), 4, 8)
     with pytest.raises(RecipeError):
-        gptq_quantize(w, torch.eye(16), 3, 8)
+        gptq_quantize(w, torch.eye(16), 5, 8)
     with pytest.raises(RecipeError):
         gptq_quantize(w, torch.eye(16), 4, 8, clip="percentile")
 
