@@ -46,6 +46,14 @@ VARIANTS = {  # name → recipe; the ablation walks from QuantVLA to uniform W4A
     "auto w4a8 @ quantvla-layout bits": None,  # bpw = the row above's bits over the uniform layout's linears
     "auto w4a8 bpw 4.5": RECIPES["w4a8"].with_(layout="auto", bpw=4.5),
     "uniform w4a8": RECIPES["w4a8"].with_(layout="uniform"),
+    # below 4 bits: 3-bit weights (bit-planes) in the fixed layout, and the allocation over 2 / 3 / 4 / 8 / float
+    "quantvla-layout w3a8": RECIPES["w3a8"],
+    "quantvla-layout w3a8 gptq": RECIPES["w3a8-gptq"],
+    "auto w4a8 bpw 4.0": RECIPES["w4a8"].with_(layout="auto", bpw=4.0),
+    "auto w4a8 bpw 3.0": RECIPES["w4a8"].with_(layout="auto", bpw=3.0),
+    "auto w4a8 bpw 3.0 gptq": RECIPES["w4a8"].with_(layout="auto", bpw=3.0, weight_method="gptq"),
+    "auto w4a8 bpw 4.0 gptq": RECIPES["w4a8"].with_(layout="auto", bpw=4.0, weight_method="gptq"),
+    "uniform w4a8 gptq": RECIPES["w4a8"].with_(layout="uniform", weight_method="gptq"),
 }
 CANDIDATES = {(region.value, role.value) for region, role in LAYOUTS["uniform"]}
 

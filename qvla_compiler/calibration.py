@@ -234,7 +234,8 @@ def _require_unchanged(program: Program, before: dict[str, str], what: str) -> N
 # ---- action-guided mixed precision (layout "auto"): measure, then allocate (quant/mixed_precision.py) -----------
 def choose_weight_bits(program: Program, recipe, batches: list, *, progress: bool = True):
     """The recipe with one weight width per candidate linear (`weight_bits`), chosen for `recipe.bpw` from each
-    linear's measured action error on the first calibration batch; `program` itself is not changed."""
+    linear's measured action error on the first calibration batch, its weight rounded as the recipe rounds it (GPTQ:
+    on its input's Hessian over every calibration batch); `program` itself is not changed."""
     from qvla_compiler.passes import apply_layout
     from qvla_compiler.quant.mixed_precision import allocate_bits
 
@@ -242,16 +243,40 @@ def choose_weight_bits(program: Program, recipe, batches: list, *, progress: boo
     for gm in work.graphs.values():
         classify_linears(gm, recipe.role_overrides)
         apply_layout(assign_regions(gm, recipe.region_overrides), recipe)
-    errors, params = measure_weight_sensitivity(work, recipe, batches[0], progress=progress)
+    hessians = _input_hessians(work, batches, progress) if recipe.weight_method == "gptq" else None
+    errors, params = measure_weight_sensitivity(work, recipe, batches[0], hessians=hessians, progress=progress)
     widths = allocate_bits(errors, params, recipe.bpw)
     return recipe.with_(weight_bits=tuple(sorted(widths.items())))
 
 
-def measure_weight_sensitivity(program: Program, recipe, batch, widths=WEIGHT_BITS, *, progress: bool = True):
+def _input_hessians(program: Program, batches: list, progress: bool) -> dict[str, torch.Tensor]:
+    """{module path: 2·XᵀX/n of its input on the calibration batches} for every linear the layout makes integer (the
+    first call site's); the observers are removed again."""
+    from qvla_compiler.passes import insert_observers, remove_observers, track_hessians
+    from qvla_compiler.passes._graph import linear_nodes
+    from qvla_compiler.passes.insert_observers import observer_of
+
+    for gm in program.graphs.values():
+        track_hessians(insert_observers(gm))
+    run_calibration(program, batches, progress=progress)
+    hessians = {}
+    for gm in program.graphs.values():
+        for node in linear_nodes(gm):
+            if node.meta["qvla"].is_quantized and observer_of(node, gm) is not None:
+                hessians.setdefault(node.meta["qvla"].module_path, observer_of(node, gm).hessian_mean())
+        remove_observers(gm)
+    return hessians
+
+
+def measure_weight_sensitivity(program: Program, recipe, batch, widths=WEIGHT_BITS, *, hessians=None,
+                               progress: bool = True):
     """({module path: {width: action rel-L2}}, {module path: weight params}) for every linear the layout makes
-    integer: the whole sampler's output error when only that linear's weight is rounded (RTN, the recipe's group
-    size and clip) to each width, activations float. The weights are restored after each measurement."""
+    integer: the whole sampler's output error when only that linear's weight is rounded to each width (RTN with the
+    recipe's group size and clip; GPTQ on `hessians[path]` when given), activations float. The weights are restored
+    after each measurement."""
     from qvla_compiler.passes import _graph as g
+    from qvla_compiler.passes.quantize_linears import GPTQ_OPTIONS
+    from qvla_compiler.quant.gptq import gptq_quantize
     from qvla_compiler.quant.quantizers import dequantize_weight, quantize_weight
 
     sites: dict[str, list[tuple[fx.GraphModule, str]]] = {}
@@ -266,7 +291,10 @@ def measure_weight_sensitivity(program: Program, recipe, batch, widths=WEIGHT_BI
         params[path] = w.numel()
         errors[path] = {}
         for bits in widths:
-            q, s = quantize_weight(w, bits, recipe.group_size, recipe.weight_clip)
+            if hessians is None:
+                q, s = quantize_weight(w, bits, recipe.group_size, recipe.weight_clip)
+            else:
+                q, s = gptq_quantize(w, hessians[path], bits, recipe.group_size, **GPTQ_OPTIONS)
             rounded = dequantize_weight(q, s, bits, w.shape[1], recipe.group_size).to(w.dtype)
             for gm, target in where:
                 g.replace_attr_tensor(gm, target, rounded)

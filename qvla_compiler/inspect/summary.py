@@ -210,7 +210,8 @@ def _attention_scales(record: dict | None) -> dict[tuple, tuple]:
 # ------------------------------------------------------------------------------------------------------ DOT
 _ROLE_COLOURS = {"attn_q": "#4e79a7", "attn_k": "#76b7b2", "attn_v": "#59a14f", "attn_o": "#edc948",
                  "attn_qkv": "#86bcb6", "attn_kv": "#86bcb6", "mlp": "#f28e2b", "other": "#bab0ac"}
-_BITS_COLOURS = {"float": "#9e9e9e", "W8A8": "#1f5fbf", "W4A8": "#c2185b", "W4A4": "#6a1b9a", "W8A4": "#00897b"}
+_BITS_COLOURS = {"float": "#9e9e9e", "W8A8": "#1f5fbf", "W4A8": "#c2185b", "W4A4": "#6a1b9a", "W8A4": "#00897b",
+                 "W3A8": "#e65100", "W3A4": "#bf360c", "W2A8": "#827717", "W2A4": "#33691e"}
 
 
 def render_dot(data: dict) -> str:

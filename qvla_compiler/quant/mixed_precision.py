@@ -1,9 +1,10 @@
 """Action-guided mixed precision (ActQuant-style): one weight bit-width per linear under a bits-per-weight budget.
 
-Each candidate linear's sensitivity is measured directly: the action-chunk error (relative L2 against float) when
+Each candidate linear's sensitivity is measured directly: the action-chunk error e (relative L2 against float) when
 only that linear's weight is rounded to `b` bits, for every candidate width (calibration.measure_weight_sensitivity).
-Errors are taken as additive across linears (first order), and the widths that minimise their sum under the
-budget are found exactly by dynamic programming over the extra bits (a multiple-choice knapsack; the bit unit is the
+The linears' rounding errors are taken as independent, so their squares add (‖Σ δ_i‖² ≈ Σ ‖δ_i‖²; the predicted
+action error is √Σ e²), and the widths that minimise Σ e² under the budget (summing e instead did worse on 7 of 8
+small-preset allocations, RESULTS §17) are found exactly by dynamic programming over the extra bits (a multiple-choice knapsack; the bit unit is the
 gcd of the costs, coarsened only when that would need more than MAX_UNITS cells). Widths: 2, 3, 4 and 8 (the
 kernels' integer formats, ops.WEIGHT_BITS; 2 bits is ternary) and 16 (stays float, counted as bf16). Bits per weight
 count the integers only, not the group scales (bf16 per 128 weights: +0.125).
@@ -21,7 +22,7 @@ MAX_UNITS = 200_000  # DP cells over the budget; beyond it the unit is coarsened
 
 
 def allocate_bits(errors: dict[str, dict[int, float]], params: dict[str, int], bpw: float) -> dict[str, int]:
-    """Module path → weight width minimising Σ errors[path][width] with Σ params·width ≤ bpw · Σ params.
+    """Module path → weight width minimising Σ errors[path][width]² with Σ params·width ≤ bpw · Σ params.
 
     `errors[path]` holds the error at each measured width (16 is 0); a width not measured is not a candidate.
     Deterministic: paths in sorted order, ties keep the narrower width."""
@@ -63,4 +64,4 @@ def average_bits(widths: dict[str, int], params: dict[str, int]) -> float:
 
 
 def _err(errors: dict[str, dict[int, float]], path: str, width: int) -> float:
-    return 0.0 if width == 16 else errors[path].get(width, math.inf)
+    return 0.0 if width == 16 else errors[path].get(width, math.inf) ** 2

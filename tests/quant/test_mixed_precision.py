@@ -24,7 +24,7 @@ def _random_problem(n, seed):
 
 
 def _cost(widths, errors):
-    return sum(0.0 if w == 16 else errors[p][w] for p, w in widths.items())
+    return sum(0.0 if w == 16 else errors[p][w] ** 2 for p, w in widths.items())  # independent errors: squares add
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -82,3 +82,28 @@ def test_auto_layout_measures_allocates_and_replays_from_its_plan(tmp_path):
     _, quantvla_layout = quantized_policy("pi05-tiny", "w4a8")
     assert qp.report.action_rel_l2 < quantvla_layout.report.action_rel_l2, (qp.report.action_rel_l2,
                                                                            quantvla_layout.report.action_rel_l2)
+
+
+def test_gptq_recipes_measure_sensitivity_on_gptq_rounded_weights():
+    from qvla_compiler import calibration as cal
+    from qvla_compiler.export import capture_policy
+    from qvla_compiler.models import build_policy
+    from qvla_compiler.passes import apply_layout, assign_regions, classify_linears
+    from qvla_compiler.program import Program, with_noise
+
+    policy = build_policy("pi05-tiny")
+    obs, noise = policy.example_inputs(), policy.example_noise()
+    program = Program(capture_policy(policy, obs, noise), policy.schedule)
+    batches = list(with_noise(policy.calibration_batches(1, seed=0), tuple(noise.shape[1:]), 0))
+    recipe = RECIPES["w4a8"].with_(layout="auto", bpw=3.0)
+    for gm in program.graphs.values():
+        apply_layout(assign_regions(classify_linears(gm)), recipe)
+    hessians = cal._input_hessians(program.fork(), batches, progress=False)
+    rtn, params = cal.measure_weight_sensitivity(program, recipe, batches[0], (3,), progress=False)
+    gptq, _ = cal.measure_weight_sensitivity(program, recipe, batches[0], (3,), hessians=hessians, progress=False)
+    assert set(hessians) == set(rtn) == set(params) and len(params) == 28  # every candidate, one Hessian each
+    # error compensation shows in the measured action errors, summed over the linears (measured 0.26 of RTN's)
+    ratio = sum(e[3] for e in gptq.values()) / sum(e[3] for e in rtn.values())
+    assert ratio < 0.6, ratio
+    chosen = cal.choose_weight_bits(program, recipe.with_(weight_method="gptq"), batches, progress=False)
+    assert average_bits(dict(chosen.weight_bits), params) <= 3.0 + 1e-9
