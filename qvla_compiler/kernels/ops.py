@@ -227,9 +227,9 @@ def bitplane_linear(
 ) -> torch.Tensor:
     """int8/int4 activations x 2- or 3-bit weights in bit-planes (uint8 [N, bits, ceil(K/8)]), as int4_linear."""
     k = xq.shape[-1]
-    if w_planes.dim() != 3 or w_planes.shape[1] != bits or w_planes.dtype != torch.uint8:
-        raise ShapeError(f"qvla::bitplane_linear: w_planes must be uint8 [N, {bits}, ceil(K/8)] for {bits}-bit "
-                         f"weights, got {w_planes.dtype} {tuple(w_planes.shape)}")
+    if bits not in (2, 3) or w_planes.dim() != 3 or w_planes.shape[1] != bits or w_planes.dtype != torch.uint8:
+        raise ShapeError(f"qvla::bitplane_linear: takes 2- or 3-bit weights as uint8 [N, bits, ceil(K/8)]; got "
+                         f"bits={bits} and {w_planes.dtype} {tuple(w_planes.shape)}")
     _check_linear("bitplane_linear", xq, x_scale, k if -(-k // 8) == w_planes.shape[2] else 8 * w_planes.shape[2])
     return _grouped_linear(xq, x_scale, w_planes, lambda: unpack_bitplanes(w_planes, bits, k), w_scale, bias,
                            group_size, out_dtype)

@@ -137,8 +137,9 @@ def test_bad_inputs_raise_shape_error():
     with pytest.raises(ShapeError, match="4 or 8"):
         ops.quantize_act(torch.randn(3, 10), 6, None)
     planes = ops.pack_bitplanes(torch.zeros(6, 10, dtype=torch.int8), 3)
-    with pytest.raises(ShapeError, match=r"uint8 \[N, 2, ceil\(K/8\)\] for 2-bit"):
-        ops.bitplane_linear(xq, xs, planes, torch.rand(6, 1), None, 2, 16, torch.float32)
+    for bits in (2, 5):  # planes of another width; a width the GPU's int4 repack cannot hold
+        with pytest.raises(ShapeError, match=f"2- or 3-bit weights .* got bits={bits} and torch.uint8 \\(6, 3, 2\\)"):
+            ops.bitplane_linear(xq, xs, planes, torch.rand(6, 1), None, bits, 16, torch.float32)
     with pytest.raises(ShapeError, match="K=17 but the weight expects K=16"):
         xq17, xs17 = ops.quantize_act(torch.randn(3, 17), 8, None)
         ops.bitplane_linear(xq17, xs17, planes, torch.rand(6, 1), None, 3, 16, torch.float32)
