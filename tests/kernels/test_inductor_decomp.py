@@ -103,7 +103,8 @@ class _TinyQuantized(torch.nn.Module):
         self.register_buffer("b8", torch.randn(n, generator=gen))
         self.register_buffer("w4", ops.pack_int4(torch.randint(-8, 8, (k, n), dtype=torch.int8, generator=gen)))
         self.register_buffer("s4", torch.rand(k, n // group, generator=gen) * 0.1 + 1e-3)
-        self.register_buffer("w3", ops.pack_bitplanes(torch.randint(-4, 4, (24, k), dtype=torch.int8, generator=gen), 3))
+        w3 = torch.randint(-4, 4, (24, k), dtype=torch.int8, generator=gen)
+        self.register_buffer("w3", ops.pack_bitplanes(w3, 3))
         self.register_buffer("s3", torch.rand(24, k // group, generator=gen) * 0.1 + 1e-3)
         self.group = group
 
