@@ -20,7 +20,7 @@ def test_three_bit_weights_compile_save_and_load_as_bitplanes(tmp_path):
 
     policy, rtn = quantized_policy("pi05-tiny", "w3a8")
     _, gptq = quantized_policy("pi05-tiny", "w3a8-gptq")
-    # measured 0.266 (RTN) against 0.090 (GPTQ), 2 calibration steps: 7 levels leave error compensation much to do
+    # measured 0.266 (RTN) against 0.130 (GPTQ), 2 calibration steps: 7 levels leave error compensation much to do
     assert 0 < gptq.report.action_rel_l2 < 0.5 * rtn.report.action_rel_l2
     _, four = quantized_policy("pi05-tiny", "w4a8")
     assert {r.bits for r in gptq.report.linears if r.bits != "float"} == {"W3A8"}
