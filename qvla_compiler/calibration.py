@@ -13,7 +13,7 @@ from qvla_compiler.errors import CalibrationError, RecipeError, ScheduleError
 from qvla_compiler.kernels.cpu_gemm import uncached_weights
 from qvla_compiler.kernels.ops import WEIGHT_BITS
 from qvla_compiler.meta import Region
-from qvla_compiler.passes import assign_regions, classify_linears
+from qvla_compiler.passes import assign_regions, classify_linears, insert_observers, remove_observers, track_hessians
 from qvla_compiler.passes._attention_sites import attention_sites
 from qvla_compiler.passes.fold_attention_scales import alpha_target
 from qvla_compiler.passes.observe_attention import (BlockStats, attention_stats, observe_attention,
@@ -252,7 +252,6 @@ def choose_weight_bits(program: Program, recipe, batches: list, *, progress: boo
 def _input_hessians(program: Program, batches: list, progress: bool) -> dict[str, torch.Tensor]:
     """{module path: 2·XᵀX/n of its input on the calibration batches} for every linear the layout makes integer (the
     first call site's); the observers are removed again."""
-    from qvla_compiler.passes import insert_observers, remove_observers, track_hessians
     from qvla_compiler.passes._graph import linear_nodes
     from qvla_compiler.passes.insert_observers import observer_of
 

@@ -76,9 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--layout", choices=sorted(LAYOUTS), help="override the recipe's layout")
     q.add_argument("--bpw", type=float, help="with --layout auto: average weight bits per linear (2-16) to allocate "
                    "by each linear's measured action error")
-    q.add_argument("--rotation", choices=ROTATIONS, help="override the recipe's rotation of integer-linear inputs")
-    q.add_argument("--smooth", choices=SMOOTHINGS, help="override the recipe's smoothing (SmoothQuant or AWQ, folded)")
-    q.add_argument("--weights", choices=WEIGHT_METHODS, help="override the recipe's weight rounding (rtn, gptq)")
+    _add_recipe_overrides(q, ROTATIONS, SMOOTHINGS, WEIGHT_METHODS)
     q.add_argument("--float-dtype", choices=FLOAT_DTYPES, help="what the linears the layout keeps float run in "
                    "(default fp32; bf16 is faster only on CPUs with native bf16: AVX512-BF16 / AMX)")
     q.add_argument("--lerobot", metavar="DIR", help="a lerobot policy folder (save_pretrained: config.json + "
@@ -102,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--recipe", default=DEFAULT_RECIPE)
     c.add_argument("--layout", choices=sorted(LAYOUTS))
     c.add_argument("--bpw", type=float, help="with --layout auto: average weight bits per linear (2-16)")
+    _add_recipe_overrides(c, ROTATIONS, SMOOTHINGS, WEIGHT_METHODS)
     c.add_argument("--calib-steps", type=int, default=8)
     c.add_argument("--seed", type=int, default=0)
     _add_dtype(c)
@@ -151,6 +150,12 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--json", action="store_true")
         s.set_defaults(func=fn)
     return p
+
+
+def _add_recipe_overrides(parser, rotations, smoothings, weight_methods) -> None:
+    parser.add_argument("--rotation", choices=rotations, help="override the recipe's rotation of integer-linear inputs")
+    parser.add_argument("--smooth", choices=smoothings, help="override the recipe's smoothing (SmoothQuant or AWQ)")
+    parser.add_argument("--weights", choices=weight_methods, help="override the recipe's weight rounding (rtn, gptq)")
 
 
 def _add_dtype(parser) -> None:
@@ -251,7 +256,7 @@ def cmd_calibrate(args) -> int:
 
     preflight.model_name(args.model)
     preflight.positive(args.calib_steps, "--calib-steps")
-    recipe = resolve_recipe(args.recipe, args.layout, args.bpw)
+    recipe = preflight.with_overrides(resolve_recipe(args.recipe, args.layout, args.bpw), args)
     preflight.output_dir(args.out, "--out")
     with PhaseLog() as log:
         with phase("build"):

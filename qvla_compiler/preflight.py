@@ -62,7 +62,7 @@ def quantize_options(args):
     from qvla_compiler.recipes import resolve_recipe
 
     if args.plan is None:
-        return _rotated(resolve_recipe(args.recipe or "w8a8", args.layout, args.bpw), args), None
+        return with_overrides(resolve_recipe(args.recipe or "w8a8", args.layout, args.bpw), args), None
     plan = as_plan(args.plan)
     planned = plan.recipe_object()
     conflicts = [f"{flag} {given} (the plan says {want})" for flag, given, want in (
@@ -77,7 +77,7 @@ def quantize_options(args):
     return planned, plan
 
 
-def _rotated(recipe, args):
+def with_overrides(recipe, args):
     """The recipe with --rotation / --smooth / --weights applied; the name says what was overridden."""
     if not (args.rotation or args.smooth or args.weights):
         return recipe

@@ -39,6 +39,16 @@ def test_quantize_json_has_the_documented_keys(program):
     assert summary["peak_rss_gb"] == max(p["peak_rss_gb"] for p in summary["phases"])
 
 
+def test_calibrate_takes_the_recipe_overrides_quantize_takes(tmp_path):
+    # a plan conflict tells the user to re-run `qvla calibrate` with --rotation / --smooth / --weights: it must take them
+    result = _run("calibrate", "--model", "pi05-tiny", "--recipe", "w4a8", "--weights", "gptq", "--rotation",
+                  "hadamard", "--calib-steps", "1", "--out", str(tmp_path / "plan"), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["recipe"] == "w4a8+hadamard+gptq"
+    plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert '"weight_method": "gptq"' in json.dumps(plan) and '"rotation": "hadamard"' in json.dumps(plan)
+
+
 def test_inspect_reads_what_quantize_wrote(program):
     out, summary = program
     result = _run("inspect", str(out), "--json")

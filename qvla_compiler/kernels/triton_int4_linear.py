@@ -308,9 +308,7 @@ def unpack_int4_weight_ref(w_packed: torch.Tensor, k: int) -> torch.Tensor:
     return torch.where(vals >= 8, vals - 16, vals).to(torch.int8)
 
 
-def int4_linear_ref(xq, x_scale, w_packed, w_scale, bias=None, group_size=128, out_dtype=torch.bfloat16):
-    """Pure-torch reference: int64 per-group sums, float64 scaling, one rounding to out_dtype (ops' oracle)."""
-    return ops.int4_linear_ref(xq, x_scale, w_packed, w_scale, bias, group_size, out_dtype)
+int4_linear_ref = ops.int4_linear_ref  # the reference: int64 per-group sums, float64 scaling, one final rounding
 
 
 def bitplane_linear(xq, x_scale, w_planes, w_scale, bias, bits, group_size, out_dtype):
