@@ -46,7 +46,8 @@ MAX_FILE_LINES = 400
 # the widths in quantizers / GPTQ / AWQ / recipes / the allocation; int4 and the new format share one grouped CPU
 # kernel and one reference, the Triton module's int4 reference became ops' (-14), and the four lists of integer
 # linear ops became one (ops.QVLA_LINEAR_NAMES). 15,500 the same session for the auto layout's sensitivities on
-# GPTQ-rounded weights under a GPTQ recipe (the input Hessians of one observed pass, calibration._input_hessians).
+# GPTQ-rounded weights under a GPTQ recipe (the input Hessians of one observed pass, calibration._input_hessians);
+# `qvla calibrate --rotation/--smooth/--weights` fitted inside it by an alias and a merged import (net 0).
 MAX_TOTAL_LINES = 15_500
 
 
