@@ -258,7 +258,7 @@ def _gain_split(node: fx.Node, width: int, value: fx.Node | None = None):
     gain (through casts) and x a full-width activation (`value` if given), else None."""
     if _fused_rms(node) and len(node.args) > 2 and node.args[2] is not None:
         source = _gain_source(node.args[2], width, node)
-        return (node.args[0], source) if source is not None and node.args[0] is (value or node.args[0]) else None
+        return (node.args[0], source) if source is not None and value in (None, node.args[0]) else None
     if not _is(node, {g.aten.mul.Tensor}):
         return None
     for x, gain in (node.args[:2], node.args[1::-1]):

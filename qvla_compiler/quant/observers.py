@@ -58,9 +58,9 @@ class ActObserver(nn.Module):
         return x
 
     def _sampled_values(self, mag: torch.Tensor, times: torch.Tensor | None):
-        """(|x| values, weights, times) of one call (mag = |x| [tokens, K]): a seeded random draw of elements, each standing for
-        numel / draws of them, and a strided subsample of the tokens' peaks, each standing for `stride` peaks. The
-        peaks are counted once more than they occur (1/K of the mass), which leans the search towards clipping less."""
+        """(|x| values, weights, times) of one call (mag = |x| [tokens, K]): a seeded random draw of elements, each
+        standing for numel / draws, and a strided subsample of the tokens' peaks, each for `stride`; the peaks count
+        once more than they occur (1/K of the mass), which leans the search towards clipping less."""
         peaks = mag.amax(1)
         stride = max(1, peaks.numel() // _VALUE_SAMPLES)
         draws = min(_VALUE_SAMPLES, mag.numel())
