@@ -34,10 +34,11 @@ class Program:
     def is_policy(self) -> bool:
         return self.schedule is not None
 
-    def run(self, inputs: Any, what: str = "program input") -> torch.Tensor:
-        """Policy: inputs = (obs dict, noise) → action chunk. Module: inputs = tuple of args → output."""
+    def run(self, inputs: Any, what: str = "program input", *, grad: bool = False) -> torch.Tensor:
+        """Policy: inputs = (obs dict, noise) → action chunk. Module: inputs = tuple of args → output. `grad`: with
+        autograd on (scale tuning differentiates the planned graphs)."""
         self.check_inputs(inputs, what)  # `what` names the inputs in the error (e.g. "calibration batch 3")
-        with torch.no_grad(), fp32_products(*self.graphs.values()):  # bf16 products in fp32 where bf16 is emulated
+        with torch.set_grad_enabled(grad), fp32_products(*self.graphs.values()):  # bf16 products in fp32 if emulated
             return self.as_module()(*self.flat_args(inputs))
 
     def flat_args(self, inputs: Any) -> tuple:

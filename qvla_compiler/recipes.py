@@ -39,6 +39,7 @@ LAYOUTS: Mapping[str, frozenset[tuple[Region, Role]]] = {
 ROTATIONS = ("none", "hadamard", "duquant", "svd-hadamard", "quarot")
 SMOOTHINGS = ("none", "smoothquant", "awq")
 WEIGHT_METHODS = ("rtn", "gptq")
+TUNE_STEPS = 64  # recipe option "+tune": steps of weight-scale tuning over every calibration batch (RESULTS §18)
 FLOAT_DTYPES = ("fp32", "bf16")  # what the linears the layout keeps float run in (bf16: only fast with native bf16)
 
 
@@ -74,6 +75,7 @@ class QuantRecipe:
     float_dtype: str = "fp32"  # "bf16": the float linears stored and run in bf16 (lowering.cast_float_linears)
     bpw: float | None = None  # layout "auto": average weight bits over the candidate linears (>= 2; 16 = float)
     weight_bits: tuple[tuple[str, int], ...] = ()  # module path → weight width (2, 3, 4, 8; 16 = float), by "auto"
+    tune_steps: int = 0  # > 0: after rounding, this many steps of action-aware weight-scale tuning (tuning.py)
 
     def __post_init__(self):
         _require(self.layout in LAYOUTS, f"unknown layout {self.layout!r}; choose one of {sorted(LAYOUTS)}")
@@ -103,6 +105,7 @@ class QuantRecipe:
                  f"float), got {self.bpw}")
         _require(all(w in (*WEIGHT_BITS, 16) for _, w in self.weight_bits),
                  f"weight_bits widths must be in {(*WEIGHT_BITS, 16)}, got {sorted({w for _, w in self.weight_bits})}")
+        _require(self.tune_steps >= 0, f"tune_steps must be >= 0, got {self.tune_steps}")
         _require(self.float_dtype in FLOAT_DTYPES,
                  f"float_dtype must be one of {FLOAT_DTYPES}, got {self.float_dtype!r}")
 
@@ -167,6 +170,7 @@ OPTIONS: Mapping[str, dict] = {
     **{r: dict(rotation=r) for r in ROTATIONS if r != "none"},
     **{m: dict(act_mode=m) for m in ACT_MODES},
     "atm": dict(atm=True), "ohb": dict(ohb=True), "bf16": dict(float_dtype="bf16"),
+    "tune": dict(tune_steps=TUNE_STEPS),
 }
 
 

@@ -14,9 +14,11 @@ from qvla_compiler.plan import QuantPlan
 from qvla_compiler.program import Program, with_noise
 from qvla_compiler.recipes import RECIPES
 
-# every preset of `qvla recipes`, and the rotations only reachable through options (--rotation / --smooth)
+# every preset of `qvla recipes`, the rotations only reachable through options (--rotation / --smooth), and scale
+# tuning (a few steps: the replay, not the tuning, is under test)
 VARIANTS = {**RECIPES, "w4a8+quarot": RECIPES["w4a8"].with_(rotation="quarot"),
-            "w4a4+hadamard+smoothquant": RECIPES["w4a4"].with_(rotation="hadamard", smooth="smoothquant")}
+            "w4a4+hadamard+smoothquant": RECIPES["w4a4"].with_(rotation="hadamard", smooth="smoothquant"),
+            "quantvla-w4a8+gptq+tune": RECIPES["quantvla-w4a8"].with_(weight_method="gptq", tune_steps=3)}
 
 
 @functools.lru_cache(maxsize=None)

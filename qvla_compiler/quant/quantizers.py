@@ -73,10 +73,15 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int = -1, clip: str 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, bits: int, k: int, group_size: int = -1) -> torch.Tensor:
     """Inverse of quantize_weight, in fp32."""
-    if bits == 8:
-        return q.float() * scale.float()[:, None]
-    w = LOWERINGS[bits].unpack(q, k).float()
-    return (_grouped(w, group_size) * scale.float()[..., None]).reshape(w.shape[0], -1)[:, :k]
+    return dequantize_unpacked(LOWERINGS[bits].unpack(q, k).float(), scale.float(), group_size)
+
+
+def dequantize_unpacked(w: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Integers [N, K] (held as floats) × their scales: [N] per channel, or [N, G] per group of `group_size`;
+    differentiable in `scale` (scale tuning)."""
+    if scale.dim() == 1:
+        return w * scale[:, None]
+    return (_grouped(w, group_size) * scale[..., None]).reshape(w.shape[0], -1)[:, : w.shape[1]]
 
 
 def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
