@@ -51,7 +51,6 @@ def _signals_as_exceptions():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
     def terminate(signum, frame):
         raise Terminated()
 
@@ -385,7 +384,7 @@ def cmd_models(args) -> int:
 def cmd_recipes(args) -> int:
     import dataclasses
 
-    from qvla_compiler.recipes import RECIPES
+    from qvla_compiler.recipes import OPTIONS, RECIPES
 
     if args.json:
         print(json.dumps({k: dataclasses.asdict(v) for k, v in RECIPES.items()}, default=str))
@@ -393,6 +392,7 @@ def cmd_recipes(args) -> int:
         for name, r in RECIPES.items():
             print(f"{name:16s} W{r.w_bits}A{r.a_bits} layout={r.layout} act={r.act_mode} clip={r.weight_clip} "
                   f"weights={r.weight_method}")
+        print(f"options (recipe+option+...): {' '.join(OPTIONS)} bpw<B>")
     return 0
 
 

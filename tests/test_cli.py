@@ -49,6 +49,18 @@ def test_calibrate_takes_the_recipe_overrides_quantize_takes(tmp_path):
     assert '"weight_method": "gptq"' in json.dumps(plan) and '"rotation": "hadamard"' in json.dumps(plan)
 
 
+def test_recipes_lists_the_presets_and_the_options_a_name_takes(capsys):
+    from qvla_compiler import cli
+    from qvla_compiler.recipes import OPTIONS, RECIPES, recipe_from_name
+
+    assert cli.main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in RECIPES)
+    options = out.split("options (recipe+option+...):")[1].split()
+    assert set(OPTIONS) | {"bpw<B>"} == set(options) and "tune" in options
+    assert all(recipe_from_name(f"w4a8+{o}") for o in OPTIONS)  # each listed option is one a name takes
+
+
 def test_inspect_reads_what_quantize_wrote(program):
     out, summary = program
     result = _run("inspect", str(out), "--json")
