@@ -25,6 +25,7 @@ from qvla_compiler.quant.quantizers import dequantize_unpacked
 
 TUNE_LR = 3e-3  # peak rate on the log-scales (RESULTS §18)
 TUNE_WARMUP = 0.25  # share of the steps spent ramping the rate up
+TUNE_BATCH = 16  # observations a step (a policy's): drawn from every calibration observation, so more data helps
 
 
 class TunedScales:
@@ -79,8 +80,7 @@ def tune_weight_scales(teacher: Program, student: Program, plan: QuantPlan, batc
     observers are removed here); `teacher`: the float program."""
     for gm in student.graphs.values():
         remove_observers(gm)
-    if student.is_policy:  # one step = one pass over every calibration observation, as one batch (fewer, larger GEMMs)
-        batches = [_stacked(batches)]
+    pool = _stacked(batches) if student.is_policy else None  # a policy's observations, to draw each step's batch from
     tuned = TunedScales(student, plan)
     opt = torch.optim.Adam(tuned.log_scales.values(), lr=TUNE_LR)
     decay = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(_warm_cosine, steps=steps))
@@ -92,11 +92,11 @@ def tune_weight_scales(teacher: Program, student: Program, plan: QuantPlan, batc
         for _ in bar:
             opt.zero_grad()
             total = 0.0
-            for inputs in batches:
-                inputs = _fresh_noise(inputs, gen) if student.is_policy else inputs
+            step_batches = [_draw(pool, gen)] if pool else batches
+            for inputs in step_batches:
                 ref = teacher.run(inputs)
                 tuned.refresh()
-                loss = _relative_error(student.run(inputs, grad=True), ref) / len(batches)
+                loss = _relative_error(student.run(inputs, grad=True), ref) / len(step_batches)
                 loss.backward()
                 total += loss.item()
             opt.step()
@@ -119,9 +119,12 @@ def _stacked(batches: list) -> tuple:
     return obs, torch.cat([noise for _, noise in batches])
 
 
-def _fresh_noise(inputs: tuple, gen: torch.Generator) -> tuple:
-    obs, noise = inputs
-    return obs, torch.randn(noise.shape, generator=gen, dtype=noise.dtype).to(noise.device)
+def _draw(pool: tuple, gen: torch.Generator) -> tuple:
+    """TUNE_BATCH observations of the pool (all of them if it has no more), with fresh noise."""
+    obs, noise = pool
+    pick = torch.randperm(noise.shape[0], generator=gen)[:TUNE_BATCH].sort().values
+    fresh = torch.randn((len(pick), *noise.shape[1:]), generator=gen, dtype=noise.dtype).to(noise.device)
+    return {key: value[pick.to(value.device)] for key, value in obs.items()}, fresh
 
 
 def _relative_error(out, ref) -> torch.Tensor:
