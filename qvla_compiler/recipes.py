@@ -39,7 +39,7 @@ LAYOUTS: Mapping[str, frozenset[tuple[Region, Role]]] = {
 ROTATIONS = ("none", "hadamard", "duquant", "svd-hadamard", "quarot")
 SMOOTHINGS = ("none", "smoothquant", "awq")
 WEIGHT_METHODS = ("rtn", "gptq")
-TUNE_STEPS = 64  # recipe option "+tune": steps of weight-scale tuning over every calibration batch (RESULTS §18)
+TUNE_STEPS = 64  # recipe option "+tune": steps of weight-scale tuning (tuning.py; RESULTS §18)
 FLOAT_DTYPES = ("fp32", "bf16")  # what the linears the layout keeps float run in (bf16: only fast with native bf16)
 
 

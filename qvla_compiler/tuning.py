@@ -1,11 +1,12 @@
 """Action-aware weight-scale tuning (ActQuant's idea), after the weights are rounded (RTN or GPTQ).
 
 The integers stay as calibration chose them. Every weight scale of every integer linear (one per group of 2-4-bit
-weights, one per output channel at 8 bits) becomes a free parameter: Adam on log-scales, cosine-decayed, fits the
-planned program's outputs — a policy's whole action chunk — to the float program's on the calibration observations,
-with fresh diffusion noise at each step (so a small buffer is not memorised noise for noise). Activations stay float
-while tuning. The tuned scales are written into the plan, so every program applied from it replays them; only the
-scales change, never the integer format, the ops or the schedule.
+weights, one per output channel at 8 bits) becomes a free parameter: Adam on log-scales, warmed up then cosine-decayed,
+fits the planned program's outputs — a policy's whole action chunk — to the float program's; each step takes
+TUNE_BATCH of the calibration observations with fresh diffusion noise (so a small buffer is not memorised noise for
+noise). Activations stay float while tuning, and an fp32 copy of every integer weight is held meanwhile. The tuned
+scales are written into the plan, so every program applied from it replays them; only the scales change, never the
+integer format, the ops or the schedule.
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def tune_weight_scales(teacher: Program, student: Program, plan: QuantPlan, batc
     observers are removed here); `teacher`: the float program."""
     for gm in student.graphs.values():
         remove_observers(gm)
-    pool = _stacked(batches) if student.is_policy else None  # a policy's observations, to draw each step's batch from
+    pool = _stacked(batches) if student.is_policy else None  # a policy's observations, each step's batch drawn from it
     tuned = TunedScales(student, plan)
     opt = torch.optim.Adam(tuned.log_scales.values(), lr=TUNE_LR)
     decay = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(_warm_cosine, steps=steps))
@@ -92,7 +93,7 @@ def tune_weight_scales(teacher: Program, student: Program, plan: QuantPlan, batc
         for _ in bar:
             opt.zero_grad()
             total = 0.0
-            step_batches = [_draw(pool, gen)] if pool else batches
+            step_batches = batches if pool is None else [_draw(pool, gen)]
             for inputs in step_batches:
                 ref = teacher.run(inputs)
                 tuned.refresh()

@@ -19,6 +19,7 @@ SUBPACKAGES = "quant/, passes/, lowering/, kernels/, inspect/, eval/, models/, i
 ROOT_MODULES = {
     "__init__.py", "_moved.py", "api.py", "artifact.py", "backend.py", "calibration.py", "cli.py", "errors.py",
     "export.py", "meta.py", "pipeline.py", "plan.py", "preflight.py", "program.py", "protocol.py", "recipes.py",
+    "tuning.py",  # a calibration phase that runs programs (float teacher, planned student), as calibration.py does
 }
 
 
