@@ -100,8 +100,10 @@ def test_errors_are_named_and_exit_2(tmp_path):
 def test_a_signal_mid_compile_prints_one_line_and_leaves_no_file(sig, code, word, tmp_path):
     out = tmp_path / "p.pt2"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+    # as from an interactive shell: a suite started in the background (`pytest &`) ignores SIGINT, and so would the CLI
     proc = subprocess.Popen([*QVLA, "quantize", "--model", "pi05-tiny", "--out", str(out)], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stderr:  # wait until the compile is under way, so the CLI's handlers are installed
         seen.append(line)
