@@ -275,7 +275,7 @@ def measure_weight_sensitivity(program: Program, recipe, batch, widths=WEIGHT_BI
     after each measurement."""
     from qvla_compiler.passes import _graph as g
     from qvla_compiler.passes.quantize_linears import GPTQ_OPTIONS
-    from qvla_compiler.quant.gptq import gptq_quantize
+    from qvla_compiler.quant.gptq import factor_hessian, gptq_quantize
     from qvla_compiler.quant.quantizers import dequantize_weight, quantize_weight
 
     sites: dict[str, list[tuple[fx.GraphModule, str]]] = {}
@@ -288,12 +288,13 @@ def measure_weight_sensitivity(program: Program, recipe, batch, widths=WEIGHT_BI
     for path, where in tqdm(sites.items(), desc="sensitivity", disable=not progress, unit="linear"):
         w = g.attr_tensor(*where[0])
         params[path] = w.numel()
-        errors[path] = {}
+        errors[path], factor = {}, None
         for bits in widths:
             if hessians is None:
                 q, s = quantize_weight(w, bits, recipe.group_size, recipe.weight_clip)
             else:
-                q, s = gptq_quantize(w, hessians[path], bits, recipe.group_size, **GPTQ_OPTIONS)
+                factor = factor or factor_hessian(hessians[path], GPTQ_OPTIONS["damp"])  # once for every width
+                q, s = gptq_quantize(w, factor, bits, recipe.group_size, **GPTQ_OPTIONS)
             rounded = dequantize_weight(q, s, bits, w.shape[1], recipe.group_size).to(w.dtype)
             for gm, target in where:
                 g.replace_attr_tensor(gm, target, rounded)

@@ -32,7 +32,7 @@ from qvla_compiler.meta import STEP_BOUNDS, update
 from qvla_compiler.passes import _graph as g
 from qvla_compiler.passes.fold_computed_weights import FOLDED_FROM
 from qvla_compiler.passes.insert_observers import observer_of
-from qvla_compiler.quant.gptq import gptq_quantize
+from qvla_compiler.quant.gptq import factor_hessian, gptq_quantize
 from qvla_compiler.quant.quantizers import quantize_weight, sqnr_db
 from qvla_compiler.quant.released import release, storage_key
 from qvla_compiler.quant.step_scales import bucket_of
@@ -71,13 +71,14 @@ def quantize_linears(gm: fx.GraphModule, weight_method: str = "rtn", step_bounds
     weights: dict[tuple, tuple[str, torch.Tensor]] = {}  # (weight target, weight spec) → (buffer base, scale)
     scales: dict[tuple, str] = {}  # (weight target, weight spec, out_scale) → dequant scale buffer
     integer = [node for node in g.linear_nodes(gm) if node.meta["qvla"].is_quantized]
+    last_factor: dict = {}  # GPTQ: the latest observer's factorised Hessian
     for node in tqdm(integer, desc=f"quantizing weights ({weight_method})", unit="linear", disable=not progress,
                      leave=False):
         info = node.meta["qvla"]
         spec = info.spec
         key = (node.args[1].target, spec.w_bits, spec.group_size, spec.weight_clip)
         if key not in weights:  # one integer weight per weight tensor, however many call sites read it
-            wq, ws = _quantize_weight(gm, node, weight_method)
+            wq, ws = _quantize_weight(gm, node, weight_method, last_factor)
             base = _free(gm, "qvla_" + re.sub(r"\W", "_", info.module_path), "_wq")
             gm.register_buffer(base + "_wq", wq)
             weights[key] = (base, ws)
@@ -192,7 +193,7 @@ def _act_scale(observer, spec, step_bounds: torch.Tensor | None) -> torch.Tensor
     return observer.tensor_scale(qmax)
 
 
-def _quantize_weight(gm: fx.GraphModule, node: fx.Node, method: str):
+def _quantize_weight(gm: fx.GraphModule, node: fx.Node, method: str, last_factor: dict):
     """RTN, or GPTQ on the Hessian the call site's observer accumulated (of the rotated/smoothed input when a
     rotation is on: this runs after phase 2b). Call sites sharing a weight use the first one's Hessian.
     GPTQ always picks each group's scale by the MSE clip search (on the error-updated weights as the sweep reaches
@@ -201,8 +202,18 @@ def _quantize_weight(gm: fx.GraphModule, node: fx.Node, method: str):
     error from 0.260 to 0.214 (absmax scales; act order: < 1% either way) and the action rel-L2 from 0.119 to 0.104."""
     spec, w = node.meta["qvla"].spec, _fetch(gm, node.args[1])
     if method == "gptq":
-        return gptq_quantize(w, observer_of(node, gm).hessian_mean(), spec.w_bits, spec.group_size, **GPTQ_OPTIONS)
+        factor = _factor(observer_of(node, gm), last_factor)
+        return gptq_quantize(w, factor, spec.w_bits, spec.group_size, **GPTQ_OPTIONS)
     return quantize_weight(w, spec.w_bits, spec.group_size, spec.weight_clip)
+
+
+def _factor(observer, last: dict):
+    """The observer's Hessian factorised once for the linears that read it; q/k/v and gate/up come one after another,
+    so `last` keeps only the latest (a K×K factor is 4 GB at K = 16384)."""
+    if last.get("observer") is not observer:
+        last.clear()  # the previous factor is freed before the next is made
+        last.update(observer=observer, factor=factor_hessian(observer.hessian_mean(), GPTQ_OPTIONS["damp"]))
+    return last["factor"]
 
 
 def keep_unquantizable_float(gm: fx.GraphModule) -> None:

@@ -15,6 +15,8 @@ The result has exactly the format of `quantizers.quantize_weight`, so `dequantiz
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -25,11 +27,44 @@ from qvla_compiler.quant.quantizers import _scales, quantize_weight, stored_scal
 _DAMP_RETRIES = 4  # a non-positive-definite H is retried with damping ×10 each time, this many times in all
 
 
-def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, group_size: int = 128, *, damp: float = 0.01,
-                  block_size: int = 128, act_order: bool = False, clip: str = "absmax", static_groups: bool = False,
-                  refit_scales: bool = False) -> tuple[Tensor, Tensor]:
-    """W [N, K] and the input Hessian H [K, K] (2·XᵀX/n; any positive multiple gives the same result) ->
-    (integer weight, scales), in the format of `quantize_weight(w, bits, group_size, clip)`:
+@dataclasses.dataclass(frozen=True)
+class HessianFactor:
+    """What GPTQ derives from an input Hessian alone, so weights reading the same input (q/k/v, gate/up, one weight
+    at several widths) factorise it once: the dead inputs, the column order, U (UᵀU = (H + λI)⁻¹, in that order)
+    and H + λI (for the scale refit). From `factor_hessian`."""
+
+    dead: Tensor
+    perm: Tensor
+    u: Tensor
+    damped: Tensor
+    damp: float
+    act_order: bool
+
+
+def factor_hessian(hessian: Tensor, damp: float = 0.01, act_order: bool = False) -> HessianFactor:
+    """Dead inputs (H_jj = 0: the channel was always zero in calibration) get H_jj = 1; λ = damp·mean(diag H) is
+    added to the diagonal; with `act_order` the columns go in order of decreasing H_jj."""
+    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ShapeError(f"gptq_quantize: the Hessian must be square [K, K], got {tuple(hessian.shape)}")
+    if not torch.isfinite(hessian).all():
+        raise CalibrationError("gptq_quantize: the Hessian contains NaN/Inf; check the calibration data and that the "
+                               "float model is finite on it")
+    h = hessian.detach().to(torch.float64).clone()  # the caller's tensor is never modified
+    dead = h.diagonal() == 0
+    h.diagonal()[dead] = 1  # keeps H invertible; the weights there never met a nonzero input
+    k = h.shape[0]
+    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(k, device=h.device)
+    u, lam = _inverse_cholesky(h[perm][:, perm], damp)
+    h.diagonal().add_(lam)
+    return HessianFactor(dead, perm, u, h, damp, act_order)
+
+
+def gptq_quantize(w: Tensor, hessian: Tensor | HessianFactor, bits: int, group_size: int = 128, *,
+                  damp: float = 0.01, block_size: int = 128, act_order: bool = False, clip: str = "absmax",
+                  static_groups: bool = False, refit_scales: bool = False) -> tuple[Tensor, Tensor]:
+    """W [N, K] and the input Hessian H [K, K] (2·XᵀX/n; any positive multiple gives the same result), or its
+    `factor_hessian` (made with the same damp and act_order) -> (integer weight, scales), in the format of
+    `quantize_weight(w, bits, group_size, clip)`:
     bits 8: int8 [N, K] and fp32 scales [N] (per output channel; group_size ignored);
     bits 4, 3, 2: packed integers and bf16 scales [N, G], one per group of `group_size` columns (-1: per row);
     the sweep rounds on the stored (bf16) group scales, and refitted scales are rounded to bf16 at the end.
@@ -50,43 +85,41 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, group_size: int = 128, 
         >>> q.shape, s.shape
         (torch.Size([32, 32]), torch.Size([32, 2]))
     """
-    w, h = _checked(w, hessian, bits, clip)
+    factor = hessian if isinstance(hessian, HessianFactor) else factor_hessian(hessian, damp, act_order)
+    if (factor.damp, factor.act_order) != (damp, act_order):
+        raise RecipeError(f"gptq_quantize: the factor was made with damp={factor.damp}, act_order={factor.act_order},"
+                          f" not damp={damp}, act_order={act_order}")
+    w = _checked(w, factor.u.shape[0], bits, clip)
     n, k = w.shape
     gs = k if bits == 8 or group_size <= 0 or group_size >= k else group_size  # as quantizers._grouped
-    dead = h.diagonal() == 0
-    h.diagonal()[dead] = 1  # keeps H invertible; the weights there never met a nonzero input
-    w[:, dead] = 0
-    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(k, device=w.device)
+    w[:, factor.dead] = 0
+    perm = factor.perm
     if bits == 8 or act_order or static_groups:
         scales = _static_scales(w, bits, group_size, clip)
     else:
         scales = w.new_zeros(n, -(-k // gs))  # filled in as the sweep reaches each group
-    u, lam = _inverse_cholesky(h[perm][:, perm], damp)
     groups = perm // gs if bits < 8 else torch.zeros_like(perm)
-    codes = _sweep(w[:, perm], u, scales, groups.tolist(), bits,
+    codes = _sweep(w[:, perm], factor.u, scales, groups.tolist(), bits,
                    gs if bits < 8 and not (act_order or static_groups) else 0, clip, max(1, block_size))
     codes = codes[:, torch.argsort(perm)]
     if refit_scales:
-        h.diagonal().add_(lam)
-        scales = _refit_scales(w, h, codes, scales, gs)
+        scales = _refit_scales(w, factor.damped, codes, scales, gs)
     if bits == 8:
         return codes.contiguous(), scales[:, 0].contiguous()
     return LOWERINGS[bits].pack(codes), stored_scale(scales, bits).contiguous()
 
 
-def _checked(w: Tensor, hessian: Tensor, bits: int, clip: str) -> tuple[Tensor, Tensor]:
+def _checked(w: Tensor, k: int, bits: int, clip: str) -> Tensor:
     if bits not in WEIGHT_BITS:
         raise RecipeError(f"gptq_quantize: bits must be one of {WEIGHT_BITS}, got {bits}")
     if clip not in ("absmax", "mse"):
         raise RecipeError(f"gptq_quantize: clip must be 'absmax' or 'mse', got {clip!r}")
-    if w.dim() != 2 or w.numel() == 0 or tuple(hessian.shape) != (w.shape[1], w.shape[1]):
+    if w.dim() != 2 or w.numel() == 0 or w.shape[1] != k:
         raise ShapeError(f"gptq_quantize: need W [N, K] (non-empty) and H [K, K]; got W {tuple(w.shape)} and "
-                         f"H {tuple(hessian.shape)}")
-    if not torch.isfinite(hessian).all() or not torch.isfinite(w).all():
-        raise CalibrationError("gptq_quantize: the weight or the Hessian contains NaN/Inf; check the calibration "
-                               "data and that the float model is finite on it")
-    # clones: the caller's tensors are never modified
-    return w.detach().float().clone(), hessian.detach().to(w.device, torch.float64).clone()
+                         f"H [{k}, {k}]")
+    if not torch.isfinite(w).all():
+        raise CalibrationError("gptq_quantize: the weight contains NaN/Inf; check that the float model is finite")
+    return w.detach().float().clone()  # a clone: the caller's tensor is never modified
 
 
 def _static_scales(w: Tensor, bits: int, group_size: int, clip: str) -> Tensor:

@@ -6,7 +6,7 @@ import torch
 
 from qvla_compiler.errors import CalibrationError, RecipeError, ShapeError
 from qvla_compiler.kernels.ops import qmax_for
-from qvla_compiler.quant.gptq import gptq_quantize
+from qvla_compiler.quant.gptq import factor_hessian, gptq_quantize
 from qvla_compiler.quant.observers import ActObserver
 from qvla_compiler.quant.quantizers import _scales, dequantize_weight, quantize_weight, stored_scale
 
@@ -106,6 +106,23 @@ def test_matches_slow_obq_loop(bits, gs, n, k, block, act_order, clip):
     q, s = gptq_quantize(w, h, bits, gs, block_size=block, act_order=act_order, clip=clip)
     ref = _slow_gptq(w, h, bits, gs, act_order=act_order, clip=clip)
     torch.testing.assert_close(_deq(w, q, s, bits, gs), ref.float(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_one_factor_serves_every_weight_and_width_of_an_input(act_order):
+    x = _inputs(200, 40, outliers=True)
+    x[:, 5] = 0  # a dead channel
+    h = _hessian(x)
+    factor = factor_hessian(h, act_order=act_order)
+    for w in (_weight(8, 40, seed=2), _weight(16, 40, seed=3)):  # e.g. q and k: one input, one Hessian
+        for bits in (2, 4, 8):
+            direct = gptq_quantize(w, h, bits, 16, act_order=act_order, clip="mse", refit_scales=True)
+            shared = gptq_quantize(w, factor, bits, 16, act_order=act_order, clip="mse", refit_scales=True)
+            assert all(torch.equal(a, b) for a, b in zip(direct, shared)), (bits, w.shape)
+    with pytest.raises(RecipeError, match="damp"):
+        gptq_quantize(w, factor, 4, 16, damp=0.1, act_order=act_order)
+    with pytest.raises(ShapeError):
+        gptq_quantize(_weight(8, 32), factor, 4, 16, act_order=act_order)
 
 
 @pytest.mark.parametrize("bits,gs,n,k,block,act_order,clip", _SLOW_CASES)
