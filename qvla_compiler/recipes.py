@@ -40,6 +40,7 @@ ROTATIONS = ("none", "hadamard", "duquant", "svd-hadamard", "quarot")
 SMOOTHINGS = ("none", "smoothquant", "awq")
 WEIGHT_METHODS = ("rtn", "gptq")
 TUNE_STEPS = 64  # recipe option "+tune": steps of weight-scale tuning (tuning.py; RESULTS §18)
+SENSITIVITIES = ("measured", "gradient")  # layout "auto": how each linear's action error per width is found
 FLOAT_DTYPES = ("fp32", "bf16")  # what the linears the layout keeps float run in (bf16: only fast with native bf16)
 
 
@@ -76,6 +77,8 @@ class QuantRecipe:
     bpw: float | None = None  # layout "auto": average weight bits over the candidate linears (>= 2; 16 = float)
     weight_bits: tuple[tuple[str, int], ...] = ()  # module path → weight width (2, 3, 4, 8; 16 = float), by "auto"
     tune_steps: int = 0  # > 0: after rounding, this many steps of action-aware weight-scale tuning (tuning.py)
+    sensitivity: str = "measured"  # layout "auto": "measured" (a sampler run per linear and width) or "gradient" (to
+    # first order from backward passes: 2-5x faster compiles, RESULTS §20); calibration.measure/estimate_weight_sensitivity
 
     def __post_init__(self):
         _require(self.layout in LAYOUTS, f"unknown layout {self.layout!r}; choose one of {sorted(LAYOUTS)}")
@@ -85,6 +88,7 @@ class QuantRecipe:
                  f"group_size must be -1 (per channel) or an even number >= 2, got {self.group_size}")
         _require(self.act_mode in ACT_MODES, f"act_mode must be one of {ACT_MODES}, got {self.act_mode!r}")
         _require(self.weight_clip in ("absmax", "mse"), f"weight_clip must be 'absmax' or 'mse', got {self.weight_clip!r}")
+        _require(self.sensitivity in SENSITIVITIES, f"sensitivity must be one of {SENSITIVITIES}, got {self.sensitivity!r}")
         _require(self.weight_method in WEIGHT_METHODS,
                  f"weight_method must be one of {WEIGHT_METHODS}, got {self.weight_method!r}")
         _require(self.rotation in ROTATIONS, f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
@@ -171,6 +175,7 @@ OPTIONS: Mapping[str, dict] = {
     **{m: dict(act_mode=m) for m in ACT_MODES},
     "atm": dict(atm=True), "ohb": dict(ohb=True), "bf16": dict(float_dtype="bf16"),
     "tune": dict(tune_steps=TUNE_STEPS),
+    "gradient": dict(sensitivity="gradient"),  # --bpw: estimate each linear's error per width instead of measuring it
 }
 
 

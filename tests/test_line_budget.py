@@ -52,8 +52,11 @@ MAX_FILE_LINES = 400
 # ActQuant's second half, issues 20 and 24), apply's planning phases shared with it; vulture (60%) again lists only
 # op registrations, adapters and dataclass fields. 15,710 the same session for GPTQ factorising each input's Hessian
 # once (gptq.factor_hessian: q/k/v and gate/up shared one Hessian but factorised it three / two times, the auto
-# layout four times a linear; bit-identical plans).
-MAX_TOTAL_LINES = 15_710
+# layout four times a linear; bit-identical plans). 15,800 (2026-12-06, next session): +70 for the first-order
+# sensitivity estimate of the auto layout (calibration.estimate_weight_sensitivity, recipe option "+gradient": 2-5x
+# faster `--bpw` compiles, RESULTS §20), its rounding loop shared with the direct measurement; +17 for the CPU grouped
+# kernel's in-place epilogue (RESULTS §1e).
+MAX_TOTAL_LINES = 15_800
 
 
 def _line_counts() -> dict[str, int]:
