@@ -309,7 +309,7 @@ def estimate_weight_sensitivity(program: Program, recipe, batch, widths=WEIGHT_B
                for path, where in sites.items()}  # the distinct tensors a path's call sites read
     deltas, params = {}, {}
     for path, tensors in tqdm(weights.items(), desc="rounding", disable=not progress, unit="linear"):
-        w = tensors[0]
+        w = tensors[0].detach()  # a module's parameters usually require grad
         params[path] = w.numel()
         rounded = _roundings(w, recipe, widths, None if hessians is None else hessians[path])
         deltas[path] = {bits: (r.float() - w.float()).bfloat16() for bits, r in rounded}  # bf16: 2 bytes a weight
