@@ -319,7 +319,8 @@ def estimate_weight_sensitivity(program: Program, recipe, batch, widths=WEIGHT_B
         for path, grad in grads.items():
             for bits, delta in deltas[path].items():
                 squares[path][bits] += float((delta.float() * grad).sum()) ** 2 / projections
-    return {path: {bits: sq ** 0.5 / max(norm, 1e-12) for bits, sq in by.items()} for path, by in squares.items()}, params
+    errors = {path: {bits: sq ** 0.5 / max(norm, 1e-12) for bits, sq in by.items()} for path, by in squares.items()}
+    return errors, params
 
 
 def _output_gradients(program: Program, batch, weights: dict[str, list[torch.Tensor]], projections: int, seed: int,

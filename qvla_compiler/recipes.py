@@ -78,7 +78,7 @@ class QuantRecipe:
     weight_bits: tuple[tuple[str, int], ...] = ()  # module path → weight width (2, 3, 4, 8; 16 = float), by "auto"
     tune_steps: int = 0  # > 0: after rounding, this many steps of action-aware weight-scale tuning (tuning.py)
     sensitivity: str = "measured"  # layout "auto": "measured" (a sampler run per linear and width) or "gradient" (to
-    # first order from backward passes: 2-5x faster compiles, RESULTS §20); calibration.measure/estimate_weight_sensitivity
+    # first order from backward passes: 2-5x faster compiles; calibration.estimate_weight_sensitivity, RESULTS §20)
 
     def __post_init__(self):
         _require(self.layout in LAYOUTS, f"unknown layout {self.layout!r}; choose one of {sorted(LAYOUTS)}")
@@ -88,7 +88,8 @@ class QuantRecipe:
                  f"group_size must be -1 (per channel) or an even number >= 2, got {self.group_size}")
         _require(self.act_mode in ACT_MODES, f"act_mode must be one of {ACT_MODES}, got {self.act_mode!r}")
         _require(self.weight_clip in ("absmax", "mse"), f"weight_clip must be 'absmax' or 'mse', got {self.weight_clip!r}")
-        _require(self.sensitivity in SENSITIVITIES, f"sensitivity must be one of {SENSITIVITIES}, got {self.sensitivity!r}")
+        _require(self.sensitivity in SENSITIVITIES,
+                 f"sensitivity must be one of {SENSITIVITIES}, got {self.sensitivity!r}")
         _require(self.weight_method in WEIGHT_METHODS,
                  f"weight_method must be one of {WEIGHT_METHODS}, got {self.weight_method!r}")
         _require(self.rotation in ROTATIONS, f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")

@@ -126,21 +126,6 @@ def int_matmul_ref(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     return a.to(torch.int64) @ b_t.to(torch.int64).t()
 
 
-def grouped_int_matmul(a: torch.Tensor, b_t: torch.Tensor, group: int, which: str | None = None) -> torch.Tensor:
-    """Per-group exact accumulators: int8 [M, K], int8 [N, K] -> [G, M, N] for groups of `group` along K (int32, or
-    int64 when a group is longer than max_exact_k())."""
-    if (which or backend()) == "int_mm" or group > EXACT_CHUNK or a.shape[0] == 0 or b_t.shape[0] == 0:
-        parts = list(group_accumulators(a, b_t, group, which))
-        if not parts:
-            return torch.zeros((0, a.shape[0], b_t.shape[0]), dtype=torch.int32)
-        return torch.stack([p.to(torch.int64) for p in parts]) if group > max_exact_k() else torch.stack(parts)
-    n_groups = -(-a.shape[1] // group)
-    pad = n_groups * group - a.shape[1]  # zero columns add nothing to any group's sum
-    xa = torch.nn.functional.pad(a, (0, pad)).float().reshape(a.shape[0], n_groups, group).transpose(0, 1)
-    wb = torch.nn.functional.pad(b_t, (0, pad)).float().reshape(b_t.shape[0], n_groups, group).permute(1, 2, 0)
-    return torch.bmm(xa, wb).to(torch.int32)  # group <= 1024: every group sum is exact in fp32 (|.| <= 2^24)
-
-
 def group_accumulators(a: torch.Tensor, b_t: torch.Tensor, group: int, which: str | None = None):
     """Each K-group's exact accumulator [M, N] in turn (int_matmul of the group's columns), so that a caller summing
     scaled groups never holds all G of them (stacking them cost more than the G GEMMs at M = 1032)."""
