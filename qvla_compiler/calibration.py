@@ -300,7 +300,7 @@ def estimate_weight_sensitivity(program: Program, recipe, batch, widths=WEIGHT_B
     run per linear and width. For v ~ N(0, I) shaped like the output a, E_v[(v·δa)²] = ‖δa‖², and rounding one
     linear's weight by ΔW moves v·a by ⟨ΔW, ∇_W(v·a)⟩ to first order; one backward pass gives that gradient for
     every linear at once, so the error estimate is √(mean over projections of ⟨ΔW, ∇_W(v·a)⟩²) / ‖a‖. On the small
-    presets it ranks the linears as the direct measurement does (Spearman 0.96-0.99 at each width) in 3-12x less time;
+    presets it ranks the linears as the direct measurement does (Spearman 0.96-0.99 at each width) in 3-14x less time;
     the widths it picks leave 0.3-7% more open-loop action error (benchmarks/RESULTS.md §20)."""
     from qvla_compiler.passes import _graph as g
 

@@ -1,6 +1,6 @@
 """Action-aware weight-scale tuning (qvla_compiler/tuning.py): it lowers the output error it is fitted to, changes
 only scales (never an integer), and a consuming compile, which has no float program to fit to, is refused before
-anything is released. Its plans replay bit for bit: test_plan_replay.py's "w4a8-gptq+tune" variant."""
+anything is released. Its plans replay bit for bit: test_plan_replay.py's "quantvla-w4a8+gptq+tune" variant."""
 import pytest
 import torch
 
