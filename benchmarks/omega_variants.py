@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/omega_variants.py groot-tabletop block64 alpha0.3
     OMP_NUM_THREADS=1 python benchmarks/omega_variants.py pi05-tabletop base block256 --seed 1000   # held-out seeds
+    OMP_NUM_THREADS=1 python benchmarks/omega_variants.py groot-tabletop base w8a4 w4a8 --seed 10000 --episodes 1200
 
 Prints one JSON line per variant: success of float and quantized on the same 600 episodes, McNemar p, divergence.
 `--seed S` moves the episodes to seeds S..S+199 of each family: choose a variant there, then report it on the
@@ -27,10 +28,15 @@ VARIANTS = {  # name → the one field changed
     "block256": dict(rotation_block=256),
     "alpha0.3": dict(smooth_alpha=0.3),
     "alpha0.7": dict(smooth_alpha=0.7),
+    "alpha0.0": dict(smooth_alpha=0.0),
+    "quarot": dict(rotation="quarot"),
     "atm_ohb": dict(atm=True, ohb=True),
     "awq": dict(smooth="awq"),
     "per_step": dict(act_mode="per_step"),
     "static": dict(act_mode="static"),
+    "w8a4": dict(w_bits=8),  # which half of W4A4 costs the success (RESULTS §21)
+    "w4a8": dict(a_bits=8),
+    "backbone_a8": dict(backbone_a_bits=8),  # the recipe option +backbone-a8
 }
 KEYS = ("model", "recipe", "success_q", "success_fp", "p_value", "action_divergence")
 

@@ -53,6 +53,7 @@ class QuantRecipe:
     layout: str = "quantvla"
     w_bits: int = 8
     a_bits: int = 8
+    backbone_a_bits: int | None = None  # the backbone's integer linears quantize activations to this width instead
     group_size: int = 128
     act_mode: str = "dynamic"
     weight_clip: str = "absmax"
@@ -84,6 +85,7 @@ class QuantRecipe:
         _require(self.layout in LAYOUTS, f"unknown layout {self.layout!r}; choose one of {sorted(LAYOUTS)}")
         _require(self.w_bits in WEIGHT_BITS, f"w_bits must be one of {WEIGHT_BITS}, got {self.w_bits}")
         _require(self.a_bits in (4, 8), f"a_bits must be 4 or 8, got {self.a_bits}")
+        _require(self.backbone_a_bits in (None, 4, 8), f"backbone_a_bits must be 4 or 8, got {self.backbone_a_bits}")
         _require(self.group_size == -1 or self.group_size >= 2 and self.group_size % 2 == 0,
                  f"group_size must be -1 (per channel) or an even number >= 2, got {self.group_size}")
         _require(self.act_mode in ACT_MODES, f"act_mode must be one of {ACT_MODES}, got {self.act_mode!r}")
@@ -118,10 +120,12 @@ class QuantRecipe:
     def spec(self) -> QuantSpec:
         return QuantSpec(self.w_bits, self.a_bits, self.group_size, self.act_mode, self.weight_clip)
 
-    def spec_for(self, module_path: str) -> QuantSpec | None:
-        """The spec of one linear the layout makes integer: weight_bits may narrow or widen it, or keep it float."""
+    def spec_for(self, module_path: str, region: Region | None = None) -> QuantSpec | None:
+        """The spec of one linear the layout makes integer: weight_bits may narrow or widen it, or keep it float;
+        backbone_a_bits sets the activation width of the backbone's."""
         width = dict(self.weight_bits).get(module_path, self.w_bits)
-        return None if width == 16 else dataclasses.replace(self.spec, w_bits=width)
+        a_bits = self.backbone_a_bits if region == Region.BACKBONE and self.backbone_a_bits else self.a_bits
+        return None if width == 16 else dataclasses.replace(self.spec, w_bits=width, a_bits=a_bits)
 
     @property
     def needs_bit_allocation(self) -> bool:
@@ -176,6 +180,8 @@ OPTIONS: Mapping[str, dict] = {
     **{m: dict(act_mode=m) for m in ACT_MODES},
     "atm": dict(atm=True), "ohb": dict(ohb=True), "bf16": dict(float_dtype="bf16"),
     "tune": dict(tune_steps=TUNE_STEPS),
+    # W4A4 loses its closed-loop points in the backbone's 4-bit activations (RESULTS §21); the backbone runs once a chunk
+    "backbone-a8": dict(backbone_a_bits=8),
     "gradient": dict(sensitivity="gradient"),  # --bpw: estimate each linear's error per width instead of measuring it
 }
 

@@ -9,6 +9,7 @@ import qvla_compiler
 from qvla_compiler import pipeline
 from qvla_compiler.calibration import resolve_style
 from qvla_compiler.export import capture_policy
+from qvla_compiler.meta import Region
 from qvla_compiler.models import build_policy
 from qvla_compiler.plan import QuantPlan
 from qvla_compiler.program import Program, with_noise
@@ -18,7 +19,8 @@ from qvla_compiler.recipes import RECIPES
 # tuning (a few steps: the replay, not the tuning, is under test)
 VARIANTS = {**RECIPES, "w4a8+quarot": RECIPES["w4a8"].with_(rotation="quarot"),
             "w4a4+hadamard+smoothquant": RECIPES["w4a4"].with_(rotation="hadamard", smooth="smoothquant"),
-            "quantvla-w4a8+gptq+tune": RECIPES["quantvla-w4a8"].with_(weight_method="gptq", tune_steps=3)}
+            "quantvla-w4a8+gptq+tune": RECIPES["quantvla-w4a8"].with_(weight_method="gptq", tune_steps=3),
+            "omega-w4a4+backbone-a8": RECIPES["omega-w4a4"].with_(backbone_a_bits=8)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,6 +61,8 @@ def test_every_recipe_replays_bit_identically_from_a_saved_plan(tmp_path, name, 
     assert 0 < float((out - ref).norm() / ref.norm()) < 0.5  # quantized (not the float program), and sane
     if rec.rotation != "none" or rec.smooth != "none":
         assert any(m.extra.get("rotation") for m in plan.modules.values())
+    if rec.backbone_a_bits:
+        assert {(Region(m.region).value, m.spec.a_bits) for m in plan.quantized} == {("backbone", 8), ("action_head", 4)}
     if rec.atm or rec.ohb:
         assert plan.attention and plan.attention["graphs"], "ATM/OHB recipes carry their α/β in the plan"
 

@@ -4,6 +4,7 @@ import dataclasses
 import pytest
 
 from qvla_compiler.errors import RecipeError
+from qvla_compiler.meta import Region
 from qvla_compiler.recipes import OPTIONS, RECIPES, recipe_from_name, resolve_recipe
 
 
@@ -30,6 +31,16 @@ def test_a_plain_preset_is_the_preset_object():
 def test_every_option_makes_a_valid_recipe():
     for option in OPTIONS:
         assert recipe_from_name(f"w4a8+{option}").name == f"w4a8+{option}"
+
+
+def test_backbone_a8_widens_only_the_backbones_activations():
+    r = recipe_from_name("omega-w4a4+backbone-a8")
+    backbone, head = r.spec_for("lm.q_proj", Region.BACKBONE), r.spec_for("head.ff", Region.ACTION_HEAD)
+    assert (backbone.w_bits, backbone.a_bits, head.w_bits, head.a_bits) == (4, 8, 4, 4)
+    assert r.spec_for("head.ff").a_bits == 4  # no region: the recipe's own width
+    assert RECIPES["omega-w4a4"].spec_for("lm.q_proj", Region.BACKBONE).a_bits == 4
+    with pytest.raises(RecipeError, match="backbone_a_bits"):
+        RECIPES["w4a4"].with_(backbone_a_bits=6)
 
 
 @pytest.mark.parametrize("name,needle", [("w4a8+fast", "'fast'"), ("w5a8+gptq", "'w5a8'"), ("w4a8+auto", "'auto'")])
