@@ -285,11 +285,11 @@ def _console() -> Console:
 
 def _print_summary(s: dict) -> None:
     console = _console()
-    table = Table(title=f"{s['model']} · {s['recipe']} · layout {s['layout']}")
-    for col in ("region", "integer linears", "float linears"):
-        table.add_column(col)
+    table = Table("region", "integer linears", "float linears",
+                  title=f"{s['model']} · {s['recipe']} · layout {s['layout']}")
     for region, row in s["regions"].items():
-        table.add_row(region, str(row["int"]), str(row["float"]))
+        formats = " + ".join(f"{n} {f}" for f, n in sorted(row.get("formats", {}).items()))  # older reports: none
+        table.add_row(region, formats or str(row["int"]), str(row["float"]))
     console.print(table)
     mib = 1 / 2**20
     console.print(f"quantized components: {s['bytes_bf16'] * mib:.2f} MiB bf16 → {s['bytes_quant'] * mib:.2f} MiB "

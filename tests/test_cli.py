@@ -31,6 +31,8 @@ def test_quantize_json_has_the_documented_keys(program):
         assert key in summary
     assert summary["model"] == "pi05-tiny" and summary["recipe"] == "w4a8" and summary["layout"] == "quantvla"
     assert summary["int_linears"] == 20 and 0.5 < summary["memory_saving"] < 0.8
+    assert {r: row["formats"] for r, row in summary["regions"].items() if row["int"]} == {  # quantvla layout
+        "backbone": {"W4A8": 14}, "action_head": {"W4A8": 6}}
     assert summary["dtype"] == "fp32"  # --dtype auto: bf16 only for the -full presets
     assert out.is_file()
     phases = [p["name"] for p in summary["phases"]]  # per-phase wall time and peak RSS (inspect/phases.py)

@@ -71,11 +71,14 @@ class Report:
     def policy_memory_saving(self) -> float:
         return 1 - self.policy_bytes_quant / self.policy_bytes_bf16 if self.policy_bytes_bf16 else 0.0
 
-    def by_region(self) -> dict[str, dict[str, int]]:
-        out: dict[str, dict[str, int]] = {}
+    def by_region(self) -> dict[str, dict]:
+        """Per region: how many linears are integer and float, and the integer ones per format ("W4A8": 14)."""
+        out: dict[str, dict] = {}
         for r in self.linears:
-            row = out.setdefault(r.region, {"int": 0, "float": 0})
+            row = out.setdefault(r.region, {"int": 0, "float": 0, "formats": {}})
             row["float" if r.bits == "float" else "int"] += 1
+            if r.bits != "float":
+                row["formats"][r.bits] = row["formats"].get(r.bits, 0) + 1
         return out
 
     def summary(self) -> dict:
