@@ -54,6 +54,9 @@ VARIANTS = {  # name → recipe; the ablation walks from QuantVLA to uniform W4A
     "auto w4a8 bpw 3.0 gptq": RECIPES["w4a8"].with_(layout="auto", bpw=3.0, weight_method="gptq"),
     "auto w4a8 bpw 4.0 gptq": RECIPES["w4a8"].with_(layout="auto", bpw=4.0, weight_method="gptq"),
     "uniform w4a8 gptq": RECIPES["w4a8"].with_(layout="uniform", weight_method="gptq"),
+    # the preset, and its 4-bit weights with the backbone's activations at 8 bits (RESULTS §21)
+    "omega-w4a4": RECIPES["omega-w4a4"],
+    "omega-w4a4 backbone-a8": RECIPES["omega-w4a4"].with_(backbone_a_bits=8),
 }
 CANDIDATES = {(region.value, role.value) for region, role in LAYOUTS["uniform"]}
 
