@@ -180,7 +180,7 @@ OPTIONS: Mapping[str, dict] = {
     **{m: dict(act_mode=m) for m in ACT_MODES},
     "atm": dict(atm=True), "ohb": dict(ohb=True), "bf16": dict(float_dtype="bf16"),
     "tune": dict(tune_steps=TUNE_STEPS),
-    # W4A4 loses its closed-loop points in the backbone's 4-bit activations (RESULTS §21); the backbone runs once a chunk
+    # W4A4 loses most of its closed-loop points in the backbone's 4-bit activations (RESULTS §21), which run once a chunk
     "backbone-a8": dict(backbone_a_bits=8),
     "gradient": dict(sensitivity="gradient"),  # --bpw: estimate each linear's error per width instead of measuring it
 }
