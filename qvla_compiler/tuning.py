@@ -30,12 +30,14 @@ TUNE_BATCH = 16  # observations a step (a policy's): drawn from every calibratio
 
 
 class TunedScales:
-    """Each integer weight of a planned program as integers × exp(log-scale), the log-scales trainable; the planned
-    graphs read the dequantized weights from attributes `qvla_tuned_<k>` that `refresh()` recomputes."""
+    """Each integer weight of a planned program as integers × sign × exp(log-scale), the log-scales trainable (a
+    scale keeps its sign: quantizers._scales may store it negative); the planned graphs read the dequantized weights
+    from attributes `qvla_tuned_<k>` that `refresh()` recomputes."""
 
     def __init__(self, program: Program, plan: QuantPlan):
         self.log_scales: dict[str, torch.nn.Parameter] = {}
         self._ints: dict[str, torch.Tensor] = {}
+        self._signs: dict[str, torch.Tensor] = {}
         self._group_sizes: dict[str, int] = {}
         self._sites: dict[str, list[tuple[fx.GraphModule, str, torch.dtype]]] = {}
         for gm in program.graphs.values():
@@ -52,8 +54,9 @@ class TunedScales:
             bits = entry.spec.w_bits
             self._ints[path] = LOWERINGS[bits].unpack(entry.tensors[WEIGHT_Q], entry.in_features).float()
             self._group_sizes[path] = entry.spec.group_size
-            scale = entry.tensors[WEIGHT_SCALE].float().clamp_min(torch.finfo(torch.float32).tiny)
-            self.log_scales[path] = torch.nn.Parameter(scale.log())
+            scale = entry.tensors[WEIGHT_SCALE].float()
+            self._signs[path] = torch.where(scale < 0, -1.0, 1.0)
+            self.log_scales[path] = torch.nn.Parameter(scale.abs().clamp_min(torch.finfo(torch.float32).tiny).log())
             self._sites[path] = []
         name = f"qvla_tuned_{sum(map(len, self._sites.values()))}"
         gm.register_buffer(name, torch.empty(0))
@@ -64,14 +67,17 @@ class TunedScales:
     def refresh(self) -> None:
         """Dequantize every weight from the current log-scales (a backward pass frees the last ones' graph)."""
         for path, sites in self._sites.items():
-            w = dequantize_unpacked(self._ints[path], self.log_scales[path].exp(), self._group_sizes[path])
+            w = dequantize_unpacked(self._ints[path], self._scale(path), self._group_sizes[path])
             for gm, name, dtype in sites:
                 setattr(gm, name, w.to(dtype))
 
+    def _scale(self, path: str) -> torch.Tensor:
+        return self._signs[path] * self.log_scales[path].exp()
+
     def write_into(self, plan: QuantPlan) -> None:
-        for path, log_scale in self.log_scales.items():
+        for path in self.log_scales:
             stored = plan.modules[path].tensors[WEIGHT_SCALE]
-            plan.modules[path].tensors[WEIGHT_SCALE] = log_scale.detach().exp().to(stored.dtype).contiguous()
+            plan.modules[path].tensors[WEIGHT_SCALE] = self._scale(path).detach().to(stored.dtype).contiguous()
 
 
 def tune_weight_scales(teacher: Program, student: Program, plan: QuantPlan, batches: list, steps: int, *,

@@ -1,11 +1,12 @@
 """Bound every integer linear's accumulator; record whether its K must be split, refuse what no kernel can split.
 
 Before: aten.linear nodes annotated with an integer LinearInfo.spec (quantize_linears has run).
-After:  the same graph; each integer linear carries node.meta["qvla_acc"] = AccumulatorBound: K, the value bounds
-        qmax_a and qmax_w, the worst |accumulator| K * qmax_a * qmax_w, the longest K-chunk whose int32 sum cannot
-        overflow, and whether K must be split. The kernels split such a K themselves (cpu_gemm and the Triton
-        launchers sum exact int32 chunks in int64); the one unit none splits, an int4 weight group (int32 inside a
-        group, one scale per group), raises AccumulatorOverflowError when it could overflow.
+After:  the same graph; each integer linear carries node.meta["qvla_acc"] = AccumulatorBound: K, the magnitude
+        bounds qmax_a and qmax_w (a 4-bit weight reaches -8), the worst |accumulator| K * qmax_a * qmax_w, the
+        longest K-chunk whose int32 sum cannot overflow, and whether K must be split. The kernels split such a K
+        themselves (cpu_gemm and the Triton launchers sum exact int32 chunks in int64); the one unit none splits, an
+        int4 weight group (int32 inside a group, one scale per group), raises AccumulatorOverflowError when it could
+        overflow.
 Invariant: no integer linear is lowered with an int32 accumulator that can overflow. M (batch x tokens) may be
         symbolic in the exported graph; it does not enter the bound, since every output element is one K-term dot.
 """
@@ -20,6 +21,7 @@ from qvla_compiler.errors import AccumulatorOverflowError
 from qvla_compiler.kernels.cpu_gemm import INT4_MAG, INT8_MAG, INT32_MAX
 from qvla_compiler.kernels.ops import qmax_for
 from qvla_compiler.passes import _graph as g
+from qvla_compiler.quant.quantizers import weight_low
 
 ACC_META = "qvla_acc"
 K, QA, QW = sympy.symbols("K q_a q_w", integer=True, positive=True)
@@ -47,7 +49,7 @@ def check_accumulator_bounds(gm: fx.GraphModule) -> fx.GraphModule:
         if info is None or not info.is_quantized:
             continue
         spec = info.spec
-        bound = accumulator_bound(info.in_features, qmax_for(spec.a_bits), qmax_for(spec.w_bits))
+        bound = accumulator_bound(info.in_features, qmax_for(spec.a_bits), -weight_low(spec.w_bits))
         if spec.w_bits < 8:  # grouped weights; the 2-/3-bit ones run in the int4 kernel on GPU
             _check_int4_group(info.module_path, info.in_features, spec.group_size)
         node.meta[ACC_META] = bound

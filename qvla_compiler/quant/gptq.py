@@ -22,7 +22,7 @@ from torch import Tensor
 
 from qvla_compiler.errors import CalibrationError, RecipeError, ShapeError
 from qvla_compiler.kernels.ops import LOWERINGS, WEIGHT_BITS, qmax_for
-from qvla_compiler.quant.quantizers import _scales, quantize_weight, stored_scale
+from qvla_compiler.quant.quantizers import _scales, quantize_weight, stored_scale, weight_low
 
 _DAMP_RETRIES = 4  # a non-positive-definite H is retried with damping ×10 each time, this many times in all
 
@@ -75,8 +75,8 @@ def gptq_quantize(w: Tensor, hessian: Tensor | HessianFactor, bits: int, group_s
     (AutoGPTQ), or, with `static_groups` or `act_order` (columns in order of decreasing H_jj), static per-group
     scales from W chosen before the sweep, so that groups stay contiguous in the original column order.
     `refit_scales`: after the sweep, with the integers fixed, every row's scales are re-solved by least squares
-    under the damped Hessian (min_s (w − Q s)(H + λI)(w − Q s)ᵀ, one G×G system per row; a scale that would not
-    be positive keeps its value), which never increases that objective.
+    under the damped Hessian (min_s (w − Q s)(H + λI)(w − Q s)ᵀ, one G×G system per row; a row whose solution
+    would flip a scale's sign keeps its scales), which never increases that objective.
 
     Example::
 
@@ -151,8 +151,8 @@ def _inverse_cholesky(h: Tensor, damp: float) -> tuple[Tensor, float]:
 def _refit_scales(w: Tensor, h: Tensor, codes: Tensor, scales: Tensor, gs: int) -> Tensor:
     """Per row i, the scales s [G] minimising (w_i − Q_i s) H (w_i − Q_i s)ᵀ with Q_i [K, G] the row's integers
     spread over its groups: the normal equations (Q_iᵀ H Q_i) s = Q_iᵀ H w_i, float64. A tiny ridge towards the
-    old scales (1e-9 of the mean diagonal) keeps an all-zero group's scale; a non-positive or non-finite solution
-    keeps the old scales of that row."""
+    old scales (1e-9 of the mean diagonal) keeps an all-zero group's scale; a solution that flips a scale's sign
+    (or is not finite) keeps the old scales of that row."""
     n, k = w.shape
     g = scales.shape[1]
     pad = g * gs - k
@@ -167,7 +167,7 @@ def _refit_scales(w: Tensor, h: Tensor, codes: Tensor, scales: Tensor, gs: int) 
     ridge = 1e-9 * lhs.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-300)
     lhs = lhs + ridge[:, None, None] * torch.eye(g, dtype=lhs.dtype, device=lhs.device)
     new = torch.linalg.solve(lhs, (rhs + ridge[:, None] * old)[..., None])[..., 0]
-    ok = (torch.isfinite(new) & (new > 0)).all(1, keepdim=True)
+    ok = (torch.isfinite(new) & (new * old > 0)).all(1, keepdim=True)
     return torch.where(ok, new, old).float()
 
 
@@ -176,7 +176,7 @@ def _sweep(w: Tensor, u: Tensor, scales: Tensor, groups: list[int], bits: int, d
     """The GPTQ column loop over W [N, K], in blocks of `block_size` columns; returns the integer codes [N, K] int8.
     Column j uses scales[:, groups[j]]; with dynamic_gs > 0 that scale is computed from the current weights when
     j is a multiple of dynamic_gs. Works on Wᵀ (float64) so that each column is a contiguous row on the CPU."""
-    qmax = qmax_for(bits)
+    qmax, low = qmax_for(bits), weight_low(bits)
     wt = w.T.contiguous().double()  # [K, N], updated in place
     k, n = wt.shape
     codes = torch.empty(k, n, dtype=torch.int8, device=wt.device)
@@ -188,10 +188,10 @@ def _sweep(w: Tensor, u: Tensor, scales: Tensor, groups: list[int], bits: int, d
             j = i1 + i
             if dynamic_gs and j % dynamic_gs == 0:
                 cur = _current_rows(wt, err, u, i1, i, i2, min(j + dynamic_gs, k))
-                group_scale = _scales(cur.T.float()[:, None, :], qmax, clip)[:, 0]
+                group_scale = _scales(cur.T.float()[:, None, :], qmax, clip, low=low)[:, 0]
                 scales[:, groups[j]] = stored_scale(group_scale, bits).float()
             s = scales[:, groups[j]].double()
-            q = torch.clamp(torch.round(blk[i] / s), -qmax, qmax)
+            q = torch.clamp(torch.round(blk[i] / s), low, qmax)
             codes[j] = q.to(torch.int8)
             err[i] = (blk[i] - q * s) / u[j, j]
             # OBQ update of the rest of the block; a [m, 1] @ [1, N] addmm, as BLAS is far faster than addr_ here

@@ -1,4 +1,5 @@
-"""Weight quantizers (symmetric, per output channel or per group) and their dequantizers. Pure tensor functions."""
+"""Weight quantizers (a scale, no zero point; per output channel or per group) and their dequantizers. Pure tensor
+functions."""
 from __future__ import annotations
 
 import math
@@ -31,17 +32,33 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.nn.functional.pad(w, (0, pad)).reshape(n, -1, gs)
 
 
+def weight_low(bits: int) -> int:
+    """The lowest integer a `bits`-bit weight takes. Below 8 bits every level of the two's-complement format,
+    -2^(bits-1) (int4 [-8, 7]: 16 levels where a symmetric grid uses 15; 2 bits [-2, 1]: 4 levels, not ternary's
+    3); at 8 bits the symmetric -127, which keeps the CPU's exact fp32 chunking (EXACT_CHUNK: |w| ≤ 128 either way)
+    and gives up 1/255 of the range."""
+    return -qmax_for(bits) - (1 if bits < 8 else 0)
+
+
 def _scales(wg: torch.Tensor, qmax: int, clip: str, ratios: torch.Tensor = _MSE_RATIOS,
-            weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Per row of wg [..., n]: absmax / qmax, or with clip "mse" the scale absmax·r / qmax, r in `ratios`, that
-    minimises Σ weights·(Q(wg) − wg)² over the row, Q the symmetric `qmax` grid with clamping."""
-    absmax = wg.abs().amax(-1).clamp_min(1e-8)  # [N, G]
+            weights: torch.Tensor | None = None, low: int | None = None) -> torch.Tensor:
+    """Per row of wg [..., n]: the scale s of smallest |s| whose grid [low, qmax]·s covers the row, or with clip "mse"
+    that s times r, r in `ratios`, minimising Σ weights·(Q(wg) − wg)² over the row, Q the grid with clamping.
+    On the symmetric grid (low = -qmax, the default) s = absmax / qmax. On [-2^(b-1), 2^(b-1) - 1] the side with the
+    extra level should face the row's larger side, so s is negative where that side is positive: q = round(w / s)
+    then spans [-qmax·|s|, -low·|s|]. The kernels multiply by the stored scale whatever its sign."""
+    low = -qmax if low is None else low
+    reach = wg.abs().amax(-1).clamp_min(1e-8)  # [N, G]: what level qmax stands for, s = reach / qmax
+    if low != -qmax:
+        below = torch.maximum(wg.amax(-1), wg.amin(-1) * qmax / low)  # the extra level below zero
+        above = torch.maximum(-wg.amin(-1), -wg.amax(-1) * qmax / low)  # ... above zero: a negative scale
+        reach = torch.where(above < below, -above, below.clamp_min(1e-8))
     if clip == "absmax":
-        return absmax / qmax
+        return reach / qmax
     best_err, best = None, None
     for ratio in ratios:
-        s = absmax * ratio / qmax
-        err = (torch.clamp(torch.round(wg / s[..., None]), -qmax, qmax) * s[..., None] - wg).pow(2)
+        s = reach * ratio / qmax
+        err = (torch.clamp(torch.round(wg / s[..., None]), low, qmax) * s[..., None] - wg).pow(2)
         err = (err if weights is None else err * weights).sum(-1)
         take = err < best_err if best_err is not None else torch.ones_like(err, dtype=torch.bool)
         best_err = err if best_err is None else torch.where(take, err, best_err)
@@ -58,13 +75,14 @@ def mse_clip_scale(values: torch.Tensor, weights: torch.Tensor, qmax: int) -> to
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int = -1, clip: str = "absmax"):
     """W [N, K] -> (integer weight, scales). bits 8: int8 [N, K], fp32 scales [N] (per channel, group ignored).
     bits 4, 3, 2: the packed integers of ops.LOWERINGS[bits] (int4: int8 [N, ceil(K/2)]; 3 and 2: uint8 bit-planes
-    [N, bits, ceil(K/8)]) on the symmetric grid ±(2^(bits-1) - 1) (2 bits: ternary), bf16 scales [N, G] per group of
-    `group_size` (-1: one group per row)."""
+    [N, bits, ceil(K/8)]) on the grid [weight_low(bits), 2^(bits-1) - 1], bf16 scales [N, G] (of either sign, see
+    _scales) per group of `group_size` (-1: one group per row)."""
     w = w.detach().float()
     qmax = qmax_for(bits)
     wg = _grouped(w, -1 if bits == 8 else group_size)
-    scale = stored_scale(_scales(wg, qmax, clip), bits).float()
-    q = torch.clamp(torch.round(wg / scale[..., None]), -qmax, qmax).to(torch.int8)
+    low = weight_low(bits)
+    scale = stored_scale(_scales(wg, qmax, clip, low=low), bits).float()
+    q = torch.clamp(torch.round(wg / scale[..., None]), low, qmax).to(torch.int8)
     q = q.reshape(w.shape[0], -1)[:, : w.shape[1]]
     if bits == 8:
         return q.contiguous(), scale[:, 0].contiguous()

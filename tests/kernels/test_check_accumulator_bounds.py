@@ -64,3 +64,10 @@ def test_pipeline_records_and_the_lowered_linear_is_exact_past_int32():
     assert lowered[0].meta[ACC_META].needs_k_split
     want = (x.double() @ module.weight.double().t()).float()  # 133.145; fp32 linear itself drifts by 2e-4 here
     torch.testing.assert_close(qp.module()(x), want, rtol=1e-6, atol=0)  # an int32 wrap would give -133.1
+
+
+def test_int4_weight_bound_counts_the_level_below_minus_seven():
+    """A 4-bit weight is stored on [-8, 7] (quantizers.weight_low), so its bound is 8, not the symmetric 7."""
+    gm, node = _exported_linear(1024, QuantSpec(4, 8, group_size=128))
+    check_accumulator_bounds(gm)
+    assert (node.meta[ACC_META].qmax_w, node.meta[ACC_META].worst) == (8, 1024 * 127 * 8)

@@ -43,7 +43,8 @@ def test_int4_linear_decomp_equals_eager(monkeypatch, which, k, group):
     xq, xs = qvla.quantize_act(torch.randn(3, 5, k, generator=gen), 8, None)
     w = torch.randint(-8, 8, (12, k), dtype=torch.int8, generator=gen)
     n_groups = 1 if group == -1 else -(-k // group)
-    ws = torch.rand(12, n_groups, generator=gen) * 0.1 + 1e-3
+    sign = torch.randint(0, 2, (12, n_groups), generator=gen) * 2 - 1  # quantizers._scales stores either sign
+    ws = (torch.rand(12, n_groups, generator=gen) * 0.1 + 1e-3) * sign
     b = torch.randn(12, generator=gen)
     packed, gs = ops.pack_int4(w), (k if group == -1 else group)
     got = inductor.int4_linear_decomp(xq, xs, packed, ws, b, gs, torch.float32)
@@ -60,7 +61,8 @@ def test_bitplane_linear_decomp_equals_eager(monkeypatch, which, bits, k, group)
     xq, xs = qvla.quantize_act(torch.randn(3, 5, k, generator=gen), 8, None)
     w = torch.randint(-2 ** (bits - 1), 2 ** (bits - 1), (12, k), dtype=torch.int8, generator=gen)
     gs = k if group == -1 else group
-    ws, b = torch.rand(12, -(-k // gs), generator=gen) * 0.1 + 1e-3, torch.randn(12, generator=gen)
+    ws = (torch.rand(12, -(-k // gs), generator=gen) - 0.5) * 0.2  # either sign, as quantizers._scales stores
+    b = torch.randn(12, generator=gen)
     planes = ops.pack_bitplanes(w, bits)
     got = inductor.bitplane_linear_decomp(xq, xs, planes, ws, b, bits, gs, torch.float32)
     torch.testing.assert_close(got, qvla.bitplane_linear(xq, xs, planes, ws, b, bits, gs, torch.float32),

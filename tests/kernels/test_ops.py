@@ -64,9 +64,9 @@ def test_int4_pack_roundtrip(k):
 @pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])  # bf16: what quantize_weight stores
 def test_int4_linear_matches_reference(m, k, n, group, a_bits, scale_dtype):
     xq, xs = ops.quantize_act(torch.randn(m, k), a_bits, None)
-    w = torch.randint(-7, 8, (n, k), dtype=torch.int8)
+    w = torch.randint(-8, 8, (n, k), dtype=torch.int8)  # every level quantize_weight uses
     gs = k if group == -1 else group
-    ws = (torch.rand(n, -(-k // gs)) / 10).to(scale_dtype)
+    ws = ((torch.rand(n, -(-k // gs)) - 0.5) / 5).to(scale_dtype)  # either sign, as quantizers._scales stores
     out = ops.int4_linear(xq, xs, ops.pack_int4(w), ws, None, gs, torch.float32)
     ref = ops.int4_linear_ref(xq, xs, ops.pack_int4(w), ws, None, gs, torch.float64)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
@@ -98,7 +98,7 @@ def test_bitplane_linear_matches_reference(m, k, n, bits, group, a_bits):
     xq, xs = ops.quantize_act(torch.randn(m, k), a_bits, None)
     w = torch.randint(-2 ** (bits - 1), 2 ** (bits - 1), (n, k), dtype=torch.int8)
     gs = k if group == -1 else group
-    ws, b = (torch.rand(n, -(-k // gs)) / 10).bfloat16(), torch.randn(n)
+    ws, b = ((torch.rand(n, -(-k // gs)) - 0.5) / 5).bfloat16(), torch.randn(n)  # scales of either sign
     planes = ops.pack_bitplanes(w, bits)
     out = ops.bitplane_linear(xq, xs, planes, ws, b, bits, gs, torch.float32)
     ref = ops.bitplane_linear_ref(xq, xs, planes, ws, b, bits, gs, torch.float64)

@@ -34,7 +34,8 @@ def _operands(m, n, k, group_size, seed, x_bits=8):
     w = _ints(-8, 8, n, k, seed=seed + 2)  # full two's-complement nibble range, -8 included
     groups = -(-k // group_size)
     x_scale = (torch.rand(m, 1, generator=g) + 0.5) / qmax
-    w_scale = ((torch.rand(n, groups, generator=g) + 0.5) / 7).bfloat16()  # stored in bf16 (quantizers.SCALE_DTYPES)
+    sign = torch.randint(0, 2, (n, groups), generator=g) * 2 - 1  # quantizers._scales stores either sign
+    w_scale = ((torch.rand(n, groups, generator=g) + 0.5) / 7 * sign).bfloat16()  # in bf16 (SCALE_DTYPES)
     bias = torch.randn(n, generator=g)
     w_packed = qa.pack_int4_ref(w)
     return [t.to(DEVICE) for t in (xq, x_scale, w, w_packed, w_scale, bias)]

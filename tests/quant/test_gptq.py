@@ -8,7 +8,7 @@ from qvla_compiler.errors import CalibrationError, RecipeError, ShapeError
 from qvla_compiler.kernels.ops import qmax_for
 from qvla_compiler.quant.gptq import factor_hessian, gptq_quantize
 from qvla_compiler.quant.observers import ActObserver
-from qvla_compiler.quant.quantizers import _scales, dequantize_weight, quantize_weight, stored_scale
+from qvla_compiler.quant.quantizers import _scales, dequantize_weight, quantize_weight, stored_scale, weight_low
 
 
 def _inputs(n_tok: int, k: int, outliers: bool = False, seed: int = 0, correlated: bool = False) -> torch.Tensor:
@@ -41,7 +41,7 @@ def _slow_gptq(w, h, bits, gs, damp=0.01, act_order=False, clip="absmax", static
     group scales bf16 (rounded when chosen and after the refit), int8 row scales fp32."""
     w, h = w.double().clone(), h.double().clone()
     n, k = w.shape
-    qmax = qmax_for(bits)
+    qmax, low = qmax_for(bits), weight_low(bits)
     g = k if bits == 8 or gs <= 0 or gs >= k else gs
     dead = h.diagonal() == 0
     h[dead, dead] = 1
@@ -53,9 +53,9 @@ def _slow_gptq(w, h, bits, gs, damp=0.01, act_order=False, clip="absmax", static
     out, codes, w0 = torch.zeros_like(w), torch.zeros_like(w), w.clone()
     for j in order:
         if not static and j % g == 0:
-            scales[:, j // g] = stored_scale(_scales(w[:, j: j + g].float()[:, None, :], qmax, clip)[:, 0], bits)
+            scales[:, j // g] = stored_scale(_scales(w[:, j: j + g].float()[:, None, :], qmax, clip, low=low)[:, 0], bits)
         s = scales[:, j // g].double()
-        codes[:, j] = torch.clamp(torch.round(w[:, j] / s), -qmax, qmax)
+        codes[:, j] = torch.clamp(torch.round(w[:, j] / s), low, qmax)
         out[:, j] = codes[:, j] * s
         err = (w[:, j] - out[:, j]) / hinv[j, j]
         w -= err[:, None] * hinv[j][None, :]  # row j of H⁻¹ is zero on columns already quantized
@@ -71,7 +71,7 @@ def _slow_gptq(w, h, bits, gs, damp=0.01, act_order=False, clip="absmax", static
         a = design[:, live]
         new = torch.linalg.solve(a.T @ hd @ a, a.T @ hd @ w0[i])
         s_row = scales[i].double().clone()
-        if (new > 0).all():
+        if (new * s_row[live] > 0).all():  # no scale changes sign
             s_row[live] = new
         out[i] = codes[i] * stored_scale(s_row, bits)[group_of].double()  # bf16 group scales, fp32 per row
     return out
