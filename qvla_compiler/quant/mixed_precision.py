@@ -6,7 +6,7 @@ The linears' rounding errors are taken as independent, so their squares add (‖
 action error is √Σ e²; minimising Σ e instead gave as much or more action error in 7 of 8 small-preset allocations,
 RESULTS §17). The widths minimising Σ e² under the budget are found exactly by dynamic programming over the extra
 bits (a multiple-choice knapsack; the bit unit is the gcd of the costs, coarsened only when that would need more
-than MAX_UNITS cells). Widths: 2, 3, 4 and 8 (the kernels' integer formats, ops.WEIGHT_BITS; 2 bits is ternary) and
+than MAX_UNITS cells). Widths: 2, 3, 4 and 8 (the kernels' integer formats, ops.WEIGHT_BITS; 2 bits is -2..1) and
 16 (stays float, counted as bf16). Bits per weight count the integers only, not the group scales (bf16 per 128
 weights: +0.125).
 """

@@ -94,7 +94,7 @@ _SLOW_CASES = [
     (8, -1, 16, 72, 32, True, "absmax"),
     (3, 32, 24, 72, 128, False, "absmax"),  # 3-bit bit-planes: same grid logic, qmax 3
     (3, 16, 8, 37, 12, True, "mse"),
-    (2, 16, 8, 40, 5, False, "mse"),  # ternary
+    (2, 16, 8, 40, 5, False, "mse"),  # 2 bits: levels -2..1
     (2, -1, 16, 72, 32, False, "absmax"),
 ]
 
