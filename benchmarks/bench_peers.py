@@ -10,7 +10,7 @@ Variants (each skipped with its reason when it cannot run here, e.g. torchao not
                                  .pt2's module (`qvla_compiler.load(path).module()`)
   qvla w8a8 / w4a8 inductor      the same graphs through `kernels.inductor.compile_program` (qvla:: ops decomposed
                                  for Inductor, freezing); sample = the Euler loop over the compiled prefix and step
-  qvla w8a8[+all][+bf16] aot    the AOTInductor package (`qvla quantize --aot`) as loaded: native prefix and step,
+  qvla w8a8[+all][+bf16] aot     the AOTInductor package (`qvla quantize --aot`) as loaded: native prefix and step,
                                  no Dynamo guards; sample = the loaded package's module()
 
 Parts: prefix (embed_prefix), denoise (one denoise step on the variant's own prefix), sample (whole sample_actions:

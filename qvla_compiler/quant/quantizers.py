@@ -35,8 +35,7 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
 def weight_low(bits: int) -> int:
     """The lowest integer a `bits`-bit weight takes. Below 8 bits every level of the two's-complement format,
     -2^(bits-1) (int4 [-8, 7]: 16 levels where a symmetric grid uses 15; 2 bits [-2, 1]: 4 levels, not ternary's
-    3); at 8 bits the symmetric -127, which keeps the CPU's exact fp32 chunking (EXACT_CHUNK: |w| ≤ 128 either way)
-    and gives up 1/255 of the range."""
+    3); at 8 bits the symmetric -127: the extra level would narrow the step by 1/255 and change every W8 program."""
     return -qmax_for(bits) - (1 if bits < 8 else 0)
 
 
@@ -48,10 +47,12 @@ def _scales(wg: torch.Tensor, qmax: int, clip: str, ratios: torch.Tensor = _MSE_
     extra level should face the row's larger side, so s is negative where that side is positive: q = round(w / s)
     then spans [-qmax·|s|, -low·|s|]. The kernels multiply by the stored scale whatever its sign."""
     low = -qmax if low is None else low
-    reach = wg.abs().amax(-1).clamp_min(1e-8)  # [N, G]: what level qmax stands for, s = reach / qmax
-    if low != -qmax:
-        below = torch.maximum(wg.amax(-1), wg.amin(-1) * qmax / low)  # the extra level below zero
-        above = torch.maximum(-wg.amin(-1), -wg.amax(-1) * qmax / low)  # ... above zero: a negative scale
+    if low == -qmax:  # reach [N, G]: what level qmax stands for, s = reach / qmax
+        reach = wg.abs().amax(-1).clamp_min(1e-8)
+    else:
+        hi, lo = wg.amax(-1), wg.amin(-1)
+        below = torch.maximum(hi, lo * qmax / low)  # the extra level below zero
+        above = torch.maximum(-lo, -hi * qmax / low)  # ... above zero: a negative scale
         reach = torch.where(above < below, -above, below.clamp_min(1e-8))
     if clip == "absmax":
         return reach / qmax

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from qvla_compiler.kernels.ops import LOWERINGS, qmax_for
+from qvla_compiler.kernels.ops import LOWERINGS, qmax_for, quantize_act
 from qvla_compiler.quant.quantizers import _grouped, _scales, dequantize_weight, quantize_weight, weight_low
 
 
@@ -39,6 +39,9 @@ def test_symmetric_at_eight_bits_and_for_activations():
     codes, s = _codes_and_scales(w, 8, -1)
     assert weight_low(8) == -127 and codes.min() >= -127 and (s > 0).all()
     torch.testing.assert_close(s[:, 0], w.abs().amax(1) / 127)
+    xq, xs = quantize_act(w, 4)  # activations keep ±7 and a positive per-token scale
+    assert xq.min() >= -7 and xq.max() <= 7 and (xs > 0).all()
+    torch.testing.assert_close(xs[:, 0], w.abs().amax(1) / 7)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
