@@ -10,8 +10,8 @@ Variants (each skipped with its reason when it cannot run here, e.g. torchao not
                                  .pt2's module (`qvla_compiler.load(path).module()`)
   qvla w8a8 / w4a8 inductor      the same graphs through `kernels.inductor.compile_program` (qvla:: ops decomposed
                                  for Inductor, freezing); sample = the Euler loop over the compiled prefix and step
-  qvla w8a8[+all][+bf16] aot     the AOTInductor package (`qvla quantize --aot`) as loaded: native prefix and step,
-                                 no Dynamo guards; sample = the loaded package's module()
+  qvla w8a8[+all][+bf16] aot,   the AOTInductor package (`qvla quantize --aot`) as loaded: native prefix and step,
+  qvla w4a8 aot                  no Dynamo guards; sample = the loaded package's module()
 
 Parts: prefix (embed_prefix), denoise (one denoise step on the variant's own prefix), sample (whole sample_actions:
 prefix + every step). Each round times every variant once per part (adaptive inner repeats), in a fixed order;
@@ -49,7 +49,7 @@ warnings.filterwarnings("ignore")
 # qvla's default layout keeps the action head's attention and the vision tower float; the peers quantize every
 # linear: "+all" makes every linear integer, "+bf16" runs the float linears in bf16 (native on AVX512-BF16 / AMX)
 QVLA_OPTIONS = ("w8a8+all", "w8a8+bf16", "w8a8+all+bf16")
-AOT_RECIPES = ("w8a8", "w8a8+bf16", "w8a8+all+bf16")
+AOT_RECIPES = ("w8a8", "w4a8", "w8a8+bf16", "w8a8+all", "w8a8+all+bf16")
 ALL_VARIANTS = ("fp32 eager", "fp32 inductor", "bf16 inductor", "torchao w8a8", "torchao w8a8 inductor",
                 "pt2e x86 inductor", "qvla w8a8", "qvla w8a8 inductor", "qvla w4a8", "qvla w4a8 inductor",
                 *(f"qvla {r} inductor" for r in QVLA_OPTIONS), *(f"qvla {r} aot" for r in AOT_RECIPES))

@@ -45,3 +45,12 @@ def test_policy_program_fidelity_with_bf16_float_part():
     rel = lambda a: float((a - ref).norm() / ref.norm())  # noqa: E731
     print(f"action rel-L2 vs float: int8 + fp32 float part {rel(before):.4f}, int8 + bf16 float part {rel(after):.4f}")
     assert rel(after) < rel(before) + 0.02
+
+
+def test_native_bf16_asks_for_the_instructions_not_onednn(monkeypatch):
+    # oneDNN reports bf16 "supported" on AVX512 CPUs that only emulate it (Ice Lake): that is not native
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    for bf16, amx in ((False, False), (True, False), (False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert native_bf16() == (bf16 or amx)
