@@ -134,13 +134,15 @@ DECOMPOSITIONS = {
 def register() -> tuple[str, ...]:
     """Add the CPU decompositions to Inductor's table (idempotent). Imports Inductor (seconds), so it runs only when
     a program is compiled, never on `import qvla_compiler`."""
-    from torch._inductor.decomposition import decompositions
+    from torch._inductor import decomposition
 
     done = []
     for name, fn in DECOMPOSITIONS.items():
-        op = getattr(torch.ops.qvla, name).default
-        decompositions[op] = fn
+        decomposition.decompositions[getattr(torch.ops.qvla, name).default] = fn
         done.append(f"qvla::{name}")
+    # Inductor reads a cached copy of the table, made at the process's first compile: after any earlier
+    # torch.compile the ops would stay opaque (an unfused program) without dropping that copy
+    decomposition.fast_random_decomps.cache_clear()
     return tuple(done)
 
 

@@ -137,6 +137,20 @@ def test_compiled_program_has_no_opaque_qvla_op_and_matches_eager(freezing):
                                    "qvla::bitplane_linear")
 
 
+def test_register_after_another_compile_still_decomposes(monkeypatch):
+    """A user who compiled something else first (Inductor caches its decomposition table then) still gets the
+    qvla:: ops decomposed, not left opaque."""
+    from torch._inductor import decomposition
+
+    for name in inductor.DECOMPOSITIONS:
+        monkeypatch.delitem(decomposition.decompositions, getattr(torch.ops.qvla, name).default, raising=False)
+    inductor.register.cache_clear()
+    decomposition.fast_random_decomps.cache_clear()
+    assert torch.ops.qvla.int8_linear.default not in decomposition.select_decomp_table()  # the table, cached
+    inductor.register()
+    assert torch.ops.qvla.int8_linear.default in decomposition.select_decomp_table()
+
+
 class _QuantThenLinear(torch.nn.Module):
     def forward(self, x, w, s, b):
         xq, xs = qvla.quantize_act(x, 8, None)
