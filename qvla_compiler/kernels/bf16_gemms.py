@@ -10,6 +10,7 @@ Only the listed product ops change; every other op, and every op on fp32 tensors
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -31,6 +32,8 @@ class Fp32Products(TorchDispatchMode):
     """Inside: a product op (PRODUCTS) with a bf16 CPU operand runs in fp32 and returns what the bf16 op would
     (same dtypes, rounded once). `upcast` counts the products it ran in fp32."""
 
+    supports_higher_order_operators = True  # flex_attention & co. pass through, run as they are
+
     def __init__(self):
         super().__init__()
         self.upcast = 0
@@ -46,10 +49,19 @@ class Fp32Products(TorchDispatchMode):
 
 
 def fp32_products(*modules: torch.nn.Module) -> contextlib.AbstractContextManager:
-    """`Fp32Products()` where `modules` hold bf16 CPU tensors and the CPU has no native bf16, else nothing (an fp32
-    program pays no dispatch overhead): use around eager runs of possibly-bf16 programs."""
-    tensors = (t for m in modules for t in (*m.parameters(), *m.buffers()))
-    return Fp32Products() if _has_bf16_cpu(list(tensors)) and not native_bf16() else contextlib.nullcontext()
+    """`Fp32Products()` where `modules` hold bf16 CPU tensors that a product may read and the CPU has no native
+    bf16, else nothing (the mode costs every op a Python dispatch: 20% of a pi05-small W4A8 run): use around eager
+    runs of possibly-bf16 programs. In a graph, a bf16 constant read only by qvla:: ops (4-bit weights' group
+    scales) reaches no product."""
+    tensors = [t for m in modules for t in _product_operands(m)]
+    return Fp32Products() if _has_bf16_cpu(tensors) and not native_bf16() else contextlib.nullcontext()
+
+
+def _product_operands(module: torch.nn.Module):
+    if not isinstance(module, torch.fx.GraphModule):
+        return [*module.parameters(), *module.buffers()]
+    return [functools.reduce(getattr, n.target.split("."), module) for n in module.graph.find_nodes(op="get_attr")
+            if any(not str(u.target).startswith("qvla.") for u in n.users)]
 
 
 def _has_bf16_cpu(tree) -> bool:

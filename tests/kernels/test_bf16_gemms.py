@@ -74,3 +74,35 @@ def test_a_bf16_policy_samples_the_same_actions():
     with Fp32Products():
         got = policy.sample_actions(**obs, noise=noise)
     assert 0 <= ((got - want).norm() / want.norm()).item() < 0.02  # bf16 rounding differences, compounded
+
+
+def test_higher_order_operators_pass_through():
+    # flex_attention is a higher-order operator: the mode lets it run as it is rather than raise
+    from torch.nn.attention.flex_attention import flex_attention
+
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v):
+            return flex_attention(q, k, v)
+
+    q, k, v = (torch.randn(1, 2, 8, 16).to(bf16) for _ in range(3))
+    gm = torch.export.export(Attend(), (q, k, v)).module()  # as in a captured program: the HOP itself
+    want = gm(q, k, v)
+    with Fp32Products():
+        got = gm(q, k, v)
+    torch.testing.assert_close(got, want)
+
+
+def test_fp32_products_only_where_a_product_may_read_bf16(monkeypatch):
+    """A W4 program's bf16 group scales feed qvla:: ops only: no mode (it would cost every op a Python dispatch);
+    a bf16 weight read by a linear: the mode."""
+    import qvla_compiler
+    from qvla_compiler.kernels import bf16_gemms
+    from qvla_compiler.models import build_policy
+
+    monkeypatch.setattr(bf16_gemms, "native_bf16", lambda: False)
+    policy = build_policy("pi05-tiny")
+    qp = qvla_compiler.quantize(policy, policy.example_inputs(2), recipe="w4a8", progress=False)
+    graphs = qp.program.graphs.values()
+    assert any(b.dtype == bf16 for gm in graphs for b in gm.buffers())  # the group scales
+    assert not isinstance(bf16_gemms.fp32_products(*graphs), Fp32Products)
+    assert isinstance(bf16_gemms.fp32_products(policy.to(bf16)), Fp32Products)
