@@ -25,8 +25,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 aten = torch.ops.aten
 MASKS = (aten.masked_fill.Scalar, aten.where.ScalarOther)  # what may mask the scores
 CASTS = (aten.to.dtype, aten.type_as.default)  # no-op casts around the softmax, for fp32 operands
-# how the scores are scaled: c·s or s/d (scale = 1/d)
-SCALES = {aten.mul.Tensor: lambda c: c, aten.div.Tensor: lambda c: 1.0 / c}
+SCALES = {aten.mul.Tensor: lambda c: c, aten.div.Tensor: lambda c: 1.0 / c}  # scores c·s or s/d: scale c or 1/d
 FILL_AT_MOST = -1e30
 
 
@@ -97,15 +96,19 @@ def _rewrite(graph: fx.Graph, q, k, v, mask, scale, out, chain) -> None:
 
 
 def _casts_back(node: fx.Node) -> fx.Node:
-    while node.target in CASTS and len(_real_users(node)) == 1:
+    while _fp32_cast(node) and len(_real_users(node)) == 1:
         node = node.args[0]
     return node
 
 
 def _casts_forward(node: fx.Node) -> fx.Node:
-    while len(_real_users(node)) == 1 and _real_users(node)[0].target in CASTS:
+    while len(_real_users(node)) == 1 and _fp32_cast(_real_users(node)[0]):
         node = _real_users(node)[0]
     return node
+
+
+def _fp32_cast(node: fx.Node) -> bool:  # a cast to another dtype would change what the softmax computes
+    return node.target in CASTS and getattr(node.meta.get("val"), "dtype", None) == torch.float32
 
 
 def _real_users(node: fx.Node) -> list[fx.Node]:
