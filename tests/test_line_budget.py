@@ -61,9 +61,9 @@ MAX_FILE_LINES = 400
 # 15,840 (2026-12-07) for three bugs an Ice Lake box (AVX512 without AVX512-BF16) showed: native_bf16 asks for the
 # instructions, not oneDNN; register() drops Inductor's cached decomposition table; fp32_products only where a
 # product may read bf16 (not for 4-bit group scales), and lets higher-order ops through (RESULTS §1g).
-# 15,980 (same day) for lowering/fuse_attention.py (130 lines): explicit softmax attention as one SDPA in the compiled
-# copy (pi05-small prefix 0.92x, step 0.95x; RESULTS §1g), exact in real arithmetic, with its negative cases.
-MAX_TOTAL_LINES = 15_980
+# 15,995 (same day) for lowering/fuse_attention.py (146 lines) and its three call sites: explicit softmax attention as
+# one SDPA in the compiled copy (pi05-small prefix 0.92x, step 0.95x; RESULTS §1g), exact in real arithmetic.
+MAX_TOTAL_LINES = 15_995
 
 
 def _line_counts() -> dict[str, int]:

@@ -10,7 +10,6 @@ Only the listed product ops change; every other op, and every op on fp32 tensors
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -58,9 +57,11 @@ def fp32_products(*modules: torch.nn.Module) -> contextlib.AbstractContextManage
 
 
 def _product_operands(module: torch.nn.Module):
+    from qvla_compiler.passes._graph import attr_tensor  # passes import kernels: not at module level
+
     if not isinstance(module, torch.fx.GraphModule):
         return [*module.parameters(), *module.buffers()]
-    return [functools.reduce(getattr, n.target.split("."), module) for n in module.graph.find_nodes(op="get_attr")
+    return [attr_tensor(module, n.target) for n in module.graph.find_nodes(op="get_attr")
             if any(not str(u.target).startswith("qvla.") for u in n.users)]
 
 

@@ -31,26 +31,30 @@ FILL_AT_MOST = -1e30
 
 def fuse_attention(gm: fx.GraphModule) -> int:
     """Rewrite every match in place; returns how many."""
-    done = 0
-    for softmax in list(gm.graph.find_nodes(op="call_function", target=aten.softmax.int)):
-        match = _match(softmax)
-        if match is not None:
-            _rewrite(gm.graph, *match)
-            done += 1
-    if done:
-        gm.graph.eliminate_dead_code()
+    matches = _matches(gm)
+    for match in matches:
+        _rewrite(gm.graph, *match)
+    if matches:
+        _drop_dead(gm.graph)
         gm.recompile()
-    return done
+    return len(matches)
 
 
 def with_fused_attention(gm: fx.GraphModule) -> fx.GraphModule:
     """`gm` itself when nothing matches, else a rewritten copy of its graph over the same tensors (`gm` is kept)."""
+    if not _matches(gm):
+        return gm
     copy = fx.GraphModule(gm, deepcopy(gm.graph))
-    return copy if fuse_attention(copy) else gm
+    fuse_attention(copy)
+    return copy
+
+
+def _matches(gm: fx.GraphModule) -> list[tuple]:
+    return [m for m in map(_match, gm.graph.find_nodes(op="call_function", target=aten.softmax.int)) if m]
 
 
 def _match(softmax: fx.Node):
-    """(q, k, v, additive-mask recipe, scale, the final matmul, the replaced chain) or None."""
+    """(q, k, v, additive-mask recipe, scale, the final matmul) or None; reads the graph, changes nothing."""
     if softmax.args[1] not in (-1, _rank(softmax) - 1):
         return None
     masked = _casts_back(softmax.args[0])
@@ -81,17 +85,26 @@ def _match(softmax: fx.Node):
     if not _fp32_same_batch(q, k, v, cond):
         return None
     mask = (cond, 0.0, fill) if keep else (cond, fill, 0.0)  # where(cond, a, b): 0 on kept scores, f on dropped
-    return q, k, v, mask, SCALES[scores.target](float(c)), out, (qk, scores, masked, softmax, probs)
+    return q, k, v, mask, SCALES[scores.target](float(c)), out
 
 
-def _rewrite(graph: fx.Graph, q, k, v, mask, scale, out, chain) -> None:
+def _rewrite(graph: fx.Graph, q, k, v, mask, scale, out) -> None:
     with graph.inserting_before(out):
         additive = graph.call_function(aten.where.Scalar, mask)
         fused = graph.call_function(aten.scaled_dot_product_attention.default, (q, k, v),
                                     {"attn_mask": additive, "scale": scale})
     out.replace_all_uses_with(fused)
-    for node in {u for n in chain for u in n.users}:  # export's dtype asserts would keep the old chain alive
-        if node.target is aten._assert_tensor_metadata.default:
+
+
+def _drop_dead(graph: fx.Graph) -> None:
+    """Dead code elimination, export's dtype asserts on values nothing else reads included (they would keep the
+    replaced chains alive)."""
+    stale = [None]
+    while stale:
+        graph.eliminate_dead_code()
+        stale = [a for a in graph.find_nodes(op="call_function", target=aten._assert_tensor_metadata.default)
+                 if not _real_users(a.args[0])]
+        for node in stale:
             graph.erase_node(node)
 
 
