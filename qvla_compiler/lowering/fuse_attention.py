@@ -55,8 +55,8 @@ def _matches(gm: fx.GraphModule) -> list[tuple]:
 
 def _match(softmax: fx.Node):
     """(q, k, v, additive-mask recipe, scale, the final matmul) or None; reads the graph, changes nothing."""
-    if softmax.args[1] not in (-1, _rank(softmax) - 1):
-        return None
+    if softmax.args[1] not in (-1, _rank(softmax) - 1) or softmax.meta["val"].dtype != torch.float32:
+        return None  # softmax(s, -1, dtype=bf16) computes in bf16 even on fp32 scores
     masked = _casts_back(softmax.args[0])
     if masked.target not in MASKS or not _sole(masked):
         return None

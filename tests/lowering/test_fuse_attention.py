@@ -14,9 +14,11 @@ MIN = torch.finfo(torch.float32).min
 class Attention(torch.nn.Module):
     """pi05 / LeRobot π0 style: one key/value head broadcast to every query head (MQA), softmax in fp32."""
 
-    def __init__(self, form="masked_fill", fill=MIN, dim=-1, dtype=torch.float32, softmax_dtype=torch.float32):
+    def __init__(self, form="masked_fill", fill=MIN, dim=-1, dtype=torch.float32, softmax_dtype=torch.float32,
+                 softmax_out=None):
         super().__init__()
         self.form, self.fill, self.dim, self.dtype, self.softmax_dtype = form, fill, dim, dtype, softmax_dtype
+        self.softmax_out = softmax_out
 
     def forward(self, q, k, v, mask):
         k, v = k.to(self.dtype).expand(-1, q.shape[1], -1, -1), v.to(self.dtype).expand(-1, q.shape[1], -1, -1)
@@ -32,7 +34,7 @@ class Attention(torch.nn.Module):
             s = s.masked_fill(mask[:, None, None, :] == 0, self.fill)  # the positions to drop, not to keep
         else:
             s = s.masked_fill(~keep, self.fill)
-        p = torch.softmax(s.to(self.softmax_dtype), dim=self.dim).type_as(q)
+        p = torch.softmax(s.to(self.softmax_dtype), dim=self.dim, dtype=self.softmax_out).type_as(q)
         return torch.matmul(p, v).float()
 
 
@@ -65,8 +67,9 @@ def test_explicit_attention_becomes_sdpa_with_the_same_values(form):
 
 
 @pytest.mark.parametrize("module", [Attention(fill=-1e9), Attention(dim=-2), Attention(dtype=torch.bfloat16),
-                                    Attention(softmax_dtype=torch.bfloat16)],
-                         ids=["fill -1e9 (not absorbing)", "softmax over queries", "bf16", "softmax in bf16"])
+                                    Attention(softmax_dtype=torch.bfloat16), Attention(softmax_out=torch.bfloat16)],
+                         ids=["fill -1e9 (not absorbing)", "softmax over queries", "bf16", "softmax in bf16",
+                              "softmax(dtype=bf16) on fp32 scores"])
 def test_forms_it_cannot_rewrite_exactly_stay(module):
     gm = torch.export.export(module, _inputs()).module()
     before = gm.code
