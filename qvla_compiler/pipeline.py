@@ -7,7 +7,8 @@ calibrate, on a fork:  (layout "auto": measure each linear's action error per we
   fit the plan's weight scales to the float program's outputs) → 5 match attention: apply the plan to another fork
   (the student), α/β from teacher vs student, into the plan.
 apply, pure rewriting:  1 analyse, decisions from the plan → 2 the plan's tensors → 2b rotate/smooth from the plan
-  → 4 lower to qvla:: ops, check bounds and schedule → 5 fold the plan's α/β into existing tensors.
+  → 4 lower to qvla:: ops, check bounds and schedule → 5 fold the plan's α/β into existing tensors → 6 hoist what
+  every denoise step recomputes from the prefix alone into the prefix.
 Set `QVLA_DUMP=<dir>` (or pass dump_dir) to write every graph's code after each phase as `<phase>-<graph>.py`.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from qvla_compiler import calibration as cal
 from qvla_compiler.inspect.phases import phase
 from qvla_compiler.inspect.report import LinearReport, linear_reports, param_bytes, planned_sqnr
 from qvla_compiler.inspect.trace import trace_phase
-from qvla_compiler.lowering import cast_float_linears, lower_linears
+from qvla_compiler.lowering import cast_float_linears, hoist_invariants, lower_linears
 from qvla_compiler.passes import (FloatWeightRelease, apply_layout, apply_plan, assign_regions,
                                   check_accumulator_bounds, check_schedule, classify_linears, fit_transforms,
                                   fold_attention_scales, insert_observers, keep_unquantizable_float,
@@ -77,7 +78,7 @@ def calibrate(program: Program, recipe, calib, *, model: str, atm_style=None, to
     if teacher is not None:
         with phase("calibrate: match attention"):
             student = program.fork()
-            apply(student, plan)
+            apply(student, plan, hoist=False)  # its attention observed in the graphs capture made
             plan.attention = cal.match_attention_scales(student, recipe, batches, teacher, atm_style)
     return plan
 
@@ -89,7 +90,7 @@ class Applied:  # per call site rows (SQNR from calibration), bf16 bytes of the 
     attention: dict | None
 
 
-def apply(program: Program, plan: QuantPlan, *, dump_dir: str | None = None) -> Applied:
+def apply(program: Program, plan: QuantPlan, *, dump_dir: str | None = None, hoist: bool = True) -> Applied:
     """Rewrite `program`'s graphs in place into the plan's integer program; deterministic, reads no data."""
     recipe = plan.recipe_object()
     dump = functools.partial(trace_phase, directory=dump_dir or os.environ.get("QVLA_DUMP"))
@@ -104,6 +105,8 @@ def apply(program: Program, plan: QuantPlan, *, dump_dir: str | None = None) -> 
         check_schedule(gm)
         fold_attention_scales(gm, *cal.planned_attention_scales(plan.attention, name))
         cast_float_linears(gm, recipe.float_dtype)  # the float linears (α/β folded) in bf16 if the recipe says so
+    if hoist and program.is_policy:
+        hoist_invariants(program.graphs["prefix"], program.graphs["denoise"])
     dump("4-lowered", program.graphs)
     return Applied(rows, float_bytes, plan.attention)
 

@@ -22,6 +22,8 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from qvla_compiler.passes._graph import drop_dead_code
+
 aten = torch.ops.aten
 MASKS = (aten.masked_fill.Scalar, aten.where.ScalarOther)  # what may mask the scores
 CASTS = (aten.to.dtype, aten.type_as.default)  # no-op casts around the softmax, for fp32 operands
@@ -35,7 +37,7 @@ def fuse_attention(gm: fx.GraphModule) -> int:
     for match in matches:
         _rewrite(gm.graph, *match)
     if matches:
-        _drop_dead(gm.graph)
+        drop_dead_code(gm.graph)
         gm.recompile()
     return len(matches)
 
@@ -94,18 +96,6 @@ def _rewrite(graph: fx.Graph, q, k, v, mask, scale, out) -> None:
         fused = graph.call_function(aten.scaled_dot_product_attention.default, (q, k, v),
                                     {"attn_mask": additive, "scale": scale})
     out.replace_all_uses_with(fused)
-
-
-def _drop_dead(graph: fx.Graph) -> None:
-    """Dead code elimination, export's dtype asserts on values nothing else reads included (they would keep the
-    replaced chains alive)."""
-    stale = [None]
-    while stale:
-        graph.eliminate_dead_code()
-        stale = [a for a in graph.find_nodes(op="call_function", target=aten._assert_tensor_metadata.default)
-                 if not _real_users(a.args[0])]
-        for node in stale:
-            graph.erase_node(node)
 
 
 def _casts_back(node: fx.Node) -> fx.Node:

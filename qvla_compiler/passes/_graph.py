@@ -170,6 +170,18 @@ def _reach(node: fx.Node, step: Callable[[fx.Node], Iterable[fx.Node]]) -> set[f
     return seen
 
 
+def drop_dead_code(graph: fx.Graph) -> None:
+    """Dead code elimination, export's dtype asserts on values nothing else reads included (they would keep a
+    replaced chain alive)."""
+    stale = [None]
+    while stale:
+        graph.eliminate_dead_code()
+        stale = [a for a in graph.find_nodes(op="call_function", target=aten._assert_tensor_metadata.default)
+                 if all(u.target is aten._assert_tensor_metadata.default for u in a.args[0].users)]
+        for node in stale:
+            graph.erase_node(node)
+
+
 def is_constant(node: fx.Node) -> bool:
     """True when no graph input reaches `node` (parameters, literals and values made from them)."""
     return not any(n.op == "placeholder" for n in ancestors(node))

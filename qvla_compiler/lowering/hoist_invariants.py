@@ -1,0 +1,171 @@
+"""What every denoise step recomputes from the prefix alone moves into the prefix graph, computed once per sample.
+
+Before: the denoise graph reads the prefix outputs p and recomputes f(p) at every one of the sampler's steps, e.g.
+GR00T's cross-attention keys and values of the VL features (`to_k(vl)`, `to_v(vl)`), float or integer:
+    prefix(obs) -> (p0 … pn)              denoise((p0 … pn), x, t) -> v,  reading f(p) for some pure f
+After:
+    prefix(obs) -> (p0 … pn, f(p) …)      denoise((p0 … pn, f(p) …), x, t) -> v,  f's nodes gone from it
+Invariant: the same ops on the same values, so every output is bit-identical (tested exactly); only values whose
+computation holds a GEMM, attention or qvla:: op move (a cheap view or mask stays where it is, costing no memory),
+and only pure ops that read no action or time input (a per-step scale gathered by t stays in the step).
+Why: GR00T's DiT cross-attends to the VL features in half its blocks; at groot-full's shapes those projections are
+about half the step's multiply-adds. The sampler passes the prefix tuple to the step unchanged, so a saved program,
+its AOT package and `module()` run the hoisted pair as they ran the original.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch._guards import detect_fake_mode
+
+from qvla_compiler.meta import INPUTS_KEY
+from qvla_compiler.passes._graph import attr_tensor, drop_dead_code, fake_value
+from qvla_compiler.passes.check_schedule import SCHEDULE_KEY, record_schedule
+
+aten = torch.ops.aten
+HEAVY = frozenset({aten.linear.default, aten.matmul.default, aten.mm.default, aten.bmm.default, aten.addmm.default,
+                   aten.baddbmm.default, aten.convolution.default, aten.conv2d.default, aten.einsum.default,
+                   aten.scaled_dot_product_attention.default})
+
+
+def hoist_invariants(prefix: fx.GraphModule, denoise: fx.GraphModule) -> list[str]:
+    """Rewrite both graphs in place; returns the names of the denoise nodes whose values the prefix now returns."""
+    invariant, reads_prefix, heavy = _invariant_nodes(denoise)
+    moved = [n for n in denoise.graph.nodes  # in graph order: the saved program's bytes are reproducible
+             if n in invariant and reads_prefix[n] and heavy[n] and isinstance(n.meta.get("val"), torch.Tensor)
+             and any(u not in invariant for u in _users(n))]
+    if not moved:
+        return []
+    values = _copy_into(prefix, denoise, invariant, moved)
+    _return_more(prefix, values)
+    _take_more(denoise, moved)
+    for gm in (prefix, denoise):  # compute moved between the graphs on purpose: their checked schedules follow it
+        if SCHEDULE_KEY in gm.meta:
+            record_schedule(gm)
+    return [n.name for n in moved]
+
+
+def _invariant_nodes(gm: fx.GraphModule) -> tuple[set[fx.Node], dict[fx.Node, bool], dict[fx.Node, bool]]:
+    """The nodes computed from prefix inputs and constants alone by pure ops; reads_prefix[node]: a prefix input
+    among them (a value of constants alone is Inductor's to fold); heavy[node]: a GEMM-like op among them."""
+    roles = dict(zip(gm.graph.find_nodes(op="placeholder"), gm.meta.get(INPUTS_KEY, ())))
+    invariant, reads_prefix, heavy = set(), {}, {}
+    for node in gm.graph.nodes:
+        inputs = node.all_input_nodes
+        if node.op == "placeholder":
+            ok = reads_prefix[node] = roles.get(node) == "prefix"
+        elif node.op == "get_attr":
+            ok, reads_prefix[node] = True, False
+        else:
+            ok = node.op == "call_function" and _pure(node) and all(n in invariant for n in inputs)
+            reads_prefix[node] = any(reads_prefix.get(n, False) for n in inputs)
+        if ok:
+            invariant.add(node)
+            heavy[node] = _is_heavy(node) or any(heavy.get(n, False) for n in inputs)
+    return invariant, reads_prefix, heavy
+
+
+def _users(node: fx.Node) -> list[fx.Node]:  # export's dtype asserts are not uses of a value
+    return [u for u in node.users if u.target is not aten._assert_tensor_metadata.default]
+
+
+def _pure(node: fx.Node) -> bool:
+    """An aten / qvla op without side effects or randomness (higher-order ops, whose bodies are subgraphs, stay)."""
+    if node.target is operator.getitem:
+        return True
+    return (isinstance(node.target, torch._ops.OpOverload) and not node.is_impure()
+            and node.target is not aten._assert_tensor_metadata.default
+            and torch.Tag.nondeterministic_seeded not in node.target.tags)
+
+
+def _is_heavy(node: fx.Node) -> bool:
+    return node.target in HEAVY or getattr(node.target, "namespace", None) == "qvla"
+
+
+def _copy_into(prefix: fx.GraphModule, denoise: fx.GraphModule, invariant: set, moved: list) -> list[fx.Node]:
+    """Copies of `moved` and what they read, appended to the prefix graph before its output, their shapes
+    re-derived in the prefix graph's symbols; returns the copies."""
+    needed = _cone(moved, invariant)
+    outputs = list(_output_node(prefix).args[0])
+    prefix_inputs = [n for n in denoise.graph.find_nodes(op="placeholder") if n in invariant]
+    assert len(prefix_inputs) == len(outputs), "the denoise graph reads the prefix outputs, in order"
+    env: dict[fx.Node, fx.Node] = dict(zip(prefix_inputs, outputs))
+    mode = detect_fake_mode([n.meta.get("val") for n in prefix.graph.find_nodes(op="placeholder")])
+    with prefix.graph.inserting_before(_output_node(prefix)):
+        for node in denoise.graph.nodes:
+            if node not in needed or node in env:
+                continue
+            if node.op == "get_attr":
+                env[node] = copy = prefix.graph.get_attr(_adopt(prefix, denoise, node.target))
+                tensor = attr_tensor(prefix, copy.target)
+                copy.meta["val"] = mode.from_tensor(tensor, static_shapes=True) if mode else tensor
+            else:
+                env[node] = copy = prefix.graph.node_copy(node, lambda n: env[n])
+                copy.meta["val"] = fake_value(copy.target, copy.args, copy.kwargs)
+    return [env[n] for n in moved]
+
+
+def _cone(moved: list[fx.Node], invariant: set) -> set[fx.Node]:
+    seen, stack = set(), list(moved)
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(n for n in node.all_input_nodes if n in invariant)
+    return seen
+
+
+def _adopt(prefix: fx.GraphModule, denoise: fx.GraphModule, target: str) -> str:
+    """The denoise graph's tensor `target` as an attribute of the prefix graph (shared, not copied)."""
+    owner, _, name = target.rpartition(".")
+    tensor = getattr(denoise.get_submodule(owner) if owner else denoise, name)
+    new = "hoisted_" + target.replace(".", "_")
+    while hasattr(prefix, new) and getattr(prefix, new) is not tensor:
+        new += "_"
+    if isinstance(tensor, torch.nn.Parameter):
+        prefix.register_parameter(new, tensor)
+    else:
+        prefix.register_buffer(new, tensor)
+    return new
+
+
+def _output_node(gm: fx.GraphModule) -> fx.Node:
+    return gm.graph.find_nodes(op="output")[0]
+
+
+def _return_more(prefix: fx.GraphModule, values: list[fx.Node]) -> None:
+    out = _output_node(prefix)
+    out.args = (type(out.args[0])((*out.args[0], *values)),)
+    returned = _example(prefix.graph._codegen.pytree_info.out_spec)  # the prefix's tuple of tensors
+    _respec(prefix, out_spec=pytree.tree_structure(type(returned)((*returned, *range(len(values))))))
+
+
+def _take_more(denoise: fx.GraphModule, moved: list[fx.Node]) -> None:
+    """A new prefix input per moved value, after the existing prefix inputs; the recomputation is dropped."""
+    roles = list(denoise.meta[INPUTS_KEY])
+    placeholders = denoise.graph.find_nodes(op="placeholder")
+    last = max(i for i, role in enumerate(roles) if role == "prefix")
+    with denoise.graph.inserting_after(placeholders[last]):
+        for node in reversed(moved):
+            new = denoise.graph.placeholder(f"hoisted_{node.name}")
+            new.meta["val"] = node.meta.get("val")
+            node.replace_all_uses_with(new)
+    denoise.meta[INPUTS_KEY] = (*roles[:last + 1], *("prefix",) * len(moved), *roles[last + 1:])
+    drop_dead_code(denoise.graph)
+    (prefix_values, *rest), kwargs = _example(denoise.graph._codegen.pytree_info.in_spec)  # ((prefix…), x, t), {}
+    more = type(prefix_values)((*prefix_values, *range(len(moved))))
+    _respec(denoise, in_spec=pytree.tree_structure(((more, *rest), kwargs)))
+
+
+def _example(spec):
+    return pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+
+
+def _respec(gm: fx.GraphModule, *, in_spec=None, out_spec=None) -> None:
+    info = gm.graph._codegen.pytree_info
+    gm.graph._codegen.pytree_info = info._replace(in_spec=in_spec or info.in_spec, out_spec=out_spec or info.out_spec)
+    gm.graph.lint()
+    gm.recompile()

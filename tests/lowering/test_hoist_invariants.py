@@ -1,0 +1,95 @@
+"""hoist_invariants: what the denoise step computes from the prefix alone moves into the prefix graph, bit-exactly;
+cheap, time-dependent and random values stay in the step."""
+import pytest
+import torch
+from torch import nn
+
+from qvla_compiler.export import capture_policy
+from qvla_compiler.lowering.hoist_invariants import hoist_invariants
+from qvla_compiler.models import build_policy
+from qvla_compiler.models.sampling import FlowSchedule
+from qvla_compiler.passes import check_schedule
+from qvla_compiler.program import Program
+from tests.policy_fixtures import quantized_policy
+
+
+class ToyPolicy(nn.Module):
+    """Prefix: features [B, 3, 8] from the state, and the token mask. Step: `form` says how it reads them."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.form, self.schedule = form, FlowSchedule.uniform(0.0, 1.0, 3)
+        self.embed, self.to_k, self.to_v, self.to_q = nn.Linear(8, 24), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(2, 8)
+        self.out = nn.Linear(8, 2)
+
+    def embed_prefix(self, images, tokens, token_mask, state):
+        return self.embed(state).view(-1, 3, 8), token_mask
+
+    def denoise_step(self, prefix, x_t, t):
+        feats, mask = prefix
+        if self.form == "time-scaled":
+            feats = feats * t[:, None, None]
+        elif self.form == "random":
+            feats = feats + torch.rand_like(feats)
+        q = self.to_q(x_t)
+        if self.form == "mask only":
+            return self.out(q) * mask[:, :1].float()[:, :, None]
+        k, v = self.to_k(feats), self.to_v(feats).relu()
+        return self.out(torch.softmax(q @ k.transpose(1, 2), -1) @ v)
+
+
+def _obs(batch):
+    gen = torch.Generator().manual_seed(batch)
+    return ({"images": torch.rand(batch, 3, 4, 4, generator=gen), "tokens": torch.randint(0, 9, (batch, 5), generator=gen),
+             "token_mask": torch.rand(batch, 5, generator=gen) > 0.3, "state": torch.randn(batch, 8, generator=gen)},
+            torch.randn(batch, 4, 2, generator=gen))
+
+
+def _program(policy):
+    obs, noise = _obs(2)
+    return Program(capture_policy(policy, obs, noise), policy.schedule)
+
+
+def test_projections_of_the_prefix_move_and_every_output_is_bit_identical():
+    program = _program(ToyPolicy("cross"))
+    inputs = _obs(3)
+    want = program.run(inputs)
+    moved = hoist_invariants(program.graphs["prefix"], program.graphs["denoise"])
+    assert len(moved) == 2  # to_k's output and to_v's relu: the step no longer computes them
+    denoise = program.graphs["denoise"]
+    assert len(denoise.graph.find_nodes(op="call_function", target=torch.ops.aten.linear.default)) == 2  # q, out
+    assert denoise.meta["qvla_inputs"].count("prefix") == 4
+    assert torch.equal(program.run(inputs), want)
+    exported = program.export(tuple(_obs(2)[0].values()) + (_obs(2)[1],))  # the saved form, batch dynamic
+    pre = exported["prefix"].module()(*inputs[0].values())
+    assert len(pre) == 4
+    t = torch.zeros(3)
+    assert torch.equal(exported["denoise"].module()(tuple(pre), inputs[1], t),
+                       ToyPolicy("cross").denoise_step(ToyPolicy("cross").embed_prefix(*inputs[0].values()),
+                                                       inputs[1], t))
+
+
+@pytest.mark.parametrize("form", ["mask only", "time-scaled", "random"])
+def test_cheap_time_dependent_and_random_values_stay_in_the_step(form):
+    program = _program(ToyPolicy(form))
+    before = {name: gm.code for name, gm in program.graphs.items()}
+    assert hoist_invariants(program.graphs["prefix"], program.graphs["denoise"]) == []
+    assert {name: gm.code for name, gm in program.graphs.items()} == before
+
+
+def test_groot_cross_attention_keys_and_values_move_in_the_saved_program(tmp_path):
+    import qvla_compiler
+
+    policy, qp = quantized_policy("groot-tiny", "w8a8")
+    cross = sum(block.cross for block in policy.action_head.transformer_blocks)
+    assert len(qp.program.graphs["prefix"].graph.find_nodes(op="output")[0].args[0]) == 3 + 2 * cross
+    for gm in qp.program.graphs.values():
+        check_schedule(gm)  # the recorded schedules follow the move
+    obs, noise = policy.example_inputs(3), policy.example_noise(3)
+    float_prefix = capture_policy(build_policy("groot-tiny"), policy.example_inputs(), policy.example_noise())
+    assert len(float_prefix["prefix"].graph.find_nodes(op="output")[0].args[0]) == 3
+    loaded = qvla_compiler.load(qp.save(tmp_path / "groot.pt2"))
+    with torch.no_grad():
+        got = loaded.module(compiled=False)(*obs.values(), noise)
+    assert torch.equal(got, qp.program.run((obs, noise)))
