@@ -122,12 +122,19 @@ def _rows_by_state_name(rows: dict) -> dict[str, tuple]:
     """Saved-program tensor names → (graph, module path): integer weights (`<graph>.qvla_<path_>_wq`) or float
     weights (`<graph>.policy.<path>.weight`; a plain module has no graph prefix)."""
     out = {}
-    for graph, path in rows:
+    for graph, path, g in _homes(rows):
         flat = "qvla_" + path.replace(".", "_") + "_wq"
-        for name in (f"{graph}.{flat}", flat, f"{graph}.policy.{path}.weight", f"{graph}.{path}.weight",
-                     f"{path}.weight"):
+        for name in (f"{g}.{flat}", flat, f"{g}.policy.{path}.weight", f"{g}.{path}.weight", f"{path}.weight"):
             out.setdefault(name, (graph, path))
     return out
+
+
+HOISTED_TO = {"denoise": "prefix"}  # hoist_invariants moves weights the step reads into the prefix, names kept
+
+
+def _homes(rows: dict) -> list[tuple[str, str, str]]:
+    """(graph, path, graph whose tensors to look in): every linear's own graph first, then where it may be moved."""
+    return [*((g, p, g) for g, p in rows), *((g, p, HOISTED_TO[g]) for g, p in rows if g in HOISTED_TO)]
 
 
 def _tensor_digests(programs: dict[str, torch.export.ExportedProgram], rows: dict) -> dict[str, dict]:
@@ -149,12 +156,12 @@ def _tensor_digests(programs: dict[str, torch.export.ExportedProgram], rows: dic
 def _tensor_owners(rows: dict) -> list[tuple[str, tuple]]:
     """Name prefixes of each linear's tensors (integer `qvla_<path_>_wq/_ws/_xs`, float `<path>.weight/.bias`),
     longest first so `layers.1` never claims `layers.10`'s tensors."""
-    prefixes = []
-    for graph, path in rows:
+    prefixes = {}
+    for graph, path, g in _homes(rows):
         flat = "qvla_" + path.replace(".", "_") + "_"
-        for prefix in (f"{graph}.{flat}", flat, f"{graph}.policy.{path}.", f"{graph}.{path}.", f"{path}."):
-            prefixes.append((prefix, (graph, path)))
-    return sorted(prefixes, key=lambda p: -len(p[0]))
+        for prefix in (f"{g}.{flat}", flat, f"{g}.policy.{path}.", f"{g}.{path}.", f"{path}."):
+            prefixes.setdefault(prefix, (graph, path))
+    return sorted(prefixes.items(), key=lambda p: -len(p[0]))
 
 
 def _act_scales(xs: torch.fx.Node) -> str:

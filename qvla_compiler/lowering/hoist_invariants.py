@@ -119,17 +119,30 @@ def _cone(moved: list[fx.Node], invariant: set) -> set[fx.Node]:
 
 
 def _adopt(prefix: fx.GraphModule, denoise: fx.GraphModule, target: str) -> str:
-    """The denoise graph's tensor `target` as an attribute of the prefix graph (shared, not copied)."""
-    owner, _, name = target.rpartition(".")
-    tensor = getattr(denoise.get_submodule(owner) if owner else denoise, name)
-    new = "hoisted_" + target.replace(".", "_")
-    while hasattr(prefix, new) and getattr(prefix, new) is not tensor:
-        new += "_"
+    """The denoise graph's tensor `target` as an attribute of the prefix graph (shared, not copied), under the same
+    name where it is free, so a saved program's tensor names still say which linear they belong to."""
+    tensor, name = attr_tensor(denoise, target), target
+    while _has_attr(prefix, name) and attr_tensor(prefix, name) is not tensor:
+        name = "hoisted_" + name.replace(".", "_")
+    owner_path, _, leaf = name.rpartition(".")
+    owner = prefix
+    for part in owner_path.split(".") if owner_path else ():
+        if not hasattr(owner, part):
+            owner.add_module(part, torch.nn.Module())
+        owner = getattr(owner, part)
     if isinstance(tensor, torch.nn.Parameter):
-        prefix.register_parameter(new, tensor)
+        owner.register_parameter(leaf, tensor)
     else:
-        prefix.register_buffer(new, tensor)
-    return new
+        owner.register_buffer(leaf, tensor)
+    return name
+
+
+def _has_attr(gm: fx.GraphModule, target: str) -> bool:
+    try:
+        attr_tensor(gm, target)
+    except AttributeError:
+        return False
+    return True
 
 
 def _output_node(gm: fx.GraphModule) -> fx.Node:

@@ -107,3 +107,11 @@ def test_phases_are_traced_to_files_and_torch_trace(tmp_path):
     assert "linear" in (tmp_path / "dump" / "1-analysed-forward.py").read_text()
     logs = "".join(p.read_text() for p in (tmp_path / "trace").iterdir())
     assert '"name": "qvla_1-analysed_forward"' in logs
+
+
+def test_inspect_finds_the_weights_hoisted_into_the_prefix(programs):
+    """hoist_invariants moves GR00T's cross-attention K/V projections into the prefix, their tensor names kept."""
+    data = inspect_data(programs["groot-tiny"])
+    moved = {n: t for n, t in data["tensors"].items() if n.startswith("prefix.") and ".attn1.to_k." in n}
+    assert moved and all(t["linear"].startswith("denoise:") for t in moved.values()), moved
+    assert all(r["act_scales"] for r in data["linears"] if r["bits"] != "float")
