@@ -376,5 +376,5 @@ def _native_member(path: Path) -> str | None:
     try:
         with zipfile.ZipFile(path) as zf:
             return next((n for n in zf.namelist() if ("/" + n).find("/data/aotinductor/") >= 0), None)
-    except (zipfile.BadZipFile, OSError):
-        return None  # not a zip: read_archive says what is wrong with it
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):  # ValueError: e.g. a member name that is not UTF-8
+        return None  # not a readable zip: read_archive says what is wrong with it

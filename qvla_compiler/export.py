@@ -211,11 +211,12 @@ def export_graph(module: nn.Module, args: tuple, dynamic_shapes, *, roles: tuple
             ) from exc
     from qvla_compiler.passes import (canonicalize_linears, fold_computed_weights, inline_subgraphs,  # passes import us
                                       normalize_graph)
+    from qvla_compiler.passes._graph import drop_unused_attributes
 
     # Canonical before anyone analyses it (the pipeline, the ATM teacher): in-place ops functional, so the role
     # rules see one vocabulary (bit-identical), and weights computed from parameters only (nn.MultiheadAttention's
     # in_proj slices) folded into real buffers that quantize like any other.
-    gm = _drop_unused_attributes(ep.module())
+    gm = drop_unused_attributes(ep.module())
     if canonical:
         gm = fold_computed_weights(canonicalize_linears(normalize_graph(inline_subgraphs(gm))))
     gm.meta[INPUTS_KEY] = roles
@@ -236,21 +237,6 @@ def _index_without_autograd_function():
         yield
     finally:
         wrapped.mod_index = real
-
-
-def _drop_unused_attributes(gm: fx.GraphModule) -> fx.GraphModule:
-    """ep.module() keeps every parameter of the policy; keep only what this graph reads (the denoise graph
-    need not carry the vision tower), so saved programs and byte counts hold each tensor once."""
-    for node in list(gm.graph.nodes):
-        if node.op == "get_attr" and not node.users:
-            gm.graph.erase_node(node)
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
-        if name not in used:
-            owner, _, attr = name.rpartition(".")
-            delattr(gm.get_submodule(owner) if owner else gm, attr)
-    gm.recompile()
-    return gm
 
 
 def widen_batch(tree: Any) -> Any:

@@ -22,7 +22,7 @@ import torch.utils._pytree as pytree
 from torch._guards import detect_fake_mode
 
 from qvla_compiler.meta import INPUTS_KEY
-from qvla_compiler.passes._graph import attr_tensor, drop_dead_code, fake_value
+from qvla_compiler.passes._graph import attr_tensor, drop_dead_code, drop_unused_attributes, fake_value
 from qvla_compiler.passes.check_schedule import SCHEDULE_KEY, record_schedule
 
 aten = torch.ops.aten
@@ -168,6 +168,7 @@ def _take_more(denoise: fx.GraphModule, moved: list[fx.Node]) -> None:
             node.replace_all_uses_with(new)
     denoise.meta[INPUTS_KEY] = (*roles[:last + 1], *("prefix",) * len(moved), *roles[last + 1:])
     drop_dead_code(denoise.graph)
+    drop_unused_attributes(denoise)  # the moved weights live in the prefix graph now: saved once
     (prefix_values, *rest), kwargs = _example(denoise.graph._codegen.pytree_info.in_spec)  # ((prefix…), x, t), {}
     more = type(prefix_values)((*prefix_values, *range(len(moved))))
     _respec(denoise, in_spec=pytree.tree_structure(((more, *rest), kwargs)))

@@ -182,6 +182,21 @@ def drop_dead_code(graph: fx.Graph) -> None:
             graph.erase_node(node)
 
 
+def drop_unused_attributes(gm: fx.GraphModule) -> fx.GraphModule:
+    """Keep only the tensors the graph reads (ep.module() keeps every parameter of the policy: the denoise graph need
+    not carry the vision tower), so saved programs and byte counts hold each tensor once."""
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name not in used:
+            owner, _, attr = name.rpartition(".")
+            delattr(gm.get_submodule(owner) if owner else gm, attr)
+    gm.recompile()
+    return gm
+
+
 def is_constant(node: fx.Node) -> bool:
     """True when no graph input reaches `node` (parameters, literals and values made from them)."""
     return not any(n.op == "placeholder" for n in ancestors(node))

@@ -90,6 +90,8 @@ def test_groot_cross_attention_keys_and_values_move_in_the_saved_program(tmp_pat
     float_prefix = capture_policy(build_policy("groot-tiny"), policy.example_inputs(), policy.example_noise())
     assert len(float_prefix["prefix"].graph.find_nodes(op="output")[0].args[0]) == 3
     loaded = qvla_compiler.load(qp.save(tmp_path / "groot.pt2"))
+    kv = [k for ep in loaded.exported_programs.values() for k in {**ep.state_dict, **ep.constants} if ".to_" in k]
+    assert len(kv) == len(set(kv)), "a moved weight is saved once, in the prefix program"
     with torch.no_grad():
         got = loaded.module(compiled=False)(*obs.values(), noise)
     assert torch.equal(got, qp.program.run((obs, noise)))
