@@ -14,18 +14,22 @@ its AOT package and `module()` run the hoisted pair as they ran the original.
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch._guards import detect_fake_mode
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from qvla_compiler.meta import INPUTS_KEY
 from qvla_compiler.passes._graph import attr_tensor, drop_dead_code, drop_unused_attributes, fake_value
 from qvla_compiler.passes.check_schedule import SCHEDULE_KEY, record_schedule
 
 aten = torch.ops.aten
+SIZE_ARITHMETIC = frozenset({operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv,
+                             operator.neg})
 HEAVY = frozenset({aten.linear.default, aten.matmul.default, aten.mm.default, aten.bmm.default, aten.addmm.default,
                    aten.baddbmm.default, aten.convolution.default, aten.conv2d.default, aten.einsum.default,
                    aten.scaled_dot_product_attention.default})
@@ -59,6 +63,8 @@ def _invariant_nodes(gm: fx.GraphModule) -> tuple[set[fx.Node], dict[fx.Node, bo
             ok = reads_prefix[node] = roles.get(node) == "prefix"
         elif node.op == "get_attr":
             ok, reads_prefix[node] = True, False
+        elif _size_in_prefix(node, roles):  # export reads the shared batch size off any input, x_t's too
+            ok = reads_prefix[node] = True
         else:
             ok = node.op == "call_function" and _pure(node) and all(n in invariant for n in inputs)
             reads_prefix[node] = any(reads_prefix.get(n, False) for n in inputs)
@@ -68,13 +74,26 @@ def _invariant_nodes(gm: fx.GraphModule) -> tuple[set[fx.Node], dict[fx.Node, bo
     return invariant, reads_prefix, heavy
 
 
+def _size_in_prefix(node: fx.Node, roles: dict) -> tuple[fx.Node, int] | None:
+    """(prefix input, dim) of the same symbolic size, for `sym_size(x, d)` of a non-prefix input x."""
+    if node.target is not aten.sym_size.int or roles.get(node.args[0]) == "prefix":
+        return None
+    size = node.meta.get("val")
+    for p in (p for p, role in roles.items() if role == "prefix"):
+        val = p.meta.get("val")
+        for dim, other in enumerate(val.shape if isinstance(val, torch.Tensor) else ()):
+            if type(other) is type(size) and statically_known_true(other == size):
+                return p, dim
+    return None
+
+
 def _users(node: fx.Node) -> list[fx.Node]:  # export's dtype asserts are not uses of a value
     return [u for u in node.users if u.target is not aten._assert_tensor_metadata.default]
 
 
 def _pure(node: fx.Node) -> bool:
     """An aten / qvla op without side effects or randomness (higher-order ops, whose bodies are subgraphs, stay)."""
-    if node.target is operator.getitem:
+    if node.target in SIZE_ARITHMETIC:  # getitem, and Python arithmetic on symbolic sizes
         return True
     return (isinstance(node.target, torch._ops.OpOverload) and not node.is_impure()
             and node.target is not aten._assert_tensor_metadata.default
@@ -89,16 +108,20 @@ def _copy_into(prefix: fx.GraphModule, denoise: fx.GraphModule, invariant: set, 
     """Copies of `moved` and what they read, appended to the prefix graph before its output, their shapes
     re-derived in the prefix graph's symbols; returns the copies."""
     needed = _cone(moved, invariant)
+    roles = dict(zip(denoise.graph.find_nodes(op="placeholder"), denoise.meta.get(INPUTS_KEY, ())))
     outputs = list(_output_node(prefix).args[0])
     prefix_inputs = [n for n in denoise.graph.find_nodes(op="placeholder") if n in invariant]
     assert len(prefix_inputs) == len(outputs), "the denoise graph reads the prefix outputs, in order"
     env: dict[fx.Node, fx.Node] = dict(zip(prefix_inputs, outputs))
     mode = detect_fake_mode([n.meta.get("val") for n in prefix.graph.find_nodes(op="placeholder")])
-    with prefix.graph.inserting_before(_output_node(prefix)):
+    with prefix.graph.inserting_before(_output_node(prefix)), mode or contextlib.nullcontext():  # for factories
         for node in denoise.graph.nodes:
             if node not in needed or node in env:
                 continue
-            if node.op == "get_attr":
+            if (size := _size_in_prefix(node, roles)) is not None:
+                env[node] = prefix.graph.call_function(aten.sym_size.int, (env[size[0]], size[1]))
+                env[node].meta["val"] = fake_value(aten.sym_size.int, env[node].args)
+            elif node.op == "get_attr":
                 env[node] = copy = prefix.graph.get_attr(_adopt(prefix, denoise, node.target))
                 tensor = attr_tensor(prefix, copy.target)
                 copy.meta["val"] = mode.from_tensor(tensor, static_shapes=True) if mode else tensor
@@ -114,7 +137,7 @@ def _cone(moved: list[fx.Node], invariant: set) -> set[fx.Node]:
         node = stack.pop()
         if node not in seen:
             seen.add(node)
-            stack.extend(n for n in node.all_input_nodes if n in invariant)
+            stack.extend(n for n in node.all_input_nodes if n in invariant)  # not a size's source
     return seen
 
 

@@ -36,6 +36,8 @@ class ToyPolicy(nn.Module):
         if self.form == "mask only":
             return self.out(q) * mask[:, :1].float()[:, :, None]
         k, v = self.to_k(feats), self.to_v(feats).relu()
+        if self.form == "batch from x":  # export reads the batch size off x_t: the moved copy reads it off feats
+            k = k.reshape(x_t.shape[0], -1).view(x_t.shape[0], 3, 8)
         return self.out(torch.softmax(q @ k.transpose(1, 2), -1) @ v)
 
 
@@ -51,23 +53,26 @@ def _program(policy):
     return Program(capture_policy(policy, obs, noise), policy.schedule)
 
 
-def test_projections_of_the_prefix_move_and_every_output_is_bit_identical():
-    program = _program(ToyPolicy("cross"))
+@pytest.mark.parametrize("form", ["cross", "batch from x"])
+def test_projections_of_the_prefix_move_and_every_output_is_bit_identical(form):
+    program = _program(ToyPolicy(form))
     inputs = _obs(3)
     want = program.run(inputs)
     moved = hoist_invariants(program.graphs["prefix"], program.graphs["denoise"])
     assert len(moved) == 2  # to_k's output and to_v's relu: the step no longer computes them
     denoise = program.graphs["denoise"]
     assert len(denoise.graph.find_nodes(op="call_function", target=torch.ops.aten.linear.default)) == 2  # q, out
+    assert not [n for n in denoise.graph.nodes if n.target in (torch.ops.aten.view.default,
+                                                               torch.ops.aten.reshape.default)]  # K's views moved too
     assert denoise.meta["qvla_inputs"].count("prefix") == 4
     assert torch.equal(program.run(inputs), want)
     exported = program.export(tuple(_obs(2)[0].values()) + (_obs(2)[1],))  # the saved form, batch dynamic
     pre = exported["prefix"].module()(*inputs[0].values())
     assert len(pre) == 4
     t = torch.zeros(3)
+    policy = ToyPolicy(form)
     assert torch.equal(exported["denoise"].module()(tuple(pre), inputs[1], t),
-                       ToyPolicy("cross").denoise_step(ToyPolicy("cross").embed_prefix(*inputs[0].values()),
-                                                       inputs[1], t))
+                       policy.denoise_step(policy.embed_prefix(*inputs[0].values()), inputs[1], t))
 
 
 @pytest.mark.parametrize("form", ["mask only", "time-scaled", "random"])
