@@ -38,10 +38,12 @@ HEAVY = frozenset({aten.linear.default, aten.matmul.default, aten.mm.default, at
 def hoist_invariants(prefix: fx.GraphModule, denoise: fx.GraphModule) -> list[str]:
     """Rewrite both graphs in place; returns the names of the denoise nodes whose values the prefix now returns."""
     invariant, reads_prefix, heavy = _invariant_nodes(denoise)
-    moved = [n for n in denoise.graph.nodes  # in graph order: the saved program's bytes are reproducible
-             if n in invariant and reads_prefix[n] and heavy[n] and isinstance(n.meta.get("val"), torch.Tensor)
-             and any(u not in invariant for u in _users(n))]
-    if not moved:
+    worth = {n for n in invariant if reads_prefix[n] and heavy[n]}
+    frontier = [n for n in worth if any(u not in invariant for u in _users(n))]
+    batch = next((p.meta["val"].shape[0] for p, role in _roles(denoise).items() if role == "action"), None)
+    chosen = _batch_first(frontier, worth, batch)
+    moved = [n for n in denoise.graph.nodes if n in chosen]  # graph order: a saved program's bytes are reproducible
+    if not moved or len(_prefix_inputs(denoise)) != len(_output_node(prefix).args[0]):
         return []
     values = _copy_into(prefix, denoise, invariant, moved)
     _return_more(prefix, values)
@@ -52,10 +54,31 @@ def hoist_invariants(prefix: fx.GraphModule, denoise: fx.GraphModule) -> list[st
     return [n.name for n in moved]
 
 
+def _batch_first(nodes, worth: set, batch) -> set[fx.Node]:
+    """`nodes`, each one whose dim 0 is not the batch replaced by what it is computed from: the saved step takes
+    every prefix value with a dynamic batch in dim 0."""
+    chosen = set()
+    for node in nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dim() and statically_known_true(val.shape[0] == batch):
+            chosen.add(node)
+        else:
+            chosen |= _batch_first([n for n in node.all_input_nodes if n in worth], worth, batch)
+    return chosen
+
+
+def _roles(gm: fx.GraphModule) -> dict[fx.Node, str]:
+    return dict(zip(gm.graph.find_nodes(op="placeholder"), gm.meta.get(INPUTS_KEY, ())))
+
+
+def _prefix_inputs(gm: fx.GraphModule) -> list[fx.Node]:
+    return [p for p, role in _roles(gm).items() if role == "prefix"]
+
+
 def _invariant_nodes(gm: fx.GraphModule) -> tuple[set[fx.Node], dict[fx.Node, bool], dict[fx.Node, bool]]:
     """The nodes computed from prefix inputs and constants alone by pure ops; reads_prefix[node]: a prefix input
     among them (a value of constants alone is Inductor's to fold); heavy[node]: a GEMM-like op among them."""
-    roles = dict(zip(gm.graph.find_nodes(op="placeholder"), gm.meta.get(INPUTS_KEY, ())))
+    roles = _roles(gm)
     invariant, reads_prefix, heavy = set(), {}, {}
     for node in gm.graph.nodes:
         inputs = node.all_input_nodes
@@ -107,12 +130,8 @@ def _is_heavy(node: fx.Node) -> bool:
 def _copy_into(prefix: fx.GraphModule, denoise: fx.GraphModule, invariant: set, moved: list) -> list[fx.Node]:
     """Copies of `moved` and what they read, appended to the prefix graph before its output, their shapes
     re-derived in the prefix graph's symbols; returns the copies."""
-    needed = _cone(moved, invariant)
-    roles = dict(zip(denoise.graph.find_nodes(op="placeholder"), denoise.meta.get(INPUTS_KEY, ())))
-    outputs = list(_output_node(prefix).args[0])
-    prefix_inputs = [n for n in denoise.graph.find_nodes(op="placeholder") if n in invariant]
-    assert len(prefix_inputs) == len(outputs), "the denoise graph reads the prefix outputs, in order"
-    env: dict[fx.Node, fx.Node] = dict(zip(prefix_inputs, outputs))
+    needed, roles = _cone(moved, invariant), _roles(denoise)
+    env: dict[fx.Node, fx.Node] = dict(zip(_prefix_inputs(denoise), _output_node(prefix).args[0]))  # in order
     mode = detect_fake_mode([n.meta.get("val") for n in prefix.graph.find_nodes(op="placeholder")])
     with prefix.graph.inserting_before(_output_node(prefix)), mode or contextlib.nullcontext():  # for factories
         for node in denoise.graph.nodes:

@@ -36,6 +36,9 @@ class ToyPolicy(nn.Module):
         if self.form == "mask only":
             return self.out(q) * mask[:, :1].float()[:, :, None]
         k, v = self.to_k(feats), self.to_v(feats).relu()
+        if self.form == "batch not first":  # the step reads K as [3, B, 8]; the saved step takes prefix values
+            k = k.permute(1, 0, 2).relu()    # batch-first, so the relu's input moves, the permute and relu stay
+            return self.out(torch.softmax(torch.einsum("bqd,kbd->bqk", q, k), -1) @ v)
         if self.form == "batch from x":  # export reads the batch size off x_t: the moved copy reads it off feats
             k = k.reshape(x_t.shape[0], -1).view(x_t.shape[0], 3, 8)
         return self.out(torch.softmax(q @ k.transpose(1, 2), -1) @ v)
@@ -53,13 +56,13 @@ def _program(policy):
     return Program(capture_policy(policy, obs, noise), policy.schedule)
 
 
-@pytest.mark.parametrize("form", ["cross", "batch from x"])
+@pytest.mark.parametrize("form", ["cross", "batch from x", "batch not first"])
 def test_projections_of_the_prefix_move_and_every_output_is_bit_identical(form):
     program = _program(ToyPolicy(form))
     inputs = _obs(3)
     want = program.run(inputs)
     moved = hoist_invariants(program.graphs["prefix"], program.graphs["denoise"])
-    assert len(moved) == 2  # to_k's output and to_v's relu: the step no longer computes them
+    assert len(moved) == 2  # K (to_k's output, or what its views read) and to_v's relu: the step computes neither
     denoise = program.graphs["denoise"]
     assert len(denoise.graph.find_nodes(op="call_function", target=torch.ops.aten.linear.default)) == 2  # q, out
     assert not [n for n in denoise.graph.nodes if n.target in (torch.ops.aten.view.default,
