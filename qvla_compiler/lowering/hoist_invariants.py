@@ -5,12 +5,14 @@ GR00T's cross-attention keys and values of the VL features (`to_k(vl)`, `to_v(vl
     prefix(obs) -> (p0 … pn)              denoise((p0 … pn), x, t) -> v,  reading f(p) for some pure f
 After:
     prefix(obs) -> (p0 … pn, f(p) …)      denoise((p0 … pn, f(p) …), x, t) -> v,  f's nodes gone from it
-Invariant: the same ops on the same values, so every output is bit-identical (tested exactly); only values whose
-computation holds a GEMM, attention or qvla:: op move (a cheap view or mask stays where it is, costing no memory),
-and only pure ops that read no action or time input (a per-step scale gathered by t stays in the step).
-Why: GR00T's DiT cross-attends to the VL features in half its blocks; at groot-full's shapes those projections are
-about half the step's multiply-adds. The sampler passes the prefix tuple to the step unchanged, so a saved program,
-its AOT package and `module()` run the hoisted pair as they ran the original.
+Invariant: the same ops on the same values, so every output is bit-identical (tested exactly). Only pure ops that
+read no action or time input move (a per-step scale gathered by t stays in the step); only values whose computation
+holds a GEMM, attention or qvla:: op (a cheap view or mask stays where it is, costing no memory); only values with
+the batch in dim 0 (what the saved step's dynamic batch takes; otherwise what they are computed from moves).
+Why: GR00T's DiT cross-attends to the VL features in half its blocks (SmolVLA's expert to the VLM's keys and values
+likewise); at groot-full's shapes those projections are about half the step's multiply-adds. The sampler passes the
+prefix tuple to the step unchanged, so a saved program, its AOT package and `module()` run the hoisted pair as they
+ran the original.
 """
 from __future__ import annotations
 
@@ -156,7 +158,7 @@ def _cone(moved: list[fx.Node], invariant: set) -> set[fx.Node]:
         node = stack.pop()
         if node not in seen:
             seen.add(node)
-            stack.extend(n for n in node.all_input_nodes if n in invariant)  # not a size's source
+            stack.extend(n for n in node.all_input_nodes if n in invariant)  # a size read off x_t: not x_t
     return seen
 
 
