@@ -266,7 +266,8 @@ class _Captured:
         report = Report(self.name, recipe.name, recipe.layout, tuple(rows), applied.float_bytes, after,
                         round(rel, 6), round(sqnr, 2), applied.attention,
                         collect_warnings(rows, recipe.layout, self.program.is_policy,
-                                         [w for gm in self.program.graphs.values() for w in gm.meta.get(WARNINGS, ())]))
+                                         [w for gm in self.program.graphs.values() for w in gm.meta.get(WARNINGS, ())]),
+                        tuple(applied.hoisted))
         summary = [{"graph": r.graph, "module_path": r.module_path, "region": r.region, "role": r.role,
                     "bits": r.bits} for r in rows]
         return QuantizedProgram(self.program, recipe, report, summary, self.example_args, plan)

@@ -88,6 +88,7 @@ class Applied:  # per call site rows (SQNR from calibration), bf16 bytes of the 
     rows: list[LinearReport]
     float_bytes: int
     attention: dict | None
+    hoisted: list[str]  # the denoise-step values hoist_invariants moved into the prefix
 
 
 def apply(program: Program, plan: QuantPlan, *, dump_dir: str | None = None, hoist: bool = True) -> Applied:
@@ -105,10 +106,10 @@ def apply(program: Program, plan: QuantPlan, *, dump_dir: str | None = None, hoi
         check_schedule(gm)
         fold_attention_scales(gm, *cal.planned_attention_scales(plan.attention, name))
         cast_float_linears(gm, recipe.float_dtype)  # the float linears (α/β folded) in bf16 if the recipe says so
-    if hoist and program.is_policy:
-        hoist_invariants(program.graphs["prefix"], program.graphs["denoise"])
+    hoisted = hoist_invariants(program.graphs["prefix"], program.graphs["denoise"]) if hoist and program.is_policy \
+        else []
     dump("4-lowered", program.graphs)
-    return Applied(rows, float_bytes, plan.attention)
+    return Applied(rows, float_bytes, plan.attention, hoisted)
 
 
 def _planned(program: Program, plan: QuantPlan, recipe) -> Program:

@@ -45,6 +45,7 @@ class Report:
     action_sqnr_db: float | None = None
     attention_scales: dict | None = None  # ATM α / OHB β per graph and attention block, with their statistics
     warnings: tuple[str, ...] = ()  # what the user should know even though nothing failed (see collect_warnings)
+    hoisted: tuple[str, ...] = ()  # denoise-step values computed once per sample in the prefix (hoist_invariants)
 
     @property
     def int_linears(self) -> int:
@@ -89,7 +90,7 @@ class Report:
                 "policy_bytes_bf16": self.policy_bytes_bf16, "policy_bytes_quant": self.policy_bytes_quant,
                 "policy_memory_saving": round(self.policy_memory_saving, 4),
                 "action_rel_l2": self.action_rel_l2, "action_sqnr_db": self.action_sqnr_db,
-                "regions": self.by_region(), "warnings": list(self.warnings)}
+                "regions": self.by_region(), "warnings": list(self.warnings), "hoisted": list(self.hoisted)}
 
     def to_json(self) -> str:
         return json.dumps({**self.summary(), "linears": [dataclasses.asdict(r) for r in self.linears],
@@ -103,7 +104,8 @@ class Report:
         keys = ("model", "recipe", "layout", "policy_bytes_bf16", "policy_bytes_quant", "action_rel_l2",
                 "action_sqnr_db")
         return cls(linears=linears, attention_scales=data.get("attention_scales"),
-                   warnings=tuple(data.get("warnings", ())), **{k: data[k] for k in keys})
+                   warnings=tuple(data.get("warnings", ())), hoisted=tuple(data.get("hoisted", ())),
+                   **{k: data[k] for k in keys})
 
 
 def _json_default(value):

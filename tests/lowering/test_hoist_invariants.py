@@ -92,6 +92,7 @@ def test_groot_cross_attention_keys_and_values_move_in_the_saved_program(tmp_pat
     policy, qp = quantized_policy("groot-tiny", "w8a8")
     cross = sum(block.cross for block in policy.action_head.transformer_blocks)
     assert len(qp.program.graphs["prefix"].graph.find_nodes(op="output")[0].args[0]) == 3 + 2 * cross
+    assert len(qp.report.hoisted) == 2 * cross and qp.report.summary()["hoisted"] == list(qp.report.hoisted)
     for gm in qp.program.graphs.values():
         check_schedule(gm)  # the recorded schedules follow the move
     obs, noise = policy.example_inputs(3), policy.example_noise(3)
@@ -100,6 +101,7 @@ def test_groot_cross_attention_keys_and_values_move_in_the_saved_program(tmp_pat
     loaded = qvla_compiler.load(qp.save(tmp_path / "groot.pt2"))
     kv = [k for ep in loaded.exported_programs.values() for k in {**ep.state_dict, **ep.constants} if ".to_" in k]
     assert len(kv) == len(set(kv)), "a moved weight is saved once, in the prefix program"
+    assert loaded.report.hoisted == qp.report.hoisted  # `qvla inspect --json` shows them
     with torch.no_grad():
         got = loaded.module(compiled=False)(*obs.values(), noise)
     assert torch.equal(got, qp.program.run((obs, noise)))
