@@ -32,6 +32,8 @@ class ToyPolicy(nn.Module):
             feats = feats * t[:, None, None]
         elif self.form == "random":
             feats = feats + torch.rand_like(feats)
+        elif self.form == "in place":  # every step scales the prefix tensor again: the next step sees another value
+            feats.mul_(2)
         q = self.to_q(x_t)
         if self.form == "mask only":
             return self.out(q) * mask[:, :1].float()[:, :, None]
@@ -78,7 +80,7 @@ def test_projections_of_the_prefix_move_and_every_output_is_bit_identical(form):
                        policy.denoise_step(policy.embed_prefix(*inputs[0].values()), inputs[1], t))
 
 
-@pytest.mark.parametrize("form", ["mask only", "time-scaled", "random"])
+@pytest.mark.parametrize("form", ["mask only", "time-scaled", "random", "in place"])
 def test_cheap_time_dependent_and_random_values_stay_in_the_step(form):
     program = _program(ToyPolicy(form))
     before = {name: gm.code for name, gm in program.graphs.items()}
