@@ -25,7 +25,7 @@ import torch.utils._pytree as pytree
 from torch._guards import detect_fake_mode
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from qvla_compiler.meta import INPUTS_KEY
+from qvla_compiler.meta import INPUTS_KEY, QVLA_META
 from qvla_compiler.passes._graph import attr_tensor, drop_dead_code, drop_unused_attributes, fake_value
 from qvla_compiler.passes.check_schedule import SCHEDULE_KEY, record_schedule
 
@@ -38,7 +38,8 @@ HEAVY = frozenset({aten.linear.default, aten.matmul.default, aten.mm.default, at
 
 
 def hoist_invariants(prefix: fx.GraphModule, denoise: fx.GraphModule) -> list[str]:
-    """Rewrite both graphs in place; returns the names of the denoise nodes whose values the prefix now returns."""
+    """Rewrite both graphs in place; returns what the prefix now returns for the step: each value's node name and
+    the linears it holds ("transpose_1 (action_head.transformer_blocks.0.attn1.to_k)")."""
     invariant, reads_prefix, heavy = _invariant_nodes(denoise)
     worth = {n for n in invariant if reads_prefix[n] and heavy[n]}
     frontier = [n for n in worth if any(u not in invariant for u in _users(n))]
@@ -47,13 +48,21 @@ def hoist_invariants(prefix: fx.GraphModule, denoise: fx.GraphModule) -> list[st
     moved = [n for n in denoise.graph.nodes if n in chosen]  # graph order: a saved program's bytes are reproducible
     if not moved or len(_prefix_inputs(denoise)) != len(_output_node(prefix).args[0]):
         return []
+    labels = [_label(n, invariant) for n in moved]
     values = _copy_into(prefix, denoise, invariant, moved)
     _return_more(prefix, values)
     _take_more(denoise, moved)
     for gm in (prefix, denoise):  # compute moved between the graphs on purpose: their checked schedules follow it
         if SCHEDULE_KEY in gm.meta:
             record_schedule(gm)
-    return [n.name for n in moved]
+    return labels
+
+
+def _label(node: fx.Node, invariant: set) -> str:
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    infos = [n.meta.get(QVLA_META) for n in sorted(_cone([node], invariant), key=order.__getitem__)]
+    paths = dict.fromkeys(i.module_path for i in infos if hasattr(i, "module_path"))
+    return f"{node.name} ({', '.join(paths)})" if paths else node.name
 
 
 def _batch_first(nodes, worth: set, batch) -> set[fx.Node]:
