@@ -1,5 +1,5 @@
 """hoist_invariants: what the denoise step computes from the prefix alone moves into the prefix graph, bit-exactly;
-cheap, time-dependent and random values stay in the step."""
+cheap, time-dependent, random and in-place values stay in the step."""
 import pytest
 import torch
 from torch import nn
@@ -20,8 +20,8 @@ class ToyPolicy(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.form, self.schedule = form, FlowSchedule.uniform(0.0, 1.0, 3)
-        self.embed, self.to_k, self.to_v, self.to_q = nn.Linear(8, 24), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(2, 8)
-        self.out = nn.Linear(8, 2)
+        self.embed, self.to_k, self.to_v = nn.Linear(8, 24), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.to_q, self.out = nn.Linear(2, 8), nn.Linear(8, 2)
 
     def embed_prefix(self, images, tokens, token_mask, state):
         return self.embed(state).view(-1, 3, 8), token_mask
@@ -39,7 +39,7 @@ class ToyPolicy(nn.Module):
             return self.out(q) * mask[:, :1].float()[:, :, None]
         k, v = self.to_k(feats), self.to_v(feats).relu()
         if self.form == "batch not first":  # the step reads K as [3, B, 8]; the saved step takes prefix values
-            k = k.permute(1, 0, 2).relu()    # batch-first, so the relu's input moves, the permute and relu stay
+            k = k.permute(1, 0, 2).relu()    # batch-first, so to_k's output moves, the permute and relu stay
             return self.out(torch.softmax(torch.einsum("bqd,kbd->bqk", q, k), -1) @ v)
         if self.form == "batch from x":  # export reads the batch size off x_t: the moved copy reads it off feats
             k = k.reshape(x_t.shape[0], -1).view(x_t.shape[0], 3, 8)
@@ -48,7 +48,8 @@ class ToyPolicy(nn.Module):
 
 def _obs(batch):
     gen = torch.Generator().manual_seed(batch)
-    return ({"images": torch.rand(batch, 3, 4, 4, generator=gen), "tokens": torch.randint(0, 9, (batch, 5), generator=gen),
+    return ({"images": torch.rand(batch, 3, 4, 4, generator=gen),
+             "tokens": torch.randint(0, 9, (batch, 5), generator=gen),
              "token_mask": torch.rand(batch, 5, generator=gen) > 0.3, "state": torch.randn(batch, 8, generator=gen)},
             torch.randn(batch, 4, 2, generator=gen))
 
