@@ -106,10 +106,9 @@ def apply(program: Program, plan: QuantPlan, *, dump_dir: str | None = None, hoi
         check_schedule(gm)
         fold_attention_scales(gm, *cal.planned_attention_scales(plan.attention, name))
         cast_float_linears(gm, recipe.float_dtype)  # the float linears (α/β folded) in bf16 if the recipe says so
-    hoisted = hoist_invariants(program.graphs["prefix"], program.graphs["denoise"]) if hoist and program.is_policy \
-        else []
+    moved = hoist_invariants(program.graphs["prefix"], program.graphs["denoise"]) if hoist and program.is_policy else []
     dump("4-lowered", program.graphs)
-    return Applied(rows, float_bytes, plan.attention, hoisted)
+    return Applied(rows, float_bytes, plan.attention, moved)
 
 
 def _planned(program: Program, plan: QuantPlan, recipe) -> Program:

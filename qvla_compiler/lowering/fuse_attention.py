@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from qvla_compiler.passes._graph import drop_dead_code
+from qvla_compiler.passes._graph import drop_dead_code, real_users
 
 aten = torch.ops.aten
 MASKS = (aten.masked_fill.Scalar, aten.where.ScalarOther)  # what may mask the scores
@@ -80,7 +80,7 @@ def _match(softmax: fx.Node):
     if kt.target is not aten.transpose.int or sorted(d % _rank(kt) for d in kt.args[1:]) != [2, 3]:
         return None
     probs = _casts_forward(softmax)
-    out = _real_users(probs)[0] if len(_real_users(probs)) == 1 else None
+    out = real_users(probs)[0] if len(real_users(probs)) == 1 else None
     if out is None or out.target is not aten.matmul.default or out.args[0] is not probs:
         return None
     k, v = kt.args[0], out.args[1]
@@ -99,14 +99,14 @@ def _rewrite(graph: fx.Graph, q, k, v, mask, scale, out) -> None:
 
 
 def _casts_back(node: fx.Node) -> fx.Node:
-    while _fp32_cast(node) and len(_real_users(node)) == 1:
+    while _fp32_cast(node) and len(real_users(node)) == 1:
         node = node.args[0]
     return node
 
 
 def _casts_forward(node: fx.Node) -> fx.Node:
-    while len(_real_users(node)) == 1 and _fp32_cast(_real_users(node)[0]):
-        node = _real_users(node)[0]
+    while len(real_users(node)) == 1 and _fp32_cast(real_users(node)[0]):
+        node = real_users(node)[0]
     return node
 
 
@@ -114,12 +114,8 @@ def _fp32_cast(node: fx.Node) -> bool:  # a cast to another dtype would change w
     return node.target in CASTS and getattr(node.meta.get("val"), "dtype", None) == torch.float32
 
 
-def _real_users(node: fx.Node) -> list[fx.Node]:
-    return [u for u in node.users if u.target is not aten._assert_tensor_metadata.default]
-
-
 def _sole(node: fx.Node) -> bool:
-    return len(_real_users(node)) == 1
+    return len(real_users(node)) == 1
 
 
 def _rank(node: fx.Node) -> int:

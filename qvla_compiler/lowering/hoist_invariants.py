@@ -26,7 +26,7 @@ from torch._guards import detect_fake_mode
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from qvla_compiler.meta import INPUTS_KEY, QVLA_META
-from qvla_compiler.passes._graph import attr_tensor, drop_dead_code, drop_unused_attributes, fake_value
+from qvla_compiler.passes._graph import attr_tensor, drop_dead_code, drop_unused_attributes, fake_value, real_users
 from qvla_compiler.passes.check_schedule import SCHEDULE_KEY, record_schedule
 
 aten = torch.ops.aten
@@ -42,13 +42,14 @@ def hoist_invariants(prefix: fx.GraphModule, denoise: fx.GraphModule) -> list[st
     the linears it holds ("transpose_1 (action_head.transformer_blocks.0.attn1.to_k)")."""
     invariant, reads_prefix, heavy = _invariant_nodes(denoise)
     worth = {n for n in invariant if reads_prefix[n] and heavy[n]}
-    frontier = [n for n in worth if any(u not in invariant for u in _users(n))]
+    frontier = [n for n in worth if any(u not in invariant for u in real_users(n))]
     batch = next((p.meta["val"].shape[0] for p, role in _roles(denoise).items() if role == "action"), None)
     chosen = _batch_first(frontier, worth, batch)
     moved = [n for n in denoise.graph.nodes if n in chosen]  # graph order: a saved program's bytes are reproducible
     if not moved or len(_prefix_inputs(denoise)) != len(_output_node(prefix).args[0]):
         return []
-    labels = [_label(n, invariant) for n in moved]
+    order = {n: i for i, n in enumerate(denoise.graph.nodes)}
+    labels = [_label(n, invariant, order) for n in moved]
     values = _copy_into(prefix, denoise, invariant, moved)
     _return_more(prefix, values)
     _take_more(denoise, moved)
@@ -58,8 +59,7 @@ def hoist_invariants(prefix: fx.GraphModule, denoise: fx.GraphModule) -> list[st
     return labels
 
 
-def _label(node: fx.Node, invariant: set) -> str:
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
+def _label(node: fx.Node, invariant: set, order: dict[fx.Node, int]) -> str:
     infos = [n.meta.get(QVLA_META) for n in sorted(_cone([node], invariant), key=order.__getitem__)]
     paths = dict.fromkeys(i.module_path for i in infos if hasattr(i, "module_path"))
     return f"{node.name} ({', '.join(paths)})" if paths else node.name
@@ -119,10 +119,6 @@ def _size_in_prefix(node: fx.Node, roles: dict) -> tuple[fx.Node, int] | None:
             if type(other) is type(size) and statically_known_true(other == size):
                 return p, dim
     return None
-
-
-def _users(node: fx.Node) -> list[fx.Node]:  # export's dtype asserts are not uses of a value
-    return [u for u in node.users if u.target is not aten._assert_tensor_metadata.default]
 
 
 def _pure(node: fx.Node) -> bool:

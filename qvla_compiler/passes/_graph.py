@@ -170,6 +170,11 @@ def _reach(node: fx.Node, step: Callable[[fx.Node], Iterable[fx.Node]]) -> set[f
     return seen
 
 
+def real_users(node: fx.Node) -> list[fx.Node]:
+    """The nodes that use `node`'s value: export's dtype asserts on it are not uses."""
+    return [u for u in node.users if u.target is not aten._assert_tensor_metadata.default]
+
+
 def drop_dead_code(graph: fx.Graph) -> None:
     """Dead code elimination, export's dtype asserts on values nothing else reads included (they would keep a
     replaced chain alive)."""
@@ -177,7 +182,7 @@ def drop_dead_code(graph: fx.Graph) -> None:
     while stale:
         graph.eliminate_dead_code()
         stale = [a for a in graph.find_nodes(op="call_function", target=aten._assert_tensor_metadata.default)
-                 if all(u.target is aten._assert_tensor_metadata.default for u in a.args[0].users)]
+                 if not real_users(a.args[0])]
         for node in stale:
             graph.erase_node(node)
 
