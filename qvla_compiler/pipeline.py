@@ -21,7 +21,7 @@ from qvla_compiler import calibration as cal
 from qvla_compiler.inspect.phases import phase
 from qvla_compiler.inspect.report import LinearReport, linear_reports, param_bytes, planned_sqnr
 from qvla_compiler.inspect.trace import trace_phase
-from qvla_compiler.lowering import cast_float_linears, hoist_invariants, lower_linears
+from qvla_compiler.lowering import cast_float_linears, hoist_invariants, lower_linears, table_time_values
 from qvla_compiler.passes import (FloatWeightRelease, apply_layout, apply_plan, assign_regions,
                                   check_accumulator_bounds, check_schedule, classify_linears, fit_transforms,
                                   fold_attention_scales, insert_observers, keep_unquantizable_float,
@@ -106,9 +106,17 @@ def apply(program: Program, plan: QuantPlan, *, dump_dir: str | None = None, hoi
         check_schedule(gm)
         fold_attention_scales(gm, *cal.planned_attention_scales(plan.attention, name))
         cast_float_linears(gm, recipe.float_dtype)  # the float linears (α/β folded) in bf16 if the recipe says so
-    moved = hoist_invariants(program.graphs["prefix"], program.graphs["denoise"]) if hoist and program.is_policy else []
+    moved = _hoist(program, recipe) if hoist and program.is_policy else []
     dump("4-lowered", program.graphs)
     return Applied(rows, float_bytes, plan.attention, moved)
+
+
+def _hoist(program: Program, recipe) -> list[str]:
+    """Out of the denoise loop: values of the prefix alone, then values of the time alone (an fp32 GEMM over all
+    timesteps may round otherwise than per step, so a float program keeps its bits: none of those move)."""
+    prefix, denoise = program.graphs["prefix"], program.graphs["denoise"]
+    return hoist_invariants(prefix, denoise) + table_time_values(prefix, denoise, program.schedule.timesteps,
+                                                                 float_gemms=recipe.layout != "none")
 
 
 def _planned(program: Program, plan: QuantPlan, recipe) -> Program:

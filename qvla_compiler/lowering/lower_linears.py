@@ -53,6 +53,7 @@ def lower_linears(gm: fx.GraphModule) -> fx.GraphModule:
             gm.graph.erase_node(w)
             if not any(n.op == "get_attr" and n.target == w.target for n in gm.graph.nodes):
                 _delete_attr(gm, w.target)
+    g.fill_values(gm)  # the quantize_act, getitem and buffer nodes above: hoisting reads their shapes
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -246,6 +246,23 @@ def fake_value(op, args, kwargs=None):
         return op(*vals[0], **vals[1])
 
 
+def fill_values(gm: fx.GraphModule) -> fx.GraphModule:
+    """meta["val"] for the nodes a rewrite added without one (integer buffers, qvla:: ops, their getitems), in the
+    graph's fake mode, so later passes read every node's shape."""
+    mode = detect_fake_mode([n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")])
+    if mode is None:
+        return gm
+    for node in gm.graph.nodes:
+        if "val" in node.meta or node.op not in ("get_attr", "call_function"):
+            continue
+        if node.op == "get_attr":
+            node.meta["val"] = mode.from_tensor(attr_tensor(gm, node.target), static_shapes=True)
+        elif all("val" in n.meta for n in node.all_input_nodes):
+            with mode:
+                node.meta["val"] = fake_value(node.target, node.args, node.kwargs)
+    return gm
+
+
 def call(gm: fx.GraphModule, op, *args, **kwargs) -> fx.Node:
     """A new node `op(*args, **kwargs)` at the graph's insertion point, its meta["val"] set."""
     node = gm.graph.call_function(op, args, kwargs)
