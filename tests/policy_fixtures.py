@@ -14,6 +14,18 @@ def quantized_policy(name: str, recipe: str, layout: str | None = None):
     return policy, qp
 
 
+def unmoved_program(policy, plan):
+    """`plan` applied to a fresh capture of `policy` without the passes that move work out of the denoise loop
+    (hoist_invariants, table_time_values): the program the torch.compile backend builds, graph by graph."""
+    from qvla_compiler import pipeline
+    from qvla_compiler.export import capture_policy
+    from qvla_compiler.program import Program
+
+    program = Program(capture_policy(policy, policy.example_inputs(), policy.example_noise()), policy.schedule)
+    pipeline.apply(program, plan, hoist=False)
+    return program
+
+
 def policy_args(policy, batch=3, seed=1):
     obs = policy.example_inputs(batch)
     return (obs["images"], obs["tokens"], obs["token_mask"], obs["state"], policy.example_noise(batch, seed=seed))

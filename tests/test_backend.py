@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import qvla_compiler
-from policy_fixtures import policy_args, quantized_policy
+from policy_fixtures import policy_args, quantized_policy, unmoved_program
 from qvla_compiler.models.sampling import euler_sample
 from qvla_compiler.plan import PlanError, QuantPlan
 
@@ -38,14 +38,18 @@ BIT_CASES = [CASES[0], pytest.param(*CASES[1], marks=pytest.mark.small), CASES[2
 
 @pytest.mark.parametrize("name,recipe", BIT_CASES)
 def test_rewritten_dynamo_graphs_are_bit_identical_to_the_aot_program(name, recipe):
-    """Without Inductor, the rewritten torch-IR graphs compute exactly what the exported program computes."""
+    """Without Inductor, the rewritten torch-IR graphs compute exactly what the exported program computes before
+    work moves out of the denoise loop; after it, to the rounding of the float GEMMs table_time_values batches."""
     policy, qp = quantized_policy(name, recipe)
     plan = copy.deepcopy(qp.quant_plan)
     be = qvla_compiler.backend(plan=plan, inductor=False)
     denoise = torch.compile(policy.denoise_step, backend=be, fullgraph=True)
     prefix = torch.compile(policy.embed_prefix, backend=be)
     args = policy_args(policy)
-    assert torch.equal(_sample(policy, prefix, denoise, args), qp.module()(*args))
+    got = _sample(policy, prefix, denoise, args)
+    with torch.no_grad():
+        assert torch.equal(got, unmoved_program(policy, plan).as_module()(*args))
+        torch.testing.assert_close(got, qp.module()(*args), rtol=0.05, atol=0.02)
     assert sum(len(m.quantized) for m in be.graphs) == qp.report.int_linears
     assert all(not m.unmatched for m in be.graphs), be.summary()
     ops = [str(n.target) for gm in be.graph_modules for n in gm.graph.nodes if n.op == "call_function"]

@@ -47,7 +47,10 @@ def pure(node: fx.Node) -> bool:
 
 
 def is_heavy(node: fx.Node) -> bool:
-    return node.target in HEAVY or getattr(node.target, "namespace", None) == "qvla"
+    """A GEMM, attention, or a qvla:: op other than the per-row bookkeeping (a step's scale, a row's quantization)."""
+    if getattr(node.target, "namespace", None) == "qvla":
+        return node.target not in (torch.ops.qvla.step_scale.default, torch.ops.qvla.quantize_act.default)
+    return node.target in HEAVY
 
 
 def decided_by(gm: fx.GraphModule, role: str, size_source: Callable) -> tuple[set, dict, dict]:

@@ -256,7 +256,9 @@ def fill_values(gm: fx.GraphModule) -> fx.GraphModule:
         if "val" in node.meta or node.op not in ("get_attr", "call_function"):
             continue
         if node.op == "get_attr":
-            node.meta["val"] = mode.from_tensor(attr_tensor(gm, node.target), static_shapes=True)
+            value = attr_tensor(gm, node.target)
+            if isinstance(value, torch.Tensor):  # not a subgraph (flex_attention's score_mod)
+                node.meta["val"] = mode.from_tensor(value, static_shapes=True)
         elif all("val" in n.meta for n in node.all_input_nodes):
             with mode:
                 node.meta["val"] = fake_value(node.target, node.args, node.kwargs)
