@@ -346,6 +346,20 @@ def load(path: str | os.PathLike, *, trust: bool = False) -> LoadedProgram:
     return loaded
 
 
+class ContiguousInputs(nn.Module):
+    """An AOTInductor runner fed contiguous tensors. Its kernels index each input with the strides of the example it
+    was compiled on (contiguous), without checking: a view such as a chunk or a transpose (a policy's prefix output,
+    a user's input) would be read wrong, silently."""
+
+    def __init__(self, runner):
+        super().__init__()
+        self.runner = runner
+
+    def forward(self, *args, **kwargs):
+        args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.contiguous, (args, kwargs))
+        return self.runner(*args, **kwargs)
+
+
 class _Runners(dict):
     """An AOTInductor package's compiled programs by name, and its extra files."""
 
@@ -365,7 +379,7 @@ def _aoti_runners(path: Path, trust: bool) -> _Runners:
     from torch.export.pt2_archive._package import load_pt2
 
     contents = load_pt2(path)
-    runners = _Runners(contents.aoti_runners)
+    runners = _Runners({name: ContiguousInputs(runner) for name, runner in contents.aoti_runners.items()})
     runners.extra = {k: v for k, v in contents.extra_files.items() if k in _EXTRA}
     return runners
 

@@ -8,7 +8,8 @@ calibrate, on a fork:  (layout "auto": measure each linear's action error per we
   (the student), α/β from teacher vs student, into the plan.
 apply, pure rewriting:  1 analyse, decisions from the plan → 2 the plan's tensors → 2b rotate/smooth from the plan
   → 4 lower to qvla:: ops, check bounds and schedule → 5 fold the plan's α/β into existing tensors → 6 hoist what
-  every denoise step recomputes from the prefix alone into the prefix.
+  every denoise step recomputes from the prefix alone into the prefix, and table what it computes from its time
+  alone for all the schedule's timesteps there.
 Set `QVLA_DUMP=<dir>` (or pass dump_dir) to write every graph's code after each phase as `<phase>-<graph>.py`.
 """
 from __future__ import annotations
@@ -88,7 +89,7 @@ class Applied:  # per call site rows (SQNR from calibration), bf16 bytes of the 
     rows: list[LinearReport]
     float_bytes: int
     attention: dict | None
-    hoisted: list[str]  # the denoise-step values hoist_invariants moved into the prefix
+    hoisted: list[str]  # the denoise-step values moved into the prefix (hoist_invariants, table_time_values)
 
 
 def apply(program: Program, plan: QuantPlan, *, dump_dir: str | None = None, hoist: bool = True) -> Applied:

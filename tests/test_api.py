@@ -178,3 +178,16 @@ def test_a_module_without_linears_says_nothing_was_quantized():
     qp = qvla_compiler.quantize(module, (torch.randn(2, 8),), [(torch.randn(2, 8),)], "w8a8", progress=False)
     assert qp.report.int_linears == 0
     assert any("no linear layer was found" in w and "einsum" in w for w in qp.report.warnings)
+
+
+def test_aot_runners_are_fed_contiguous_tensors():
+    """AOTInductor indexes its inputs with the example's (contiguous) strides unchecked: a chunk of the prefix (the
+    tables of table_time_values) was read wrong until the runner got contiguous copies."""
+    from qvla_compiler.api import ContiguousInputs
+
+    seen = []
+    runner = ContiguousInputs(lambda prefix, x: seen.extend([*prefix, x]))
+    base = torch.arange(24.0).view(2, 12)
+    runner((base[:, :6], base.chunk(2, dim=1)[1]), base.t())
+    assert all(t.is_contiguous() for t in seen)
+    assert torch.equal(seen[1], base[:, 6:]) and torch.equal(seen[2], base.t())

@@ -45,7 +45,8 @@ class Report:
     action_sqnr_db: float | None = None
     attention_scales: dict | None = None  # ATM α / OHB β per graph and attention block, with their statistics
     warnings: tuple[str, ...] = ()  # what the user should know even though nothing failed (see collect_warnings)
-    hoisted: tuple[str, ...] = ()  # denoise-step values computed once per sample in the prefix (hoist_invariants)
+    hoisted: tuple[str, ...] = ()  # denoise-step values computed once per sample in the prefix (hoist_invariants,
+    # and table_time_values: "… per timestep")
 
     @property
     def int_linears(self) -> int:

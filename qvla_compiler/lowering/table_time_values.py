@@ -7,8 +7,8 @@ AdaLN modulation linear (83M of groot-full's 508M step weights), pi0.5's time ML
 After, with T = (t_1 … t_S) the schedule's timesteps in the step input's dtype:
     prefix(obs) -> (p…, G…)           G = g(T repeated B times).view(B, S, …): one batch of B·S rows, each
                                       weight read once per sample instead of once per step
-    denoise((p…, G…), x, t) -> v      reading G[b, k] where T[k] == t[b]; a t that is not one of T fails loudly
-                                      (`_assert_async`) rather than read another step's row
+    denoise((p…, G…), x, t) -> v      reading G[b, k] where T[k] == t[b] (T distinct); a t that is not one of T
+                                      fails loudly (`_assert_async`) rather than read another step's row
 Which values: only pure ops move; only values whose every op maps row i of its inputs to row i of its output
 (elementwise, a reduction or concat off dim 0, a view keeping the batch in dim 0, a linear on its input rows, a qvla::
 op), so the B·S-row batch gives each row what its step alone gives; only values holding a GEMM-like op; only values
@@ -51,7 +51,7 @@ def table_time_values(prefix: fx.GraphModule, denoise: fx.GraphModule, timesteps
     float_gemms=False: only values computed exactly whatever the row count (every GEMM integer)."""
     times = between.inputs_of_role(denoise, "time")
     val = times[0].meta.get("val") if len(times) == 1 else None
-    if not isinstance(val, torch.Tensor) or val.dim() != 1 or not timesteps:
+    if not isinstance(val, torch.Tensor) or val.dim() != 1 or len(set(timesteps)) != len(timesteps):
         return []
     t, batch = times[0], val.shape[0]
     size_source = functools.partial(between.same_size_in, sources=[t])
@@ -169,11 +169,11 @@ def _read_rows(denoise: fx.GraphModule, moved: list[fx.Node], t: fx.Node, steps:
         hit = call(denoise, aten.eq.Tensor, call(denoise, aten.unsqueeze.default, t, 1), _buffer(denoise, steps))
         found = call(denoise, aten.all.default, call(denoise, aten.any.dim, hit, 1))
         denoise.graph.call_function(aten._assert_async.msg, (found, UNSEEN_TIME))
-        k = call(denoise, aten.argmax.default, call(denoise, aten.to.dtype, hit, torch.int32), 1)
-        b = call(denoise, aten.arange.default, call(denoise, aten.sym_size.int, t, 0), device=steps.device)
-        for table in tables:
-            row = call(denoise, aten.index.Tensor, table, [b, k])
-            table.replace_all_uses_with(row, delete_user_cb=lambda user, row=row: user is not row)
+        for table in tables:  # the one hit row, summed with zeros: exact (an index here miscompiled in AOTInductor)
+            hits = call(denoise, aten.view.default, hit, [-1, len(steps), *[1] * (table.meta["val"].dim() - 2)])
+            masked = call(denoise, aten.where.ScalarOther, hits, table, 0)
+            row = call(denoise, aten.sum.dim_IntList, masked, [1], dtype=table.meta["val"].dtype)
+            table.replace_all_uses_with(row, delete_user_cb=lambda user, masked=masked: user is not masked)
     denoise.graph.lint()
     denoise.recompile()
 
