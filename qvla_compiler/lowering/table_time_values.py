@@ -169,7 +169,7 @@ def _read_rows(denoise: fx.GraphModule, moved: list[fx.Node], t: fx.Node, steps:
         hit = call(denoise, aten.eq.Tensor, call(denoise, aten.unsqueeze.default, t, 1), _buffer(denoise, steps))
         found = call(denoise, aten.all.default, call(denoise, aten.any.dim, hit, 1))
         denoise.graph.call_function(aten._assert_async.msg, (found, UNSEEN_TIME))
-        for table in tables:  # the one hit row, summed with zeros: exact (an index here miscompiled in AOTInductor)
+        for table in tables:  # the one hit row, summed with zeros: exact
             hits = call(denoise, aten.view.default, hit, [-1, len(steps), *[1] * (table.meta["val"].dim() - 2)])
             masked = call(denoise, aten.where.ScalarOther, hits, table, 0)
             row = call(denoise, aten.sum.dim_IntList, masked, [1], dtype=table.meta["val"].dtype)
