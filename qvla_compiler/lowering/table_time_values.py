@@ -40,6 +40,8 @@ STEPS_NAME = "qvla_timesteps"  # the schedule's timesteps, a buffer of both grap
 VIEWS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
                    aten.clone.default, aten.contiguous.default, aten._to_copy.default, aten.to.dtype,
                    aten.alias.default, aten.detach.default, aten.type_as.default})
+TRAILING_NORMS = frozenset({aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default,
+                            aten.group_norm.default})  # over the trailing dims (group_norm: dims 1…, per row)
 DIM_ARGUMENTS = ("dim", "dims", "dim0", "dim1")
 UNSEEN_TIME = "qvla: the denoise step was called with a time that is not one of the schedule's timesteps it was " \
               "compiled for; drive it with the program's own sampler (the schedule is in the artifact's meta)"
@@ -95,11 +97,14 @@ def _maps_rows(node: fx.Node, batch, reads_time: dict) -> bool:
     if not all(isinstance(v, torch.Tensor) for v in vals):  # a size: the batch's, or arithmetic on it
         return node.target in between.SIZE_ARITHMETIC or node.target is aten.sym_size.int
     timed = [n for n in between.value_inputs(node) if reads_time.get(n)]
-    if not all(_batch_first(v, batch) for v in vals + torch.utils._pytree.tree_leaves([n.meta.get("val") for n in timed])):
+    timed_vals = torch.utils._pytree.tree_leaves([n.meta.get("val") for n in timed])
+    if not all(_batch_first(v, batch) for v in vals + timed_vals):
         return False
     target = node.target
-    if target is operator.getitem or getattr(target, "namespace", None) == "qvla" or is_pointwise(node) \
-            or target in VIEWS:
+    if is_pointwise(node):  # broadcasting aligns trailing dims: the batch stays in dim 0 only at the output's rank
+        return all(v.dim() == vals[0].dim() for v in timed_vals)
+    if target is operator.getitem or getattr(target, "namespace", None) == "qvla" or target in VIEWS \
+            or target in TRAILING_NORMS:
         return True
     if target is aten.linear.default or target is aten.embedding.default:  # rows of the input; weights constant
         return timed == [node.args[1] if target is aten.embedding.default else node.args[0]]

@@ -37,6 +37,8 @@ class TimedPolicy(nn.Module):
             t = t[:1].expand(t.shape[0])
         elif self.form == "flipped":
             t = t.flip(0)
+        elif self.form == "outer":  # [B, 1] * [B] broadcasts to [B, B]: each row reads every row's t
+            t = (t[:, None] * t).mean(1)
         freqs = torch.exp(torch.arange(4, dtype=t.dtype) * (-math.log(100.0) / 4))
         angles = t[:, None] * freqs
         emb = self.time_out(nn.functional.silu(self.time_in(torch.cat([angles.sin(), angles.cos()], -1))))
@@ -99,7 +101,7 @@ def test_a_time_that_is_not_a_scheduled_timestep_fails_loudly():
         program.graphs["denoise"](tuple(prefix), noise, torch.tensor([0.6, 0.6, 0.65]))
 
 
-@pytest.mark.parametrize("form", ["first row", "flipped", "batch mean", "reads x"])
+@pytest.mark.parametrize("form", ["first row", "flipped", "outer", "batch mean", "reads x"])
 def test_values_that_mix_rows_or_read_the_action_stay_in_the_step(form):
     policy = TimedPolicy(form)
     program = _program(policy)
