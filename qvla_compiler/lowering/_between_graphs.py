@@ -14,6 +14,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from qvla_compiler.meta import INPUTS_KEY, QVLA_META
 from qvla_compiler.passes._graph import attr_tensor, drop_dead_code, drop_unused_attributes, fake_value, real_users
+from qvla_compiler.passes.check_schedule import SCHEDULE_KEY, record_schedule
 
 aten = torch.ops.aten
 SIZE_ARITHMETIC = frozenset({operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv,
@@ -89,13 +90,16 @@ def same_size_in(node: fx.Node, sources: list[fx.Node]) -> tuple[fx.Node, int] |
     return None
 
 
+def is_batch_first(val, batch) -> bool:
+    return isinstance(val, torch.Tensor) and val.dim() > 0 and statically_known_true(val.shape[0] == batch)
+
+
 def batch_first(nodes, worth: set, batch) -> set[fx.Node]:
     """`nodes`, each one whose dim 0 is not the batch replaced by what it is computed from: the saved step takes
     every prefix value with a dynamic batch in dim 0."""
     chosen = set()
     for node in nodes:
-        val = node.meta.get("val")
-        if isinstance(val, torch.Tensor) and val.dim() and statically_known_true(val.shape[0] == batch):
+        if is_batch_first(node.meta.get("val"), batch):
             chosen.add(node)
         else:
             chosen |= batch_first([n for n in value_inputs(node) if n in worth], worth, batch)
@@ -161,6 +165,19 @@ def prefix_size(prefix: fx.GraphModule, source: fx.Node, dim: int) -> fx.Node:
         node = prefix.graph.call_function(aten.sym_size.int, (source, dim))
     node.meta["val"] = fake_value(aten.sym_size.int, node.args)
     return node
+
+
+def fake_mode(gm: fx.GraphModule):
+    """The graph's fake mode as a context (factories made in it get fake values), or a null context."""
+    return detect_fake_mode([n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]) \
+        or contextlib.nullcontext()
+
+
+def rerecord_schedules(*graphs: fx.GraphModule) -> None:
+    """Compute moved between the graphs on purpose: their checked operator schedules follow it."""
+    for gm in graphs:
+        if SCHEDULE_KEY in gm.meta:
+            record_schedule(gm)
 
 
 def _adopt(prefix: fx.GraphModule, denoise: fx.GraphModule, target: str) -> str:

@@ -21,7 +21,6 @@ import functools
 import torch.fx as fx
 
 from qvla_compiler.lowering import _between_graphs as between
-from qvla_compiler.passes.check_schedule import SCHEDULE_KEY, record_schedule
 
 
 def hoist_invariants(prefix: fx.GraphModule, denoise: fx.GraphModule) -> list[str]:
@@ -47,7 +46,5 @@ def hoist_invariants(prefix: fx.GraphModule, denoise: fx.GraphModule) -> list[st
     env = between.copy_into(prefix, denoise, between.cone(moved, invariant), env, size_of)
     between.return_more(prefix, [env[n] for n in moved])
     between.take_more(denoise, moved, [f"hoisted_{n.name}" for n in moved])
-    for gm in (prefix, denoise):  # compute moved between the graphs on purpose: their checked schedules follow it
-        if SCHEDULE_KEY in gm.meta:
-            record_schedule(gm)
+    between.rerecord_schedules(prefix, denoise)
     return labels

@@ -22,7 +22,6 @@ float policy's bits. The sampler passes the prefix tuple to every step unchanged
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import operator
 
@@ -33,7 +32,6 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from qvla_compiler.lowering import _between_graphs as between
 from qvla_compiler.passes._graph import call, is_pointwise
-from qvla_compiler.passes.check_schedule import SCHEDULE_KEY, record_schedule
 
 aten = torch.ops.aten
 STEPS_NAME = "qvla_timesteps"  # the schedule's timesteps, a buffer of both graphs
@@ -62,7 +60,8 @@ def table_time_values(prefix: fx.GraphModule, denoise: fx.GraphModule, timesteps
     worth = {n for n in decided if reads_time[n] and heavy[n] and qualifies[n] and _rest_static(n)}
     moved = [n for n in denoise.graph.nodes if n in between.batch_first(between.frontier(worth, decided), worth,
                                                                          batch)]
-    rows = next((p for p in between.inputs_of_role(denoise, "prefix") if _batch_first(p.meta.get("val"), batch)), None)
+    rows = next((p for p in between.inputs_of_role(denoise, "prefix")
+                 if between.is_batch_first(p.meta.get("val"), batch)), None)
     prefix_out = between.output_node(prefix).args[0]
     if not moved or rows is None or len(between.inputs_of_role(denoise, "prefix")) != len(prefix_out):
         return []
@@ -72,9 +71,7 @@ def table_time_values(prefix: fx.GraphModule, denoise: fx.GraphModule, timesteps
     tables = _compute_tables(prefix, denoise, decided, moved, t, steps, source)
     between.return_more(prefix, tables)
     _read_rows(denoise, moved, t, steps)
-    for gm in (prefix, denoise):  # compute moved between the graphs on purpose: their checked schedules follow it
-        if SCHEDULE_KEY in gm.meta:
-            record_schedule(gm)
+    between.rerecord_schedules(prefix, denoise)
     return labels
 
 
@@ -98,7 +95,7 @@ def _maps_rows(node: fx.Node, batch, reads_time: dict) -> bool:
         return node.target in between.SIZE_ARITHMETIC or node.target is aten.sym_size.int
     timed = [n for n in between.value_inputs(node) if reads_time.get(n)]
     timed_vals = torch.utils._pytree.tree_leaves([n.meta.get("val") for n in timed])
-    if not all(_batch_first(v, batch) for v in vals + timed_vals):
+    if not all(between.is_batch_first(v, batch) for v in vals + timed_vals):
         return False
     target = node.target
     if is_pointwise(node):  # broadcasting aligns trailing dims: the batch stays in dim 0 only at the output's rank
@@ -109,10 +106,6 @@ def _maps_rows(node: fx.Node, batch, reads_time: dict) -> bool:
     if target is aten.linear.default or target is aten.embedding.default:  # rows of the input; weights constant
         return timed == [node.args[1] if target is aten.embedding.default else node.args[0]]
     return _off_dim_zero(node)
-
-
-def _batch_first(val, batch) -> bool:
-    return isinstance(val, torch.Tensor) and val.dim() > 0 and statically_known_true(val.shape[0] == batch)
 
 
 def _off_dim_zero(node: fx.Node) -> bool:
@@ -151,14 +144,14 @@ def _rest_static(node: fx.Node) -> bool:
 def _compute_tables(prefix, denoise, decided, moved, t, steps, source) -> list[fx.Node]:
     """In the prefix graph: the moved values' cone on T repeated B times (rows b·S + k), each viewed [B, S, …]."""
     size_source = functools.partial(between.same_size_in, sources=[t])
-    with prefix.graph.inserting_before(between.output_node(prefix)), _fake_mode(prefix):
+    with prefix.graph.inserting_before(between.output_node(prefix)), between.fake_mode(prefix):
         steps_node = _buffer(prefix, steps)
         rows = call(prefix, aten.sym_size.int, source, 0)
         t_all = call(prefix, aten.repeat.default, steps_node, [rows])
         everything = call(prefix, aten.sym_size.int, t_all, 0)  # B·S: what the step's batch size becomes
     env = between.copy_into(prefix, denoise, between.cone(moved, decided), {t: t_all},
                             lambda node: everything if size_source(node) is not None else None)
-    with prefix.graph.inserting_before(between.output_node(prefix)), _fake_mode(prefix):
+    with prefix.graph.inserting_before(between.output_node(prefix)), between.fake_mode(prefix):
         return [call(prefix, aten.reshape.default, env[n], [rows, len(steps), *n.meta["val"].shape[1:]])
                 for n in moved]
 
@@ -168,7 +161,7 @@ def _read_rows(denoise: fx.GraphModule, moved: list[fx.Node], t: fx.Node, steps:
     shapes = [n.meta["val"] for n in moved]
     tables = between.take_more(denoise, moved, [f"timed_{n.name}" for n in moved])
     after_inputs = denoise.graph.find_nodes(op="placeholder")[-1].next  # nodes inserted before it keep their order
-    with denoise.graph.inserting_before(after_inputs), _fake_mode(denoise):
+    with denoise.graph.inserting_before(after_inputs), between.fake_mode(denoise):
         for table, old in zip(tables, shapes):
             table.meta["val"] = old.new_empty((old.shape[0], len(steps), *old.shape[1:]))
         hit = call(denoise, aten.eq.Tensor, call(denoise, aten.unsqueeze.default, t, 1), _buffer(denoise, steps))
@@ -188,8 +181,3 @@ def _buffer(gm: fx.GraphModule, steps: torch.Tensor) -> fx.Node:
     mode = detect_fake_mode()
     node.meta["val"] = mode.from_tensor(steps, static_shapes=True) if mode else steps
     return node
-
-
-def _fake_mode(gm: fx.GraphModule):
-    return detect_fake_mode([n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]) \
-        or contextlib.nullcontext()
