@@ -13,7 +13,8 @@ from torch._guards import detect_fake_mode
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from qvla_compiler.meta import INPUTS_KEY, QVLA_META
-from qvla_compiler.passes._graph import attr_tensor, drop_dead_code, drop_unused_attributes, fake_value, real_users
+from qvla_compiler.passes._graph import (attr_tensor, call, drop_dead_code, drop_unused_attributes, fake_value,
+                                         real_users)
 from qvla_compiler.passes.check_schedule import SCHEDULE_KEY, record_schedule
 
 aten = torch.ops.aten
@@ -216,8 +217,12 @@ def output_node(gm: fx.GraphModule) -> fx.Node:
 
 
 def return_more(prefix: fx.GraphModule, values: list[fx.Node]) -> None:
-    """The prefix graph returns `values` after its tuple."""
+    """The prefix graph returns contiguous copies of `values` after its tuple: a moved value is often a view (a
+    transposed K, a chunk of a modulation), and a compiled step reads its inputs with contiguous strides (AOTInductor
+    without checking); a copy per sample, where a view would cost one per step."""
     out = output_node(prefix)
+    with prefix.graph.inserting_before(out):
+        values = [call(prefix, aten.clone.default, v, memory_format=torch.contiguous_format) for v in values]
     out.args = (type(out.args[0])((*out.args[0], *values)),)
     returned = _example(prefix.graph._codegen.pytree_info.out_spec)  # the prefix's tuple of tensors
     _respec(prefix, out_spec=pytree.tree_structure(type(returned)((*returned, *range(len(values))))))
