@@ -10,9 +10,10 @@ After, with T = (t_1 … t_S) the schedule's timesteps in the step input's dtype
     denoise((p…, G…), x, t) -> v      reading G[b, k] where T[k] == t[b] (T distinct); a t that is not one of T
                                       fails loudly (`_assert_async`) rather than read another step's row
 Which values: only pure ops move; only values whose every op maps row i of its inputs to row i of its output
-(elementwise, a reduction or concat off dim 0, a view keeping the batch in dim 0, a linear on its input rows, a qvla::
-op), so the B·S-row batch gives each row what its step alone gives; only values holding a GEMM-like op; only values
-with the batch in dim 0. A value read as `t[0]`, summed over the batch or mixed with x stays in the step.
+(elementwise on operands of the output's rank, a reduction, norm or concat off dim 0, a view keeping the batch in
+dim 0, a linear on its input rows, a qvla:: op), so the B·S-row batch gives each row what its step alone gives; only
+values holding a GEMM-like op; only values with the batch in dim 0. A value read as `t[0]`, broadcast across the
+batch, summed over it or mixed with x stays in the step.
 Invariant: where the tabled GEMMs are integer (qvla::), every output is bit-identical (tested exactly): an integer
 product is exact whatever the row count. An fp32 GEMM of B·S rows may sum in another order than one of B rows, so a
 tabled float linear (GR00T's and pi0.5's modulation linears, float in the default layout) equals its per-step value
