@@ -147,7 +147,7 @@ def copy_into(prefix: fx.GraphModule, denoise: fx.GraphModule, needed: set, env:
             if (size := size_of(node)) is not None:
                 env[node] = size
             elif node.op == "get_attr":
-                env[node] = copy = prefix.graph.get_attr(_adopt(prefix, denoise, node.target))
+                env[node] = copy = prefix.graph.get_attr(adopt(prefix, attr_tensor(denoise, node.target), node.target))
                 tensor = attr_tensor(prefix, copy.target)
                 copy.meta["val"] = mode.from_tensor(tensor, static_shapes=True) if mode else tensor
             elif node.target is aten.type_as.default:  # what type_as computes: its second operand is not here
@@ -181,14 +181,9 @@ def rerecord_schedules(*graphs: fx.GraphModule) -> None:
             record_schedule(gm)
 
 
-def _adopt(prefix: fx.GraphModule, denoise: fx.GraphModule, target: str) -> str:
-    """The denoise graph's tensor `target` as an attribute of the prefix graph (shared, not copied), under the same
-    name where it is free, so a saved program's tensor names still say which linear they belong to."""
-    return adopt(prefix, attr_tensor(denoise, target), target)
-
-
 def adopt(gm: fx.GraphModule, tensor: torch.Tensor, name: str) -> str:
-    """`tensor` registered on `gm` as `name`, or as `hoisted_<name>` where another tensor holds that name."""
+    """`tensor` (shared, not copied) registered on `gm` as `name`, or as `hoisted_<name>` where another tensor holds
+    that name: a saved program's tensor names still say which linear they belong to."""
     while _has_attr(gm, name) and attr_tensor(gm, name) is not tensor:
         name = "hoisted_" + name.replace(".", "_")
     owner_path, _, leaf = name.rpartition(".")
