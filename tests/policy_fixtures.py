@@ -26,6 +26,26 @@ def unmoved_program(policy, plan):
     return program
 
 
+def toy_observation(batch: int, horizon: int):
+    """(observation, noise) for the toy policies of tests/lowering: images, 5 tokens, an 8-wide state; 2 actions."""
+    import torch
+
+    gen = torch.Generator().manual_seed(batch)
+    return ({"images": torch.rand(batch, 3, 4, 4, generator=gen),
+             "tokens": torch.randint(0, 9, (batch, 5), generator=gen),
+             "token_mask": torch.rand(batch, 5, generator=gen) > 0.3, "state": torch.randn(batch, 8, generator=gen)},
+            torch.randn(batch, horizon, 2, generator=gen))
+
+
+def toy_program(policy, horizon: int):
+    """`policy` captured at batch 2, as a Program."""
+    from qvla_compiler.export import capture_policy
+    from qvla_compiler.program import Program
+
+    obs, noise = toy_observation(2, horizon)
+    return Program(capture_policy(policy, obs, noise), policy.schedule)
+
+
 def policy_args(policy, batch=3, seed=1):
     obs = policy.example_inputs(batch)
     return (obs["images"], obs["tokens"], obs["token_mask"], obs["state"], policy.example_noise(batch, seed=seed))

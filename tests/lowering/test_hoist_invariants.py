@@ -9,8 +9,7 @@ from qvla_compiler.lowering.hoist_invariants import hoist_invariants
 from qvla_compiler.models import build_policy
 from qvla_compiler.models.sampling import FlowSchedule
 from qvla_compiler.passes import check_schedule
-from qvla_compiler.program import Program
-from tests.policy_fixtures import quantized_policy
+from tests.policy_fixtures import quantized_policy, toy_observation, toy_program
 
 
 class ToyPolicy(nn.Module):
@@ -47,16 +46,11 @@ class ToyPolicy(nn.Module):
 
 
 def _obs(batch):
-    gen = torch.Generator().manual_seed(batch)
-    return ({"images": torch.rand(batch, 3, 4, 4, generator=gen),
-             "tokens": torch.randint(0, 9, (batch, 5), generator=gen),
-             "token_mask": torch.rand(batch, 5, generator=gen) > 0.3, "state": torch.randn(batch, 8, generator=gen)},
-            torch.randn(batch, 4, 2, generator=gen))
+    return toy_observation(batch, horizon=4)
 
 
 def _program(policy):
-    obs, noise = _obs(2)
-    return Program(capture_policy(policy, obs, noise), policy.schedule)
+    return toy_program(policy, horizon=4)
 
 
 @pytest.mark.parametrize("form", ["cross", "batch from x", "batch not first"])

@@ -6,14 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from qvla_compiler import pipeline
-from qvla_compiler.export import capture_policy
 from qvla_compiler.lowering.table_time_values import table_time_values
 from qvla_compiler.meta import QVLA_META
+from qvla_compiler.models import build_policy
 from qvla_compiler.models.sampling import FlowSchedule
 from qvla_compiler.passes import check_schedule
-from qvla_compiler.program import Program
-from qvla_compiler.models import build_policy
+from tests.policy_fixtures import toy_observation, toy_program, unmoved_program
 
 aten = torch.ops.aten
 
@@ -52,16 +50,11 @@ class TimedPolicy(nn.Module):
 
 
 def _obs(batch):
-    gen = torch.Generator().manual_seed(batch)
-    return ({"images": torch.rand(batch, 3, 4, 4, generator=gen),
-             "tokens": torch.randint(0, 9, (batch, 5), generator=gen),
-             "token_mask": torch.rand(batch, 5, generator=gen) > 0.3, "state": torch.randn(batch, 8, generator=gen)},
-            torch.randn(batch, 6, 2, generator=gen))
+    return toy_observation(batch, horizon=6)
 
 
 def _program(policy):
-    obs, noise = _obs(2)
-    return Program(capture_policy(policy, obs, noise), policy.schedule)
+    return toy_program(policy, horizon=6)
 
 
 def _linears(gm):
@@ -153,12 +146,7 @@ def test_groot_integer_modulation_is_bit_identical_in_the_saved_program(tmp_path
     assert loaded.report.hoisted == qp.report.hoisted
     with torch.no_grad():
         got = loaded.module(compiled=False)(*obs.values(), noise)
-        untabled = _applied_without_moves(policy, qp.quant_plan).run((obs, noise))
+        untabled = unmoved_program(policy, qp.quant_plan).run((obs, noise))
     assert torch.equal(got, qp.program.run((obs, noise)))
     assert torch.equal(got, untabled)
 
-
-def _applied_without_moves(policy, plan) -> Program:
-    program = Program(capture_policy(policy, policy.example_inputs(), policy.example_noise()), policy.schedule)
-    pipeline.apply(program, plan, hoist=False)
-    return program
