@@ -129,7 +129,7 @@ def _rows_by_state_name(rows: dict) -> dict[str, tuple]:
     return out
 
 
-HOISTED_TO = {"denoise": "prefix"}  # hoist_invariants moves weights the step reads into the prefix, names kept
+HOISTED_TO = {"denoise": "prefix"}  # hoist_invariants, table_time_values: step weights move there, names kept
 
 
 def _homes(rows: dict) -> list[tuple[str, str, str]]:

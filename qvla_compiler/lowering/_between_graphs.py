@@ -9,12 +9,11 @@ from typing import Callable
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
-from torch._guards import detect_fake_mode
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from qvla_compiler.meta import INPUTS_KEY, QVLA_META
-from qvla_compiler.passes._graph import (attr_tensor, call, drop_dead_code, drop_unused_attributes, fake_value,
-                                         real_users)
+from qvla_compiler.passes._graph import (attr_tensor, attr_value, call, drop_dead_code, drop_unused_attributes,
+                                         fake_value, graph_fake_mode, real_users)
 from qvla_compiler.passes.check_schedule import SCHEDULE_KEY, record_schedule
 
 aten = torch.ops.aten
@@ -139,17 +138,14 @@ def copy_into(prefix: fx.GraphModule, denoise: fx.GraphModule, needed: set, env:
     """Copies of the `needed` denoise nodes not already in `env` (denoise node → prefix node), appended to the prefix
     graph before its output in graph order, their shapes re-derived in the prefix graph's symbols; `size_of(node)`
     gives the prefix node for a size the step read off another input. Returns env, extended."""
-    mode = detect_fake_mode([n.meta.get("val") for n in prefix.graph.find_nodes(op="placeholder")])
-    with prefix.graph.inserting_before(output_node(prefix)), mode or contextlib.nullcontext():  # for factories
+    with prefix.graph.inserting_before(output_node(prefix)), fake_mode(prefix):  # for factories
         for node in denoise.graph.nodes:
             if node not in needed or node in env:
                 continue
             if (size := size_of(node)) is not None:
                 env[node] = size
             elif node.op == "get_attr":
-                env[node] = copy = prefix.graph.get_attr(adopt(prefix, attr_tensor(denoise, node.target), node.target))
-                tensor = attr_tensor(prefix, copy.target)
-                copy.meta["val"] = mode.from_tensor(tensor, static_shapes=True) if mode else tensor
+                env[node] = adopted(prefix, attr_tensor(denoise, node.target), node.target)
             elif node.target is aten.type_as.default:  # what type_as computes: its second operand is not here
                 env[node] = copy = prefix.graph.call_function(aten.to.dtype, (env[node.args[0]],
                                                                               node.meta["val"].dtype))
@@ -160,18 +156,9 @@ def copy_into(prefix: fx.GraphModule, denoise: fx.GraphModule, needed: set, env:
     return env
 
 
-def prefix_size(prefix: fx.GraphModule, source: fx.Node, dim: int) -> fx.Node:
-    """A new `sym_size(source, dim)` node in the prefix graph, before its output."""
-    with prefix.graph.inserting_before(output_node(prefix)):
-        node = prefix.graph.call_function(aten.sym_size.int, (source, dim))
-    node.meta["val"] = fake_value(aten.sym_size.int, node.args)
-    return node
-
-
 def fake_mode(gm: fx.GraphModule):
     """The graph's fake mode as a context (factories made in it get fake values), or a null context."""
-    return detect_fake_mode([n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]) \
-        or contextlib.nullcontext()
+    return graph_fake_mode(gm) or contextlib.nullcontext()
 
 
 def rerecord_schedules(*graphs: fx.GraphModule) -> None:
@@ -179,6 +166,13 @@ def rerecord_schedules(*graphs: fx.GraphModule) -> None:
     for gm in graphs:
         if SCHEDULE_KEY in gm.meta:
             record_schedule(gm)
+
+
+def adopted(gm: fx.GraphModule, tensor: torch.Tensor, name: str) -> fx.Node:
+    """A get_attr of `tensor` in gm (at the insertion point), registered by `adopt`, its meta["val"] set."""
+    node = gm.graph.get_attr(adopt(gm, tensor, name))
+    node.meta["val"] = attr_value(gm, tensor)
+    return node
 
 
 def adopt(gm: fx.GraphModule, tensor: torch.Tensor, name: str) -> str:

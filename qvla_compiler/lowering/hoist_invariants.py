@@ -21,6 +21,7 @@ import functools
 import torch.fx as fx
 
 from qvla_compiler.lowering import _between_graphs as between
+from qvla_compiler.passes._graph import call
 
 
 def hoist_invariants(prefix: fx.GraphModule, denoise: fx.GraphModule) -> list[str]:
@@ -38,10 +39,9 @@ def hoist_invariants(prefix: fx.GraphModule, denoise: fx.GraphModule) -> list[st
     labels = between.labels(moved, invariant)
     env = dict(zip(sources, between.output_node(prefix).args[0]))  # the step's prefix inputs, in order
 
-    def size_of(node):
-        if (size := size_source(node)) is not None:
-            return between.prefix_size(prefix, env[size[0]], size[1])
-        return None
+    def size_of(node):  # a size of x_t that a prefix input has too: read off that input in the prefix graph
+        size = size_source(node)
+        return None if size is None else call(prefix, between.aten.sym_size.int, env[size[0]], size[1])
 
     env = between.copy_into(prefix, denoise, between.cone(moved, invariant), env, size_of)
     between.return_more(prefix, [env[n] for n in moved])

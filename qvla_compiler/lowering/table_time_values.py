@@ -28,7 +28,6 @@ import operator
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from qvla_compiler.lowering import _between_graphs as between
@@ -69,7 +68,7 @@ def table_time_values(prefix: fx.GraphModule, denoise: fx.GraphModule, timesteps
     labels = between.labels(moved, decided, " per timestep")
     steps = torch.tensor(timesteps, dtype=val.dtype, device=val.device)
     source = prefix_out[between.inputs_of_role(denoise, "prefix").index(rows)]
-    tables = _compute_tables(prefix, denoise, decided, moved, t, steps, source)
+    tables = _compute_tables(prefix, denoise, between.cone(moved, decided), moved, t, size_source, steps, source)
     between.return_more(prefix, tables)
     _read_rows(denoise, moved, t, steps)
     between.rerecord_schedules(prefix, denoise)
@@ -142,15 +141,15 @@ def _rest_static(node: fx.Node) -> bool:
     return isinstance(val, torch.Tensor) and all(isinstance(d, int) for d in val.shape[1:])
 
 
-def _compute_tables(prefix, denoise, decided, moved, t, steps, source) -> list[fx.Node]:
-    """In the prefix graph: the moved values' cone on T repeated B times (rows b·S + k), each viewed [B, S, …]."""
-    size_source = functools.partial(between.same_size_in, sources=[t])
+def _compute_tables(prefix, denoise, needed: set, moved, t, size_source, steps, source) -> list[fx.Node]:
+    """In the prefix graph: the moved values' cone (`needed`) on T repeated B times (rows b·S + k), each viewed
+    [B, S, …]; a size of the step equal to its batch (`size_source`) becomes B·S."""
     with prefix.graph.inserting_before(between.output_node(prefix)), between.fake_mode(prefix):
-        steps_node = _buffer(prefix, steps)
+        steps_node = between.adopted(prefix, steps, STEPS_NAME)
         rows = call(prefix, aten.sym_size.int, source, 0)
         t_all = call(prefix, aten.repeat.default, steps_node, [rows])
         everything = call(prefix, aten.sym_size.int, t_all, 0)  # B·S: what the step's batch size becomes
-    env = between.copy_into(prefix, denoise, between.cone(moved, decided), {t: t_all},
+    env = between.copy_into(prefix, denoise, needed, {t: t_all},
                             lambda node: everything if size_source(node) is not None else None)
     with prefix.graph.inserting_before(between.output_node(prefix)), between.fake_mode(prefix):
         return [call(prefix, aten.reshape.default, env[n], [rows, len(steps), *n.meta["val"].shape[1:]])
@@ -165,7 +164,8 @@ def _read_rows(denoise: fx.GraphModule, moved: list[fx.Node], t: fx.Node, steps:
     with denoise.graph.inserting_before(after_inputs), between.fake_mode(denoise):
         for table, old in zip(tables, shapes):
             table.meta["val"] = old.new_empty((old.shape[0], len(steps), *old.shape[1:]))
-        hit = call(denoise, aten.eq.Tensor, call(denoise, aten.unsqueeze.default, t, 1), _buffer(denoise, steps))
+        steps_node = between.adopted(denoise, steps, STEPS_NAME)
+        hit = call(denoise, aten.eq.Tensor, call(denoise, aten.unsqueeze.default, t, 1), steps_node)
         found = call(denoise, aten.all.default, call(denoise, aten.any.dim, hit, 1))
         denoise.graph.call_function(aten._assert_async.msg, (found, UNSEEN_TIME))
         for table in tables:  # the one hit row, summed with zeros: exact
@@ -176,9 +176,3 @@ def _read_rows(denoise: fx.GraphModule, moved: list[fx.Node], t: fx.Node, steps:
     denoise.graph.lint()
     denoise.recompile()
 
-
-def _buffer(gm: fx.GraphModule, steps: torch.Tensor) -> fx.Node:
-    node = gm.graph.get_attr(between.adopt(gm, steps, STEPS_NAME))
-    mode = detect_fake_mode()
-    node.meta["val"] = mode.from_tensor(steps, static_shapes=True) if mode else steps
-    return node

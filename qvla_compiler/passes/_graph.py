@@ -246,10 +246,21 @@ def fake_value(op, args, kwargs=None):
         return op(*vals[0], **vals[1])
 
 
+def graph_fake_mode(gm: fx.GraphModule):
+    """The fake mode of the graph's input values (export's), or None for a graph captured without them."""
+    return detect_fake_mode([n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")])
+
+
+def attr_value(gm: fx.GraphModule, tensor: torch.Tensor):
+    """meta["val"] for a get_attr of `tensor`: a fake tensor of the graph's fake mode (the tensor itself without)."""
+    mode = graph_fake_mode(gm)
+    return mode.from_tensor(tensor, static_shapes=True) if mode else tensor
+
+
 def fill_values(gm: fx.GraphModule) -> fx.GraphModule:
     """meta["val"] for the nodes a rewrite added without one (integer buffers, qvla:: ops, their getitems), in the
     graph's fake mode, so later passes read every node's shape."""
-    mode = detect_fake_mode([n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")])
+    mode = graph_fake_mode(gm)
     if mode is None:
         return gm
     for node in gm.graph.nodes:
@@ -258,7 +269,7 @@ def fill_values(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op == "get_attr":
             value = attr_tensor(gm, node.target)
             if isinstance(value, torch.Tensor):  # not a subgraph (flex_attention's score_mod)
-                node.meta["val"] = mode.from_tensor(value, static_shapes=True)
+                node.meta["val"] = attr_value(gm, value)
         elif all("val" in n.meta for n in node.all_input_nodes):
             with mode:
                 node.meta["val"] = fake_value(node.target, node.args, node.kwargs)
