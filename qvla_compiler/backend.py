@@ -109,13 +109,13 @@ class QvlaBackend:
             from torch._inductor.compile_fx import compile_fx
 
             from qvla_compiler.kernels.inductor import register
-            from qvla_compiler.lowering.fuse_attention import with_fused_attention
+            from qvla_compiler.lowering.inductor_forms import for_inductor
 
             register()  # the qvla:: ops decompose into aten and fuse with their neighbours (kernels/inductor.py)
             # an exported graph's key does not pickle (closures in it): Inductor's FX cache would only log a traceback
             try:
                 with torch._inductor.config.patch(fx_graph_cache=False):
-                    compiled = compile_fx(with_fused_attention(lowered), list(captured.user_inputs))
+                    compiled = compile_fx(for_inductor(lowered), list(captured.user_inputs))
             except Exception as exc:  # noqa: BLE001 - Inductor fails in many ways (flex_attention on CPU, no compiler)
                 warnings.warn(f"qvla: Inductor could not compile graph {match.index} ({type(exc).__name__}: "
                               f"{str(exc).strip()[:300]}); running the rewritten integer graph eagerly instead (same "

@@ -170,11 +170,11 @@ def compile_program(module: torch.nn.Module, *, freezing: bool = True, dynamic: 
     weights' conversions (int4 unpack, int8 -> fp32 GEMM operand) once, at compile time, and prepacks the GEMM
     operands (4 bytes a weight resident instead of 1 or 0.5); `freezing=False` keeps only the integer weights
     resident and converts them inside the compiled kernels at every call."""
-    from qvla_compiler.lowering.fuse_attention import with_fused_attention
+    from qvla_compiler.lowering.inductor_forms import for_inductor
 
     register()
     if isinstance(module, torch.fx.GraphModule):
-        module = with_fused_attention(module)  # explicit softmax attention as SDPA: the compiled copy only
+        module = for_inductor(module)  # e.g. explicit softmax attention as SDPA: the compiled copy only
     config = {"freezing": freezing, **(options or {})}
     return CompiledProgram(module, torch.compile(module, backend="inductor", dynamic=dynamic), config)
 
@@ -234,7 +234,7 @@ def aot_package(programs: torch.export.ExportedProgram | dict[str, torch.export.
     `extra_files` (name -> text) are stored beside the programs, as `QuantizedProgram.save` stores qvla/*.json."""
     from torch.export.pt2_archive._package import package_pt2
 
-    from qvla_compiler.lowering.fuse_attention import fuse_attention
+    from qvla_compiler.lowering.inductor_forms import for_inductor
 
     register()
     options = {"aot_inductor.use_runtime_constant_folding": runtime_constant_folding, "aot_inductor.package": True}
@@ -243,7 +243,6 @@ def aot_package(programs: torch.export.ExportedProgram | dict[str, torch.export.
     files = {}
     for name, ep in programs.items():
         args, kwargs = ep.example_inputs
-        gm = ep.module(check_guards=False)
-        fuse_attention(gm)  # as in compile_program
+        gm = for_inductor(ep.module(check_guards=False))  # as in compile_program
         files[name] = torch._inductor.aot_compile(gm, args, kwargs, options=dict(options))
     return package_pt2(path, aoti_files=files, extra_files=extra_files or {})

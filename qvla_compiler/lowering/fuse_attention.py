@@ -12,11 +12,9 @@ row stays uniform as in the original. Only fp32 q, k, v (the casts are no-ops) w
 intermediate must feed the next step alone. Anything else is left as it is.
 Why: Inductor's own attention patterns miss this form, and its bool-mask softmax is slow on CPU; at pi05-small's
 shapes the rewrite takes the compiled prefix to 0.92× and the step to 0.95× (RESULTS §1g). The saved program keeps
-the original ops; `compile_program`, `aot_package` and the `qvla` backend rewrite the graph they compile.
+the original ops; the compile paths rewrite the copy they compile (`lowering.inductor_forms`).
 """
 from __future__ import annotations
-
-from copy import deepcopy
 
 import torch
 import torch.fx as fx
@@ -40,15 +38,6 @@ def fuse_attention(gm: fx.GraphModule) -> int:
         drop_dead_code(gm.graph)
         gm.recompile()
     return len(matches)
-
-
-def with_fused_attention(gm: fx.GraphModule) -> fx.GraphModule:
-    """`gm` itself when nothing matches, else a rewritten copy of its graph over the same tensors (`gm` is kept)."""
-    if not _matches(gm):
-        return gm
-    copy = fx.GraphModule(gm, deepcopy(gm.graph))
-    fuse_attention(copy)
-    return copy
 
 
 def _matches(gm: fx.GraphModule) -> list[tuple]:
