@@ -285,8 +285,9 @@ def build_qvla(recipe: str, compiled: bool):
         label = f"qvla {recipe}" + (" inductor" if compiled else "")
         nbytes = sum(_ep_bytes(ep) for ep in loaded.exported_programs.values())
         if compiled:
+            step = compile_program(graphs["denoise"])  # the graph itself, as module() compiles it (its rewrites)
             return _from_modules(label, compile_program(graphs["prefix"]),
-                                 compile_program(lambda *a: graphs["denoise"](tuple(a[:-2]), a[-2], a[-1])),
+                                 lambda *a: step(tuple(a[:-2]), a[-2], a[-1]),
                                  policy.schedule, nbytes,
                                  note="qvla:: ops decomposed for Inductor, freezing; sample = Euler loop")
         whole = loaded.module()

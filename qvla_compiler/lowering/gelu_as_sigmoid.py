@@ -1,17 +1,18 @@
-"""tanh-approximated GELU → the same function written with a sigmoid, in the graphs the compile paths hand to Inductor.
+"""tanh-approximated GELU → the same function written with a sigmoid, in the graphs the compile paths give Inductor.
 
 Before:
     y = gelu(x, approximate="tanh")                      = ½·x·(1 + tanh(u)),  u = √(2/π)·(x + 0.044715·x³)
 After:
     y = x · sigmoid(2u)
 Invariant: the same function in exact arithmetic (½·(1 + tanh u) = sigmoid(2u)); in fp32 both forms are within
-6e-7 absolute of the float64 value on N(0, 4²) inputs and ±30 (tests/lowering/test_gelu_as_sigmoid.py), with no
-NaN or overflow at any finite x (exp(−2u) → inf gives sigmoid 0, so y = ±0). Other GELUs (erf) are left as they are.
-Why: Inductor's C++ backend vectorizes tanh with Sleef's tanh, 6× slower than its exp on this Ice Lake box (264K
-elements: 629 vs 171 µs); the fused dequant·GELU·mul·quantize epilogue of a gated MLP (pi0.5's Gemma MLP, GR00T's
-DiT feed-forward, the vision MLP) took 2.2× as long with tanh as with the sigmoid (RESULTS §1j). Inductor has a switch
-for this (`cpp.use_decompose_tanh`), off by default because it changes every tanh, where small inputs lose their
-relative precision (pytorch#148241); this pass changes only the GELUs. The saved program keeps the original op.
+6e-7 absolute of the float64 value on N(0, 4²) inputs and ±30 (tests/lowering/test_gelu_as_sigmoid.py). No NaN at
+any finite x: where x³ overflows, sigmoid(±inf) is 1 or 0, so y = x or −0, as aten's gives. Other GELUs (erf) stay.
+Why: Inductor's C++ backend vectorizes tanh with Sleef's tanh, 3.7× slower than its exp on an Ice Lake box (264K
+elements: 629 vs 171 µs; eager tanh 107 µs). The fused dequant·GELU·mul·quantize epilogue of a gated MLP (pi0.5's
+Gemma MLP; GR00T's DiT feed-forward and the vision MLP have a GELU too) took 2.2× as long with tanh as with the
+sigmoid (RESULTS §1j). Inductor has a switch for this (`cpp.use_decompose_tanh`), off by default because it changes
+every tanh, where small inputs lose their relative precision (pytorch#148241); this pass changes only the GELUs.
+The saved program keeps the original op.
 """
 from __future__ import annotations
 

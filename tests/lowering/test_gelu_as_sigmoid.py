@@ -62,8 +62,8 @@ def test_in_a_gated_mlp_the_values_match_and_other_gelus_stay():
 
 
 @pytest.mark.parametrize("module, args, sdpa, sigmoid", [
-    (Attention(), _inputs(), 1, 0), (GatedMlp(), (torch.randn(2, 8),), 0, 1), (GatedMlp("none"), (torch.randn(2, 8),), 0, 0)],
-    ids=["attention", "tanh gelu", "neither"])
+    (Attention(), _inputs(), 1, 0), (GatedMlp(), (torch.randn(2, 8),), 0, 1),
+    (GatedMlp("none"), (torch.randn(2, 8),), 0, 0)], ids=["attention", "tanh gelu", "neither"])
 def test_for_inductor_rewrites_a_copy_and_keeps_the_original(module, args, sdpa, sigmoid):
     gm = torch.export.export(module, args).module()
     before = gm.code
