@@ -44,7 +44,7 @@ def test_tanh_gelu_becomes_a_sigmoid_as_accurate_as_atens_gelu():
     exact = F.gelu(x.double(), approximate="tanh")
     got, aten_fp32 = gm(x), F.gelu(x, approximate="tanh")
     assert not got.isnan().any()
-    finite = exact.abs() < 1e30  # x³ overflows fp32 beyond ~7e12, where both forms give ±inf or x
+    finite = exact.abs() < 1e30  # x³ overflows fp32 beyond ~7e12: both forms give x or −0 there
     assert (got.double() - exact)[finite].abs().max() <= 6e-7
     assert (aten_fp32.double() - exact)[finite].abs().max() <= 6e-7
     torch.testing.assert_close(got[~finite], aten_fp32[~finite])
