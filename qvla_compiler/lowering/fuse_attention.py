@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from qvla_compiler.passes._graph import drop_dead_code, real_users
+from qvla_compiler.passes._graph import call, drop_dead_code, real_users
 
 aten = torch.ops.aten
 MASKS = (aten.masked_fill.Scalar, aten.where.ScalarOther)  # what may mask the scores
@@ -33,7 +33,7 @@ def fuse_attention(gm: fx.GraphModule) -> int:
     """Rewrite every match in place; returns how many."""
     matches = _matches(gm)
     for match in matches:
-        _rewrite(gm.graph, *match)
+        _rewrite(gm, *match)
     if matches:
         drop_dead_code(gm.graph)
         gm.recompile()
@@ -79,11 +79,10 @@ def _match(softmax: fx.Node):
     return q, k, v, mask, SCALES[scores.target](float(c)), out
 
 
-def _rewrite(graph: fx.Graph, q, k, v, mask, scale, out) -> None:
-    with graph.inserting_before(out):
-        additive = graph.call_function(aten.where.Scalar, mask)
-        fused = graph.call_function(aten.scaled_dot_product_attention.default, (q, k, v),
-                                    {"attn_mask": additive, "scale": scale})
+def _rewrite(gm: fx.GraphModule, q, k, v, mask, scale, out) -> None:
+    with gm.graph.inserting_before(out):  # shapes recorded: later rewrites (fold_shared_kv) read them
+        additive = call(gm, aten.where.Scalar, *mask)
+        fused = call(gm, aten.scaled_dot_product_attention.default, q, k, v, attn_mask=additive, scale=scale)
     out.replace_all_uses_with(fused)
 
 
