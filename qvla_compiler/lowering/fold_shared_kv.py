@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from qvla_compiler.passes._graph import call, drop_dead_code
 
@@ -57,6 +58,8 @@ def _match(sdpa: fx.Node):
     if (len(shape) != 4 or not all(isinstance(n, int) for n in (*shape[1:], kv_heads)) or heads % kv_heads
             or heads == kv_heads or not _mask_shared(extra.get("attn_mask"))):
         return None
+    if not gqa and not all(_only_heads_repeated(*pair, heads) for pair in ((k, k1), (v, v1))):
+        return None
     return sdpa, q, k1, v1, extra.get("attn_mask"), extra.get("scale"), heads // kv_heads
 
 
@@ -82,6 +85,14 @@ def _shared(node: fx.Node) -> fx.Node | None:
         return None
     source = unsqueeze.args[0]
     return source if _fake(source) and source.meta["val"].dim() == 4 else None
+
+
+def _only_heads_repeated(repeated: fx.Node, source: fx.Node, heads: int) -> bool:
+    """`repeated` is `source` with its heads repeated to `heads`, every other dim as it was (an expand may also
+    broadcast the batch, which the shared heads alone would not)."""
+    out, src = repeated.meta["val"].shape, source.meta["val"].shape
+    return (len(out) == len(src) == 4 and out[1] == heads
+            and all(statically_known_true(out[i] == src[i]) for i in (0, 2, 3)))
 
 
 def _mask_shared(mask) -> bool:

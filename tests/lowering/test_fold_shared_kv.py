@@ -28,6 +28,8 @@ class Attention(torch.nn.Module):
             k, v = (t[:, :, None].expand(-1, 2, H // 2, S, D).reshape(t.shape[0], H, S, D) for t in (k, v))
         elif self.form == "repeat_interleave":
             k, v = k.repeat_interleave(H // 2, dim=1), v.repeat_interleave(H // 2, dim=1)
+        elif self.form == "batch broadcast":  # one k/v for the whole batch: its batch is expanded too
+            k, v = k[:1, :1].expand(q.shape[0], H, -1, -1), v[:1, :1].expand(q.shape[0], H, -1, -1)
         elif self.form == "tiled":  # head h reads key head h % 2: a different grouping, left alone
             k, v = (t[:, None].expand(-1, H // 2, 2, S, D).reshape(t.shape[0], H, S, D) for t in (k, v))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal, enable_gqa=gqa)
@@ -68,10 +70,10 @@ def test_shared_heads_fold_to_the_same_values(form, mask_rows):
 
 
 @pytest.mark.parametrize("form,causal,mask_heads", [("tiled", False, 1), ("repeat_kv", True, None),
-                                                    ("repeat_kv", False, H)])
+                                                    ("repeat_kv", False, H), ("batch broadcast", False, 1)])
 def test_other_layouts_stay(form, causal, mask_heads):
-    """Keys grouped another way, causal attention (the stacked rows would see other rows' positions) and a mask
-    that differs per head are not rewritten."""
+    """Keys grouped another way, causal attention (the stacked rows would see other rows' positions), a mask that
+    differs per head, and keys broadcast over the batch too are not rewritten."""
     q, k, v, _ = _inputs(None)
     mask = None if mask_heads is None else torch.randn(B, mask_heads, L, S)
     gm = _exported(Attention(form, causal), (q, k, v, mask))
