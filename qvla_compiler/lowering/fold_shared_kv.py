@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from qvla_compiler.passes._graph import call, drop_dead_code
+from qvla_compiler.passes._graph import call, rewrite_each
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -34,13 +34,8 @@ COPIES = (aten.clone.default, aten.contiguous.default)
 
 def fold_shared_kv(gm: fx.GraphModule) -> int:
     """Rewrite every match in place; returns how many."""
-    matches = [m for m in map(_match, gm.graph.find_nodes(op="call_function", target=SDPA)) if m]
-    for match in matches:
-        _rewrite(gm, *match)
-    if matches:
-        drop_dead_code(gm.graph)
-        gm.recompile()
-    return len(matches)
+    return rewrite_each(gm, [m for m in map(_match, gm.graph.find_nodes(op="call_function", target=SDPA)) if m],
+                        _rewrite)
 
 
 def _match(sdpa: fx.Node):

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from qvla_compiler.passes._graph import call, drop_dead_code, real_users
+from qvla_compiler.passes._graph import call, real_users, rewrite_each
 
 aten = torch.ops.aten
 MASKS = (aten.masked_fill.Scalar, aten.where.ScalarOther)  # what may mask the scores
@@ -31,13 +31,7 @@ FILL_AT_MOST = -1e30
 
 def fuse_attention(gm: fx.GraphModule) -> int:
     """Rewrite every match in place; returns how many."""
-    matches = _matches(gm)
-    for match in matches:
-        _rewrite(gm, *match)
-    if matches:
-        drop_dead_code(gm.graph)
-        gm.recompile()
-    return len(matches)
+    return rewrite_each(gm, _matches(gm), _rewrite)
 
 
 def _matches(gm: fx.GraphModule) -> list[tuple]:

@@ -21,7 +21,7 @@ import math
 import torch
 import torch.fx as fx
 
-from qvla_compiler.passes._graph import drop_dead_code
+from qvla_compiler.passes._graph import rewrite_each
 
 aten = torch.ops.aten
 TWO_SQRT_2_OVER_PI = 2.0 * math.sqrt(2.0 / math.pi)
@@ -32,16 +32,11 @@ def gelu_as_sigmoid(gm: fx.GraphModule) -> int:
     """Rewrite every tanh GELU of `gm` in place; returns how many."""
     gelus = [n for n in gm.graph.find_nodes(op="call_function", target=aten.gelu.default)
              if n.kwargs.get("approximate", n.args[1] if len(n.args) > 1 else "none") == "tanh"]
-    for gelu in gelus:
-        _rewrite(gm.graph, gelu)
-    if gelus:
-        drop_dead_code(gm.graph)
-        gm.recompile()
-    return len(gelus)
+    return rewrite_each(gm, [(gelu,) for gelu in gelus], _rewrite)
 
 
-def _rewrite(graph: fx.Graph, gelu: fx.Node) -> None:
-    x = gelu.args[0]
+def _rewrite(gm: fx.GraphModule, gelu: fx.Node) -> None:
+    graph, x = gm.graph, gelu.args[0]
     with graph.inserting_before(gelu):
         cube = graph.call_function(aten.mul.Tensor, (graph.call_function(aten.mul.Tensor, (x, x)), x))
         inner = graph.call_function(aten.add.Tensor, (x, graph.call_function(aten.mul.Tensor, (cube, CUBIC))))

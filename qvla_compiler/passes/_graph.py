@@ -175,6 +175,17 @@ def real_users(node: fx.Node) -> list[fx.Node]:
     return [u for u in node.users if u.target is not aten._assert_tensor_metadata.default]
 
 
+def rewrite_each(gm: fx.GraphModule, matches: list, rewrite: Callable) -> int:
+    """`rewrite(gm, *match)` for every match (all found before any rewrite), then the dead code dropped and `gm`
+    recompiled; returns how many."""
+    for match in matches:
+        rewrite(gm, *match)
+    if matches:
+        drop_dead_code(gm.graph)
+        gm.recompile()
+    return len(matches)
+
+
 def drop_dead_code(graph: fx.Graph) -> None:
     """Dead code elimination, export's dtype asserts on values nothing else reads included (they would keep a
     replaced chain alive)."""
