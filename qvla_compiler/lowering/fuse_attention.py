@@ -1,8 +1,8 @@
 """Explicit softmax attention → one `scaled_dot_product_attention`, in the graphs the compile paths hand to Inductor.
 
-Before (fp32; pi05, LeRobot's π0 and openpi write attention this way):
+Before (fp32; pi05 and openpi write attention this way, LeRobot 0.6.1's π0 / π0.5 as transformers' eager attention):
     s = matmul(q, transpose(k, -2, -1)) · c                   (c a float; or / d)
-    s = masked_fill(s, ~m, f)  |  masked_fill(s, n, f)  |  where(m, s, f)
+    s = masked_fill(s, ~m, f)  |  masked_fill(s, n, f)  |  where(m, s, f)  |  s + where(m, 0, f)
     p = softmax([to fp32](s), -1);  o = matmul([type_as / to](p), v)
 After:
     o = scaled_dot_product_attention(q, k, v, attn_mask=where(m, 0, f), scale=c)
@@ -23,7 +23,6 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from qvla_compiler.passes._graph import call, real_users, rewrite_each
 
 aten = torch.ops.aten
-MASKS = (aten.masked_fill.Scalar, aten.where.ScalarOther)  # what may mask the scores
 CASTS = (aten.to.dtype, aten.type_as.default)  # no-op casts around the softmax, for fp32 operands
 SCALES = {aten.mul.Tensor: lambda c: c, aten.div.Tensor: lambda c: 1.0 / c}  # scores c·s or s/d: scale c or 1/d
 FILL_AT_MOST = -1e30
@@ -43,18 +42,12 @@ def _match(softmax: fx.Node):
     if softmax.args[1] not in (-1, _rank(softmax) - 1) or softmax.meta["val"].dtype != torch.float32:
         return None  # softmax(s, -1, dtype=bf16) computes in bf16 even on fp32 scores
     masked = _casts_back(softmax.args[0])
-    if masked.target not in MASKS or not _sole(masked):
+    found = _masking(masked) if _sole(masked) else None
+    if found is None:
         return None
-    scores = masked.args[1] if masked.target is aten.where.ScalarOther else masked.args[0]
+    scores, cond, keep, fill = found
     if scores.target not in SCALES or not _sole(scores):
         return None
-    if masked.target is aten.masked_fill.Scalar:
-        cond, fill = masked.args[1:]
-        keep = cond.target is aten.bitwise_not.default
-        cond = cond.args[0] if keep else cond
-    else:
-        cond, _, fill = masked.args
-        keep = True
     qk, c = scores.args
     if (not isinstance(fill, float) or not -float("inf") < fill <= FILL_AT_MOST or not isinstance(c, (int, float))
             or qk.target is not aten.matmul.default or not _sole(qk)):
@@ -71,6 +64,25 @@ def _match(softmax: fx.Node):
         return None
     mask = (cond, 0.0, fill) if keep else (cond, fill, 0.0)  # where(cond, a, b): 0 on kept scores, f on dropped
     return q, k, v, mask, SCALES[scores.target](float(c)), out
+
+
+def _masking(masked: fx.Node):
+    """(scores, cond, whether cond marks the kept scores, fill) of a masking node, or None."""
+    if masked.target is aten.masked_fill.Scalar:
+        scores, cond, fill = masked.args
+        keep = cond.target is aten.bitwise_not.default
+        return scores, cond.args[0] if keep else cond, keep, fill
+    if masked.target is aten.where.ScalarOther:
+        cond, scores, fill = masked.args
+        return scores, cond, True, fill
+    if masked.target is aten.add.Tensor:  # transformers' eager attention: s + where(m, 0, f)
+        additive = [a for a in masked.args if isinstance(a, fx.Node) and a.target is aten.where.Scalar]
+        if len(additive) != 1 or len(masked.args) != 2 or 0.0 not in additive[0].args[1:]:
+            return None
+        cond, kept, dropped = additive[0].args
+        scores = masked.args[1] if masked.args[0] is additive[0] else masked.args[0]
+        return scores, cond, kept == 0.0, dropped if kept == 0.0 else kept
+    return None
 
 
 def _rewrite(gm: fx.GraphModule, q, k, v, mask, scale, out) -> None:
