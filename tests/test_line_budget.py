@@ -74,8 +74,9 @@ MAX_FILE_LINES = 400
 # that lists the compiled copy's rewrites, which replaced fuse_attention's own copy helper).
 # 16,730 (2026-12-07, next session) for lowering/fold_shared_kv.py (118 lines): attention over key/value heads shared by
 # query-head groups (MQA, GQA) runs over the shared heads in the compiled copy, so Inductor writes no repeat out
-# (pi05-small's compiled step 0.92x; RESULTS §1k).
-MAX_TOTAL_LINES = 16_730
+# (pi05-small's compiled step 0.92x; RESULTS §1k). 16,740 the same session for fuse_attention taking transformers'
+# eager attention (scores + where(m, 0, f)), LeRobot 0.6.1's π0 / π0.5 form; the three rewrites share one driver.
+MAX_TOTAL_LINES = 16_740
 
 
 def _line_counts() -> dict[str, int]:
