@@ -2,7 +2,7 @@
 
 Before (fp32; pi05 and openpi write attention this way, LeRobot 0.6.1's π0 / π0.5 as transformers' eager attention):
     s = matmul(q, transpose(k, -2, -1)) · c                   (c a float; or / d)
-    s = masked_fill(s, ~m, f)  |  masked_fill(s, n, f)  |  where(m, s, f)  |  s + where(m, 0, f)
+    s = masked_fill(s, ~m, f)  |  masked_fill(s, n, f)  |  where(m, [to fp32](s), f)  |  s + where(m, 0, f)
     p = softmax([to fp32](s), -1);  o = matmul([type_as / to](p), v)
 After:
     o = scaled_dot_product_attention(q, k, v, attn_mask=where(m, 0, f), scale=c)
@@ -46,6 +46,7 @@ def _match(softmax: fx.Node):
     if found is None:
         return None
     scores, cond, keep, fill = found
+    scores = _casts_back(scores)  # SmolVLA: where(m, to(s, fp32), f)
     if scores.target not in SCALES or not _sole(scores):
         return None
     qk, c = scores.args

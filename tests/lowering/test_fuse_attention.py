@@ -30,6 +30,8 @@ class Attention(torch.nn.Module):
         keep = mask[:, None, None, :]
         if self.form == "where":
             s = torch.where(keep, s, self.fill)
+        elif self.form == "cast where":  # SmolVLA: the scores cast to fp32 (a no-op here) inside the where
+            s = torch.where(keep, s.to(torch.float32), self.fill)
         elif self.form == "additive":  # transformers' eager attention (LeRobot 0.6.1's π0 / π0.5)
             s = s + torch.where(keep, 0.0, self.fill)
         elif self.form == "drop":
@@ -54,7 +56,7 @@ def _sdpa_count(gm):
     return len(gm.graph.find_nodes(op="call_function", target=SDPA))
 
 
-@pytest.mark.parametrize("form", ["masked_fill", "where", "additive", "drop", "divide"])
+@pytest.mark.parametrize("form", ["masked_fill", "where", "cast where", "additive", "drop", "divide"])
 def test_explicit_attention_becomes_sdpa_with_the_same_values(form):
     args = _inputs()
     gm = torch.export.export(Attention(form), args).module()
