@@ -46,28 +46,28 @@ def _match(sdpa: fx.Node):
         return None
     gqa = extra.get("enable_gqa", False)
     k1, v1 = (k, v) if gqa else (_shared(k), _shared(v))
-    if k1 is None or v1 is None or not _fake(k1) or not _fake(v1):
+    shape = q.meta["val"].shape
+    if (k1 is None or v1 is None or not _fake(k1) or not _fake(v1) or len(shape) != 4
+            or not _mask_shared(extra.get("attn_mask"))):
         return None
-    shape, kv_heads = q.meta["val"].shape, k1.meta["val"].shape[1]
-    heads = shape[1]
-    if (len(shape) != 4 or not all(isinstance(n, int) for n in (*shape[1:], kv_heads)) or heads % kv_heads
-            or heads == kv_heads or not _mask_shared(extra.get("attn_mask"))):
+    if not gqa and not all(_only_heads_repeated(*pair, shape[1]) for pair in ((k, k1), (v, v1))):
         return None
-    if not gqa and not all(_only_heads_repeated(*pair, heads) for pair in ((k, k1), (v, v1))):
+    heads, kv_heads = shape[1], k1.meta["val"].shape[1]
+    if not all(isinstance(n, int) for n in (*shape[1:], kv_heads)) or heads % kv_heads or heads == kv_heads:
         return None
     return sdpa, q, k1, v1, extra.get("attn_mask"), extra.get("scale"), heads // kv_heads
 
 
 def _shared(node: fx.Node) -> fx.Node | None:
-    """k1 where `node` repeats each of k1's heads over consecutive query heads, else None."""
+    """k1 where `node` is one of the forms that repeat k1's heads over consecutive query heads, else None; the
+    shapes (only the heads repeated) are checked by `_only_heads_repeated`."""
     if node.op != "call_function":
         return None
-    if node.target is aten.expand.default:  # one head broadcast to all
-        source = node.args[0]
-        return source if _fake(source) and source.meta["val"].dim() == 4 and source.meta["val"].shape[1] == 1 else None
+    if node.target is aten.expand.default:  # one head broadcast to all (an expand changes only size-1 dims)
+        return node.args[0]
     if node.target is aten.repeat_interleave.self_int:  # each head repeated in place: GR00T's backbone
-        source, dim = node.args[0], node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
-        return source if _fake(source) and source.meta["val"].dim() == 4 and dim in (1, -3) else None
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+        return node.args[0] if dim in (1, -3) else None
     if node.target not in RESHAPES:
         return None
     expand = node.args[0]
@@ -78,8 +78,7 @@ def _shared(node: fx.Node) -> fx.Node | None:
     unsqueeze = expand.args[0]
     if unsqueeze.op != "call_function" or unsqueeze.target is not aten.unsqueeze.default or unsqueeze.args[1] != 2:
         return None
-    source = unsqueeze.args[0]
-    return source if _fake(source) and source.meta["val"].dim() == 4 else None
+    return unsqueeze.args[0]
 
 
 def _only_heads_repeated(repeated: fx.Node, source: fx.Node, heads: int) -> bool:

@@ -78,8 +78,8 @@ def _masking(masked: fx.Node):
         return scores, cond, True, fill
     if masked.target is aten.add.Tensor:  # transformers' eager attention: s + where(m, 0, f)
         additive = [a for a in masked.args if isinstance(a, fx.Node) and a.target is aten.where.Scalar]
-        if len(additive) != 1 or len(masked.args) != 2 or 0.0 not in additive[0].args[1:]:
-            return None
+        if len(additive) != 1 or masked.kwargs.get("alpha", 1) != 1 or 0.0 not in additive[0].args[1:]:
+            return None  # add(s, w, alpha=a) adds a·w: another fill, or a sign flipped
         cond, kept, dropped = additive[0].args
         scores = masked.args[1] if masked.args[0] is additive[0] else masked.args[0]
         return scores, cond, kept == 0.0, dropped if kept == 0.0 else kept

@@ -61,8 +61,8 @@ def test_shared_heads_fold_to_the_same_values(form, mask_rows):
     want = gm(*args)
     assert fold_shared_kv(gm) == 1
     (sdpa,) = gm.graph.find_nodes(op="call_function", target=SDPA)
-    assert sdpa.args[0].meta["val"].shape[1:] == (1 if form == "mqa_expand" else 2, H * L // (1 if form ==
-                                                  "mqa_expand" else 2), D)
+    kv_heads = 1 if form == "mqa_expand" else 2
+    assert sdpa.args[0].meta["val"].shape[1:] == (kv_heads, H // kv_heads * L, D)  # each group's queries stacked
     assert not gm.graph.find_nodes(op="call_function", target=EXPAND)  # no repeat is written out any more
     torch.testing.assert_close(gm(*args), want, rtol=0, atol=0)
     smaller = tuple(None if a is None else a[:2] for a in args)  # the batch stays dynamic

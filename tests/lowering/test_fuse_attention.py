@@ -34,6 +34,8 @@ class Attention(torch.nn.Module):
             s = torch.where(keep, s.to(torch.float32), self.fill)
         elif self.form == "additive":  # transformers' eager attention (LeRobot 0.6.1's π0 / π0.5)
             s = s + torch.where(keep, 0.0, self.fill)
+        elif self.form == "subtracted":  # add(s, w, alpha=-1): the dropped scores pushed up, not down
+            s = torch.add(s, torch.where(keep, 0.0, self.fill), alpha=-1)
         elif self.form == "drop":
             s = s.masked_fill(mask[:, None, None, :] == 0, self.fill)  # the positions to drop, not to keep
         else:
@@ -70,11 +72,11 @@ def test_explicit_attention_becomes_sdpa_with_the_same_values(form):
                                rtol=1e-5, atol=1e-6)  # fully masked: the mean of the values, as before
 
 
-@pytest.mark.parametrize("module", [Attention(fill=-1e9), Attention("additive", fill=-1e9), Attention(dim=-2),
-                                    Attention(dtype=torch.bfloat16), Attention(softmax_dtype=torch.bfloat16),
-                                    Attention(softmax_out=torch.bfloat16)],
-                         ids=["fill -1e9 (not absorbing)", "additive -1e9", "softmax over queries", "bf16",
-                              "softmax in bf16", "softmax(dtype=bf16) on fp32 scores"])
+@pytest.mark.parametrize("module", [Attention(fill=-1e9), Attention("additive", fill=-1e9), Attention("subtracted"),
+                                    Attention(dim=-2), Attention(dtype=torch.bfloat16),
+                                    Attention(softmax_dtype=torch.bfloat16), Attention(softmax_out=torch.bfloat16)],
+                         ids=["fill -1e9 (not absorbing)", "additive -1e9", "additive, alpha -1",
+                              "softmax over queries", "bf16", "softmax in bf16", "softmax(dtype=bf16) on fp32 scores"])
 def test_forms_it_cannot_rewrite_exactly_stay(module):
     gm = torch.export.export(module, _inputs()).module()
     before = gm.code
