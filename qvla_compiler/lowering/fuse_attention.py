@@ -1,7 +1,8 @@
 """Explicit softmax attention → one `scaled_dot_product_attention`, in the graphs the compile paths hand to Inductor.
 
 Before (fp32; pi05 and openpi write attention this way, LeRobot 0.6.1's π0 / π0.5 as transformers' eager attention):
-    s = matmul(q, transpose(k, -2, -1)) · c                   (c a float; or / d)
+    s = matmul(q, transpose(k, -2, -1)) · c                   (c a float; or / d; or matmul(q, kt) with kt the
+                                                              keys already transposed: SmolVLA's cached keys)
     s = masked_fill(s, ~m, f)  |  masked_fill(s, n, f)  |  where(m, [to fp32](s), f)  |  s + where(m, 0, f)
     p = softmax([to fp32](s), -1);  o = matmul([type_as / to](p), v)
 After:
@@ -54,17 +55,15 @@ def _match(softmax: fx.Node):
             or qk.target is not aten.matmul.default or not _sole(qk)):
         return None
     q, kt = qk.args
-    if kt.target is not aten.transpose.int or sorted(d % _rank(kt) for d in kt.args[1:]) != [2, 3]:
-        return None
     probs = _casts_forward(softmax)
     out = real_users(probs)[0] if len(real_users(probs)) == 1 else None
     if out is None or out.target is not aten.matmul.default or out.args[0] is not probs:
         return None
-    k, v = kt.args[0], out.args[1]
-    if not _fp32_same_batch(q, k, v, cond):
+    v = out.args[1]
+    if not _fp32_same_batch(*(_val(n) for n in (q, kt, v, cond))):
         return None
     mask = (cond, 0.0, fill) if keep else (cond, fill, 0.0)  # where(cond, a, b): 0 on kept scores, f on dropped
-    return q, k, v, mask, SCALES[scores.target](float(c)), out
+    return q, kt, v, mask, SCALES[scores.target](float(c)), out
 
 
 def _masking(masked: fx.Node):
@@ -86,8 +85,9 @@ def _masking(masked: fx.Node):
     return None
 
 
-def _rewrite(gm: fx.GraphModule, q, k, v, mask, scale, out) -> None:
+def _rewrite(gm: fx.GraphModule, q, kt, v, mask, scale, out) -> None:
     with gm.graph.inserting_before(out):  # shapes recorded: later rewrites (fold_shared_kv) read them
+        k = kt.args[0] if _swaps_last_two(kt) else call(gm, aten.transpose.int, kt, -2, -1)  # a view either way
         additive = call(gm, aten.where.Scalar, *mask)
         fused = call(gm, aten.scaled_dot_product_attention.default, q, k, v, attn_mask=additive, scale=scale)
     out.replace_all_uses_with(fused)
@@ -117,11 +117,19 @@ def _rank(node: fx.Node) -> int:
     return node.meta["val"].dim()
 
 
-def _fp32_same_batch(q, k, v, cond) -> bool:
-    vals = [n.meta.get("val") if isinstance(n, fx.Node) else None for n in (q, k, v, cond)]
-    if any(not isinstance(t, torch.Tensor) for t in vals) or vals[3].dtype != torch.bool:
+def _swaps_last_two(node: fx.Node) -> bool:
+    return node.target is aten.transpose.int and sorted(d % _rank(node) for d in node.args[1:]) == [2, 3]
+
+
+def _val(node) -> torch.Tensor | None:
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _fp32_same_batch(q, kt, v, cond) -> bool:
+    """q [B, H, L, D], the scores' right operand kt [B, H, D, S] and v [B, H, S, D], all fp32; a bool mask."""
+    if any(not isinstance(t, torch.Tensor) for t in (q, kt, v, cond)) or cond.dtype != torch.bool:
         return False
-    q_, k_, v_ = vals[:3]
-    same = [(q_.shape[i], k_.shape[i]) for i in (0, 1)] + [(k_.shape[i], v_.shape[i]) for i in (0, 1, 2)]
-    return (all(t.dtype == torch.float32 and t.dim() == 4 for t in (q_, k_, v_))
-            and all(statically_known_true(a == b) for a, b in same))
+    if not all(t.dtype == torch.float32 and t.dim() == 4 for t in (q, kt, v)):
+        return False
+    same = [(q.shape[i], kt.shape[i]) for i in (0, 1)] + [(kt.shape[i], v.shape[i]) for i in (0, 1)]
+    return all(statically_known_true(a == b) for a, b in [*same, (kt.shape[3], v.shape[2])])

@@ -72,6 +72,26 @@ def test_explicit_attention_becomes_sdpa_with_the_same_values(form):
                                rtol=1e-5, atol=1e-6)  # fully masked: the mean of the values, as before
 
 
+class CachedKeys(torch.nn.Module):
+    """SmolVLA's cross-attention to its prefix: the keys arrive transposed (their transpose hoisted into the prefix)."""
+
+    def forward(self, q, kt, v, mask):
+        s = torch.matmul(q, kt) * q.shape[-1] ** -0.5
+        s = torch.where(mask[:, None, None, :], s.to(torch.float32), MIN)
+        return torch.matmul(torch.softmax(s, dim=-1), v)
+
+
+def test_keys_that_arrive_transposed_are_transposed_back_as_a_view():
+    q, k, v, mask = _inputs()
+    kt, v = k.expand(-1, 4, -1, -1).transpose(-1, -2).contiguous(), v.expand(-1, 4, -1, -1).contiguous()
+    gm = torch.export.export(CachedKeys(), (q, kt, v, mask)).module()
+    want = gm(q, kt, v, mask)
+    assert fuse_attention(gm) == 1 and _sdpa_count(gm) == 1
+    sdpa = gm.graph.find_nodes(op="call_function", target=SDPA)[0]
+    assert sdpa.args[1].target is torch.ops.aten.transpose.int and sdpa.args[1].args[0].op == "placeholder"
+    torch.testing.assert_close(gm(q, kt, v, mask), want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("module", [Attention(fill=-1e9), Attention("additive", fill=-1e9), Attention("subtracted"),
                                     Attention(dim=-2), Attention(dtype=torch.bfloat16),
                                     Attention(softmax_dtype=torch.bfloat16), Attention(softmax_out=torch.bfloat16)],
