@@ -111,6 +111,37 @@ def frontier(worth: set, decided: set) -> list[fx.Node]:
     return [n for n in worth if any(u not in decided for u in real_users(n))]
 
 
+# Ops that only rearrange their first input's numbers (nothing computed), and those of them that repeat it
+REARRANGES = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
+                        aten.unsqueeze.default, aten.squeeze.dim, aten.transpose.int, aten.permute.default,
+                        aten.clone.default, aten.alias.default, aten.repeat.default, aten.repeat_interleave.self_int})
+REPEATS = frozenset({aten.expand.default, aten.repeat.default, aten.repeat_interleave.self_int})
+
+
+def before_repeating(nodes: list[fx.Node], worth: set) -> list[fx.Node]:
+    """Each node; or, where it repeats a value worth moving (SmolVLA's keys, repeated for each group of query
+    heads), the value its rearranging ops (views, copies, repeats, no-op casts) start from. The prefix returns that
+    value once, not its repeats, and the step repeats it: a copy the compiled step's rewrites drop
+    (`fold_shared_kv`). A value only viewed (GR00T's transposed keys) moves as it is read: the step gets it with
+    the strides it reads."""
+    out = []
+    for node in nodes:
+        chain = [node]
+        while _rearranges(chain[-1]) and chain[-1].args[0] in worth:
+            chain.append(chain[-1].args[0])
+        out.append(chain[-1] if any(n.target in REPEATS for n in chain[:-1]) else node)
+    return list(dict.fromkeys(out))
+
+
+def _rearranges(node: fx.Node) -> bool:
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.target in (aten.to.dtype, aten._to_copy.default):  # a no-op cast (SmolVLA's keys `.to(float32)`)
+        before, after = node.args[0].meta.get("val"), node.meta.get("val")
+        return isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.dtype == after.dtype
+    return node.target in REARRANGES
+
+
 def cone(moved: list[fx.Node], decided: set) -> set[fx.Node]:
     seen, stack = set(), list(moved)
     while stack:

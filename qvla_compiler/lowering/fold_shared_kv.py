@@ -5,6 +5,8 @@ Before (q: B×H×L×D, k1 and v1: B×Hkv×S×D, g = H / Hkv; the mask, if any, t
     k = expand(k1, [B, H, S, D])                                 (Hkv = 1: pi0.5's action expert, LeRobot's π0)
       | reshape([clone](expand(unsqueeze(k1, 2), [B, Hkv, g, S, D])), [B, H, S, D])   (transformers' repeat_kv)
       | repeat_interleave(k1, g, dim=1)                          (GR00T's backbone)
+      | transpose(reshape(expand(unsqueeze(k0, 3), [B, S, Hkv, g, D]), [B, S, H, D]), 1, 2)
+                                   (SmolVLA: repeat_kv on B×S×Hkv×D, then the heads moved second; k1 = k0ᵀ₁₂)
       | k1 itself, with enable_gqa=True
     v likewise;  o = scaled_dot_product_attention(q, k, v, attn_mask=m, scale=c)
 After:
@@ -20,6 +22,8 @@ prefix (GQA, 2 heads a group): unchanged (RESULTS §1k). The saved program keeps
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -30,6 +34,14 @@ aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
 COPIES = (aten.clone.default, aten.contiguous.default)
+CASTS = (aten.to.dtype, aten._to_copy.default)  # looked through only where they do not change the dtype
+
+
+@dataclass(frozen=True)
+class HeadsSecond:
+    """The shared heads k1 = transpose(k0, 1, 2), of k0: B×S×Hkv×D; the rewrite adds the transpose (a view)."""
+
+    heads_last: fx.Node
 
 
 def fold_shared_kv(gm: fx.GraphModule) -> int:
@@ -47,18 +59,18 @@ def _match(sdpa: fx.Node):
     gqa = extra.get("enable_gqa", False)
     k1, v1 = (k, v) if gqa else (_shared(k), _shared(v))
     shape = q.meta["val"].shape
-    if (k1 is None or v1 is None or not _fake(k1) or not _fake(v1) or len(shape) != 4
+    if (k1 is None or v1 is None or not _fake(_node(k1)) or not _fake(_node(v1)) or len(shape) != 4
             or not _mask_shared(extra.get("attn_mask"))):
         return None
     if not gqa and not all(_only_heads_repeated(*pair, shape[1]) for pair in ((k, k1), (v, v1))):
         return None
-    heads, kv_heads = shape[1], k1.meta["val"].shape[1]
+    heads, kv_heads = shape[1], _shape(k1)[1]
     if not all(isinstance(n, int) for n in (*shape[1:], kv_heads)) or heads % kv_heads or heads == kv_heads:
         return None
     return sdpa, q, k1, v1, extra.get("attn_mask"), extra.get("scale"), heads // kv_heads
 
 
-def _shared(node: fx.Node) -> fx.Node | None:
+def _shared(node: fx.Node) -> fx.Node | HeadsSecond | None:
     """k1 where `node` is one of the forms that repeat k1's heads over consecutive query heads, else None; the
     shapes (only the heads repeated) are checked by `_only_heads_repeated`."""
     if node.op != "call_function":
@@ -68,7 +80,15 @@ def _shared(node: fx.Node) -> fx.Node | None:
     if node.target is aten.repeat_interleave.self_int:  # each head repeated in place: GR00T's backbone
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
         return node.args[0] if dim in (1, -3) else None
-    if node.target not in RESHAPES:
+    if _swaps_dims_1_2(node):  # SmolVLA: the heads repeated on B×S×Hkv×D, then moved second
+        heads_last = _repeat_kv_source(_uncast(node.args[0]), at=3)
+        return HeadsSecond(heads_last) if heads_last is not None else None
+    return _repeat_kv_source(node, at=2)
+
+
+def _repeat_kv_source(node: fx.Node, at: int) -> fx.Node | None:
+    """x where node = reshape([copy](expand(unsqueeze(x, at)))): transformers' repeat_kv, heads at dim at - 1."""
+    if node.op != "call_function" or node.target not in RESHAPES:
         return None
     expand = node.args[0]
     if expand.op == "call_function" and expand.target in COPIES:
@@ -76,15 +96,36 @@ def _shared(node: fx.Node) -> fx.Node | None:
     if expand.op != "call_function" or expand.target is not aten.expand.default:
         return None
     unsqueeze = expand.args[0]
-    if unsqueeze.op != "call_function" or unsqueeze.target is not aten.unsqueeze.default or unsqueeze.args[1] != 2:
+    if unsqueeze.op != "call_function" or unsqueeze.target is not aten.unsqueeze.default or unsqueeze.args[1] != at:
         return None
     return unsqueeze.args[0]
 
 
-def _only_heads_repeated(repeated: fx.Node, source: fx.Node, heads: int) -> bool:
+def _swaps_dims_1_2(node: fx.Node) -> bool:
+    if node.target is aten.transpose.int:
+        return sorted(d % 4 for d in node.args[1:]) == [1, 2]
+    return node.target is aten.permute.default and list(node.args[1]) == [0, 2, 1, 3]
+
+
+def _uncast(node: fx.Node) -> fx.Node:
+    while (node.op == "call_function" and node.target in CASTS and _fake(node.args[0])
+           and node.meta["val"].dtype == node.args[0].meta["val"].dtype):
+        node = node.args[0]
+    return node
+
+
+def _shape(k1: fx.Node | HeadsSecond) -> tuple:
+    """k1's shape as B×Hkv×S×D."""
+    if isinstance(k1, HeadsSecond):
+        b, s, h, d = k1.heads_last.meta["val"].shape
+        return b, h, s, d
+    return tuple(k1.meta["val"].shape)
+
+
+def _only_heads_repeated(repeated: fx.Node, source: fx.Node | HeadsSecond, heads: int) -> bool:
     """`repeated` is `source` with its heads repeated to `heads`, every other dim as it was (an expand may also
     broadcast the batch, which the shared heads alone would not)."""
-    out, src = repeated.meta["val"].shape, source.meta["val"].shape
+    out, src = repeated.meta["val"].shape, _shape(source)
     return (len(out) == len(src) == 4 and out[1] == heads
             and all(statically_known_true(out[i] == src[i]) for i in (0, 2, 3)))
 
@@ -99,6 +140,8 @@ def _mask_shared(mask) -> bool:
 def _rewrite(gm: fx.GraphModule, sdpa, q, k1, v1, mask, scale, group) -> None:
     _, h, length, d = q.meta["val"].shape  # static (checked); the batch may be symbolic: -1
     with gm.graph.inserting_before(sdpa):
+        k1, v1 = (call(gm, aten.transpose.int, t.heads_last, 1, 2) if isinstance(t, HeadsSecond) else t
+                  for t in (k1, v1))
         stacked = call(gm, aten.reshape.default, q, [-1, h // group, group * length, d])
         if mask is not None and mask.meta["val"].shape[2] != 1:  # one mask row per query: repeat it for each group
             mask = call(gm, aten.repeat.default, mask, [1, 1, group, 1])
@@ -106,6 +149,10 @@ def _rewrite(gm: fx.GraphModule, sdpa, q, k1, v1, mask, scale, group) -> None:
         heads = call(gm, aten.reshape.default, out, [-1, h, length, d])
     sdpa.replace_all_uses_with(heads)
     gm.graph.erase_node(sdpa)  # dead code elimination keeps it: SDPA is tagged random (its dropout)
+
+
+def _node(k1: fx.Node | HeadsSecond) -> fx.Node:
+    return k1.heads_last if isinstance(k1, HeadsSecond) else k1
 
 
 def _fake(node) -> bool:

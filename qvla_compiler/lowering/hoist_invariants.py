@@ -8,7 +8,8 @@ After:
 Invariant: the same ops on the same values, so every output is bit-identical (tested exactly). Only pure ops that
 read no action or time input move (a per-step scale gathered by t stays in the step); only values whose computation
 holds a GEMM, attention or qvla:: op (a cheap view or mask stays where it is, costing no memory); only values with
-the batch in dim 0 (what the saved step's dynamic batch takes; otherwise what they are computed from moves).
+the batch in dim 0 (what the saved step's dynamic batch takes; otherwise what they are computed from moves); keys
+repeated for each group of query heads (SmolVLA) move unrepeated, and the step repeats them.
 Why: GR00T's DiT cross-attends to the VL features in half its blocks (SmolVLA's expert to the VLM's keys and values
 likewise); at groot-full's shapes those projections are about half the step's multiply-adds. The sampler passes the
 prefix tuple to the step unchanged, so a saved program, its AOT package and `module()` run the hoisted pair as they
@@ -32,7 +33,7 @@ def hoist_invariants(prefix: fx.GraphModule, denoise: fx.GraphModule) -> list[st
     invariant, reads_prefix, heavy = between.decided_by(denoise, "prefix", size_source)
     worth = {n for n in invariant if reads_prefix[n] and heavy[n]}
     batch = next((p.meta["val"].shape[0] for p in between.inputs_of_role(denoise, "action")), None)
-    chosen = between.batch_first(between.frontier(worth, invariant), worth, batch)
+    chosen = between.batch_first(between.before_repeating(between.frontier(worth, invariant), worth), worth, batch)
     moved = [n for n in denoise.graph.nodes if n in chosen]  # graph order: a saved program's bytes are reproducible
     if not moved or len(sources) != len(between.output_node(prefix).args[0]):
         return []

@@ -26,6 +26,14 @@ class Attention(torch.nn.Module):
             k, v = k[:, :1].expand(-1, H, -1, -1), v[:, :1].expand(-1, H, -1, -1)
         elif self.form == "repeat_kv":  # transformers: head h reads key head h // 4
             k, v = (t[:, :, None].expand(-1, 2, H // 2, S, D).reshape(t.shape[0], H, S, D) for t in (k, v))
+        elif self.form == "heads_last":  # SmolVLA: repeat_kv on B×S×Hkv×D, then the heads moved second
+            k, v = (t.transpose(1, 2)[:, :, :, None].expand(-1, S, 2, H // 2, D).reshape(t.shape[0], S, H, D)
+                    for t in (k, v))
+            k, v = k.to(torch.float32).transpose(1, 2), v.permute(0, 2, 1, 3)
+        elif self.form == "heads_last tiled":  # as SmolVLA, but head h reads key head h % 2: left alone
+            k, v = (t.transpose(1, 2)[:, :, None].expand(-1, S, H // 2, 2, D).reshape(t.shape[0], S, H, D)
+                    for t in (k, v))
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
         elif self.form == "repeat_interleave":
             k, v = k.repeat_interleave(H // 2, dim=1), v.repeat_interleave(H // 2, dim=1)
         elif self.form == "batch broadcast":  # one k/v for the whole batch: its batch is expanded too
@@ -53,7 +61,7 @@ def _exported(module, args, dynamic=False):
     return torch.export.export(module, args, dynamic_shapes=shapes).module()
 
 
-@pytest.mark.parametrize("form", ["mqa_expand", "repeat_kv", "repeat_interleave", "enable_gqa"])
+@pytest.mark.parametrize("form", ["mqa_expand", "repeat_kv", "heads_last", "repeat_interleave", "enable_gqa"])
 @pytest.mark.parametrize("mask_rows", [None, 1, L])
 def test_shared_heads_fold_to_the_same_values(form, mask_rows):
     args = _inputs(mask_rows)
@@ -69,7 +77,7 @@ def test_shared_heads_fold_to_the_same_values(form, mask_rows):
     torch.testing.assert_close(gm(*smaller), want[:2], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("form,causal,mask_heads", [("tiled", False, 1), ("repeat_kv", True, None),
+@pytest.mark.parametrize("form,causal,mask_heads", [("tiled", False, 1), ("heads_last tiled", False, 1), ("repeat_kv", True, None),
                                                     ("repeat_kv", False, H), ("batch broadcast", False, 1)])
 def test_other_layouts_stay(form, causal, mask_heads):
     """Keys grouped another way, causal attention (the stacked rows would see other rows' positions), a mask that

@@ -40,6 +40,8 @@ class ToyPolicy(nn.Module):
         if self.form == "batch not first":  # the step reads K as [3, B, 8]; the saved step takes prefix values
             k = k.permute(1, 0, 2).relu()    # batch-first, so to_k's output moves, the permute and relu stay
             return self.out(torch.softmax(torch.einsum("bqd,kbd->bqk", q, k), -1) @ v)
+        if self.form == "repeated":  # keys and values repeated twice over (SmolVLA's key heads, per query group)
+            k, v = (a[:, :, None].expand(-1, -1, 2, -1).reshape(a.shape[0], 6, 8) for a in (k, v))
         if self.form == "batch from x":  # export reads the batch size off x_t: the moved copy reads it off feats
             k = k.reshape(x_t.shape[0], -1).view(x_t.shape[0], 3, 8)
         return self.out(torch.softmax(q @ k.transpose(1, 2), -1) @ v)
@@ -104,3 +106,16 @@ def test_groot_cross_attention_keys_and_values_move_in_the_saved_program(tmp_pat
     with torch.no_grad():
         got = loaded.module(compiled=False)(*obs.values(), noise)
     assert torch.equal(got, qp.program.run((obs, noise)))
+
+
+def test_repeated_keys_move_unrepeated_and_the_step_repeats_them():
+    program = _program(ToyPolicy("repeated"))
+    inputs = _obs(3)
+    want = program.run(inputs)
+    assert len(hoist_invariants(program.graphs["prefix"], program.graphs["denoise"])) == 2
+    returned = program.graphs["prefix"].graph.find_nodes(op="output")[0].args[0][-2:]  # contiguous copies
+    assert [n.args[0].target for n in returned] == [torch.ops.aten.linear.default, torch.ops.aten.relu.default]
+    assert all(n.meta["val"].shape[1:] == (3, 8) for n in returned)  # not the 6 repeated rows
+    denoise = program.graphs["denoise"]
+    assert len(denoise.graph.find_nodes(op="call_function", target=torch.ops.aten.expand.default)) == 2
+    assert torch.equal(program.run(inputs), want)
