@@ -56,8 +56,15 @@ def inspect_data(path: str | Path, loaded=None, trust: bool = False) -> dict[str
     summary = {k: v for k, v in report.items() if k not in ("linears", "attention_scales")}
     return {"program": str(path), "meta": loaded.meta, "summary": summary, "linears": linears,
             "graph": {"nodes": nodes, "edges": edges}, "attention": report.get("attention_scales"),
-            "tensors": _tensor_digests(programs, rows),
+            "tensors": _tensor_digests(programs, rows), "compiled_copy": _compiled_copy(loaded.exported_programs),
             "int_linears": summary["int_linears"], "float_linears": summary["float_linears"]}
+
+
+def _compiled_copy(programs: dict[str, torch.export.ExportedProgram]) -> dict[str, dict[str, int]]:
+    """Per graph, what the compile paths (`module()`, `--aot`, backend="qvla") rewrite in the copy they compile."""
+    from qvla_compiler.lowering.inductor_forms import rewrite_counts
+
+    return {name: rewrite_counts(ep.module(check_guards=False)) for name, ep in programs.items()}
 
 
 # ------------------------------------------------------------------------------------------------------ graph

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from copy import deepcopy
 
+import torch
 import torch.fx as fx
 
 from qvla_compiler.lowering.fold_shared_kv import fold_shared_kv
@@ -20,5 +21,18 @@ REWRITES = (fuse_attention, fold_shared_kv, gelu_as_sigmoid)
 
 def for_inductor(gm: fx.GraphModule) -> fx.GraphModule:
     """A rewritten copy of `gm`'s graph over the same tensors, or `gm` itself when no rewrite applies (`gm` is kept)."""
+    copy, counts = _rewritten(gm)
+    return copy if sum(counts.values()) else gm
+
+
+def rewrite_counts(gm: fx.GraphModule) -> dict[str, int]:
+    """What `for_inductor` does to `gm`, for `qvla inspect`: how many places each rewrite changed, the attentions
+    the compiled copy runs as one SDPA, and the explicit softmaxes left as written (a form no rewrite takes)."""
+    copy, counts = _rewritten(gm)
+    left = {"sdpa": torch.ops.aten.scaled_dot_product_attention.default, "softmax_left": torch.ops.aten.softmax.int}
+    return {**counts, **{k: len(copy.graph.find_nodes(op="call_function", target=op)) for k, op in left.items()}}
+
+
+def _rewritten(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, int]]:
     copy = fx.GraphModule(gm, deepcopy(gm.graph))
-    return copy if sum(rewrite(copy) for rewrite in REWRITES) else gm
+    return copy, {rewrite.__name__: rewrite(copy) for rewrite in REWRITES}
