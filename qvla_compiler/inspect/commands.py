@@ -40,8 +40,9 @@ def run_inspect(args, console, print_summary) -> int:
     for graph, n in data["compiled_copy"].items():  # what module() / --aot / backend="qvla" compile instead
         console.print(f"compiled copy, {graph}: {n['sdpa']} attention(s) as one SDPA ({n['fuse_attention']} fused "
                       f"from explicit softmax, {n['fold_shared_kv']} over shared key/value heads), "
-                      f"{n['gelu_as_sigmoid']} tanh GELU(s) as x·sigmoid, {n['softmax_left']} softmax(es) left as "
-                      "written (a form no rewrite takes, or not attention)")
+                      f"{n['gelu_as_sigmoid']} tanh GELU(s) as x·sigmoid, {n['precompute_factories']} static "
+                      f"tensor(s) as constants, {n['softmax_left']} softmax(es) left as written (a form no rewrite "
+                      "takes, or not attention)")
     print_summary({**s, "out": None})
     for path in written:
         console.print(f"wrote {path}")
