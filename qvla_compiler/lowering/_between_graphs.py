@@ -13,7 +13,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from qvla_compiler.meta import INPUTS_KEY, QVLA_META
 from qvla_compiler.passes._graph import (attr_tensor, attr_value, call, drop_dead_code, drop_unused_attributes,
-                                         fake_value, graph_fake_mode, real_users)
+                                         fake_value, graph_fake_mode, noop_cast, real_users)
 from qvla_compiler.passes.check_schedule import SCHEDULE_KEY, record_schedule
 
 aten = torch.ops.aten
@@ -134,12 +134,7 @@ def before_repeating(nodes: list[fx.Node], worth: set) -> list[fx.Node]:
 
 
 def _rearranges(node: fx.Node) -> bool:
-    if not node.args or not isinstance(node.args[0], fx.Node):
-        return False
-    if node.target in (aten.to.dtype, aten._to_copy.default):  # a no-op cast (SmolVLA's keys `.to(float32)`)
-        before, after = node.args[0].meta.get("val"), node.meta.get("val")
-        return isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.dtype == after.dtype
-    return node.target in REARRANGES
+    return node.target in REARRANGES or noop_cast(node)  # SmolVLA's keys `.to(float32)`
 
 
 def cone(moved: list[fx.Node], decided: set) -> set[fx.Node]:

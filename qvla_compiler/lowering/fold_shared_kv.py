@@ -28,13 +28,12 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from qvla_compiler.passes._graph import call, rewrite_each
+from qvla_compiler.passes._graph import call, noop_cast, rewrite_each
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
 COPIES = (aten.clone.default, aten.contiguous.default)
-CASTS = (aten.to.dtype, aten._to_copy.default)  # looked through only where they do not change the dtype
 
 
 @dataclass(frozen=True)
@@ -108,8 +107,7 @@ def _swaps_dims_1_2(node: fx.Node) -> bool:
 
 
 def _uncast(node: fx.Node) -> fx.Node:
-    while (node.op == "call_function" and node.target in CASTS and _fake(node.args[0])
-           and node.meta["val"].dtype == node.args[0].meta["val"].dtype):
+    while noop_cast(node):
         node = node.args[0]
     return node
 

@@ -21,10 +21,9 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from qvla_compiler.passes._graph import call, real_users, rewrite_each
+from qvla_compiler.passes._graph import call, noop_cast, real_users, rewrite_each
 
 aten = torch.ops.aten
-CASTS = (aten.to.dtype, aten.type_as.default)  # no-op casts around the softmax, for fp32 operands
 SCALES = {aten.mul.Tensor: lambda c: c, aten.div.Tensor: lambda c: 1.0 / c}  # scores c·s or s/d: scale c or 1/d
 FILL_AT_MOST = -1e30
 
@@ -106,7 +105,7 @@ def _casts_forward(node: fx.Node) -> fx.Node:
 
 
 def _fp32_cast(node: fx.Node) -> bool:  # a cast to another dtype would change what the softmax computes
-    return node.target in CASTS and getattr(node.meta.get("val"), "dtype", None) == torch.float32
+    return noop_cast(node) and node.meta["val"].dtype == torch.float32
 
 
 def _sole(node: fx.Node) -> bool:

@@ -8,7 +8,7 @@ After:
                                                                         constants (an AOT package: at its first run)
 Invariant: the same tensor, made by the same op with the same arguments. Only deterministic ops with no input
 node (no tensor, no symbolic size: a size read off the batch keeps the op in the graph) and an output of at most
-MAX_ELEMENTS; `empty` (undefined contents) and random ops stay.
+MAX_ELEMENTS that nothing writes into; `empty` (undefined contents) and random ops stay.
 Why: Inductor's constant folding starts from the frozen weights, not from factory ops, so a table computed from the
 sampler's fixed timesteps was recomputed at every call: GR00T's timestep encoder and AdaLN modulations for all the
 schedule's steps (`table_time_values` put them in the prefix), pi0.5's time MLP and adaRMS modulations likewise.
@@ -36,7 +36,21 @@ def _static_factory(node: fx.Node) -> bool:
     return (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and not node.all_input_nodes
             and bool(node.users) and not node.is_impure() and node.target not in UNDEFINED
             and torch.Tag.nondeterministic_seeded not in node.target.tags
-            and isinstance(val, torch.Tensor) and val.numel() <= MAX_ELEMENTS)
+            and isinstance(val, torch.Tensor) and val.numel() <= MAX_ELEMENTS and not _written(node))
+
+
+def _written(node: fx.Node) -> bool:
+    """Whether an op writes into `node`'s tensor, itself or through a view (`ones(3).mul_(x)`, `z[:, 0] = x`): a
+    constant would keep the write for the next call. An op without a schema counts as writing."""
+    for user in node.users:
+        schema = getattr(user.target, "_schema", None)
+        if schema is None:
+            return True
+        for i, arg in enumerate(schema.arguments):
+            value = user.args[i] if i < len(user.args) else user.kwargs.get(arg.name)
+            if value is node and arg.alias_info is not None and (arg.alias_info.is_write or _written(user)):
+                return True
+    return False
 
 
 def _rewrite(gm: fx.GraphModule, factory: fx.Node) -> None:

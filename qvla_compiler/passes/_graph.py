@@ -175,6 +175,14 @@ def real_users(node: fx.Node) -> list[fx.Node]:
     return [u for u in node.users if u.target is not aten._assert_tensor_metadata.default]
 
 
+def noop_cast(node: fx.Node) -> bool:
+    """A dtype cast (`to`, `_to_copy`, `type_as`) whose input already has that dtype."""
+    if node.op != "call_function" or node.target not in (aten.to.dtype, aten._to_copy.default, aten.type_as.default):
+        return False
+    before, after = node.args[0].meta.get("val"), node.meta.get("val")
+    return isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.dtype == after.dtype
+
+
 def rewrite_each(gm: fx.GraphModule, matches: list, rewrite: Callable) -> int:
     """`rewrite(gm, *match)` for every match (all found before any rewrite), then the dead code dropped and `gm`
     recompiled; returns how many."""

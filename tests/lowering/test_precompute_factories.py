@@ -22,7 +22,10 @@ class TimeTable(torch.nn.Module):
         mask = torch.ones(x.shape[0], 4, dtype=torch.bool)  # sized by the batch: stays
         noise = torch.randn(4, 8)  # random: stays
         scratch = torch.empty(4, 8)  # undefined contents: stays
-        return (x[:, :, None] + table).masked_fill(~mask[:, :, None], 0.0), noise, scratch
+        scaled = torch.full((4,), 2.0).mul_(x.mean())  # written in place: a constant would keep the write
+        column = torch.zeros(4, 2)
+        column[:, 0] = x.sum()  # written through a view
+        return (x[:, :, None] + table).masked_fill(~mask[:, :, None], 0.0), noise, scratch, scaled, column
 
 
 def _targets(gm):
@@ -36,8 +39,12 @@ def test_static_factories_become_constants_with_the_same_values():
     assert precompute_factories(gm) == 1
     targets = _targets(gm)
     assert aten.linspace.default not in targets  # the table's timesteps: a constant now
-    assert {aten.ones.default, aten.randn.default, aten.empty.memory_format} <= targets
+    assert {aten.ones.default, aten.randn.default, aten.empty.memory_format, aten.full.default,
+            aten.zeros.default} <= targets
     assert torch.equal(gm(x)[0], want) and torch.equal(gm(x[:2])[0], want[:2])
+    y = torch.randn(3, 4)
+    assert torch.equal(gm(y)[3], torch.full((4,), 2.0) * y.mean())  # not 2·mean(x)·mean(y)
+    assert torch.equal(gm(y)[4][:, 0], y.sum().expand(4))
 
 
 def test_the_compiled_copy_reads_the_constant_and_matches():
