@@ -5,17 +5,18 @@ Before: the step recomputes g(t) at each of the sampler's S timesteps, e.g. GR00
 AdaLN modulation linear (83M of groot-full's 508M step weights), pi0.5's time MLP and adaRMS modulations:
     prefix(obs) -> (p…)               denoise((p…), x, t) -> v,  reading g(t)
 After, with T = (t_1 … t_S) the schedule's timesteps in the step input's dtype:
-    prefix(obs) -> (p…, G…)           G = g(T repeated B times).view(B, S, …): one batch of B·S rows, each
-                                      weight read once per sample instead of once per step
+    prefix(obs) -> (p…, G…)           G = g(T) expanded to [B, S, …]: one batch of S rows whatever B, each
+                                      weight read once per sample instead of once per step (or never at run time:
+                                      g(T) reads the schedule and the weights alone, and a compile path folds it)
     denoise((p…, G…), x, t) -> v      reading G[b, k] where T[k] == t[b] (T distinct); a t that is not one of T
                                       fails loudly (`_assert_async`) rather than read another step's row
 Which values: only pure ops move; only values whose every op maps row i of its inputs to row i of its output
 (elementwise on operands of the output's rank, a reduction, norm or concat off dim 0, a view keeping the batch in
-dim 0, a linear on its input rows, a qvla:: op), so the B·S-row batch gives each row what its step alone gives; only
+dim 0, a linear on its input rows, a qvla:: op), so the S-row batch gives each row what its step alone gives; only
 values holding a GEMM-like op; only values with the batch in dim 0. A value read as `t[0]`, broadcast across the
 batch, summed over it or mixed with x stays in the step.
 Invariant: where the tabled GEMMs are integer (qvla::), every output is bit-identical (tested exactly): an integer
-product is exact whatever the row count. An fp32 GEMM of B·S rows may sum in another order than one of B rows, so a
+product is exact whatever the row count. An fp32 GEMM of S rows may sum in another order than one of B rows, so a
 tabled float linear (GR00T's and pi0.5's modulation linears, float in the default layout) equals its per-step value
 to the GEMM's rounding only; a quantized program downstream rounds that difference like any other (measured in
 benchmarks/RESULTS.md §1i). `float_gemms=False` keeps those in the step: a program with nothing quantized keeps the
@@ -142,18 +143,17 @@ def _rest_static(node: fx.Node) -> bool:
 
 
 def _compute_tables(prefix, denoise, needed: set, moved, t, size_source, steps, source) -> list[fx.Node]:
-    """In the prefix graph: the moved values' cone (`needed`) on T repeated B times (rows b·S + k), each viewed
-    [B, S, …]; a size of the step equal to its batch (`size_source`) becomes B·S."""
+    """In the prefix graph: the moved values' cone (`needed`) on the S rows of T, whatever the batch, each [S, …]
+    expanded to [B, S, …]; a size of the step equal to its batch (`size_source`) becomes S. The cone reads the
+    schedule and the weights alone, so a compile path folds it into constants (`precompute_factories`)."""
     with prefix.graph.inserting_before(between.output_node(prefix)), between.fake_mode(prefix):
         steps_node = between.adopted(prefix, steps, STEPS_NAME)
         rows = call(prefix, aten.sym_size.int, source, 0)
-        t_all = call(prefix, aten.repeat.default, steps_node, [rows])
-        everything = call(prefix, aten.sym_size.int, t_all, 0)  # B·S: what the step's batch size becomes
-    env = between.copy_into(prefix, denoise, needed, {t: t_all},
-                            lambda node: everything if size_source(node) is not None else None)
+    env = between.copy_into(prefix, denoise, needed, {t: steps_node},
+                            lambda node: len(steps) if size_source(node) is not None else None)
     with prefix.graph.inserting_before(between.output_node(prefix)), between.fake_mode(prefix):
-        return [call(prefix, aten.reshape.default, env[n], [rows, len(steps), *n.meta["val"].shape[1:]])
-                for n in moved]
+        return [call(prefix, aten.expand.default, call(prefix, aten.unsqueeze.default, env[n], 0),
+                     [rows, len(steps), *n.meta["val"].shape[1:]]) for n in moved]
 
 
 def _read_rows(denoise: fx.GraphModule, moved: list[fx.Node], t: fx.Node, steps: torch.Tensor) -> None:
