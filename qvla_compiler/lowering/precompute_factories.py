@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from qvla_compiler.lowering._between_graphs import adopted
 from qvla_compiler.passes._graph import rewrite_each
 
 aten = torch.ops.aten
@@ -54,17 +55,7 @@ def _written(node: fx.Node) -> bool:
 
 
 def _rewrite(gm: fx.GraphModule, factory: fx.Node) -> None:
-    name = _free_name(gm, f"_qvla_const_{factory.name}")
-    gm.register_buffer(name, factory.target(*factory.args, **factory.kwargs))
     with gm.graph.inserting_before(factory):
-        constant = gm.graph.get_attr(name)
-    constant.meta["val"] = factory.meta["val"]
+        constant = adopted(gm, factory.target(*factory.args, **factory.kwargs), f"qvla_const_{factory.name}")
     factory.replace_all_uses_with(constant)
     gm.graph.erase_node(factory)
-
-
-def _free_name(gm: fx.GraphModule, name: str) -> str:
-    taken, i = set(dict(gm.named_buffers())) | set(dict(gm.named_parameters())), 0
-    while f"{name}_{i}" in taken or hasattr(gm, f"{name}_{i}"):
-        i += 1
-    return f"{name}_{i}"
