@@ -83,8 +83,10 @@ MAX_FILE_LINES = 400
 # rewrites became one (_graph.noop_cast); and the table of time values on S rows whatever the batch (net 0).
 # 16,975 (2026-12-07, fourth session) for lowering/transpose_float_weights.py (57 lines): float linears' weights as
 # contiguous [K, N] constants of the compiled copy, since an AOT package's addmm reads them as a transposed view that
-# MKL runs 1.2-1.8x slower (groot-small's AOT step 0.91x; RESULTS §1m), and its line in `qvla inspect`.
-MAX_TOTAL_LINES = 16_975
+# MKL runs 1.2-1.8x slower (groot-small's AOT step 0.91x; RESULTS §1m), and its line in `qvla inspect`. 17,050 the
+# same session for lowering/patch_convs_as_gemms.py (73 lines): a ViT patch embedding (stride = kernel) as one GEMM
+# over the patches, which oneDNN's 3-channel convolution ran at half a GEMM's speed (RESULTS §1m).
+MAX_TOTAL_LINES = 17_050
 
 
 def _line_counts() -> dict[str, int]:

@@ -42,6 +42,7 @@ def run_inspect(args, console, print_summary) -> int:
                       f"from explicit softmax, {n['fold_shared_kv']} over shared key/value heads), "
                       f"{n['gelu_as_sigmoid']} tanh GELU(s) as x·sigmoid, {n['precompute_factories']} static "
                       f"tensor(s) as constants, {n['transpose_float_weights']} float linear(s) on [K, N] weights, "
+                      f"{n['patch_convs_as_gemms']} patch convolution(s) as one GEMM, "
                       f"{n['softmax_left']} softmax(es) left as written (a form no rewrite "
                       "takes, or not attention)")
     print_summary({**s, "out": None})

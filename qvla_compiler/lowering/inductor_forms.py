@@ -14,11 +14,13 @@ import torch.fx as fx
 from qvla_compiler.lowering.fold_shared_kv import fold_shared_kv
 from qvla_compiler.lowering.fuse_attention import fuse_attention
 from qvla_compiler.lowering.gelu_as_sigmoid import gelu_as_sigmoid
+from qvla_compiler.lowering.patch_convs_as_gemms import patch_convs_as_gemms
 from qvla_compiler.lowering.precompute_factories import precompute_factories
 from qvla_compiler.lowering.transpose_float_weights import transpose_float_weights
 
 # each: (graph module) -> how many places it rewrote, in place; fold_shared_kv also folds what fuse_attention wrote
-REWRITES = (fuse_attention, fold_shared_kv, gelu_as_sigmoid, precompute_factories, transpose_float_weights)
+REWRITES = (fuse_attention, fold_shared_kv, gelu_as_sigmoid, precompute_factories, transpose_float_weights,
+            patch_convs_as_gemms)
 
 
 def for_inductor(gm: fx.GraphModule) -> fx.GraphModule:

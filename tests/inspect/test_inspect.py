@@ -122,8 +122,9 @@ def test_inspect_says_what_the_compiled_copy_rewrites(programs):
     attention fused and folded over its one key/value head; its vision tower's unmasked softmaxes left as written."""
     pi05 = inspect_data(programs["pi05-tiny"])["compiled_copy"]
     assert {k: v for k, v in pi05["denoise"].items() if k != "precompute_factories"} == {
-        "fuse_attention": 2, "fold_shared_kv": 2, "gelu_as_sigmoid": 2, "transpose_float_weights": 10, "sdpa": 2,
-        "softmax_left": 0}
+        "fuse_attention": 2, "fold_shared_kv": 2, "gelu_as_sigmoid": 2, "transpose_float_weights": 10,
+        "patch_convs_as_gemms": 0, "sdpa": 2, "softmax_left": 0}
+    assert pi05["prefix"]["patch_convs_as_gemms"] == 1  # the vision tower's patch embedding
     assert pi05["prefix"]["precompute_factories"] >= 1  # the time MLP's frequencies, at least
     assert pi05["prefix"]["fuse_attention"] == 2 and pi05["prefix"]["softmax_left"] == 2
     groot = inspect_data(programs["groot-tiny"])["compiled_copy"]
