@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from qvla_compiler.lowering._between_graphs import adopted
-from qvla_compiler.passes._graph import attr_tensor, call, drop_unused_attributes, rewrite_each
+from qvla_compiler.passes._graph import attr_tensor, call, drop_attribute, rewrite_each
 
 aten = torch.ops.aten
 
@@ -27,10 +27,7 @@ aten = torch.ops.aten
 def patch_convs_as_gemms(gm: fx.GraphModule) -> int:
     """Rewrite every patch-embedding conv2d of `gm` in place; returns how many."""
     convs = [n for n in gm.graph.find_nodes(op="call_function", target=aten.conv2d.default) if _patchify(gm, n)]
-    rewrite_each(gm, [(conv,) for conv in convs], _rewrite)
-    if convs:
-        drop_unused_attributes(gm)
-    return len(convs)
+    return rewrite_each(gm, [(conv,) for conv in convs], _rewrite)
 
 
 def _args(conv: fx.Node) -> tuple:
@@ -71,3 +68,7 @@ def _rewrite(gm: fx.GraphModule, conv: fx.Node) -> None:
         out = call(gm, aten.permute.default, out, [0, 3, 1, 2])
     out.meta = {**conv.meta, "val": out.meta["val"]}
     conv.replace_all_uses_with(out)
+    gm.graph.erase_node(conv)
+    if not weight.users:  # the filters were read by this convolution alone: replaced, not copied
+        gm.graph.erase_node(weight)
+        drop_attribute(gm, weight.target)

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from qvla_compiler.lowering._between_graphs import adopted
-from qvla_compiler.passes._graph import attr_tensor, call, drop_unused_attributes, rewrite_each
+from qvla_compiler.passes._graph import attr_tensor, call, drop_attribute, rewrite_each
 
 aten = torch.ops.aten
 FLOAT = (torch.float32, torch.bfloat16, torch.float16)
@@ -30,16 +30,14 @@ def transpose_float_weights(gm: fx.GraphModule) -> int:
     weights = [w for w in gm.graph.find_nodes(op="get_attr") if _transposable(gm, w)]
     count = sum(len(w.users) for w in weights)
     rewrite_each(gm, [(w,) for w in weights], _rewrite)
-    if weights:
-        drop_unused_attributes(gm)
     return count
 
 
 def _transposable(gm: fx.GraphModule, weight: fx.Node) -> bool:
     tensor = attr_tensor(gm, weight.target)
     return (isinstance(tensor, torch.Tensor) and tensor.dim() == 2 and tensor.dtype in FLOAT and bool(weight.users)
-            and all(u.target is aten.linear.default and u.args[1] is weight and weight not in (u.args[0], *u.args[2:])
-                    for u in weight.users))
+            and all(u.target is aten.linear.default and len(u.args) > 1 and u.args[1] is weight
+                    and weight not in (u.args[0], *u.args[2:], *u.kwargs.values()) for u in weight.users))
 
 
 def _rewrite(gm: fx.GraphModule, weight: fx.Node) -> None:
@@ -55,3 +53,5 @@ def _rewrite(gm: fx.GraphModule, weight: fx.Node) -> None:
         out.meta = {**linear.meta, "val": out.meta["val"]}
         linear.replace_all_uses_with(out)
         gm.graph.erase_node(linear)
+    gm.graph.erase_node(weight)
+    drop_attribute(gm, weight.target)  # replaced, not copied

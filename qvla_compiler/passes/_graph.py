@@ -243,6 +243,14 @@ def after_inputs(gm: fx.GraphModule, x: fx.Node, t: fx.Node | None) -> fx.Node:
     return anchor
 
 
+def drop_attribute(gm: fx.GraphModule, target: str) -> None:
+    """Delete the tensor `target` names from gm once no get_attr reads it (only that one: a submodule a call_module
+    node runs may share other tensors with the user's model)."""
+    if not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
+        owner, _, name = target.rpartition(".")
+        delattr(gm.get_submodule(owner) if owner else gm, name)
+
+
 def attr_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
     """The tensor a get_attr target names (`a.b.weight`)."""
     owner, _, name = target.rpartition(".")
