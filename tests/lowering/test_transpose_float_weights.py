@@ -58,11 +58,13 @@ def test_weights_only_linears_read_are_stored_transposed_with_the_same_values():
 def test_the_compiled_copy_matches_and_the_saved_graph_keeps_its_linears():
     ids, x = torch.randint(0, 7, (2, 5)), torch.randn(2, 5, 12)
     gm = torch.export.export(Block(), (ids, x)).module()
+    before = dict(gm.named_parameters())
     with torch.no_grad():
         want = gm(ids, x)
         compiled = compile_program(gm)
         got = compiled(ids, x)
     assert len(_linears(gm)) == 5 and len(_linears(compiled.module)) == 1
+    assert dict(gm.named_parameters()) == before  # the copy dropped its own [N, K] weights, not the original's
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
