@@ -10,7 +10,7 @@ Invariant: the same function in exact arithmetic (each output is the same dot pr
 the same bytes of weights where only such convolutions read W. Other convolutions (padding, dilation, groups,
 overlapping windows) stay.
 Why: oneDNN's convolution with 3 input channels runs this at a fraction of a GEMM's speed: 420–600 µs eager and
-740–1070 µs compiled for the small presets' 112×112 image against 175–300 µs as one GEMM (RESULTS §1m).
+736–1070 µs compiled for the small presets' 112×112 image against 175–300 µs as one GEMM (RESULTS §1m).
 The saved program keeps the original op.
 """
 from __future__ import annotations
