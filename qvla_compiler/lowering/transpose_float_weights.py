@@ -53,5 +53,4 @@ def _rewrite(gm: fx.GraphModule, weight: fx.Node) -> None:
         out.meta = {**linear.meta, "val": out.meta["val"]}
         linear.replace_all_uses_with(out)
         gm.graph.erase_node(linear)
-    gm.graph.erase_node(weight)
-    drop_attribute(gm, weight.target)  # replaced, not copied
+    drop_attribute(gm, weight)  # replaced, not copied

@@ -243,11 +243,14 @@ def after_inputs(gm: fx.GraphModule, x: fx.Node, t: fx.Node | None) -> fx.Node:
     return anchor
 
 
-def drop_attribute(gm: fx.GraphModule, target: str) -> None:
-    """Delete the tensor `target` names from gm once no get_attr reads it (only that one: a submodule a call_module
-    node runs may share other tensors with the user's model)."""
-    if not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
-        owner, _, name = target.rpartition(".")
+def drop_attribute(gm: fx.GraphModule, attr: fx.Node) -> None:
+    """Erase the get_attr node `attr` and delete its tensor from gm, once nothing reads them (only that tensor: a
+    submodule a call_module node runs may share others with the user's model)."""
+    if attr.users:
+        return
+    gm.graph.erase_node(attr)
+    if not any(n.op == "get_attr" and n.target == attr.target for n in gm.graph.nodes):
+        owner, _, name = attr.target.rpartition(".")
         delattr(gm.get_submodule(owner) if owner else gm, name)
 
 

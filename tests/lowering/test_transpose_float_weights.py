@@ -40,7 +40,7 @@ def test_weights_only_linears_read_are_stored_transposed_with_the_same_values():
     want = gm(ids, x)
     weights = {n.args[1].target: attr_tensor(gm, n.args[1].target) for n in _linears(gm)}
     assert transpose_float_weights(gm) == 4  # up, down, shared twice; the tied head's weight stays
-    kept = [n for n in _linears(gm)]
+    kept = _linears(gm)
     assert len(kept) == 1 and attr_tensor(gm, kept[0].args[1].target) is weights[kept[0].args[1].target]
     stored = {n.target: attr_tensor(gm, n.target) for n in gm.graph.find_nodes(op="get_attr")}
     for name, w in weights.items():
