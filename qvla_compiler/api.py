@@ -23,6 +23,7 @@ from qvla_compiler.inspect.phases import phase
 from qvla_compiler.passes._graph import WARNINGS
 from qvla_compiler.kernels.bf16_gemms import fp32_products
 from qvla_compiler.kernels.cpu_gemm import uncached_weights
+from qvla_compiler.kernels.inductor import compile_mode
 
 if TYPE_CHECKING:
     from qvla_compiler.plan import QuantPlan
@@ -43,9 +44,11 @@ class QuantizedProgram:
     example_args: tuple = ()  # what save() traces the whole program with
     quant_plan: "QuantPlan | None" = None  # the plan the program was built from: save it to compile again without data
 
-    def module(self, compiled: bool | None = None) -> nn.Module:
+    def module(self, compiled: bool | str | None = None) -> nn.Module:
         """Policy: forward(images, tokens, token_mask, state, noise) -> actions. Module: the forward graph.
         Compiled with Inductor by default (see `LoadedProgram.module`); `compiled=False` gives the eager graphs."""
+        if compile_mode(compiled) == "aot":
+            return _native(self.program.export(self.example_args), self.program.schedule)
         return _runnable(self.program.as_module(), compiled)
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -110,29 +113,43 @@ class LoadedProgram:
                                 f"({', '.join(self.exported_programs)}); use exported_programs[name]")
         return next(iter(self.exported_programs.values()))
 
-    def module(self, compiled: bool | None = None) -> nn.Module:
+    def module(self, compiled: bool | str | None = None) -> nn.Module:
         """Policy: forward(images, tokens, token_mask, state, noise) -> actions. Module: the forward program.
 
         The fast program by default: each graph compiled with Inductor and the qvla:: decompositions
         (`kernels.inductor.compile_program`, freezing on), lazily, at its first call (which takes a while: seconds to
         minutes by model size; later calls, and new batch sizes after one recompile, are fast). Where Inductor cannot
         compile (no C++ compiler, …) it warns once and runs the eager program. `compiled=False`, or the environment
-        variable QVLA_COMPILE=0, gives the eager program (torch.export's modules, as saved)."""
+        variable QVLA_COMPILE=0, gives the eager program (torch.export's modules, as saved). `compiled="aot"` (or
+        QVLA_COMPILE=aot): each graph AOTInductor-compiled at its first call per input shape (twice the JIT's time)
+        into a private disk cache that later processes load in seconds; it runs as the `--aot` package does."""
         if self.aoti_runners:  # already native code: nothing to compile, no eager form
             run = self.aoti_runners
             return PolicyProgram(run["prefix"], run["denoise"], self.schedule) if self.schedule else run["model"]
+        if compile_mode(compiled) == "aot":
+            return _native(self.exported_programs, self.schedule)
         if self.schedule is None:
             return _runnable(self.exported_program.module(), compiled)
         eps = self.exported_programs
         return _runnable(PolicyProgram(eps["prefix"].module(), eps["denoise"].module(), self.schedule), compiled)
 
 
-def _runnable(module: nn.Module, compiled: bool | None) -> nn.Module:
+def _native(programs: dict[str, torch.export.ExportedProgram], schedule: FlowSchedule | None) -> nn.Module:
+    """Each exported graph as a NativeCached (AOTInductor at its first call, cached on disk), one shared fallback."""
+    from qvla_compiler.kernels.inductor import Fallback
+    from qvla_compiler.kernels.native_cache import NativeCached
+
+    fallback = Fallback()
+    run = {name: NativeCached(ep, fallback) for name, ep in programs.items()}
+    return PolicyProgram(run["prefix"], run["denoise"], schedule) if schedule else _NamedInputErrors(run["model"])
+
+
+def _runnable(module: nn.Module, compiled: bool | str | None) -> nn.Module:
     """`module` as is (compiled=False, or None under QVLA_COMPILE=0), or compiled lazily with one shared fallback;
     a plain module's program names a mismatching input (_NamedInputErrors)."""
-    from qvla_compiler.kernels.inductor import Fallback, LazyCompiled, compile_by_default
+    from qvla_compiler.kernels.inductor import Fallback, LazyCompiled
 
-    if not (compile_by_default() if compiled is None else compiled):
+    if compile_mode(compiled) == "eager":
         return module if isinstance(module, PolicyProgram) else _NamedInputErrors(module)
     fallback = Fallback()
     if isinstance(module, PolicyProgram):
@@ -346,20 +363,6 @@ def load(path: str | os.PathLike, *, trust: bool = False) -> LoadedProgram:
     return loaded
 
 
-class ContiguousInputs(nn.Module):
-    """An AOTInductor runner fed contiguous tensors. Its kernels index each input with the strides of the example it
-    was compiled on (contiguous), without checking: a view such as a chunk or a transpose (a policy's prefix output,
-    a user's input) would be read wrong, silently."""
-
-    def __init__(self, runner):
-        super().__init__()
-        self.runner = runner
-
-    def forward(self, *args, **kwargs):
-        args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.contiguous, (args, kwargs))
-        return self.runner(*args, **kwargs)
-
-
 class _Runners(dict):
     """An AOTInductor package's compiled programs by name, and its extra files."""
 
@@ -377,6 +380,8 @@ def _aoti_runners(path: Path, trust: bool) -> _Runners:
                             f"({native}), and loading it runs that code. Load it with trust=True (`--trust`) only if "
                             "you wrote it yourself, or load the plain .pt2 beside it (data only).")
     from torch.export.pt2_archive._package import load_pt2
+
+    from qvla_compiler.kernels.native_cache import ContiguousInputs
 
     contents = load_pt2(path)
     runners = _Runners({name: ContiguousInputs(runner) for name, runner in contents.aoti_runners.items()})

@@ -183,7 +183,7 @@ def test_a_module_without_linears_says_nothing_was_quantized():
 def test_aot_runners_are_fed_contiguous_tensors():
     """AOTInductor indexes its inputs with the example's (contiguous) strides unchecked: a chunk of the prefix (the
     tables of table_time_values) was read wrong until the runner got contiguous copies."""
-    from qvla_compiler.api import ContiguousInputs
+    from qvla_compiler.kernels.native_cache import ContiguousInputs
 
     seen = []
     runner = ContiguousInputs(lambda prefix, x: seen.extend([*prefix, x]))

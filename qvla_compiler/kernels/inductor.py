@@ -179,10 +179,23 @@ def compile_program(module: torch.nn.Module, *, freezing: bool = True, dynamic: 
     return CompiledProgram(module, torch.compile(module, backend="inductor", dynamic=dynamic), config)
 
 
-def compile_by_default() -> bool:
-    """Whether `module()` returns the compiled program: yes unless the environment sets QVLA_COMPILE=0 (or
-    false/off/no)."""
-    return os.environ.get("QVLA_COMPILE", "1").strip().lower() not in ("0", "false", "off", "no")
+COMPILE_MODES = ("eager", "jit", "aot")
+
+
+def compile_mode(compiled: bool | str | None = None) -> str:
+    """How `module(compiled)` runs: False -> "eager", True -> "jit" (Inductor in this process), "aot" (AOTInductor
+    packages, cached on disk: kernels/native_cache.py). None reads QVLA_COMPILE: 0/false/off/no -> "eager", aot ->
+    "aot", anything else (or unset) -> "jit"."""
+    if compiled is None:
+        env = os.environ.get("QVLA_COMPILE", "1").strip().lower()
+        return "eager" if env in ("0", "false", "off", "no") else "aot" if env == "aot" else "jit"
+    if isinstance(compiled, bool):
+        return "jit" if compiled else "eager"
+    if compiled not in COMPILE_MODES:
+        from qvla_compiler.errors import UsageError
+
+        raise UsageError(f"module(compiled={compiled!r}): choose True, False or one of {COMPILE_MODES}")
+    return compiled
 
 
 class Fallback:
@@ -225,13 +238,15 @@ class LazyCompiled(torch.nn.Module):
 
 
 def aot_package(programs: torch.export.ExportedProgram | dict[str, torch.export.ExportedProgram], path: str, *,
-                runtime_constant_folding: bool = True, extra_files: dict[str, str] | None = None) -> str:
+                runtime_constant_folding: bool = True, extra_files: dict[str, str] | None = None,
+                inputs: dict[str, tuple] | None = None) -> str:
     """Compile exported qvla programs ahead of time with AOTInductor into one `.pt2` package (C++ kernels + weights;
     load it with `torch._inductor.aoti_load_package(path, model_name=...)` or torch's `load_pt2`, no Python graph at
     run time). One program is stored as "model"; a dict, e.g. a policy's {"prefix", "denoise"}, under its names.
     The qvla:: ops are decomposed as in `compile_program`. `runtime_constant_folding` keeps the integer weights in
     the package and folds their fp32 GEMM operands once, when the package first runs, instead of storing fp32 copies.
-    `extra_files` (name -> text) are stored beside the programs, as `QuantizedProgram.save` stores qvla/*.json."""
+    `extra_files` (name -> text) are stored beside the programs, as `QuantizedProgram.save` stores qvla/*.json.
+    `inputs` (name -> (args, kwargs)) compiles a program for those inputs' shapes instead of its example inputs'."""
     from torch.export.pt2_archive._package import package_pt2
 
     from qvla_compiler.lowering.inductor_forms import for_inductor
@@ -242,7 +257,7 @@ def aot_package(programs: torch.export.ExportedProgram | dict[str, torch.export.
         programs = {"model": programs}
     files = {}
     for name, ep in programs.items():
-        args, kwargs = ep.example_inputs
+        args, kwargs = (inputs or {}).get(name, ep.example_inputs)
         gm = for_inductor(ep.module(check_guards=False))  # as in compile_program
         files[name] = torch._inductor.aot_compile(gm, args, kwargs, options=dict(options))
     return package_pt2(path, aoti_files=files, extra_files=extra_files or {})
