@@ -90,7 +90,7 @@ def program_digest(ep: torch.export.ExportedProgram) -> str:
         if isinstance(value, torch.Tensor):
             t = value.detach().contiguous()
             h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # hashed in place, not copied
     return h.hexdigest()
 
 
