@@ -52,6 +52,8 @@ def private_dir(path: Path) -> Path | None:
         st = path.stat()
     except OSError:
         return None
+    if not hasattr(os, "getuid"):  # Windows: no POSIX owner and mode bits to check, so no cache
+        return None
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         return None
     return path
