@@ -227,14 +227,18 @@ class LazyCompiled(torch.nn.Module):
         if self.fallback.reason is not None:
             return self.eager(*args, **kwargs)
         try:
-            if self.compiled is None:
-                self.compiled = compile_program(self.eager, **self._options)
-            return self.compiled(*args, **kwargs)
+            return self.run_compiled(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - Inductor fails in many ways (no C++ compiler, unsupported op)
             with torch.no_grad():
                 out = self.eager(*args, **kwargs)  # raises here if the inputs are what is wrong
             self.fallback.fail(exc)
             return out
+
+    def run_compiled(self, *args, **kwargs):
+        """The compiled program's call, compiling first if needed (a subclass compiles otherwise: native_cache)."""
+        if self.compiled is None:
+            self.compiled = compile_program(self.eager, **self._options)
+        return self.compiled(*args, **kwargs)
 
 
 def aot_package(programs: torch.export.ExportedProgram | dict[str, torch.export.ExportedProgram], path: str, *,

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.utils._pytree as pytree
 
-from qvla_compiler.kernels.inductor import Fallback, aot_package
+from qvla_compiler.kernels.inductor import Fallback, LazyCompiled, aot_package
 
 _KEY_VERSION = 1  # bump when the key's recipe changes
 
@@ -116,29 +116,20 @@ class ContiguousInputs(torch.nn.Module):
         return self.runner(*args, **kwargs)
 
 
-class NativeCached(torch.nn.Module):
+class NativeCached(LazyCompiled):
     """An exported program run as an AOTInductor package per input signature, compiled at the first call with that
-    signature or loaded from the cache. Like `LazyCompiled`, a failure to compile or run the native code where the
+    signature or loaded from the cache. As with `LazyCompiled`, a failure to compile or run the native code where the
     eager program runs warns once (through `fallback`) and runs eager from then on."""
 
     def __init__(self, ep: torch.export.ExportedProgram, fallback: Fallback | None = None):
-        super().__init__()
-        self.eager, self.fallback = ep.module(), fallback or Fallback()
+        super().__init__(ep.module(), fallback)
         self._ep, self._digest, self._runners = ep, None, {}
 
-    def forward(self, *args, **kwargs):
-        if self.fallback.reason is not None:
-            return self.eager(*args, **kwargs)
-        try:
-            signature = input_signature(args, kwargs)
-            if signature not in self._runners:
-                self._runners[signature] = self._load_or_build(signature, args, kwargs)
-            return self._runners[signature](*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - AOTInductor fails in many ways (no C++ compiler, unsupported op)
-            with torch.no_grad():
-                out = self.eager(*args, **kwargs)  # raises here if the inputs are what is wrong
-            self.fallback.fail(exc)
-            return out
+    def run_compiled(self, *args, **kwargs):
+        signature = input_signature(args, kwargs)
+        if signature not in self._runners:
+            self._runners[signature] = self._load_or_build(signature, args, kwargs)
+        return self._runners[signature](*args, **kwargs)
 
     def _load_or_build(self, signature: tuple, args, kwargs):
         self._digest = self._digest or program_digest(self._ep)
